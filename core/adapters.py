@@ -1,0 +1,262 @@
+"""The adapter artifact: one format for every tuning method.
+
+An adapter is a directory::
+
+    adapter_model.safetensors   the method's tensors (peft names for peft methods)
+    adapter_config.json         the method's config (peft's LoraConfig etc. for peft methods)
+    plugtune.json               the manifest: method + plugin + version, base model and its
+                                fingerprint, task and labels, recipe, metrics, file hashes
+
+so LoRA and prefix adapters also load with plain ``peft.PeftModel.from_pretrained``.
+
+Writes are atomic: files go into a hidden sibling folder, are fsynced, and the folder is
+renamed into place; an existing adapter is replaced only after the new one is complete.
+Reads are strict: a missing file, a truncated or corrupt safetensors file, a hash that does
+not match the manifest, or a manifest without the fields plugtune needs is an
+:class:`~plugtune.errors.AdapterError`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import AdapterError
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+MANIFEST_FILE = "plugtune.json"
+FORMAT = "plugtune-adapter"
+FORMAT_VERSION = 1
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class MethodRecord(_Loose):
+    name: str
+    options: dict[str, Any] = {}
+    plugin: str = ""
+    distribution: str = ""
+    version: str = ""
+
+
+class BaseRecord(_Loose):
+    id: str
+    architecture: str = ""
+    fingerprint: str
+    dtype: str = ""
+
+
+class Manifest(_Loose):
+    """``plugtune.json``. Unknown extra fields are kept (newer plugtune versions may add)."""
+
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    name: str
+    created: str = ""
+    plugtune_version: str = ""
+    method: MethodRecord
+    base_model: BaseRecord
+    task: dict[str, Any]
+    recipe: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    files: dict[str, dict[str, Any]] = {}
+
+
+@dataclass
+class Adapter:
+    """An adapter read from disk."""
+
+    path: Path
+    manifest: Manifest
+    state: dict[str, torch.Tensor]
+    config: dict[str, Any]
+
+    @property
+    def size_bytes(self) -> int:
+        return (self.path / WEIGHTS_FILE).stat().st_size
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_adapter(
+    directory: str | Path,
+    *,
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    manifest: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write an adapter atomically and return its directory.
+
+    ``manifest`` gets ``format``, ``created`` and the file hashes filled in; it is validated
+    before anything is written.
+    """
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    manifest = dict(manifest)
+    manifest.setdefault("format", FORMAT)
+    manifest.setdefault("format_version", FORMAT_VERSION)
+    manifest.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise AdapterError(f"refusing to save an adapter with an invalid manifest: {exc.errors()[0]['msg']}") from None
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    blobs: dict[str, bytes] = {
+        WEIGHTS_FILE: save(tensors, metadata={"format": "pt"}),
+        CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True, default=_json_default).encode(),
+    }
+    blobs.update(extra_files or {})
+    manifest["files"] = {
+        name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in blobs.items()
+    }
+    blobs[MANIFEST_FILE] = json.dumps(manifest, indent=2, default=_json_default).encode()
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        for name, data in blobs.items():
+            _fsync_write(staging / name, data)
+        _replace_dir(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put ``new`` at ``target``; files already in ``target`` that ``new`` lacks (a run's
+    metrics log, say) are kept, the adapter's own files are replaced as a whole."""
+    if target.exists():
+        for item in target.iterdir():
+            if not (new / item.name).exists() and item.name not in {WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE}:
+                item.rename(new / item.name)
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "value"):  # enums
+        return value.value
+    return str(value)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not directory.is_dir():
+        raise AdapterError(f"adapter folder not found: {directory}")
+    if not path.is_file():
+        if (directory / CONFIG_FILE).is_file():
+            raise AdapterError(f"{directory} looks like a plain peft adapter (no {MANIFEST_FILE}); plugtune adapters carry a manifest")
+        raise AdapterError(f"{directory} is not an adapter: {MANIFEST_FILE} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: the manifest is not a JSON object")
+    if data.get("format") not in (None, FORMAT):
+        raise AdapterError(f"{path}: unknown format {data.get('format')!r}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise AdapterError(f"{path}: manifest field {where}: {err['msg']}") from None
+
+
+def read_adapter(directory: str | Path, *, verify_hashes: bool = True) -> Adapter:
+    """Read manifest, config and tensors, checking sizes and hashes against the manifest."""
+    from safetensors import SafetensorsError
+    from safetensors.torch import load as load_bytes
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        pickled = [p.name for p in directory.glob("*.bin")]
+        extra = f" (found {pickled[0]}: pickle files are not loaded)" if pickled else ""
+        raise AdapterError(f"{directory}: {WEIGHTS_FILE} is missing{extra}")
+    data = weights.read_bytes()
+    expected = manifest.files.get(WEIGHTS_FILE)
+    if expected and verify_hashes:
+        if expected.get("bytes") is not None and expected["bytes"] != len(data):
+            raise AdapterError(
+                f"{weights}: {len(data)} bytes, the manifest says {expected['bytes']} (truncated or replaced)"
+            )
+        if expected.get("sha256") and expected["sha256"] != hashlib.sha256(data).hexdigest():
+            raise AdapterError(f"{weights}: content does not match the manifest's sha256 (corrupt or replaced)")
+    try:
+        state = load_bytes(data)
+    except (SafetensorsError, Exception) as exc:  # noqa: BLE001 - any parse failure is "corrupt"
+        raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
+    config_path = directory / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    return Adapter(path=directory, manifest=manifest, state=state, config=config)
+
+
+def list_adapters(root: str | Path) -> list[Path]:
+    """Adapter folders at or below ``root`` (one level of nesting)."""
+    root = Path(root)
+    if is_adapter_dir(root):
+        return [root]
+    if not root.is_dir():
+        return []
+    found = []
+    for child in sorted(root.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if is_adapter_dir(child):
+            found.append(child)
+        elif child.is_dir():
+            found.extend(c for c in sorted(child.iterdir()) if is_adapter_dir(c))
+    return found

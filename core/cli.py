@@ -1,0 +1,302 @@
+"""The ``plugtune`` command.
+
+User errors (:class:`~plugtune.errors.PlugtuneError`) print ``error: ...`` without a
+traceback and exit with the error's code; Ctrl-C exits 130. Plugins are loaded only by the
+subcommands that need them, so ``plugtune --help`` works even when a plugin is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import PlugtuneError
+
+EPILOG = "Recipes: recipes/*.yaml. Docs: README.md. Set PLUGTUNE_STRICT_PLUGINS=1 to fail on broken plugins."
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+# -- subcommands ------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    console = _console()
+    console.print(f"[green]ok[/] {args.recipe}: {recipe.name} — {recipe.method.name} on {recipe.spec.base_model}, "
+                  f"{recipe.task.type}, loader {recipe.loader.name}, "
+                  f"evaluators {', '.join(b.name for b in recipe.evaluators) or 'none'}, "
+                  f"regularizers {', '.join(b.name for b in recipe.regularizers) or 'none'} -> {recipe.output_dir}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .train import comparison_table, run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    console = _console(stderr=True)
+    result = run(recipe, console=console, overwrite=args.overwrite or None, show_progress=not args.quiet)
+    out = _console()
+    out.print(comparison_table({"base": result.before, recipe.name: result.after},
+                               title=f"{recipe.name}: held-out metrics before and after training"))
+    out.print(f"adapter saved to [bold]{result.adapter_dir}[/] ({result.steps} steps in {result.train_seconds:.1f} s, "
+              f"{result.trainable_parameters:,} of {result.total_parameters:,} parameters trained)")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .registry import KIND_LABELS, get_plugin_system
+
+    system = get_plugin_system()
+    rows = []
+    for info in system.plugins.values():
+        provides = {kind: [c.name for c in comps.values() if c.plugin.name == info.name]
+                    for kind, comps in system.components.items()}
+        rows.append({"name": info.name, "module": info.module, "distribution": info.distribution,
+                     "version": info.version, "builtin": info.builtin,
+                     "components": {k: v for k, v in provides.items() if v}})
+    if args.json:
+        print(json.dumps({"plugins": rows, "problems": system.problems}, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="plugtune plugins")
+    for col in ("plugin", "distribution", "provides"):
+        table.add_column(col)
+    for row in rows:
+        provides = "; ".join(f"{KIND_LABELS[k]}: {', '.join(v)}" for k, v in row["components"].items()) or "(hooks only)"
+        table.add_row(row["name"], f"{row['distribution']} {row['version']}".strip(), provides)
+    console = _console()
+    console.print(table)
+    for problem in system.problems:
+        console.print(f"[yellow]problem:[/] {problem}")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .adapters import WEIGHTS_FILE, list_adapters, read_manifest
+
+    found = list_adapters(args.dir)
+    records = []
+    for path in found:
+        try:
+            m = read_manifest(path)
+        except PlugtuneError as exc:
+            records.append({"path": str(path), "error": str(exc)})
+            continue
+        after = m.metrics.get("after", {})
+        records.append({"path": str(path), "name": m.name, "method": m.method.name, "base": m.base_model.id,
+                        "task": m.task.get("type"), "bytes": (path / WEIGHTS_FILE).stat().st_size if (path / WEIGHTS_FILE).exists() else 0,
+                        "metrics": after})
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    if not records:
+        _console().print(f"no adapters under {args.dir}")
+        return 0
+    table = Table(title=f"adapters under {args.dir}")
+    for col in ("adapter", "method", "base", "task", "size", "metrics (after)"):
+        table.add_column(col)
+    for r in records:
+        if "error" in r:
+            table.add_row(r["path"], "[red]unreadable[/]", r["error"], "", "", "")
+            continue
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items() if isinstance(v, (int, float)))
+        table.add_row(r["path"], r["method"], r["base"], r["task"] or "", _size(r["bytes"]), metrics)
+    _console().print(table)
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import copy
+
+    from .adapters import read_manifest
+    from .host import AdapterHost
+    from .recipe import load_recipe
+    from .train import comparison_table, encode_split, evaluate
+
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    manifests = [read_manifest(a) for a in args.adapters]
+    if recipe is None:
+        if not manifests:
+            raise PlugtuneError("give a recipe (for the data and evaluators) or at least one adapter")
+        recipe = load_recipe(raw=manifests[0].recipe, base_dir=Path.cwd())
+    task = copy.deepcopy(recipe.task)
+    if manifests:
+        task.labels = manifests[0].task.get("labels")
+    splits = recipe.loader.build().load(recipe.training.seed)
+    task.infer_labels(splits["train"])
+    host = AdapterHost.from_base(recipe.spec.base_model, task)
+    names = [host.load(a) for a in args.adapters]
+    rows, _ = encode_split(splits["test"], task, host.tokenizer, recipe.training.max_length, "test")
+    if recipe.training.max_eval_examples:
+        rows = rows[: recipe.training.max_eval_examples]
+    evaluators = [b.build(task) for b in recipe.evaluators]
+    columns = {}
+    for name in [None, *names]:
+        with host.using(name):
+            columns[name or "base"] = evaluate(host.model, rows, task, evaluators, recipe.training.batch_size * 2,
+                                               host.tokenizer.pad_token_id, host._device())
+    _console().print(comparison_table(columns, title=f"{recipe.name}: {len(rows)} held-out rows"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(columns, indent=2))
+    return 0
+
+
+def _host_for(args: argparse.Namespace, classification: bool) -> tuple[Any, list[str | None]]:
+    from .adapters import read_manifest
+    from .host import AdapterHost
+    from .tasks import Task
+
+    if not args.adapter and not args.base:
+        raise PlugtuneError("give --adapter DIR (repeatable) or --base MODEL")
+    if args.adapter:
+        host = AdapterHost.from_adapters(*args.adapter, base_model=args.base)
+        names = list(host.adapters)
+    else:
+        task = Task(type="sequence-classification" if classification else "causal-lm", prompt="{text}", response="", text="{text}")
+        if classification:
+            raise PlugtuneError("classification needs an adapter (the labels live in it): --adapter DIR")
+        host = AdapterHost.from_base(args.base, task)
+        names = []
+    _ = read_manifest  # keep import local to the command
+    n = len(args.inputs)
+    if args.per_input:
+        if len(names) != n:
+            raise PlugtuneError(f"--per-input needs one --adapter per input ({n} inputs, {len(names)} adapters)")
+        return host, list(names)
+    return host, names or [None]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    host, names = _host_for(args, classification=False)
+    console = _console()
+    if args.per_input:
+        outputs = host.generate(args.inputs, names, max_new_tokens=args.max_new_tokens, raw=args.raw)
+        for prompt, name, text in zip(args.inputs, names, outputs):
+            console.print(f"[bold]{name}[/] <- {prompt!r}\n  {text}")
+        return 0
+    for name in names:
+        for prompt, text in zip(args.inputs, host.generate(args.inputs, name, max_new_tokens=args.max_new_tokens, raw=args.raw)):
+            console.print(f"[bold]{name or 'base'}[/] <- {prompt!r}\n  {text}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    host, names = _host_for(args, classification=True)
+    console = _console()
+    pairs = list(zip(args.inputs, names)) if args.per_input else [(t, n) for n in names for t in args.inputs]
+    results = host.classify([p for p, _ in pairs], [n for _, n in pairs])
+    for (text, name), result in zip(pairs, results):
+        score = result["scores"][result["label"]]
+        console.print(f"[bold]{name}[/] {result['label']} ({score:.2f}) <- {text!r}")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .models import gguf_to_hf, resolve
+
+    for name in args.models:
+        path = resolve(name)
+        if isinstance(path, Path) and path.suffix == ".gguf":
+            path = gguf_to_hf(path)
+        _console().print(f"{name}: {path}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plugtune", description="Parameter-efficient fine-tuning from recipes; adapters swapped on one base.", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"plugtune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train a recipe and save its adapter")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a recipe without loading any model")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plugins", help="list plugins, their distributions and components")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("adapters", help="list trained adapters")
+    p.add_argument("dir", nargs="?", default="adapters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("eval", help="evaluate the base and adapters side by side on a recipe's held-out data")
+    p.add_argument("recipe", nargs="?", help="recipe giving data and evaluators (default: the first adapter's)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="DIR")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    for name, func, helptext in (("generate", cmd_generate, "generate text with the base and/or adapters"),
+                                 ("classify", cmd_classify, "classify texts with classification adapters")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("inputs", nargs="+", metavar="TEXT")
+        p.add_argument("--adapter", action="append", default=[], metavar="DIR", help="repeatable; all share one base")
+        p.add_argument("--base", help="base model (default: the one the adapters name)")
+        p.add_argument("--per-input", action="store_true", help="the i-th adapter handles the i-th input")
+        if name == "generate":
+            p.add_argument("--max-new-tokens", type=int, default=32)
+            p.add_argument("--raw", action="store_true", help="do not wrap inputs in the adapter's prompt template")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("fetch", help="fetch and cache base models (aliases) for offline use")
+    p.add_argument("models", nargs="+")
+    p.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except PlugtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The protocols a component of each kind follows.
+
+Components are plain classes registered by name (see :mod:`plugtune.hookspecs`). Each has an
+``Options`` class, a pydantic model with ``extra="forbid"`` describing the recipe block it
+accepts; the core validates that block before anything heavy is loaded and passes the bound
+options to the constructor. Derive ``Options`` from :class:`ComponentOptions` to get the
+strict defaults.
+
+Protocols, not base classes: a component implements the methods it needs. Optional methods
+of a regularizer are looked up with ``getattr`` and skipped when absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .tasks import Task
+
+
+class ComponentOptions(BaseModel):
+    """Base for every component's ``Options``: unknown keys are errors, values are checked
+    on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class NoOptions(ComponentOptions):
+    """``Options`` for a component that takes none."""
+
+
+Example = Mapping[str, Any]
+
+
+@runtime_checkable
+class DataLoader(Protocol):
+    """Reads examples for a recipe. Examples are flat dicts; the task's templates refer to
+    their keys."""
+
+    Options: ClassVar[type[ComponentOptions]]
+
+    def __init__(self, options: Any) -> None: ...
+
+    def columns(self) -> list[str]:
+        """The keys every example will have, read cheaply (a header, a schema) so that a
+        recipe naming a missing column fails at validation, before any model loads."""
+        ...
+
+    def load(self, seed: int) -> dict[str, list[dict[str, Any]]]:
+        """Return the splits: ``{"train": [...], "test": [...]}`` (``test`` may be
+        derived deterministically from ``seed`` when the source has no held-out split)."""
+        ...
+
+
+@runtime_checkable
+class TuningMethod(Protocol):
+    """Turns a base model into a trainable one, saves what it trained as an adapter, and
+    attaches saved adapters to a resident base for inference.
+
+    The adapter is always the pair (``adapter_state``, ``adapter_config``): a flat dict of
+    tensors (saved as safetensors) and a JSON-able dict (saved as ``adapter_config.json``).
+    Methods built on peft use peft's names for both, so plain peft loads their adapters.
+    """
+
+    Options: ClassVar[type[ComponentOptions]]
+
+    def __init__(self, options: Any) -> None: ...
+
+    def prepare(self, model: nn.Module, task: Task) -> nn.Module:
+        """Freeze, inject and return the model to train (it may be a wrapper)."""
+        ...
+
+    def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors that make up the trained adapter, on CPU."""
+        ...
+
+    def adapter_config(self, model: nn.Module) -> dict[str, Any]:
+        """The JSON-able config written beside the tensors."""
+        ...
+
+    def attach(
+        self, model: nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]
+    ) -> nn.Module:
+        """Attach a saved adapter under ``name`` to ``model`` (a base, or a base that already
+        hosts adapters) without activating it; return the (possibly wrapped) model. Must be
+        strict: missing or unexpected tensors raise :class:`plugtune.errors.AdapterError`."""
+        ...
+
+    def activate(self, model: nn.Module, name: str | None) -> None:
+        """Make ``name`` the active adapter, or turn this method's adapters off (``None``)."""
+        ...
+
+    def detach(self, model: nn.Module, name: str) -> nn.Module:
+        """Remove adapter ``name`` and free its memory; return the model."""
+        ...
+
+
+@dataclass
+class EvalBatch:
+    """What the core hands every evaluator for one evaluation batch.
+
+    ``predictions``/``references`` are hashable per-example values: class indices for
+    sequence classification, tuples of token ids of the greedy continuation vs the reference
+    response for causal LMs (so accuracy there is exact match under greedy decoding).
+    ``loss_sum``/``n_targets`` sum the cross-entropy over target tokens (or examples).
+    """
+
+    predictions: list[Any]
+    references: list[Any]
+    loss_sum: float
+    n_targets: int
+    examples: list[Example] = field(default_factory=list)
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Accumulates over a split's evaluation batches and returns named metrics."""
+
+    Options: ClassVar[type[ComponentOptions]]
+
+    def __init__(self, options: Any, task: Task) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def update(self, batch: EvalBatch) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
+class Regularizer(Protocol):
+    """Acts at any of several points of a training step; every method is optional.
+
+    * ``param_groups(named_params) -> list[dict] | None``: split the trainable parameters
+      into optimizer groups (e.g. no decay on biases and norms).
+    * ``transform_batch(batch, step) -> batch``: change a training batch (augmentation);
+      never called on evaluation batches.
+    * ``loss_term(model, batch, outputs, step) -> Tensor | None``: a term added to the loss.
+    * ``after_backward(model, step) -> dict | None``: act on gradients.
+    * ``report(model) -> dict[str, float]``: what it did this step, logged as
+      ``<name>/<key>``.
+    """
+
+    Options: ClassVar[type[ComponentOptions]]
+
+    def __init__(self, options: Any) -> None: ...
+
+
+class BaseModelAlias(Protocol):
+    """A short name for a base model that can be found offline."""
+
+    description: str
+
+    def locate(self) -> Path:
+        """Return a local directory (or ``.gguf`` file) holding the model, fetching it
+        first if this alias knows how to. Raise :class:`plugtune.errors.ModelError` with a
+        fix when it cannot."""
+        ...

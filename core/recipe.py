@@ -1,0 +1,469 @@
+"""Recipes: YAML -> a validated :class:`Recipe`, with every problem reported at once.
+
+Validation happens in three passes, all before any model is loaded:
+
+1. the recipe's own shape (top-level keys, task, training, output) against pydantic models;
+2. every component name resolved in the plugin registry (with a did-you-mean) and its
+   ``options`` block bound to the component's ``Options``;
+3. the data source opened cheaply (a header, a schema) to check the columns the task uses.
+
+Problems from all passes are collected into one :class:`~plugtune.errors.RecipeError`, one
+line per problem, each starting with its field path (``training.batch_size: ...``).
+
+Relative paths inside a recipe (data files) are resolved against the recipe file's folder,
+so a recipe and its data can move together. The output directory is relative to the
+current directory (default ``adapters/<name>``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import DataError, RecipeError
+from .registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
+from .tasks import TASK_TYPES, Task, template_fields
+
+
+# --------------------------------------------------------------------------------------------
+# Types components use in their Options
+# --------------------------------------------------------------------------------------------
+
+
+def _existing_path(value: Path, info: ValidationInfo) -> Path:
+    base = Path((info.context or {}).get("base_dir", "."))
+    path = value if value.is_absolute() else base / value
+    if not path.exists():
+        raise ValueError(f"file not found: {path} (paths are relative to the recipe's folder)")
+    return path
+
+
+DataPath = Annotated[Path, AfterValidator(_existing_path)]
+"""A path option that must exist; relative paths resolve against the recipe's folder."""
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe's own schema
+# --------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentBlock(_Strict):
+    """``{name: lora, options: {...}}``; a bare string is accepted as ``{name: ...}``."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class DataBlock(_Strict):
+    loader: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class TaskBlock(_Strict):
+    type: Literal["causal-lm", "sequence-classification"]
+    prompt: str | None = None
+    response: str | None = None
+    text: str | None = None
+    label: str = "label"
+    labels: list[str] | None = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_strings(cls, value: Any) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _templates(self) -> TaskBlock:
+        if self.type == "causal-lm":
+            if self.response is not None and self.prompt is None:
+                raise ValueError("a causal-lm task with a 'response' template needs a 'prompt' template")
+            if self.response is None and self.text is None:
+                raise ValueError("a causal-lm task needs 'prompt' and 'response' templates, or a 'text' template for raw text")
+        return self
+
+
+class TrainingBlock(_Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 0
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
+    max_eval_examples: int | None = Field(None, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+    max_length: int = Field(256, gt=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_every: int = Field(1, gt=0)
+
+
+class OutputBlock(_Strict):
+    dir: str | None = None
+    overwrite: bool = False
+
+
+class RecipeSpec(_Strict):
+    """The recipe as written. Component ``options`` stay raw here; see :class:`Recipe`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    base_model: str
+    task: TaskBlock
+    data: DataBlock
+    method: ComponentBlock
+    regularizers: list[ComponentBlock] = Field(default_factory=list)
+    evaluators: list[ComponentBlock] = Field(default_factory=lambda: [ComponentBlock(name="loss")])
+    training: TrainingBlock = Field(default_factory=TrainingBlock)
+    output: OutputBlock = Field(default_factory=OutputBlock)
+
+
+# --------------------------------------------------------------------------------------------
+# The validated recipe
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bound:
+    """A component resolved from the registry with its validated options."""
+
+    name: str
+    component: Component
+    options: Any
+
+    def build(self, *args: Any) -> Any:
+        return self.component.obj(self.options, *args)
+
+    def options_dict(self) -> dict[str, Any]:
+        return self.options.model_dump(mode="json") if self.options is not None else {}
+
+
+@dataclass
+class Recipe:
+    """A fully validated recipe: spec, task, and bound components."""
+
+    spec: RecipeSpec
+    raw: dict[str, Any]
+    source: Path | None
+    base_dir: Path
+    task: Task
+    loader: Bound
+    method: Bound
+    regularizers: list[Bound]
+    evaluators: list[Bound]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def training(self) -> TrainingBlock:
+        return self.spec.training
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.spec.output.dir or f"adapters/{self.spec.name}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """``["training.max_steps=10", "method.options.r=4"]`` -> paths and YAML-typed values."""
+    parsed = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError([f"override {item!r}: expected key.sub=value"])
+        try:
+            typed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            typed = value
+        parsed.append((key.strip().split("."), typed))
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for path, value in parse_overrides(overrides):
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError([f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not an index of the list"])
+                node = node[int(part)]
+                continue
+            child = node.get(part)
+            if isinstance(child, str) and part in {"method"} | {"regularizers", "evaluators"}:
+                child = node[part] = {"name": child}
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, (dict, list)):
+                raise RecipeError([f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is a value, not a section"])
+            node = child
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError([f"override {'.'.join(path)}: {last} is not an index of the list"])
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"recipe file not found: {path}"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"not UTF-8 text ({exc.reason} at byte {exc.start})"], str(path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError([f"malformed YAML: {where}{problem}"], str(path)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(["a recipe is a YAML mapping (key: value lines)"], str(path))
+    return raw
+
+
+def load_recipe(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    raw: dict[str, Any] | None = None,
+    base_dir: str | Path | None = None,
+    plugins: PluginSystem | None = None,
+    check_data: bool = True,
+) -> Recipe:
+    """Read, override and validate a recipe. Raises :class:`RecipeError` listing every
+    problem. Pass ``raw`` (a dict) instead of ``path`` to validate a recipe built in code."""
+    if raw is None:
+        if path is None:
+            raise TypeError("load_recipe needs a path or raw=")
+        raw = read_recipe_file(path)
+    else:
+        raw = copy.deepcopy(raw)
+    source = Path(path) if path is not None else None
+    base = Path(base_dir) if base_dir is not None else (source.parent if source else Path.cwd())
+    raw = apply_overrides(raw, overrides or [])
+    return validate(raw, source=source, base_dir=base, plugins=plugins or get_plugin_system(), check_data=check_data)
+
+
+def validate(
+    raw: dict[str, Any], *, source: Path | None, base_dir: Path, plugins: PluginSystem, check_data: bool = True
+) -> Recipe:
+    problems: list[str] = []
+    where = str(source) if source else None
+    try:
+        spec = RecipeSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_format_errors(exc, RecipeSpec, prefix=()))
+        spec = None
+    # Component blocks are checked even when the recipe's shape has problems elsewhere, so
+    # that one run shows everything.
+    context = {"base_dir": base_dir}
+    method = _bind(plugins, "method", raw.get("method"), ("method",), context, problems)
+    loader = _bind(plugins, "loader", _data_as_block(raw.get("data")), ("data",), context, problems, name_key="loader")
+    regularizers = [
+        _bind(plugins, "regularizer", block, ("regularizers", i), context, problems)
+        for i, block in enumerate(_as_list(raw.get("regularizers")))
+    ]
+    evaluator_blocks = raw.get("evaluators", ["loss"])
+    evaluators = [
+        _bind(plugins, "evaluator", block, ("evaluators", i), context, problems)
+        for i, block in enumerate(_as_list(evaluator_blocks))
+    ]
+    base_model = raw.get("base_model")
+    if isinstance(base_model, str) and not _looks_like_path_or_hub_id(base_model) and not plugins.find("model", base_model):
+        problems.append(
+            "base_model: " + unknown_name_message("model", base_model, plugins.names("model"))
+            + "; or give a local model folder, a .gguf file or a hub id (org/name)"
+        )
+
+    task: Task | None = None
+    if spec is not None:
+        task = Task.from_dict(spec.task.model_dump())
+        if loader is not None and check_data:
+            problems.extend(_check_columns(loader, task, spec))
+    if problems or spec is None or task is None or method is None or loader is None:
+        raise RecipeError(problems or ["invalid recipe"], where)
+    return Recipe(
+        spec=spec,
+        raw=raw,
+        source=source,
+        base_dir=base_dir,
+        task=task,
+        loader=loader,
+        method=method,
+        regularizers=[r for r in regularizers if r is not None],
+        evaluators=[e for e in evaluators if e is not None],
+    )
+
+
+def _looks_like_path_or_hub_id(value: str) -> bool:
+    return "/" in value or value.endswith(".gguf") or Path(value).exists()
+
+
+def _data_as_block(data: Any) -> Any:
+    if isinstance(data, dict) and "loader" in data:
+        return {"name": data["loader"], "options": data.get("options") or {}}
+    return None
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _bind(
+    plugins: PluginSystem,
+    kind: str,
+    block: Any,
+    path: tuple[Any, ...],
+    context: dict[str, Any],
+    problems: list[str],
+    name_key: str = "name",
+) -> Bound | None:
+    if isinstance(block, str):
+        block = {"name": block}
+    if not isinstance(block, dict) or not isinstance(block.get("name"), str):
+        return None  # the shape error is reported by RecipeSpec
+    name = block["name"]
+    component = plugins.find(kind, name)
+    if component is None:
+        problems.append(f"{_path(path + (name_key,))}: " + unknown_name_message(kind, name, plugins.names(kind)))
+        return None
+    options_model = component.options_model
+    options = block.get("options") or {}
+    if options_model is None:
+        return Bound(name, component, None)
+    if not isinstance(options, dict):
+        problems.append(f"{_path(path + ('options',))}: expected a mapping of options, got {type(options).__name__}")
+        return None
+    try:
+        bound = options_model.model_validate(options, context=context)
+    except ValidationError as exc:
+        problems.extend(_format_errors(exc, options_model, prefix=path + ("options",)))
+        return None
+    return Bound(name, component, bound)
+
+
+def _check_columns(loader: Bound, task: Task, spec: RecipeSpec) -> list[str]:
+    try:
+        columns = loader.build().columns()
+    except DataError as exc:
+        return [f"data.options: {exc}"]
+    missing = sorted(task.required_fields() - set(columns))
+    if not missing:
+        return []
+    problems = []
+    for column in missing:
+        hint = did_you_mean(column, columns)
+        used_in = [k for k in ("prompt", "response", "text") if column in template_fields(getattr(task, k))]
+        field = f"task.{used_in[0]}" if used_in else "task.label"
+        problems.append(
+            f"{field}: column {column!r} is not in the data{hint} (columns: {', '.join(columns)}); "
+            f"rename it with data.options.columns"
+        )
+    return problems
+
+
+def _path(parts: tuple[Any, ...]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[Any, ...]) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))  # drop union tags
+        where = _path(prefix + loc) or "recipe"
+        if err["type"] == "extra_forbidden":
+            siblings = _field_names(model, loc[:-1])
+            hint = did_you_mean(str(loc[-1]), siblings)
+            allowed = f" (allowed: {', '.join(siblings)})" if siblings and not hint else ""
+            lines.append(f"{where}: unknown key{hint}{allowed}")
+            continue
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        got = err.get("input")
+        if err["type"] not in {"missing", "value_error"} and not isinstance(got, (dict, list)):
+            message += f" (got {got!r})"
+        lines.append(f"{where}: {message}")
+    return lines
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The allowed keys at ``loc`` inside ``model`` (for did-you-mean on unknown keys)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def dump_recipe(raw: dict[str, Any]) -> str:
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+__all__ = ["Recipe", "RecipeSpec", "DataPath", "load_recipe", "TASK_TYPES"]

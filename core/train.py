@@ -1,0 +1,335 @@
+"""``plugtune run``: the training loop.
+
+One flat loop, readable top to bottom::
+
+    data -> base model -> method.prepare -> evaluate (before)
+    for each step: batch -> regularizers.transform_batch -> forward -> loss + loss terms
+                   -> backward -> regularizers.after_backward -> optimizer/scheduler step
+                   -> log (JSONL + progress bar) -> on_step_end -> evaluate at the cadence
+    evaluate (after) -> save the adapter (atomically) -> on_train_end
+
+Devices and mixed precision go through accelerate: the CPU in fp32 by default (bf16 is slow
+on CPUs without AVX-512/AMX), a CUDA GPU in bf16 autocast when one is present.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .adapters import save_adapter
+from .errors import DataError, RecipeError, TrainingError
+from .models import BaseInfo, load_base
+from .registry import PluginSystem, get_plugin_system
+from .recipe import Recipe
+from .tasks import Task, collate
+
+
+@dataclass
+class RunState:
+    """What lifecycle hooks see: the recipe, the prepared model and the counters."""
+
+    recipe: Recipe
+    task: Task
+    model: torch.nn.Module
+    tokenizer: Any
+    base: BaseInfo
+    output_dir: Path
+    total_steps: int
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    adapter_dir: Path
+    before: dict[str, float]
+    after: dict[str, float]
+    steps: int
+    train_seconds: float
+    trainable_parameters: int
+    total_parameters: int
+
+
+def choose_precision(requested: str, on_cuda: bool) -> str:
+    """accelerate's mixed_precision for a recipe's ``training.precision``."""
+    if requested == "auto":
+        if on_cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[requested]
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise RecipeError([f"output.dir: {path} exists and is not a folder"])
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise RecipeError([f"output.dir: {path} already holds a run; pass --overwrite or set output.overwrite: true"])
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RecipeError([f"output.dir: cannot write to {path} ({exc.strerror or exc})"]) from None
+    (path / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def encode_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str) -> tuple[list[dict[str, list[int]]], int]:
+    """Encode a split; returns the encoded rows and how many were truncated."""
+    encoded, truncated = [], 0
+    for i, row in enumerate(rows):
+        try:
+            item = task.encode(row, tokenizer, max_length)
+        except KeyError as exc:
+            if task.is_classification:
+                raise DataError(f"{split} row {i + 1}: label {exc.args[0]!r} never appears in the training data (labels: {', '.join(task.labels or [])})") from None
+            raise DataError(f"{split} row {i + 1}: missing field {exc.args[0]!r}") from None
+        if not task.is_classification and all(label == -100 for label in item["labels"][1:]):
+            truncated += 1  # the whole response was cut off: nothing to learn from this row
+            continue
+        if len(item["input_ids"]) >= max_length:
+            truncated += 1
+        encoded.append(item)
+    return encoded, truncated
+
+
+def batches(rows: list[dict[str, list[int]]], batch_size: int, pad_id: int, classification: bool) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(rows), batch_size):
+        yield collate(rows[start : start + batch_size], pad_id, classification)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, rows: list[dict[str, list[int]]], task: Task, evaluators: list[Any],
+             batch_size: int, pad_id: int, device: torch.device) -> dict[str, float]:
+    """Run every evaluator over ``rows`` in one pass of forward calls."""
+    was_training = model.training
+    model.eval()
+    for ev in evaluators:
+        ev.reset()
+    for batch in batches(rows, batch_size, pad_id, task.is_classification):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        result = task.eval_batch(logits, batch)
+        for ev in evaluators:
+            ev.update(result)
+    metrics: dict[str, float] = {}
+    for ev in evaluators:
+        metrics.update(ev.compute())
+    model.train(was_training)
+    return metrics
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console | None = None,
+        overwrite: bool | None = None, show_progress: bool = True) -> RunResult:
+    """Train ``recipe`` and save its adapter. Returns the before/after metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    plugins = plugins or get_plugin_system()
+    console = console or Console(stderr=True)
+    t = recipe.training
+    out = recipe.output_dir
+    prepare_output_dir(out, recipe.spec.output.overwrite if overwrite is None else overwrite)
+    metrics_log = out / "metrics.jsonl"
+
+    def log(record: dict[str, Any]) -> None:
+        with open(metrics_log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # -- data and model ---------------------------------------------------------------
+    set_seed(t.seed)
+    splits = recipe.loader.build().load(t.seed)
+    task = copy.deepcopy(recipe.task)
+    task.infer_labels(splits["train"])
+    with console.status(f"loading {recipe.spec.base_model}"):
+        base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins)
+    tokenizer = base.tokenizer
+    train_rows, train_cut = encode_split(splits["train"], task, tokenizer, t.max_length, "train")
+    test_rows, test_cut = encode_split(splits["test"], task, tokenizer, t.max_length, "test")
+    if t.max_eval_examples:
+        test_rows = test_rows[: t.max_eval_examples]
+    if not train_rows:
+        raise DataError("no training rows left after encoding (check the templates and training.max_length)")
+    if train_cut or test_cut:
+        console.print(f"[yellow]{train_cut} train and {test_cut} test rows exceed max_length={t.max_length} and were truncated or dropped[/]")
+
+    set_seed(t.seed)
+    method = recipe.method.build()
+    model = method.prepare(base.model, task)
+    trainable, total = count_parameters(model)
+    evaluators = [b.build(task) for b in recipe.evaluators]
+    regularizers = [(b.name, b.build()) for b in recipe.regularizers]
+
+    accelerator = Accelerator(
+        cpu=t.device == "cpu" or not torch.cuda.is_available(),
+        mixed_precision=choose_precision(t.precision, t.device != "cpu" and torch.cuda.is_available()),
+        gradient_accumulation_steps=t.grad_accum,
+    )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": [p for _, p in named]}]
+    for _, reg in regularizers:
+        if hasattr(reg, "param_groups"):
+            groups = reg.param_groups(named)
+    optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(t.seed)
+    pad_id = tokenizer.pad_token_id
+    train_loader = torch.utils.data.DataLoader(
+        train_rows, batch_size=t.batch_size, shuffle=True, generator=generator,
+        collate_fn=lambda rows: collate(rows, pad_id, task.is_classification),
+    )
+    steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    device = accelerator.device
+    eval_bs = t.eval_batch_size or t.batch_size * 2
+
+    state = RunState(recipe, task, model, tokenizer, base.info, out, total_steps)
+    plugins.call_lifecycle("on_train_start", run=state)
+
+    def run_eval(tag: str) -> dict[str, float]:
+        metrics = evaluate(model, test_rows, task, evaluators, eval_bs, pad_id, device)
+        log({"event": "eval", "split": "test", "step": state.step, "when": tag, **metrics})
+        plugins.call_lifecycle("on_evaluate", run=state, split="test", step=state.step, metrics=metrics)
+        return metrics
+
+    with console.status("evaluating the base model"):
+        before = run_eval("before")
+
+    # -- the loop -----------------------------------------------------------------------
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not show_progress,
+    )
+    bar = progress.add_task("train", total=total_steps, loss=float("nan"), lr=t.learning_rate, tps=0.0)
+    model.train()
+    started = time.perf_counter()
+    window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
+    with progress:
+        while state.step < total_steps:
+            for batch in train_loader:
+                for _, reg in regularizers:
+                    if hasattr(reg, "transform_batch"):
+                        batch = reg.transform_batch(batch, state.step)
+                with accelerator.accumulate(model):
+                    outputs = model(**batch)
+                    loss = outputs.loss
+                    terms: dict[str, float] = {}
+                    for name, reg in regularizers:
+                        term = reg.loss_term(model, batch, outputs, state.step) if hasattr(reg, "loss_term") else None
+                        if term is not None:
+                            loss = loss + term
+                            terms[f"{name}/loss"] = float(term)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"loss became {float(loss)} at step {state.step + 1}; lower training.learning_rate or check the data")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if t.max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                        for name, reg in regularizers:
+                            if hasattr(reg, "after_backward"):
+                                terms.update({f"{name}/{k}": v for k, v in (reg.after_backward(model, state.step) or {}).items()})
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                window_tokens += int(batch["attention_mask"].sum())
+                window_loss += float(outputs.loss)
+                window_micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "event": "train", "step": state.step, "loss": window_loss / window_micro,
+                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / elapsed if elapsed else 0.0,
+                    **terms,
+                }
+                for name, reg in regularizers:
+                    if hasattr(reg, "report"):
+                        record.update({f"{name}/{k}": v for k, v in reg.report(model).items()})
+                window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
+                state.history.append(record)
+                if state.step % t.log_every == 0 or state.step == total_steps:
+                    log(record)
+                progress.update(bar, advance=1, loss=record["loss"], lr=record["lr"], tps=record["tokens_per_s"])
+                plugins.call_lifecycle("on_step_end", run=state, step=state.step, metrics=record)
+                if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
+                    run_eval("during")
+                if state.step >= total_steps:
+                    break
+    train_seconds = time.perf_counter() - started
+
+    with console.status("evaluating the adapter"):
+        after = run_eval("after")
+
+    # -- the artifact -------------------------------------------------------------------
+    unwrapped = accelerator.unwrap_model(model)
+    component = recipe.method.component
+    manifest = {
+        "name": recipe.name,
+        "plugtune_version": __version__,
+        "method": {
+            "name": recipe.method.name,
+            "options": recipe.method.options_dict(),
+            "plugin": component.plugin.name,
+            "distribution": component.plugin.distribution,
+            "version": component.plugin.version,
+        },
+        "base_model": base.info.to_dict(),
+        "task": task.to_dict(),
+        "recipe": recipe.raw,
+        "metrics": {"before": before, "after": after},
+        "training": {
+            "steps": state.step, "train_seconds": round(train_seconds, 2),
+            "trainable_parameters": trainable, "total_parameters": total,
+            "train_rows": len(train_rows), "test_rows": len(test_rows),
+        },
+    }
+    if accelerator.is_main_process:
+        save_adapter(out, state=method.adapter_state(unwrapped), config=method.adapter_config(unwrapped), manifest=manifest)
+    plugins.call_lifecycle("on_train_end", run=state, adapter_dir=str(out), metrics=after)
+    return RunResult(out, before, after, state.step, train_seconds, trainable, total)
+
+
+def comparison_table(columns: dict[str, dict[str, float]], title: str = "") -> Table:
+    """A rich table with one row per metric and one column per model/adapter; with exactly
+    two columns a third shows the change."""
+    table = Table(title=title or None)
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    names = list(columns)
+    if len(names) == 2:
+        table.add_column("change", justify="right")
+    metrics = sorted({m for values in columns.values() for m in values})
+    for metric in metrics:
+        values = [columns[n].get(metric) for n in names]
+        cells = [f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in values]
+        if len(names) == 2 and all(isinstance(v, (int, float)) for v in values):
+            delta = values[1] - values[0]
+            better = delta < 0 if metric in {"loss", "perplexity"} else delta > 0
+            colour = "green" if better else ("red" if delta else "")
+            cells.append(f"[{colour}]{delta:+.4f}[/]" if colour else f"{delta:+.4f}")
+        table.add_row(metric, *cells)
+    return table
