@@ -210,6 +210,12 @@ def load_base(
     initialised from ``seed``, and left out of the fingerprint."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    import transformers
+
+    # Load reports ("classifier.weight MISSING") and per-tensor progress bars are noise here:
+    # plugtune itself says what it loads.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     location = resolve(base_model, plugins)
     if isinstance(location, Path) and location.suffix == ".gguf":
         location = gguf_to_hf(location)

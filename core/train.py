@@ -254,7 +254,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                     scheduler.step()
                     optimizer.zero_grad()
                 window_tokens += int(batch["attention_mask"].sum())
-                window_loss += float(outputs.loss)
+                window_loss += float(outputs.loss.detach())
                 window_micro += 1
                 if not accelerator.sync_gradients:
                     continue
