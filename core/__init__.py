@@ -11,12 +11,20 @@ Plugin authors need only :data:`hookimpl`::
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterError, DataError, ModelError, PluginError, PlugtuneError, RecipeError, TrainingError
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
+
+# Two known, harmless messages from dependencies that would otherwise greet every run:
+# bitsandbytes' CPU backend looking for optional kernels when peft imports it, and a
+# transformers deprecation triggered inside peft.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 if TYPE_CHECKING:
     from .host import AdapterHost

@@ -213,7 +213,6 @@ def read_manifest(directory: str | Path) -> Manifest:
 
 def read_adapter(directory: str | Path, *, verify_hashes: bool = True) -> Adapter:
     """Read manifest, config and tensors, checking sizes and hashes against the manifest."""
-    from safetensors import SafetensorsError
     from safetensors.torch import load as load_bytes
 
     directory = Path(directory)
@@ -234,7 +233,7 @@ def read_adapter(directory: str | Path, *, verify_hashes: bool = True) -> Adapte
             raise AdapterError(f"{weights}: content does not match the manifest's sha256 (corrupt or replaced)")
     try:
         state = load_bytes(data)
-    except (SafetensorsError, Exception) as exc:  # noqa: BLE001 - any parse failure is "corrupt"
+    except Exception as exc:  # noqa: BLE001 - any parse failure means corrupt
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
     config_path = directory / CONFIG_FILE
     try:

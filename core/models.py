@@ -25,13 +25,14 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelError
 from .registry import PluginSystem, get_plugin_system, unknown_name_message
 from .tasks import Task
+
+if TYPE_CHECKING:
+    import torch
 
 FINGERPRINT_SAMPLES = 4096  # values sampled from each tensor for the fingerprint
 
@@ -165,6 +166,7 @@ def gguf_to_hf(gguf: Path) -> Path:
     """Dequantize a GGUF checkpoint once and cache it as a plain Hugging Face folder
     (config, tokenizer, ``model.safetensors``). GGUF-loaded models refuse
     ``save_pretrained``, so the state dict is written directly."""
+    import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -202,15 +204,17 @@ def load_base(
     base_model: str,
     task: Task,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     plugins: PluginSystem | None = None,
     seed: int = 0,
 ) -> LoadedBase:
     """Load tokenizer and model for ``task``. For sequence classification the head is new,
     initialised from ``seed``, and left out of the fingerprint."""
+    import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    import transformers
+    dtype = torch.float32 if dtype is None else dtype
 
     # Load reports ("classifier.weight MISSING") and per-tensor progress bars are noise here:
     # plugtune itself says what it loads.
@@ -268,6 +272,8 @@ def fingerprint(model: torch.nn.Module, exclude: set[str] | frozenset[str] = fro
     """A short hash of a model's pretrained weights: names, shapes and a strided sample of
     values rounded to bfloat16 (so fp32 and bf16 loads of the same weights agree). Cheap
     (milliseconds for a 135M model), and any retrained or different base changes it."""
+    import torch
+
     digest = hashlib.sha256()
     state = model.state_dict()
     for name in sorted(state):

@@ -18,6 +18,7 @@ current directory (default ``adapters/<name>``).
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -99,11 +100,17 @@ class TaskBlock(_Strict):
     text: str | None = None
     label: str = "label"
     labels: list[str] | None = None
+    label_words: dict[str, str] | None = None
 
     @field_validator("labels", mode="before")
     @classmethod
     def _labels_as_strings(cls, value: Any) -> Any:
         return [str(v) for v in value] if isinstance(value, list) else value
+
+    @field_validator("label_words", mode="before")
+    @classmethod
+    def _words_keys_as_strings(cls, value: Any) -> Any:
+        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _templates(self) -> TaskBlock:
@@ -206,6 +213,17 @@ class Recipe:
 # --------------------------------------------------------------------------------------------
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``1e-3``, ``5E4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     """``["training.max_steps=10", "method.options.r=4"]`` -> paths and YAML-typed values."""
     parsed = []
@@ -214,7 +232,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key.strip():
             raise RecipeError([f"override {item!r}: expected key.sub=value"])
         try:
-            typed = yaml.safe_load(value) if value.strip() else ""
+            typed = yaml.load(value, Loader=_YamlLoader) if value.strip() else ""
         except yaml.YAMLError:
             typed = value
         parsed.append((key.strip().split("."), typed))
@@ -253,7 +271,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError([f"recipe file not found: {path}"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
     except UnicodeDecodeError as exc:
         raise RecipeError([f"not UTF-8 text ({exc.reason} at byte {exc.start})"], str(path)) from None
     except yaml.YAMLError as exc:
@@ -321,8 +339,9 @@ def validate(
         )
 
     task: Task | None = None
-    if spec is not None:
-        task = Task.from_dict(spec.task.model_dump())
+    task_block = spec.task if spec is not None else _valid_or_none(TaskBlock, raw.get("task"))
+    if task_block is not None:
+        task = Task.from_dict(task_block.model_dump())
         if loader is not None and check_data:
             problems.extend(_check_columns(loader, task, spec))
     if problems or spec is None or task is None or method is None or loader is None:
@@ -338,6 +357,14 @@ def validate(
         regularizers=[r for r in regularizers if r is not None],
         evaluators=[e for e in evaluators if e is not None],
     )
+
+
+def _valid_or_none(model: type[BaseModel], value: Any) -> Any:
+    """``value`` validated as ``model``, or None when invalid (its errors are reported elsewhere)."""
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        return None
 
 
 def _looks_like_path_or_hub_id(value: str) -> bool:

@@ -146,7 +146,7 @@ def did_you_mean(name: str, known: list[str]) -> str:
 
 
 def _describe(info: PluginInfo) -> str:
-    return f"{info.name!r} (distribution {info.distribution} {info.version})"
+    return f"{info.name!r} (distribution {f'{info.distribution} {info.version}'.strip()})"
 
 
 def _entry_points() -> Iterator[tuple[str, Callable[[], ModuleType], str, str]]:
@@ -202,21 +202,24 @@ def build_plugin_system(extra_plugins: list[tuple[str, Any]] | None = None) -> P
             continue
         system.plugins[info.name] = info
 
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        # A function marked @hookimpl whose name matches no hookspec: almost always a typo.
-        plugin_name = pm.get_name(exc.plugin) if exc.plugin is not None else "?"
-        info = system.plugins.get(plugin_name)
-        who = _describe(info) if info else repr(plugin_name)
-        system._problem(f"plugin {who}: {exc}")
-        if exc.plugin is not None:
+    while True:  # check_pending reports one bad plugin at a time; drop each, keep the rest
+        try:
+            pm.check_pending()
+            break
+        except pluggy.PluginValidationError as exc:
+            # A function marked @hookimpl whose name matches no hookspec: almost always a typo.
+            plugin_name = pm.get_name(exc.plugin) if exc.plugin is not None else "?"
+            info = system.plugins.get(plugin_name)
+            who = _describe(info) if info else repr(plugin_name)
+            system._problem(f"plugin {who}: {exc}")
+            if exc.plugin is None:
+                break
             pm.unregister(exc.plugin)
             system.plugins.pop(plugin_name, None)
 
     for kind, hook in KINDS.items():
         system.components[kind] = {}
-        for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
+        for impl in getattr(pm.hook, hook).get_hookimpls():  # registration order: built-ins first, first name wins
             _collect(system, kind, hook, impl)
     return system
 

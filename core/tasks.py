@@ -7,6 +7,8 @@ Two tasks ship with the core:
     ``" {label}"``). The model sees prompt + response + EOS; the loss covers the response
     tokens only. With a ``text`` template and no response, the loss covers every token
     (continued pre-training on raw text).
+    ``label_words`` maps raw label values to the words the model should say
+    (``{"0": negative, "1": positive}``), so a causal LM classifies through label words.
 ``sequence-classification``
     a ``text`` template and a ``label`` column; label names come from the training data
     (sorted) unless the recipe lists them.
@@ -52,6 +54,7 @@ class Task:
     text: str | None = None
     label: str = "label"
     labels: list[str] | None = None
+    label_words: dict[str, str] | None = None
 
     @property
     def is_classification(self) -> bool:
@@ -70,6 +73,7 @@ class Task:
             "text": self.text,
             "label": self.label,
             "labels": self.labels,
+            "label_words": self.label_words,
         }
 
     @classmethod
@@ -96,6 +100,7 @@ class Task:
             if label not in self.labels:
                 raise KeyError(label)
             return {"input_ids": ids, "labels": [self.labels.index(label)]}
+        example = self.verbalize(example)
         if self.response is None:  # raw text: loss on every token
             ids = tokenizer(fill(self.text or "{text}", example), add_special_tokens=True)["input_ids"]
             ids = (ids + _eos(tokenizer))[:max_length]
@@ -105,6 +110,13 @@ class Task:
         ids = (prompt_ids + response_ids)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
         return {"input_ids": ids, "labels": labels}
+
+    def verbalize(self, example: dict[str, Any]) -> dict[str, Any]:
+        """For causal LMs: replace the label column's value by its word (``label_words``)."""
+        if not self.label_words or self.label not in example:
+            return example
+        value = str(example[self.label])
+        return {**example, self.label: self.label_words.get(value, value)}
 
     def encode_prompt(self, example: dict[str, Any], tokenizer: Any) -> list[int]:
         """The prompt's ids alone: what generation starts from."""

@@ -133,9 +133,9 @@ def recipe_dict(base_model: str | Path, data_dir: Path, *, classification: bool 
         "base_model": str(base_model),
         "task": task,
         "data": data,
-        "method": {"name": "lora", "options": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"] if not classification else ["query", "value"]}},
+        "method": {"name": "lora", "options": {"r": 4, "alpha": 8, "target_modules": "all-linear" if not classification else ["query", "value"]}},
         "evaluators": evaluators,
-        "training": {"max_steps": 8, "batch_size": 8, "learning_rate": 5e-3, "seed": 0, "max_length": 48, "device": "cpu"},
+        "training": {"max_steps": 8, "batch_size": 8, "learning_rate": 2e-2, "seed": 0, "max_length": 48, "device": "cpu"},
     }
     if classification:
         recipe["training"].update(max_steps=24, learning_rate=1e-2)

@@ -97,6 +97,10 @@ def _read(path: Path, fmt: str) -> Any:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; report one line
         cause = exc.__cause__ or exc
+        if isinstance(cause, UnicodeDecodeError):
+            raise DataError(f"{path}: not UTF-8 text ({cause.reason}); re-save it as UTF-8") from None
+        if isinstance(cause, ValueError) and "corresponds to no data" in str(cause):
+            raise DataError(f"{path}: no rows") from None
         raise DataError(f"{path}: cannot read as {fmt} ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
     if len(ds) == 0:
         raise DataError(f"{path}: no rows")
@@ -143,7 +147,10 @@ class TableLoader:
             train = train.shuffle(seed=seed).select(range(o.max_train_rows))
         if o.max_test_rows is not None and len(test) > o.max_test_rows:
             test = test.shuffle(seed=seed).select(range(o.max_test_rows))
-        return {"train": train.to_list(), "test": test.to_list()}
+        try:
+            return {"train": train.to_list(), "test": test.to_list()}
+        except UnicodeDecodeError as exc:  # pyarrow's JSON reader lets invalid UTF-8 through
+            raise DataError(f"{o.path}: not UTF-8 text ({exc.reason}); re-save it as UTF-8") from None
 
 
 @hookimpl
