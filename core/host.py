@@ -28,6 +28,17 @@ from .registry import PluginSystem, get_plugin_system
 from .tasks import Task, fill, template_fields
 
 
+class _Active:
+    """Default for ``adapter``/``adapters`` arguments: whatever adapter is active."""
+
+    def __repr__(self) -> str:
+        return "ACTIVE"
+
+
+ACTIVE: Any = _Active()
+"""Pass as ``adapter`` to mean the active adapter; ``None`` always means the bare base."""
+
+
 @dataclass
 class HostedAdapter:
     name: str
@@ -63,19 +74,21 @@ class AdapterHost:
     @classmethod
     def from_adapters(cls, *directories: str | Path, base_model: str | None = None,
                       plugins: PluginSystem | None = None) -> AdapterHost:
-        """Load the base the first adapter names (or ``base_model``), then every adapter."""
+        """Load the base the first adapter names (or ``base_model``), then every adapter;
+        the first one is active."""
         if not directories:
             raise AdapterError("no adapters given")
         first = read_manifest(directories[0])
         host = cls.from_base(base_model or first.base_model.id, Task.from_dict(first.task), plugins)
-        for directory in directories:
-            host.load(directory)
+        names = [host.load(directory) for directory in directories]
+        host.use(names[0])
         return host
 
     # -- adapters -----------------------------------------------------------------------
 
     def load(self, directory: str | Path, name: str | None = None) -> str:
-        """Attach the adapter in ``directory`` as ``name`` (default: its manifest name)."""
+        """Attach the adapter in ``directory`` as ``name`` (default: its manifest name).
+        The active adapter does not change; call :meth:`use` to switch to it."""
         adapter = read_adapter(directory)
         m = adapter.manifest
         name = name or m.name
@@ -163,9 +176,11 @@ class AdapterHost:
             return fill(template, {next(iter(fields)): text})
         return text
 
-    def _per_row(self, items: Sequence[str], adapters: str | Sequence[str | None] | None) -> list[str | None]:
+    def _per_row(self, items: Sequence[str], adapters: Any) -> list[str | None]:
+        if adapters is ACTIVE:
+            adapters = self.active
         if adapters is None or isinstance(adapters, str):
-            return [adapters if adapters is not None else self.active] * len(items)
+            return [adapters] * len(items)
         if len(adapters) != len(items):
             raise AdapterError(f"{len(items)} inputs but {len(adapters)} adapters; give one adapter per input")
         return list(adapters)
@@ -181,9 +196,11 @@ class AdapterHost:
         return results
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], adapters: str | Sequence[str | None] | None = None, *,
+    def generate(self, prompts: Sequence[str], adapters: Any = ACTIVE, *,
                  max_new_tokens: int = 32, raw: bool = False) -> list[str]:
-        """Greedy continuations. Prompts fill the adapter's prompt template unless ``raw``."""
+        """Greedy continuations. ``adapters``: one name (``None``: the bare base) or one per
+        prompt; default the active adapter. Prompts fill the adapter's prompt template unless
+        ``raw``."""
         if self.task.is_classification:
             raise AdapterError("this host holds a sequence-classification base; use classify()")
 
@@ -200,8 +217,8 @@ class AdapterHost:
         return self._grouped(prompts, adapters, run)
 
     @torch.no_grad()
-    def classify(self, texts: Sequence[str], adapters: str | Sequence[str | None] | None = None) -> list[dict[str, Any]]:
-        """Label and class probabilities per text."""
+    def classify(self, texts: Sequence[str], adapters: Any = ACTIVE) -> list[dict[str, Any]]:
+        """Label and class probabilities per text; ``adapters`` as in :meth:`generate`."""
         if not self.task.is_classification:
             raise AdapterError("this host holds a causal-lm base; use generate()")
         labels = self.task.labels or []
@@ -215,9 +232,9 @@ class AdapterHost:
         return self._grouped(texts, adapters, run)
 
     @torch.no_grad()
-    def logits(self, texts: Sequence[str], adapter: str | None = None) -> torch.Tensor:
+    def logits(self, texts: Sequence[str], adapter: Any = ACTIVE) -> torch.Tensor:
         """Raw logits for a right-padded batch of raw texts (for tests and comparisons)."""
-        with self.using(adapter):
+        with self.using(self.active if adapter is ACTIVE else adapter):
             enc = self.tokenizer(list(texts), return_tensors="pt", padding=True).to(self._device())
             return self.model(**enc).logits
 

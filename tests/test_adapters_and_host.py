@@ -83,10 +83,13 @@ def test_plain_peft_loads_the_adapter_with_identical_logits(two_adapters, tiny_l
 def test_switching_between_resident_adapters_is_exact(two_adapters, tiny_llama):
     host = AdapterHost.from_adapters(*two_adapters)
     assert set(host.adapters) == {"alpha", "beta"}
+    assert host.active == "alpha"  # the first adapter given is active
+    first = host.logits(TEXTS)
     base = host.logits(TEXTS, adapter=None)
     a = host.logits(TEXTS, adapter="alpha")
     b = host.logits(TEXTS, adapter="beta")
     assert (a - b).abs().max() > 1e-3
+    torch.testing.assert_close(first, a, atol=0, rtol=0)
     for name, expected in (("beta", b), (None, base), ("alpha", a), ("beta", b), (None, base)):
         torch.testing.assert_close(host.logits(TEXTS, adapter=name), expected, atol=1e-6, rtol=0)
 
