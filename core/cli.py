@@ -142,7 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if recipe is None:
         if not manifests:
             raise PlugtuneError("give a recipe (for the data and evaluators) or at least one adapter")
-        recipe = load_recipe(raw=manifests[0].recipe, base_dir=Path.cwd())
+        recipe_dir = getattr(manifests[0], "recipe_dir", None) or Path.cwd()
+        recipe = load_recipe(raw=manifests[0].recipe, overrides=args.overrides, base_dir=recipe_dir)
     task = copy.deepcopy(recipe.task)
     if manifests:
         task.labels = manifests[0].task.get("labels")

@@ -299,6 +299,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         "base_model": base.info.to_dict(),
         "task": task.to_dict(),
         "recipe": recipe.raw,
+        "recipe_dir": str(recipe.base_dir.resolve()),  # relative data paths in the recipe resolve here
         "metrics": {"before": before, "after": after},
         "training": {
             "steps": state.step, "train_seconds": round(train_seconds, 2),

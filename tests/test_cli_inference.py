@@ -55,6 +55,15 @@ def test_eval_shows_base_and_adapters_side_by_side(trained, capsys, tmp_path):
     assert "gen2" in printed and "perplexity" in printed
 
 
+def test_eval_without_a_recipe_uses_the_adapters_own(trained, tmp_path, monkeypatch):
+    _, runs = trained
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths must not depend on the cwd
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(runs["cls"][1].adapter_dir), "--json", str(report)]) == 0
+    columns = json.loads(report.read_text())
+    assert columns["cls"]["accuracy"] == pytest.approx(runs["cls"][1].after["accuracy"])
+
+
 def test_generate_with_two_adapters_and_per_input(trained, capsys):
     _, runs = trained
     a, b = str(runs["gen"][1].adapter_dir), str(runs["gen2"][1].adapter_dir)
