@@ -86,20 +86,26 @@ class TuningMethod(Protocol):
         """The JSON-able config written beside the tensors."""
         ...
 
+    # Host side. The adapter host makes one instance per method (with the first adapter's
+    # options) and routes every adapter of that method through it, so the instance may keep
+    # state shared by those adapters (a peft wrapper, the base values it overwrote). ``model``
+    # is always the bare base model the host loaded.
+
     def attach(
         self, model: nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> nn.Module:
-        """Attach a saved adapter under ``name`` to ``model`` (a base, or a base that already
-        hosts adapters) without activating it; return the (possibly wrapped) model. Must be
-        strict: missing or unexpected tensors raise :class:`plugtune.errors.AdapterError`."""
+        """Attach a saved adapter under ``name`` without activating it; return the module
+        that runs it (``model`` itself, or a wrapper around it). Must be strict: missing or
+        unexpected tensors, or wrong shapes, raise :class:`plugtune.errors.AdapterError`."""
         ...
 
     def activate(self, model: nn.Module, name: str | None) -> None:
-        """Make ``name`` the active adapter, or turn this method's adapters off (``None``)."""
+        """Make ``name`` this method's active adapter, or (``None``) leave the base exactly
+        as loaded. The host calls ``activate(model, None)`` on every other method first."""
         ...
 
-    def detach(self, model: nn.Module, name: str) -> nn.Module:
-        """Remove adapter ``name`` and free its memory; return the model."""
+    def detach(self, model: nn.Module, name: str) -> None:
+        """Remove adapter ``name`` (never the active one) and free its memory."""
         ...
 
 

@@ -44,7 +44,8 @@ class HostedAdapter:
     name: str
     path: Path
     manifest: Manifest
-    method: Any  # the TuningMethod instance that attached it
+    method: Any  # the method's host-side handler (one per method name on this host)
+    runner: torch.nn.Module  # the module that runs this adapter: the base or a wrapper of it
     size_bytes: int
 
     @property
@@ -57,13 +58,20 @@ class AdapterHost:
 
     def __init__(self, base: LoadedBase, task: Task, plugins: PluginSystem | None = None) -> None:
         self.base = base
-        self.model: torch.nn.Module = base.model
         self.tokenizer = base.tokenizer
         self.task = task
         self.plugins = plugins or get_plugin_system()
         self.adapters: dict[str, HostedAdapter] = {}
         self.active: str | None = None
-        self.model.eval()
+        # One handler per tuning method: it keeps that method's host-side state (peft's
+        # wrapper, the base values a full-weight delta overwrote) for all its adapters.
+        self.handlers: dict[str, Any] = {}
+        base.model.eval()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The module that runs the active adapter (the bare base when none is active)."""
+        return self.adapters[self.active].runner if self.active is not None else self.base.model
 
     # -- construction -------------------------------------------------------------------
 
@@ -112,23 +120,30 @@ class AdapterHost:
                 f"adapter {name!r} was made by tuning method {m.method.name!r}{dist}, which is not installed; "
                 f"install that plugin (see `plugtune plugins`)"
             )
+        handler = self.handlers.get(m.method.name)
+        if handler is None:
+            try:
+                options = component.obj.Options.model_validate(m.method.options)
+            except Exception as exc:  # noqa: BLE001
+                raise AdapterError(f"adapter {name!r}: its {m.method.name} options are invalid ({exc})") from None
+            handler = self.handlers[m.method.name] = component.obj(options)
+        previous = self.active
+        self._apply(None)  # attach onto the bare base, then restore the active adapter
         try:
-            options = component.obj.Options.model_validate(m.method.options)
-        except Exception as exc:  # noqa: BLE001
-            raise AdapterError(f"adapter {name!r}: its {m.method.name} options are invalid ({exc})") from None
-        method = component.obj(options)
-        self.model = method.attach(self.model, name, adapter.state, adapter.config)
-        self.adapters[name] = HostedAdapter(name, Path(directory), m, method, adapter.size_bytes)
-        self._apply(self.active)
+            runner = handler.attach(self.base.model, name, adapter.state, adapter.config)
+        finally:
+            self._apply(previous)
+        runner.eval()
+        self.adapters[name] = HostedAdapter(name, Path(directory), m, handler, runner, adapter.size_bytes)
         return name
 
     def unload(self, name: str) -> None:
+        """Detach ``name`` and free its tensors; the base is untouched."""
         hosted = self._get(name)
-        self.model = hosted.method.detach(self.model, name)
-        del self.adapters[name]
         if self.active == name:
-            self.active = None
-        self._apply(self.active)
+            self._apply(None)
+        hosted.method.detach(self.base.model, name)
+        del self.adapters[name]
 
     def use(self, name: str | None) -> None:
         """Make ``name`` the active adapter (``None``: the bare base)."""
@@ -147,15 +162,11 @@ class AdapterHost:
 
     def _apply(self, name: str | None) -> None:
         owner = self.adapters[name].method if name is not None else None
-        seen: set[type] = set()
-        for hosted in self.adapters.values():
-            kind = type(hosted.method)
-            if kind in seen or (owner is not None and kind is type(owner)):
-                continue
-            seen.add(kind)
-            hosted.method.activate(self.model, None)
+        for handler in self.handlers.values():
+            if handler is not owner:
+                handler.activate(self.base.model, None)
         if owner is not None:
-            owner.activate(self.model, name)
+            owner.activate(self.base.model, name)
         self.active = name
 
     def _get(self, name: str) -> HostedAdapter:

@@ -88,7 +88,6 @@ class BitFit:
 
     def detach(self, model, name):
         self.saved.pop(name, None)
-        return model
 
 
 class Components:

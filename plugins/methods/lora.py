@@ -120,12 +120,14 @@ class LoraMethod:
         data["inference_mode"] = True
         return data
 
-    # -- inference ----------------------------------------------------------------------
+    # -- inference: one handler per host keeps one peft wrapper for all LoRA adapters ------
+
+    _wrapper: Any = None
 
     def attach(
         self, model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> torch.nn.Module:
-        from peft import PeftConfig, PeftModel, get_peft_model
+        from peft import PeftConfig, get_peft_model
         from peft.utils import set_peft_model_state_dict
 
         try:
@@ -133,43 +135,39 @@ class LoraMethod:
         except Exception as exc:  # noqa: BLE001
             raise AdapterError(f"adapter {name!r}: unreadable LoRA config ({exc})") from None
         peft_config.inference_mode = True
-        if isinstance(model, PeftModel):
-            model.add_adapter(name, peft_config)
+        if self._wrapper is None:
+            self._wrapper = get_peft_model(model, peft_config, adapter_name=name)
         else:
-            model = get_peft_model(model, peft_config, adapter_name=name)
-        result = set_peft_model_state_dict(model, state, adapter_name=name)
+            self._wrapper.add_adapter(name, peft_config)
+        result = set_peft_model_state_dict(self._wrapper, state, adapter_name=name)
         missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
         unexpected = list(result.unexpected_keys)
         if missing or unexpected:
             self.detach(model, name)
             detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
             raise AdapterError(f"adapter {name!r} does not fit this base: {detail.strip()}")
-        model.eval()
-        return model
+        return self._wrapper
 
     def activate(self, model: torch.nn.Module, name: str | None) -> None:
-        from peft import PeftModel
-
-        if not isinstance(model, PeftModel):
+        if self._wrapper is None:
             return
         if name is None:
-            model.base_model.disable_adapter_layers()
+            self._wrapper.base_model.disable_adapter_layers()
             return
-        model.base_model.enable_adapter_layers()
-        model.set_adapter(name)
+        self._wrapper.base_model.enable_adapter_layers()
+        self._wrapper.set_adapter(name)
 
-    def detach(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
-        from peft import PeftModel
-
-        if not isinstance(model, PeftModel) or name not in model.peft_config:
-            return model
-        if len(model.peft_config) == 1:
-            return model.unload()
-        if model.active_adapter == name:
-            other = next(n for n in model.peft_config if n != name)
-            model.set_adapter(other)
-        model.delete_adapter(name)
-        return model
+    def detach(self, model: torch.nn.Module, name: str) -> None:
+        wrapper = self._wrapper
+        if wrapper is None or name not in wrapper.peft_config:
+            return
+        if len(wrapper.peft_config) == 1:
+            wrapper.unload()  # takes the LoRA layers out of the base, in place
+            self._wrapper = None
+            return
+        if wrapper.active_adapter == name:
+            wrapper.set_adapter(next(n for n in wrapper.peft_config if n != name))
+        wrapper.delete_adapter(name)
 
 
 @hookimpl
