@@ -251,6 +251,9 @@ def load_base(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     new = set(loading.get("missing_keys", ()))
+    # Tuning methods read this to save newly initialised weights (a classification head)
+    # by value: they are not part of the pretrained base the fingerprint identifies.
+    model.plugtune_new_parameters = frozenset(new)
     info = BaseInfo(
         id=base_model,
         architecture=type(model).__name__,

@@ -50,6 +50,8 @@ KIND_LABELS = {
 _BUILTIN_FALLBACK = {
     "builtin_models": "plugtune.plugins.models.builtin",
     "lora": "plugtune.plugins.methods.lora",
+    "full": "plugtune.plugins.methods.full",
+    "prefix": "plugtune.plugins.methods.prefix",
     "table": "plugtune.plugins.loaders.table",
     "weight_decay": "plugtune.plugins.regularizers.weight_decay",
     "classification_metrics": "plugtune.plugins.evaluators.classification",

@@ -161,7 +161,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_recipe(tmp_path: Path, tiny_llama: Path, tiny_bert: Path, tiny_data: Path) -> Any:
     def make(classification: bool = False, **sections: Any) -> Path:
-        base = tiny_bert if classification else tiny_llama
+        base = sections.pop("base_model", tiny_bert if classification else tiny_llama)
         data = recipe_dict(base, tiny_data, classification=classification, **sections)
         data.setdefault("output", {"dir": str(tmp_path / "adapters" / data["name"])})
         path = tmp_path / f"{data['name']}.yaml"

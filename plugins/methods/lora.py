@@ -155,7 +155,7 @@ class LoraMethod:
             self._wrapper.base_model.disable_adapter_layers()
             return
         self._wrapper.base_model.enable_adapter_layers()
-        self._wrapper.set_adapter(name)
+        self._wrapper.set_adapter(name, inference_mode=True)
 
     def detach(self, model: torch.nn.Module, name: str) -> None:
         wrapper = self._wrapper
