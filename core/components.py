@@ -86,10 +86,16 @@ class TuningMethod(Protocol):
         """The JSON-able config written beside the tensors."""
         ...
 
-    # Host side. The adapter host makes one instance per method (with the first adapter's
-    # options) and routes every adapter of that method through it, so the instance may keep
-    # state shared by those adapters (a peft wrapper, the base values it overwrote). ``model``
-    # is always the bare base model the host loaded.
+    # Optional, training side:
+    #   optimizer(param_groups, lr) -> torch.optim.Optimizer   (default: torch AdamW)
+    #   preflight() -> str | None   called while the recipe is validated, before any model
+    #                               loads: a reason the method cannot run here, or None.
+    #
+    # Host side. The adapter host makes one instance per method class (with the first
+    # adapter's options) and routes every adapter of that method through it, so the instance
+    # may keep state shared by those adapters (a peft wrapper, the base values it overwrote).
+    # A method whose adapters another method can host sets ``hosted_by = ThatMethod``.
+    # ``model`` is always the bare base model the host loaded.
 
     def attach(
         self, model: nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]

@@ -63,9 +63,9 @@ class AdapterHost:
         self.plugins = plugins or get_plugin_system()
         self.adapters: dict[str, HostedAdapter] = {}
         self.active: str | None = None
-        # One handler per tuning method: it keeps that method's host-side state (peft's
+        # One handler per tuning method class: it keeps that method's host-side state (peft's
         # wrapper, the base values a full-weight delta overwrote) for all its adapters.
-        self.handlers: dict[str, Any] = {}
+        self.handlers: dict[type, Any] = {}
         base.model.eval()
 
     @property
@@ -120,13 +120,17 @@ class AdapterHost:
                 f"adapter {name!r} was made by tuning method {m.method.name!r}{dist}, which is not installed; "
                 f"install that plugin (see `plugtune plugins`)"
             )
-        handler = self.handlers.get(m.method.name)
+        # A method may hand its adapters to another method's handler (``hosted_by``): int8
+        # training produces LoRA adapters, hosted with every other LoRA adapter.
+        handler_cls = getattr(component.obj, "hosted_by", component.obj)
+        handler = self.handlers.get(handler_cls)
         if handler is None:
+            fields = handler_cls.Options.model_fields
             try:
-                options = component.obj.Options.model_validate(m.method.options)
+                options = handler_cls.Options.model_validate({k: v for k, v in m.method.options.items() if k in fields})
             except Exception as exc:  # noqa: BLE001
                 raise AdapterError(f"adapter {name!r}: its {m.method.name} options are invalid ({exc})") from None
-            handler = self.handlers[m.method.name] = component.obj(options)
+            handler = self.handlers[handler_cls] = handler_cls(options)
         previous = self.active
         self._apply(None)  # attach onto the bare base, then restore the active adapter
         try:

@@ -132,6 +132,7 @@ class TrainingBlock(_Strict):
     warmup_steps: int = Field(0, ge=0)
     seed: int = 0
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
+    eval_before: bool = Field(True, description="evaluate the untrained model first, for the before/after table")
     max_eval_examples: int | None = Field(None, gt=0)
     eval_batch_size: int | None = Field(None, gt=0)
     max_length: int = Field(256, gt=0)
@@ -331,6 +332,10 @@ def validate(
         _bind(plugins, "evaluator", block, ("evaluators", i), context, problems)
         for i, block in enumerate(_as_list(evaluator_blocks))
     ]
+    if method is not None and hasattr(method.component.obj, "preflight"):
+        reason = method.build().preflight()
+        if reason:
+            problems.append(f"method.name: {reason}")
     base_model = raw.get("base_model")
     if isinstance(base_model, str) and not _looks_like_path_or_hub_id(base_model) and not plugins.find("model", base_model):
         problems.append(

@@ -51,6 +51,7 @@ _BUILTIN_FALLBACK = {
     "builtin_models": "plugtune.plugins.models.builtin",
     "lora": "plugtune.plugins.methods.lora",
     "full": "plugtune.plugins.methods.full",
+    "int8": "plugtune.plugins.methods.int8",
     "prefix": "plugtune.plugins.methods.prefix",
     "table": "plugtune.plugins.loaders.table",
     "weight_decay": "plugtune.plugins.regularizers.weight_decay",

@@ -173,26 +173,38 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     if train_cut or test_cut:
         console.print(f"[yellow]{train_cut} train and {test_cut} test rows exceed max_length={t.max_length} and were truncated or dropped[/]")
 
-    set_seed(t.seed)
-    method = recipe.method.build()
-    model = method.prepare(base.model, task)
-    trainable, total = count_parameters(model)
-    evaluators = [b.build(task) for b in recipe.evaluators]
-    regularizers = [(b.name, b.build()) for b in recipe.regularizers]
-
     accelerator = Accelerator(
         cpu=t.device == "cpu" or not torch.cuda.is_available(),
         mixed_precision=choose_precision(t.precision, t.device != "cpu" and torch.cuda.is_available()),
         gradient_accumulation_steps=t.grad_accum,
     )
+    device = accelerator.device
+    pad_id = tokenizer.pad_token_id
+    eval_bs = t.eval_batch_size or t.batch_size * 2
+    evaluators = [b.build(task) for b in recipe.evaluators]
+    regularizers = [(b.name, b.build()) for b in recipe.regularizers]
+
+    # "before" is the base model itself, evaluated before the method touches it (a prefix or
+    # a new head starts random; that is not the base's score).
+    before: dict[str, float] = {}
+    if t.eval_before:
+        with console.status("evaluating the base model"), accelerator.autocast():
+            before = evaluate(base.model.to(device), test_rows, task, evaluators, eval_bs, pad_id, device)
+
+    set_seed(t.seed)
+    method = recipe.method.build()
+    model = method.prepare(base.model, task)
+    trainable, total = count_parameters(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [{"params": [p for _, p in named]}]
     for _, reg in regularizers:
         if hasattr(reg, "param_groups"):
             groups = reg.param_groups(named)
-    optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=0.0)
+    for group in groups:
+        group.setdefault("weight_decay", 0.0)
+    make_optimizer = getattr(method, "optimizer", None)
+    optimizer = make_optimizer(groups, t.learning_rate) if make_optimizer else torch.optim.AdamW(groups, lr=t.learning_rate)
     generator = torch.Generator().manual_seed(t.seed)
-    pad_id = tokenizer.pad_token_id
     train_loader = torch.utils.data.DataLoader(
         train_rows, batch_size=t.batch_size, shuffle=True, generator=generator,
         collate_fn=lambda rows: collate(rows, pad_id, task.is_classification),
@@ -201,20 +213,21 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    device = accelerator.device
-    eval_bs = t.eval_batch_size or t.batch_size * 2
 
     state = RunState(recipe, task, model, tokenizer, base.info, out, total_steps)
     plugins.call_lifecycle("on_train_start", run=state)
 
-    def run_eval(tag: str) -> dict[str, float]:
-        metrics = evaluate(model, test_rows, task, evaluators, eval_bs, pad_id, device)
+    def log_eval(tag: str, metrics: dict[str, float]) -> dict[str, float]:
         log({"event": "eval", "split": "test", "step": state.step, "when": tag, **metrics})
         plugins.call_lifecycle("on_evaluate", run=state, split="test", step=state.step, metrics=metrics)
         return metrics
 
-    with console.status("evaluating the base model"):
-        before = run_eval("before")
+    def run_eval(tag: str) -> dict[str, float]:
+        with accelerator.autocast():
+            return log_eval(tag, evaluate(model, test_rows, task, evaluators, eval_bs, pad_id, device))
+
+    if t.eval_before:
+        log_eval("before", before)
 
     # -- the loop -----------------------------------------------------------------------
     progress = Progress(

@@ -143,3 +143,67 @@ def test_adapters_of_every_method_share_one_base_and_swap_exactly(make_recipe):
     for name in ("full", "prefix", "lora"):
         host.unload(name)
     torch.testing.assert_close(host.logits(TEXTS), expected[None], atol=1e-6, rtol=0)
+
+
+# -- int8 ---------------------------------------------------------------------------------
+
+
+def test_int8_trains_on_an_8bit_base_and_applies_to_the_fp32_base(make_recipe, keeper):
+    import bitsandbytes as bnb
+
+    METHODS["int8"] = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+    result = _train(make_recipe, "int8")
+    assert result.after["loss"] < result.before["loss"] - 0.05
+    quantized = [m for m in keeper.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert quantized and all(m.weight.dtype == torch.int8 for m in quantized)
+
+    host = AdapterHost.from_adapters(result.adapter_dir)  # a full-precision base
+    assert not any(isinstance(m, bnb.nn.Linear8bitLt) for m in host.base.model.modules())
+    trained = _logits(keeper.model, host.tokenizer, TEXTS)
+    effect = (host.logits(TEXTS, adapter=None) - trained).abs().max()
+    gap = (host.logits(TEXTS) - trained).abs().max()
+    assert effect > 0.05 and gap < effect / 5  # quantization error is small next to what the adapter does
+
+
+def test_int8_adapter_applies_to_an_8bit_base_with_plain_peft(make_recipe, keeper, tiny_llama):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from plugtune.plugins.methods.int8 import quantize_linear_layers
+
+    METHODS["int8"] = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+    result = _train(make_recipe, "int8")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert quantize_linear_layers(base) == 14  # 2 layers x (q k v o gate up down); the tied head stays
+    model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.testing.assert_close(_logits(model, tokenizer, TEXTS), _logits(keeper.model, tokenizer, TEXTS), atol=1e-5, rtol=0)
+
+
+def test_int8_with_the_8bit_optimizer_and_a_classifier(make_recipe, keeper):
+    import bitsandbytes as bnb
+
+    METHODS["int8-opt"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"], "optimizer_8bit": True}
+    result = _train(make_recipe, "int8-opt", classification=True)
+    assert result.after["loss"] < result.before["loss"]
+    head = dict(keeper.model.named_modules())["base_model.model.classifier.original_module"]
+    assert not isinstance(head, bnb.nn.Linear8bitLt)  # the new head stays in full precision
+
+
+def test_int8_and_lora_adapters_share_the_lora_handler(make_recipe):
+    METHODS["int8"] = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+    dirs = [_train(make_recipe, "int8").adapter_dir, _train(make_recipe, "lora").adapter_dir]
+    host = AdapterHost.from_adapters(*dirs)
+    assert len(host.handlers) == 1
+    a, b = host.logits(TEXTS, adapter="int8"), host.logits(TEXTS, adapter="lora")
+    assert (a - b).abs().max() > 1e-3
+    torch.testing.assert_close(host.logits(TEXTS, adapter="int8"), a, atol=1e-6, rtol=0)
+
+
+def test_int8_unavailable_is_a_validation_error(make_recipe, monkeypatch):
+    from plugtune.plugins.methods import int8
+
+    monkeypatch.setattr(int8.Int8Method, "preflight", lambda self: "bitsandbytes 0.0 cannot run 8-bit layers on cpu here (x)")
+    path = make_recipe(method={"name": "int8", "options": {"r": 4}})
+    with pytest.raises(plugtune.RecipeError, match=r"^.*method.name: bitsandbytes 0.0 cannot run 8-bit layers on cpu here \(x\)$"):
+        plugtune.load_recipe(path)

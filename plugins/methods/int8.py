@@ -1,0 +1,123 @@
+"""``int8``: LoRA on a base held in 8 bits (LLM.int8 through bitsandbytes).
+
+The base's linear layers become ``bitsandbytes.nn.Linear8bitLt`` (int8 weights with one
+scale per output row: about a quarter of the fp32 memory); LoRA weights train on top in full
+precision; optionally the optimizer keeps its state in 8 bits too. The output head, and any
+layer the base did not have (a new classification head), stay in full precision.
+
+    method:
+      name: int8
+      options:
+        r: 8                    # every LoRA option applies
+        target_modules: [q_proj, v_proj]
+        optimizer_8bit: false   # bitsandbytes' AdamW8bit (state of tensors >= 4096 elements)
+        outlier_threshold: 6.0  # LLM.int8 mixed-precision decomposition threshold (0: off)
+
+The adapter is an ordinary LoRA adapter: it applies to the full-precision base (the adapter
+host serves it with the other LoRA adapters) as well as to an 8-bit one, and plain peft
+loads it. Made for CUDA GPUs; bitsandbytes >= 0.46.1 also runs the 8-bit layers on the CPU
+(slower than fp32 there: the point on a CPU is memory). When this machine cannot, the recipe
+fails validation with the reason, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from plugtune import hookimpl
+from plugtune.plugins.methods.lora import LoraMethod, LoraOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from plugtune.tasks import Task
+
+
+class Int8Options(LoraOptions):
+    optimizer_8bit: bool = False
+    outlier_threshold: float = Field(6.0, ge=0)
+
+
+@functools.cache
+def int8_unavailable_reason() -> str | None:
+    """None when bitsandbytes can run an 8-bit layer forward and backward here (CUDA, or its
+    CPU backend); otherwise a one-line reason."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+    except Exception as exc:  # noqa: BLE001
+        return f"int8 training needs bitsandbytes (pip install 'plugtune[int8]'): {type(exc).__name__}: {exc}"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        layer = bnb.nn.Linear8bitLt(16, 8, bias=True, has_fp16_weights=False, threshold=6.0).to(device)
+        x = torch.randn(2, 16, device=device, requires_grad=True)
+        layer.train()
+        layer(x).sum().backward()
+        if layer.weight.dtype != torch.int8:
+            raise RuntimeError(f"weights were not quantized (dtype {layer.weight.dtype})")
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (f"bitsandbytes {bnb.__version__} cannot run 8-bit layers on {device} here ({first}); "
+                f"int8 needs a CUDA GPU or bitsandbytes >= 0.46.1 with its CPU backend")
+    return None
+
+
+def quantize_linear_layers(model: torch.nn.Module, threshold: float = 6.0) -> int:
+    """Replace the model's ``nn.Linear`` layers by 8-bit ones in place; returns how many. The
+    output head and newly initialised layers stay in full precision."""
+    import bitsandbytes as bnb
+    import torch
+
+    new = {n.rsplit(".", 1)[0] for n in getattr(model, "plugtune_new_parameters", ())}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    device = next(model.parameters()).device
+    target = "cuda" if device.type == "cuda" or torch.cuda.is_available() else "cpu"
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or module is head or name in new:
+            continue
+        q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                has_fp16_weights=False, threshold=threshold)
+        q.weight = bnb.nn.Int8Params(module.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        if module.bias is not None:
+            q.bias = torch.nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, q.to(target))  # moving to the device quantizes
+        replaced += 1
+    return replaced
+
+
+class Int8Method(LoraMethod):
+    """LoRA training on an 8-bit base; hosting is LoRA's."""
+
+    Options = Int8Options
+    hosted_by = LoraMethod
+
+    def __init__(self, options: Int8Options) -> None:
+        super().__init__(options)
+        self.options: Int8Options = options
+
+    def preflight(self) -> str | None:
+        return int8_unavailable_reason()
+
+    def prepare(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
+        quantize_linear_layers(model, self.options.outlier_threshold)
+        return super().prepare(model, task)
+
+    def optimizer(self, param_groups: list[dict[str, Any]], lr: float) -> Any:
+        import torch
+
+        if not self.options.optimizer_8bit:
+            return torch.optim.AdamW(param_groups, lr=lr)
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(param_groups, lr=lr)
+
+
+@hookimpl
+def register_tuning_methods(register):
+    register("int8", Int8Method)
