@@ -39,7 +39,7 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 bench: setup
-	$(PY) bench/run.py
+	HF_HUB_OFFLINE=1 $(PY) bench/methods.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -90,6 +90,8 @@ class TuningMethod(Protocol):
     #   optimizer(param_groups, lr) -> torch.optim.Optimizer   (default: torch AdamW)
     #   preflight() -> str | None   called while the recipe is validated, before any model
     #                               loads: a reason the method cannot run here, or None.
+    #   trains_base_weights = True  class attribute: keep the base in fp32 on GPUs (default
+    #                               there is bf16 for a frozen base).
     #
     # Host side. The adapter host makes one instance per method class (with the first
     # adapter's options) and routes every adapter of that method through it, so the instance

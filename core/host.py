@@ -76,18 +76,29 @@ class AdapterHost:
     # -- construction -------------------------------------------------------------------
 
     @classmethod
-    def from_base(cls, base_model: str, task: Task, plugins: PluginSystem | None = None) -> AdapterHost:
-        return cls(load_base(base_model, task, plugins=plugins), task, plugins)
+    def from_base(cls, base_model: str, task: Task, plugins: PluginSystem | None = None, *,
+                  device: str = "auto", dtype: torch.dtype | None = None) -> AdapterHost:
+        """Load ``base_model`` for ``task`` on ``device`` (auto: CUDA when present). The
+        default dtype is fp32 on CPUs and bf16 on GPUs."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype is None:
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        base = load_base(base_model, task, plugins=plugins, dtype=dtype)
+        base.model.to(device)
+        return cls(base, task, plugins)
 
     @classmethod
     def from_adapters(cls, *directories: str | Path, base_model: str | None = None,
-                      plugins: PluginSystem | None = None) -> AdapterHost:
+                      plugins: PluginSystem | None = None, device: str = "auto",
+                      dtype: torch.dtype | None = None) -> AdapterHost:
         """Load the base the first adapter names (or ``base_model``), then every adapter;
         the first one is active."""
         if not directories:
             raise AdapterError("no adapters given")
         first = read_manifest(directories[0])
-        host = cls.from_base(base_model or first.base_model.id, Task.from_dict(first.task), plugins)
+        host = cls.from_base(base_model or first.base_model.id, Task.from_dict(first.task), plugins,
+                             device=device, dtype=dtype)
         names = [host.load(directory) for directory in directories]
         host.use(names[0])
         return host

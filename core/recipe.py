@@ -139,6 +139,8 @@ class TrainingBlock(_Strict):
     max_grad_norm: float | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype the frozen base is loaded in; auto: fp32 on CPU, bf16 on a GPU unless the method trains base weights")
     log_every: int = Field(1, gt=0)
 
 

@@ -72,6 +72,15 @@ def choose_precision(requested: str, on_cuda: bool) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[requested]
 
 
+def base_dtype(requested: str, on_cuda: bool, trains_base_weights: bool) -> torch.dtype:
+    """The dtype to load the base in. Frozen bases go to bf16 on GPUs (half the memory; the
+    adapter weights stay fp32); a method that trains base weights keeps fp32 master weights.
+    CPUs without AVX-512/AMX are slow in bf16, so the CPU default is fp32."""
+    if requested == "auto":
+        return torch.bfloat16 if on_cuda and not trains_base_weights and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+
+
 def prepare_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise RecipeError([f"output.dir: {path} exists and is not a folder"])
@@ -161,8 +170,10 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     splits = recipe.loader.build().load(t.seed)
     task = copy.deepcopy(recipe.task)
     task.infer_labels(splits["train"])
-    with console.status(f"loading {recipe.spec.base_model}"):
-        base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins)
+    on_cuda = t.device != "cpu" and torch.cuda.is_available()
+    dtype = base_dtype(t.base_dtype, on_cuda, getattr(recipe.method.component.obj, "trains_base_weights", False))
+    with console.status(f"loading {recipe.spec.base_model} ({str(dtype).replace('torch.', '')})"):
+        base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins, dtype=dtype)
     tokenizer = base.tokenizer
     train_rows, train_cut = encode_split(splits["train"], task, tokenizer, t.max_length, "train")
     test_rows, test_cut = encode_split(splits["test"], task, tokenizer, t.max_length, "test")
@@ -174,8 +185,8 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         console.print(f"[yellow]{train_cut} train and {test_cut} test rows exceed max_length={t.max_length} and were truncated or dropped[/]")
 
     accelerator = Accelerator(
-        cpu=t.device == "cpu" or not torch.cuda.is_available(),
-        mixed_precision=choose_precision(t.precision, t.device != "cpu" and torch.cuda.is_available()),
+        cpu=not on_cuda,
+        mixed_precision=choose_precision(t.precision, on_cuda),
         gradient_accumulation_steps=t.grad_accum,
     )
     device = accelerator.device

@@ -207,3 +207,16 @@ def test_int8_unavailable_is_a_validation_error(make_recipe, monkeypatch):
     path = make_recipe(method={"name": "int8", "options": {"r": 4}})
     with pytest.raises(plugtune.RecipeError, match=r"^.*method.name: bitsandbytes 0.0 cannot run 8-bit layers on cpu here \(x\)$"):
         plugtune.load_recipe(path)
+
+
+def test_prefix_adapter_loads_in_plain_peft_with_identical_logits(make_recipe, tiny_llama):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    METHODS["prefix-projected"] = {"num_virtual_tokens": 4, "projection": True, "projection_hidden": 16}
+    result = _train(make_recipe, "prefix-projected")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    host = AdapterHost.from_adapters(result.adapter_dir)
+    torch.testing.assert_close(_logits(model, tokenizer, TEXTS), host.logits(TEXTS), atol=1e-5, rtol=0)

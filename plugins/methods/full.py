@@ -72,6 +72,7 @@ class FullMethod:
     """Full fine-tuning of the selected parameters; the adapter is their delta."""
 
     Options = FullOptions
+    trains_base_weights = True  # keep fp32 master weights on GPUs too
 
     def __init__(self, options: FullOptions) -> None:
         self.options = options
