@@ -135,7 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .adapters import read_manifest
     from .host import AdapterHost
     from .recipe import load_recipe
-    from .train import comparison_table, encode_split, evaluate
+    from .evaluation import encode_split, evaluate
+    from .train import comparison_table
 
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
     manifests = [read_manifest(a) for a in args.adapters]
@@ -158,8 +159,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     columns = {}
     for name in [None, *names]:
         with host.using(name):
-            columns[name or "base"] = evaluate(host.model, rows, task, evaluators, recipe.training.batch_size * 2,
-                                               host.tokenizer.pad_token_id, host._device())
+            columns[name or "base"] = evaluate(
+                host.model, rows, task, evaluators, batch_size=recipe.training.batch_size * 2,
+                pad_id=host.tokenizer.pad_token_id, device=host._device(), tokenizer=host.tokenizer,
+                max_new_tokens=recipe.training.max_new_tokens, max_length=recipe.training.max_length)
     _console().print(comparison_table(columns, title=f"{recipe.name}: {len(rows)} held-out rows"))
     if args.json:
         Path(args.json).write_text(json.dumps(columns, indent=2))

@@ -132,11 +132,39 @@ class EvalBatch:
     loss_sum: float
     n_targets: int
     examples: list[Example] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # probability of the predicted class, or mean log-prob of the greedy response
+    generated: list[str] | None = None  # greedy generations (only for evaluators with needs_generation)
+    reference_texts: list[str] | None = None  # the filled response template, as text
+
+
+@dataclass
+class EvalContext:
+    """Given to an evaluator's optional ``compute_with(context)`` after the evaluation pass:
+    the split's raw examples, the task, and ``predict(examples) -> EvalBatch`` to run the
+    model on examples the evaluator builds (rewrites, perturbations)."""
+
+    examples: list[Example]
+    task: Any
+    predict: Any
+
+
+@dataclass
+class Decision:
+    """What a regularizer's optional ``after_evaluate`` returns: stop training now, and/or
+    the current weights are the best so far (the saved adapter will be the best ones)."""
+
+    stop: bool = False
+    best: bool = False
 
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Accumulates over a split's evaluation batches and returns named metrics."""
+    """Accumulates over a split's evaluation batches and returns named metrics.
+
+    Optional: ``needs_generation = True`` (class attribute) to receive greedy generations in
+    ``EvalBatch.generated``; ``compute_with(context: EvalContext) -> dict`` to run the model
+    on examples of its own after the pass.
+    """
 
     Options: ClassVar[type[ComponentOptions]]
 
@@ -160,6 +188,12 @@ class Regularizer(Protocol):
     * ``after_backward(model, step) -> dict | None``: act on gradients.
     * ``report(model) -> dict[str, float]``: what it did this step, logged as
       ``<name>/<key>``.
+    * ``setup(model, task, tokenizer)``: once, after the method prepared the model (install
+      forward hooks, change dropout, read special token ids).
+    * ``augment_examples(rows, task) -> rows``: once, on the raw training examples before
+      tokenization (never on evaluation data).
+    * ``after_evaluate(metrics, step) -> Decision | None``: after every evaluation during and
+      after training; may stop training and/or mark the current weights as the best.
     """
 
     Options: ClassVar[type[ComponentOptions]]

@@ -133,6 +133,8 @@ class TrainingBlock(_Strict):
     seed: int = 0
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     eval_before: bool = Field(True, description="evaluate the untrained model first, for the before/after table")
+    eval_train_examples: int | None = Field(None, gt=0, description="after training, also evaluate on this many training rows (overfitting gap)")
+    max_new_tokens: int = Field(32, gt=0, description="generation length for evaluators that generate")
     max_eval_examples: int | None = Field(None, gt=0)
     eval_batch_size: int | None = Field(None, gt=0)
     max_length: int = Field(256, gt=0)

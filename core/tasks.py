@@ -132,11 +132,13 @@ class Task:
         if self.is_classification:
             # logits (B, C), labels (B,)
             loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            probs = logits.float().softmax(-1)  # (B, C)
             return EvalBatch(
                 predictions=logits.argmax(-1).tolist(),
                 references=labels.tolist(),
                 loss_sum=float(loss),
                 n_targets=int(labels.numel()),
+                scores=probs.max(-1).values.tolist(),
             )
         # logits (B, T, V): position t predicts token t+1
         shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
@@ -147,13 +149,15 @@ class Task:
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
-        greedy = shift_logits.argmax(-1)
-        predictions, references = [], []
+        logprobs = shift_logits.log_softmax(-1)  # (B, T-1, V)
+        greedy_logprob, greedy = logprobs.max(-1)  # (B, T-1)
+        predictions, references, scores = [], [], []
         for row in range(labels.size(0)):
             m = mask[row]
             predictions.append(tuple(greedy[row][m].tolist()))
             references.append(tuple(shift_labels[row][m].tolist()))
-        return EvalBatch(predictions, references, float(loss), int(mask.sum()))
+            scores.append(float(greedy_logprob[row][m].mean()) if m.any() else 0.0)
+        return EvalBatch(predictions, references, float(loss), int(mask.sum()), scores=scores)
 
     def class_names(self) -> list[str] | None:
         return list(self.labels) if self.is_classification and self.labels else None

@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ from rich.table import Table
 
 from . import __version__
 from .adapters import save_adapter
+from .components import Decision
+from .evaluation import encode_split, evaluate
 from .errors import DataError, RecipeError, TrainingError
 from .models import BaseInfo, load_base
 from .registry import PluginSystem, get_plugin_system
@@ -61,6 +62,7 @@ class RunResult:
     train_seconds: float
     trainable_parameters: int
     total_parameters: int
+    train_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def choose_precision(requested: str, on_cuda: bool) -> str:
@@ -94,51 +96,6 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
     except OSError as exc:
         raise RecipeError([f"output.dir: cannot write to {path} ({exc.strerror or exc})"]) from None
     (path / "metrics.jsonl").unlink(missing_ok=True)
-
-
-def encode_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str) -> tuple[list[dict[str, list[int]]], int]:
-    """Encode a split; returns the encoded rows and how many were truncated."""
-    encoded, truncated = [], 0
-    for i, row in enumerate(rows):
-        try:
-            item = task.encode(row, tokenizer, max_length)
-        except KeyError as exc:
-            if task.is_classification:
-                raise DataError(f"{split} row {i + 1}: label {exc.args[0]!r} never appears in the training data (labels: {', '.join(task.labels or [])})") from None
-            raise DataError(f"{split} row {i + 1}: missing field {exc.args[0]!r}") from None
-        if not task.is_classification and all(label == -100 for label in item["labels"][1:]):
-            truncated += 1  # the whole response was cut off: nothing to learn from this row
-            continue
-        if len(item["input_ids"]) >= max_length:
-            truncated += 1
-        encoded.append(item)
-    return encoded, truncated
-
-
-def batches(rows: list[dict[str, list[int]]], batch_size: int, pad_id: int, classification: bool) -> Iterator[dict[str, torch.Tensor]]:
-    for start in range(0, len(rows), batch_size):
-        yield collate(rows[start : start + batch_size], pad_id, classification)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, rows: list[dict[str, list[int]]], task: Task, evaluators: list[Any],
-             batch_size: int, pad_id: int, device: torch.device) -> dict[str, float]:
-    """Run every evaluator over ``rows`` in one pass of forward calls."""
-    was_training = model.training
-    model.eval()
-    for ev in evaluators:
-        ev.reset()
-    for batch in batches(rows, batch_size, pad_id, task.is_classification):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        result = task.eval_batch(logits, batch)
-        for ev in evaluators:
-            ev.update(result)
-    metrics: dict[str, float] = {}
-    for ev in evaluators:
-        metrics.update(ev.compute())
-    model.train(was_training)
-    return metrics
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -175,7 +132,14 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     with console.status(f"loading {recipe.spec.base_model} ({str(dtype).replace('torch.', '')})"):
         base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins, dtype=dtype)
     tokenizer = base.tokenizer
-    train_rows, train_cut = encode_split(splits["train"], task, tokenizer, t.max_length, "train")
+    regularizers = [(b.name, b.build()) for b in recipe.regularizers]
+    train_examples = splits["train"]
+    for name, reg in regularizers:
+        if hasattr(reg, "augment_examples"):
+            before_count = len(train_examples)
+            train_examples = reg.augment_examples(train_examples, task)
+            console.print(f"{name}: {before_count} -> {len(train_examples)} training examples")
+    train_rows, train_cut = encode_split(train_examples, task, tokenizer, t.max_length, "train")
     test_rows, test_cut = encode_split(splits["test"], task, tokenizer, t.max_length, "test")
     if t.max_eval_examples:
         test_rows = test_rows[: t.max_eval_examples]
@@ -193,19 +157,23 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     pad_id = tokenizer.pad_token_id
     eval_bs = t.eval_batch_size or t.batch_size * 2
     evaluators = [b.build(task) for b in recipe.evaluators]
-    regularizers = [(b.name, b.build()) for b in recipe.regularizers]
+    eval_kwargs = dict(batch_size=eval_bs, pad_id=pad_id, device=device, tokenizer=tokenizer,
+                       max_new_tokens=t.max_new_tokens, max_length=t.max_length)
 
     # "before" is the base model itself, evaluated before the method touches it (a prefix or
     # a new head starts random; that is not the base's score).
     before: dict[str, float] = {}
     if t.eval_before:
         with console.status("evaluating the base model"), accelerator.autocast():
-            before = evaluate(base.model.to(device), test_rows, task, evaluators, eval_bs, pad_id, device)
+            before = evaluate(base.model.to(device), test_rows, task, evaluators, **eval_kwargs)
 
     set_seed(t.seed)
     method = recipe.method.build()
     model = method.prepare(base.model, task)
     trainable, total = count_parameters(model)
+    for _, reg in regularizers:
+        if hasattr(reg, "setup"):
+            reg.setup(model, task, tokenizer)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [{"params": [p for _, p in named]}]
     for _, reg in regularizers:
@@ -233,9 +201,24 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         plugins.call_lifecycle("on_evaluate", run=state, split="test", step=state.step, metrics=metrics)
         return metrics
 
+    best: dict[str, Any] = {}  # the weights a regularizer (early stopping) marked best, and their metrics
+    stop = False
+
     def run_eval(tag: str) -> dict[str, float]:
+        nonlocal stop
         with accelerator.autocast():
-            return log_eval(tag, evaluate(model, test_rows, task, evaluators, eval_bs, pad_id, device))
+            metrics = log_eval(tag, evaluate(model, test_rows, task, evaluators, **eval_kwargs))
+        for name, reg in regularizers:
+            decision: Decision | None = reg.after_evaluate(metrics, state.step) if hasattr(reg, "after_evaluate") else None
+            if decision is None:
+                continue
+            if decision.best:
+                best.update(step=state.step, metrics=dict(metrics),
+                            state=method.adapter_state(accelerator.unwrap_model(model)))
+            if decision.stop:
+                stop = True
+                console.print(f"{name}: stopping at step {state.step}")
+        return metrics
 
     if t.eval_before:
         log_eval("before", before)
@@ -300,15 +283,27 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                 plugins.call_lifecycle("on_step_end", run=state, step=state.step, metrics=record)
                 if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
                     run_eval("during")
-                if state.step >= total_steps:
+                if state.step >= total_steps or stop:
                     break
+            if stop:
+                break
     train_seconds = time.perf_counter() - started
 
     with console.status("evaluating the adapter"):
         after = run_eval("after")
+    train_metrics: dict[str, float] = {}
+    if t.eval_train_examples:
+        with console.status("evaluating on training rows"), accelerator.autocast():
+            train_metrics = evaluate(model, train_rows[: t.eval_train_examples], task, evaluators, **eval_kwargs)
+        log({"event": "eval", "split": "train", "step": state.step, "when": "after", **train_metrics})
 
     # -- the artifact -------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(model)
+    adapter_state = method.adapter_state(unwrapped)
+    if best and best["step"] != state.step:
+        console.print(f"keeping the best weights, from step {best['step']}")
+        adapter_state, after = best["state"], best["metrics"]
+        log({"event": "best", "step": best["step"], **after})
     component = recipe.method.component
     manifest = {
         "name": recipe.name,
@@ -324,17 +319,17 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         "task": task.to_dict(),
         "recipe": recipe.raw,
         "recipe_dir": str(recipe.base_dir.resolve()),  # relative data paths in the recipe resolve here
-        "metrics": {"before": before, "after": after},
+        "metrics": {"before": before, "after": after, **({"train": train_metrics} if train_metrics else {})},
         "training": {
-            "steps": state.step, "train_seconds": round(train_seconds, 2),
+            "steps": state.step, "train_seconds": round(train_seconds, 2), "best_step": best.get("step", state.step),
             "trainable_parameters": trainable, "total_parameters": total,
             "train_rows": len(train_rows), "test_rows": len(test_rows),
         },
     }
     if accelerator.is_main_process:
-        save_adapter(out, state=method.adapter_state(unwrapped), config=method.adapter_config(unwrapped), manifest=manifest)
+        save_adapter(out, state=adapter_state, config=method.adapter_config(unwrapped), manifest=manifest)
     plugins.call_lifecycle("on_train_end", run=state, adapter_dir=str(out), metrics=after)
-    return RunResult(out, before, after, state.step, train_seconds, trainable, total)
+    return RunResult(out, before, after, state.step, train_seconds, trainable, total, train_metrics)
 
 
 def comparison_table(columns: dict[str, dict[str, float]], title: str = "") -> Table:

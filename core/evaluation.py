@@ -1,0 +1,119 @@
+"""Evaluation: one pass over a split feeds every evaluator.
+
+For each batch the core runs one forward pass and hands every evaluator an
+:class:`~plugtune.components.EvalBatch` (per-example predictions, references, scores and the
+summed loss). Two optional extras, computed only when an evaluator asks for them:
+
+* ``needs_generation = True`` on an evaluator class: for causal-LM tasks the core also
+  generates greedily from each prompt and fills ``EvalBatch.generated`` and
+  ``EvalBatch.reference_texts`` (summarization, QA, translation metrics).
+* ``compute_with(context)`` on an evaluator: called after the pass with an
+  :class:`~plugtune.components.EvalContext` whose ``predict(examples)`` runs the model on
+  any examples the evaluator makes up (counterfactual rewrites, for instance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .components import EvalBatch, EvalContext
+from .errors import DataError
+from .tasks import Task, collate, fill
+
+Row = dict[str, Any]  # an encoded example: input_ids, labels, and the raw "example"
+
+
+def encode_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str) -> tuple[list[Row], int]:
+    """Encode a split; returns the encoded rows (each keeps its raw ``example``) and how many
+    were truncated (rows whose whole response was cut off are dropped)."""
+    encoded, truncated = [], 0
+    for i, row in enumerate(rows):
+        try:
+            item: Row = dict(task.encode(row, tokenizer, max_length))
+        except KeyError as exc:
+            if task.is_classification:
+                raise DataError(f"{split} row {i + 1}: label {exc.args[0]!r} never appears in the training data "
+                                f"(labels: {', '.join(task.labels or [])})") from None
+            raise DataError(f"{split} row {i + 1}: missing field {exc.args[0]!r}") from None
+        if not task.is_classification and all(label == -100 for label in item["labels"][1:]):
+            truncated += 1  # the whole response was cut off: nothing to learn from this row
+            continue
+        if len(item["input_ids"]) >= max_length:
+            truncated += 1
+        item["example"] = row
+        encoded.append(item)
+    return encoded, truncated
+
+
+def batches(rows: list[Row], batch_size: int, pad_id: int, classification: bool) -> Iterator[tuple[list[Row], dict[str, torch.Tensor]]]:
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        yield chunk, collate(chunk, pad_id, classification)
+
+
+@torch.no_grad()
+def generate_responses(model: torch.nn.Module, examples: list[dict[str, Any]], task: Task, tokenizer: Any,
+                       device: torch.device, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of each example's prompt (left-padded batch)."""
+    prompts = [task.encode_prompt(task.verbalize(e), tokenizer) for e in examples]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (B, T)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: list[Any], *, batch_size: int,
+             pad_id: int, device: torch.device, tokenizer: Any = None, max_new_tokens: int = 32,
+             max_length: int = 256) -> dict[str, float]:
+    """Run every evaluator over ``rows``; returns the merged metrics."""
+    was_training = model.training
+    model.eval()
+    for ev in evaluators:
+        ev.reset()
+    generate = (not task.is_classification and task.response is not None and tokenizer is not None
+                and any(getattr(ev, "needs_generation", False) for ev in evaluators))
+
+    def run(chunk: list[Row], batch: dict[str, torch.Tensor]) -> EvalBatch:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        result = task.eval_batch(logits, batch)
+        result.examples = [r["example"] for r in chunk]
+        return result
+
+    for chunk, batch in batches(rows, batch_size, pad_id, task.is_classification):
+        result = run(chunk, batch)
+        if generate:
+            result.generated = generate_responses(model, result.examples, task, tokenizer, device, max_new_tokens)
+            result.reference_texts = [fill(task.response or "", task.verbalize(e)).strip() for e in result.examples]
+        for ev in evaluators:
+            ev.update(result)
+
+    def predict(examples: list[dict[str, Any]]) -> EvalBatch:
+        """The model's predictions and scores for arbitrary examples, in order."""
+        encoded, _ = encode_split(examples, task, tokenizer, max_length, "rewritten")
+        merged = EvalBatch([], [], 0.0, 0, scores=[])
+        for chunk, batch in batches(encoded, batch_size, pad_id, task.is_classification):
+            part = run(chunk, batch)
+            merged.predictions += part.predictions
+            merged.references += part.references
+            merged.scores += part.scores
+            merged.examples += part.examples
+            merged.loss_sum += part.loss_sum
+            merged.n_targets += part.n_targets
+        return merged
+
+    metrics: dict[str, float] = {}
+    context = EvalContext(examples=[r["example"] for r in rows], task=task, predict=predict)
+    for ev in evaluators:
+        metrics.update(ev.compute())
+        if hasattr(ev, "compute_with"):
+            metrics.update(ev.compute_with(context))
+    model.train(was_training)
+    return metrics
