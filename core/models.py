@@ -7,7 +7,9 @@
 * a local Hugging Face model folder,
 * a ``.gguf`` file (dequantized once by transformers, then cached as safetensors so later
   loads take a fraction of a second),
-* a hub id (``org/name``), which needs network access to the hub.
+* a hub id (``org/name``), which needs network access to the hub,
+* a trained adapter's folder: its base is loaded and the adapter merged into it, so a
+  recipe can fine-tune on top of an earlier result (continued pre-training, then a task).
 
 Every loaded base gets a fingerprint of its pretrained weights. Adapters record it, and the
 adapter host refuses an adapter whose fingerprint differs from the resident base.
@@ -133,9 +135,13 @@ class BaseInfo:
     architecture: str
     fingerprint: str
     dtype: str
+    parent: dict[str, Any] | None = None  # when the base is an adapter merged into its own base
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "architecture": self.architecture, "fingerprint": self.fingerprint, "dtype": self.dtype}
+        data = {"id": self.id, "architecture": self.architecture, "fingerprint": self.fingerprint, "dtype": self.dtype}
+        if self.parent:
+            data["parent"] = self.parent
+        return data
 
 
 @dataclass
@@ -220,7 +226,11 @@ def load_base(
     # plugtune itself says what it loads.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    from .adapters import is_adapter_dir
+
     location = resolve(base_model, plugins)
+    if isinstance(location, Path) and is_adapter_dir(location):
+        return _load_merged(base_model, location, task, dtype=dtype, plugins=plugins, seed=seed)
     if isinstance(location, Path) and location.suffix == ".gguf":
         location = gguf_to_hf(location)
     offline = not isinstance(location, str)
@@ -261,6 +271,42 @@ def load_base(
         dtype=str(dtype).replace("torch.", ""),
     )
     return LoadedBase(model=model, tokenizer=tokenizer, info=info)
+
+
+def _load_merged(base_model: str, folder: Path, task: Task, *, dtype: Any, plugins: PluginSystem | None, seed: int) -> LoadedBase:
+    """Load the base an adapter was trained on, merge the adapter into it, and fingerprint
+    the result as a base of its own."""
+    from .adapters import read_adapter
+
+    plugins = plugins or get_plugin_system()
+    adapter = read_adapter(folder)
+    m = adapter.manifest
+    parent = load_base(m.base_model.id, task, dtype=dtype, plugins=plugins, seed=seed)
+    if parent.info.fingerprint != m.base_model.fingerprint:
+        raise ModelError(f"base_model {base_model!r}: the adapter was trained on {m.base_model.id!r} "
+                         f"({m.base_model.fingerprint}) but that now loads as {parent.info.fingerprint}")
+    component = plugins.find("method", m.method.name)
+    if component is None:
+        raise ModelError(f"base_model {base_model!r}: made by tuning method {m.method.name!r} "
+                         f"(distribution {m.method.distribution}), which is not installed")
+    handler_cls = getattr(component.obj, "hosted_by", component.obj)
+    fields = handler_cls.Options.model_fields
+    handler = handler_cls(handler_cls.Options.model_validate({k: v for k, v in m.method.options.items() if k in fields}))
+    if not hasattr(handler, "merge"):
+        raise ModelError(f"base_model {base_model!r}: {m.method.name} adapters cannot be merged into a base; "
+                         f"serve it as an adapter instead (AdapterHost)")
+    new = getattr(parent.model, "plugtune_new_parameters", frozenset())
+    handler.attach(parent.model, m.name, adapter.state, adapter.config)
+    model = handler.merge(parent.model, m.name)
+    model.plugtune_new_parameters = new
+    info = BaseInfo(
+        id=base_model,
+        architecture=type(model).__name__,
+        fingerprint=fingerprint(model, exclude=set(new)),
+        dtype=parent.info.dtype,
+        parent={"adapter": m.name, "method": m.method.name, "base": parent.info.to_dict()},
+    )
+    return LoadedBase(model=model, tokenizer=parent.tokenizer, info=info)
 
 
 def _hub_message(base_model: str, exc: Exception) -> str:

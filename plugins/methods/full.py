@@ -193,6 +193,15 @@ class FullMethod:
                     params[pname].copy_(value.to(params[pname].dtype))
                 self._applied = name
 
+    def merge(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
+        """Write the adapter into the base for good (used when a recipe's base_model is an
+        adapter folder); forgets the pretrained copy."""
+        self.activate(model, name)
+        self._stored.clear()
+        self._pretrained.clear()
+        self._applied = None
+        return model
+
     def detach(self, model: torch.nn.Module, name: str) -> None:
         if self._applied == name:
             self.activate(model, None)

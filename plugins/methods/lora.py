@@ -157,6 +157,15 @@ class LoraMethod:
         self._wrapper.base_model.enable_adapter_layers()
         self._wrapper.set_adapter(name, inference_mode=True)
 
+    def merge(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
+        """Fold adapter ``name`` into the base weights and take every LoRA layer out; returns
+        the bare model (used when a recipe's base_model is an adapter folder)."""
+        wrapper = self._wrapper
+        wrapper.set_adapter(name, inference_mode=True)
+        merged = wrapper.merge_and_unload(adapter_names=[name])
+        self._wrapper = None
+        return merged
+
     def detach(self, model: torch.nn.Module, name: str) -> None:
         wrapper = self._wrapper
         if wrapper is None or name not in wrapper.peft_config:
