@@ -133,6 +133,7 @@ class EvalBatch:
     n_targets: int
     examples: list[Example] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)  # probability of the predicted class, or mean log-prob of the greedy response
+    losses: list[float] = field(default_factory=list)  # per example: cross-entropy of the reference (mean over its tokens)
     generated: list[str] | None = None  # greedy generations (only for evaluators with needs_generation)
     reference_texts: list[str] | None = None  # the filled response template, as text
 
@@ -163,7 +164,8 @@ class Evaluator(Protocol):
 
     Optional: ``needs_generation = True`` (class attribute) to receive greedy generations in
     ``EvalBatch.generated``; ``compute_with(context: EvalContext) -> dict`` to run the model
-    on examples of its own after the pass.
+    on examples of its own after the pass; ``check_task(task) -> str | None`` (classmethod),
+    called at validation: a reason the evaluator cannot serve this task.
     """
 
     Options: ClassVar[type[ComponentOptions]]

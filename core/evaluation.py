@@ -98,12 +98,13 @@ def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: li
     def predict(examples: list[dict[str, Any]]) -> EvalBatch:
         """The model's predictions and scores for arbitrary examples, in order."""
         encoded, _ = encode_split(examples, task, tokenizer, max_length, "rewritten")
-        merged = EvalBatch([], [], 0.0, 0, scores=[])
+        merged = EvalBatch([], [], 0.0, 0, scores=[], losses=[])
         for chunk, batch in batches(encoded, batch_size, pad_id, task.is_classification):
             part = run(chunk, batch)
             merged.predictions += part.predictions
             merged.references += part.references
             merged.scores += part.scores
+            merged.losses += part.losses
             merged.examples += part.examples
             merged.loss_sum += part.loss_sum
             merged.n_targets += part.n_targets

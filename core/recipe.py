@@ -353,6 +353,11 @@ def validate(
         task = Task.from_dict(task_block.model_dump())
         if loader is not None and check_data:
             problems.extend(_check_columns(loader, task, spec))
+        for i, bound in enumerate(evaluators):  # e.g. rouge on a classification task
+            check = getattr(bound.component.obj, "check_task", None) if bound else None
+            reason = check(task) if check else None
+            if reason:
+                problems.append(f"evaluators[{i}].name: {reason}")
     if problems or spec is None or task is None or method is None or loader is None:
         raise RecipeError(problems or ["invalid recipe"], where)
     return Recipe(

@@ -55,6 +55,11 @@ _BUILTIN_FALLBACK = {
     "prefix": "plugtune.plugins.methods.prefix",
     "table": "plugtune.plugins.loaders.table",
     "weight_decay": "plugtune.plugins.regularizers.weight_decay",
+    "training_regularizers": "plugtune.plugins.regularizers.training",
+    "augmentation": "plugtune.plugins.regularizers.augmentation",
+    "counterfactual": "plugtune.plugins.evaluators.counterfactual",
+    "text_metrics": "plugtune.plugins.evaluators.text",
+    "text_loader": "plugtune.plugins.loaders.text",
     "classification_metrics": "plugtune.plugins.evaluators.classification",
     "language_model_metrics": "plugtune.plugins.evaluators.language_model",
 }

@@ -131,24 +131,23 @@ class Task:
         labels = batch["labels"]
         if self.is_classification:
             # logits (B, C), labels (B,)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            per_example = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")  # (B,)
             probs = logits.float().softmax(-1)  # (B, C)
             return EvalBatch(
                 predictions=logits.argmax(-1).tolist(),
                 references=labels.tolist(),
-                loss_sum=float(loss),
+                loss_sum=float(per_example.sum()),
                 n_targets=int(labels.numel()),
                 scores=probs.max(-1).values.tolist(),
+                losses=per_example.tolist(),
             )
         # logits (B, T, V): position t predicts token t+1
         shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
         mask = shift_labels != IGNORE_INDEX  # (B, T-1)
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        token_loss = torch.nn.functional.cross_entropy(
+            shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, T-1), zero where ignored
+        loss = token_loss.sum()
         logprobs = shift_logits.log_softmax(-1)  # (B, T-1, V)
         greedy_logprob, greedy = logprobs.max(-1)  # (B, T-1)
         predictions, references, scores = [], [], []
@@ -157,7 +156,8 @@ class Task:
             predictions.append(tuple(greedy[row][m].tolist()))
             references.append(tuple(shift_labels[row][m].tolist()))
             scores.append(float(greedy_logprob[row][m].mean()) if m.any() else 0.0)
-        return EvalBatch(predictions, references, float(loss), int(mask.sum()), scores=scores)
+        losses = (token_loss.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+        return EvalBatch(predictions, references, float(loss), int(mask.sum()), scores=scores, losses=losses)
 
     def class_names(self) -> list[str] | None:
         return list(self.labels) if self.is_classification and self.labels else None

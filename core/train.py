@@ -332,6 +332,11 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     return RunResult(out, before, after, state.step, train_seconds, trainable, total, train_metrics)
 
 
+def lower_is_better(metric: str) -> bool:
+    """Losses, perplexities and bias measures improve downwards; everything else upwards."""
+    return metric.split("/")[-1] in {"loss", "perplexity"} or metric.startswith("counterfactual/")
+
+
 def comparison_table(columns: dict[str, dict[str, float]], title: str = "") -> Table:
     """A rich table with one row per metric and one column per model/adapter; with exactly
     two columns a third shows the change."""
@@ -348,7 +353,7 @@ def comparison_table(columns: dict[str, dict[str, float]], title: str = "") -> T
         cells = [f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in values]
         if len(names) == 2 and all(isinstance(v, (int, float)) for v in values):
             delta = values[1] - values[0]
-            better = delta < 0 if metric in {"loss", "perplexity"} else delta > 0
+            better = delta < 0 if lower_is_better(metric) else delta > 0
             colour = "green" if better else ("red" if delta else "")
             cells.append(f"[{colour}]{delta:+.4f}[/]" if colour else f"{delta:+.4f}")
         table.add_row(metric, *cells)
