@@ -51,16 +51,17 @@ def _vocabulary() -> list[str]:
     return WORDS_POS + WORDS_NEG + FILLER + extra + [str(i) for i in range(10)]
 
 
-def build_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """Write a tiny random Llama and its tokenizer to ``path``."""
+def build_tiny_llama(path: Path, seed: int = 0, words: list[str] | None = None, max_positions: int = 128) -> Path:
+    """Write a tiny random Llama and its tokenizer to ``path``; ``words`` replaces the
+    default word-level vocabulary (for data whose words the default lacks)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tk, cls = _tokenizer(_vocabulary())
+    tk, cls = _tokenizer(words if words is not None else _vocabulary())
     tokenizer = cls(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )

@@ -20,7 +20,7 @@ import pytest
 import plugtune
 from plugtune.adapters import read_manifest
 from plugtune.recipe import load_recipe
-from plugtune.testing import _tokenizer
+from plugtune.testing import build_tiny_llama, _tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -168,25 +168,11 @@ def test_finetune_on_a_pretrained_adapter(make_recipe, tmp_path: Path, monkeypat
 
 def build_tiny_llama_for(path: Path, texts: list[str], seed: int = 0) -> Path:
     """``plugtune.testing.build_tiny_llama`` with a word-level vocabulary over ``texts``."""
-    import torch
     from tokenizers import pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     split = pre_tokenizers.Whitespace()
-    tk, cls = _tokenizer(sorted({word for text in texts for word, _ in split.pre_tokenize_str(text)}))
-    tokenizer = cls(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    words = sorted({word for text in texts for word, _ in split.pre_tokenize_str(text)})
+    return build_tiny_llama(path, seed=seed, words=words, max_positions=256)
 
 
 def test_shipped_two_stage_pair_runs_on_a_tiny_llama(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
