@@ -247,9 +247,9 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                         term = reg.loss_term(model, batch, outputs, state.step) if hasattr(reg, "loss_term") else None
                         if term is not None:
                             loss = loss + term
-                            terms[f"{name}/loss"] = float(term)
+                            terms[f"{name}/loss"] = float(term.detach())
                     if not torch.isfinite(loss):
-                        raise TrainingError(f"loss became {float(loss)} at step {state.step + 1}; lower training.learning_rate or check the data")
+                        raise TrainingError(f"loss became {float(loss.detach())} at step {state.step + 1}; lower training.learning_rate or check the data")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         if t.max_grad_norm:
