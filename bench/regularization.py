@@ -68,7 +68,7 @@ def run(recipe: str, overrides: list[str], reuse: bool = False) -> dict:
         print("$", " ".join(cmd[1:]), flush=True)
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if done.returncode != 0:
-            raise SystemExit(f"{recipe} failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"{recipe} failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         manifest = json.loads((out / "plugtune.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
