@@ -116,8 +116,7 @@ def section(results: list[tuple[str, dict]], wall: float, load: float) -> str:
         "Command: `python bench/regularization.py`. Machine: "
         f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}, fp32; "
         f"{wall / 60:.1f} min wall time for this invocation ({sum(not r.get('reused') for _, r in results)} run(s) trained, "
-        f"the others reused with `--reuse`), 1-minute load average {load:.1f} at the start. Seconds are only "
-        "comparable within one invocation on an otherwise idle machine.",
+        f"the others reused with `--reuse`), 1-minute load average {load:.1f} at the start.",
         "",
         "MiniLM-L6 + LoRA (r=8 on query/key/value/dense, new classifier head) on a seeded 2,000-row subset of SST-2 "
         "train, 4 epochs of batch 32 (252 steps), learning rate 1e-3, so that it overfits. Dev accuracy is on a "
@@ -131,13 +130,13 @@ def section(results: list[tuple[str, dict]], wall: float, load: float) -> str:
         block,
         "```",
         "",
-        "| run | steps | saved step | train accuracy | dev accuracy | train-dev gap | train loss | dev loss | train s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | steps | saved step | train accuracy | dev accuracy | train-dev gap | train loss | dev loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, r in results:
         gap = r["train"]["accuracy"] - r["after"]["accuracy"]
         lines.append(f"| {label} | {r['steps']} | {r['best_step']} | {r['train']['accuracy']:.4f} | {r['after']['accuracy']:.4f} "
-                     f"| {gap:+.4f} | {r['train']['loss']:.4f} | {r['after']['loss']:.4f} | {r['train_seconds']:.0f} |")
+                     f"| {gap:+.4f} | {r['train']['loss']:.4f} | {r['after']['loss']:.4f} |")
     lines += ["", "Dev accuracy at each evaluation (step: accuracy):", ""]
     for label, r in results:
         lines.append(f"* {label}: " + ", ".join(f"{s}: {a:.3f}" for s, a in r["curve"]))

@@ -212,9 +212,9 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
             decision: Decision | None = reg.after_evaluate(metrics, state.step) if hasattr(reg, "after_evaluate") else None
             if decision is None:
                 continue
-            if decision.best:
+            if decision.best:  # a copy: on the CPU adapter_state's tensors share the live weights' storage
                 best.update(step=state.step, metrics=dict(metrics),
-                            state=method.adapter_state(accelerator.unwrap_model(model)))
+                            state={k: v.clone() for k, v in method.adapter_state(accelerator.unwrap_model(model)).items()})
             if decision.stop:
                 stop = True
                 console.print(f"{name}: stopping at step {state.step}")

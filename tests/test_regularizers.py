@@ -332,6 +332,30 @@ def test_early_stopping_keeps_the_best_weights_and_stops(make_recipe, tiny_data,
     assert reloaded["accuracy"] == best["accuracy"]
 
 
+def test_best_weights_are_saved_when_training_runs_to_the_end(make_recipe, tiny_data, tmp_path):
+    # Patience never runs out, so the model keeps training past its best evaluation: the
+    # saved adapter must still be the best evaluation's weights, not the last ones (the
+    # core must copy them when marked best: on the CPU a state dict aliases the live weights).
+    recipe = make_recipe(
+        classification=True,
+        data={"loader": "table", "options": {"path": str(tiny_data / "sentiment.csv"), "test_size": 0.25, "max_train_rows": 32}},
+        regularizers=[{"name": "early_stopping", "options": {"metric": "loss", "patience": 100}}],
+        training={"max_steps": 40, "batch_size": 8, "learning_rate": 2e-2, "scheduler": "constant", "eval_every": 4,
+                  "device": "cpu"},
+    )
+    result = _run(recipe)
+    evals = [r for r in _records(result.adapter_dir) if r["event"] == "eval" and r["when"] != "before"]
+    best, last = min(evals, key=lambda r: r["loss"]), evals[-1]
+    assert result.steps == 40 and best["step"] < 40 and last["loss"] > best["loss"] + 0.01
+    assert result.after["loss"] == best["loss"]
+
+    from plugtune.cli import main
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(result.adapter_dir), "--json", str(report)]) == 0
+    assert json.loads(report.read_text())[result.adapter_dir.name]["loss"] == pytest.approx(best["loss"], abs=1e-5)
+
+
 def test_early_stopping_decisions():
     reg = EarlyStopping(EarlyStoppingOptions(metric="accuracy", patience=2, min_delta=0.01, restore_best=False))
     assert reg.mode == "max" and EarlyStopping(EarlyStoppingOptions(metric="perplexity")).mode == "min"

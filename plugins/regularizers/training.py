@@ -326,8 +326,10 @@ class EarlyStopping:
     The core keeps the weights of the last evaluation marked best and saves those. With
     ``restore_best`` the best trainable weights are also copied back into the model when it
     stops, so the final evaluation and ``training.eval_train_examples`` measure the saved
-    weights. (A run that reaches its last step without stopping keeps its last weights in the
-    model; the saved adapter and ``metrics.after`` are still the best evaluation's.)"""
+    weights. A run that reaches its last step without running out of patience keeps its last
+    weights in the model: the saved adapter and ``metrics.after`` are still the best
+    evaluation's, but ``metrics.train`` (``training.eval_train_examples``) is then measured on
+    the last weights."""
 
     Options = EarlyStoppingOptions
 
