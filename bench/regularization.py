@@ -108,6 +108,8 @@ def saved_train_metrics(recipe_path: str, overrides: list[str], adapter_dir: Pat
 
 
 def section(results: list[tuple[str, dict]], wall: float, load: float) -> str:
+    n_reused = sum(bool(r.get("reused")) for _, r in results)
+    reused = f" ({n_reused} of them reused from an earlier invocation with `--reuse`)" if n_reused else ""
     regularized = (ROOT / RUNS[1][1]).read_text()
     block = regularized[regularized.index("regularizers:"):regularized.index("evaluators:")].strip()
     lines = [
@@ -115,8 +117,7 @@ def section(results: list[tuple[str, dict]], wall: float, load: float) -> str:
         "",
         "Command: `python bench/regularization.py`. Machine: "
         f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}, fp32; "
-        f"{wall / 60:.1f} min wall time for this invocation ({sum(not r.get('reused') for _, r in results)} run(s) trained, "
-        f"the others reused with `--reuse`), 1-minute load average {load:.1f} at the start.",
+        f"{wall / 60:.1f} min wall time for both runs{reused}, 1-minute load average {load:.1f} at the start.",
         "",
         "MiniLM-L6 + LoRA (r=8 on query/key/value/dense, new classifier head) on a seeded 2,000-row subset of SST-2 "
         "train, 4 epochs of batch 32 (252 steps), learning rate 1e-3, so that it overfits. Dev accuracy is on a "
@@ -142,8 +143,10 @@ def section(results: list[tuple[str, dict]], wall: float, load: float) -> str:
         lines.append(f"* {label}: " + ", ".join(f"{s}: {a:.3f}" for s, a in r["curve"]))
     lines += [
         "",
-        "Early stopping selects its weights on the same dev subset the table reports, so the regularized run's dev "
-        "accuracy is slightly optimistic (a best-of-several choice); the plain run reports its last weights.",
+        "\"saved step\": the step whose weights the adapter holds. Early stopping keeps the weights of the lowest dev "
+        "loss and stops after 2 evaluations without improvement; \"steps\" < 252 means it stopped. It selects on the "
+        "same dev subset the table reports, so the regularized run's dev figures are slightly optimistic (a "
+        "best-of-several choice); the plain run reports its last weights.",
         "",
     ]
     return "\n".join(lines)
@@ -155,7 +158,7 @@ def main() -> None:
     started = time.perf_counter()
     results = [(label, run(recipe, overrides, reuse)) for label, recipe, overrides in RUNS]
     wall = time.perf_counter() - started
-    (OUT / "regularization.json").write_text(json.dumps(results, indent=2))
+    (OUT / "regularization.json").write_text(json.dumps({"wall_seconds": wall, "load": load, "runs": results}, indent=2))
     text = section(results, wall, load)
     write_section(text, key="regularization")
     print(text)
