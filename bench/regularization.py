@@ -75,36 +75,7 @@ def run(recipe: str, overrides: list[str], reuse: bool = False) -> dict:
     result["train"] = manifest["metrics"]["train"]
     result["best_step"] = manifest["training"]["best_step"]
     result["curve"] = [(r["step"], r["accuracy"]) for r in records if r["event"] == "eval" and r["split"] == "test"]
-    # The core scores the training rows with the weights in the model at the end. If a run
-    # kept earlier (best) weights without early stopping having put them back, those are not
-    # the saved ones: score the saved adapter on the same rows instead.
-    final_test = [r for r in records if r["event"] == "eval" and r["split"] == "test" and r["when"] == "after"][-1]
-    if result["best_step"] != result["steps"] and abs(final_test["loss"] - result["after"]["loss"]) > 1e-6:
-        result["train"] = saved_train_metrics(recipe, overrides, out)
-        result["train_rescored"] = True
     return result
-
-
-def saved_train_metrics(recipe_path: str, overrides: list[str], adapter_dir: Path) -> dict:
-    """Metrics of the saved adapter on the run's first ``ROWS`` encoded training rows."""
-    import copy
-
-    import plugtune
-    from plugtune.adapters import read_manifest
-    from plugtune.evaluation import encode_split, evaluate
-    from plugtune.host import AdapterHost
-
-    recipe = plugtune.load_recipe(ROOT / recipe_path, overrides)
-    task = copy.deepcopy(recipe.task)
-    task.labels = read_manifest(adapter_dir).task.get("labels")
-    splits = recipe.loader.build().load(recipe.training.seed)
-    host = AdapterHost.from_base(recipe.spec.base_model, task)
-    name = host.load(adapter_dir)
-    rows, _ = encode_split(splits["train"], task, host.tokenizer, recipe.training.max_length, "train")
-    with host.using(name):
-        return evaluate(host.model, rows[:ROWS], task, [b.build(task) for b in recipe.evaluators],
-                        batch_size=recipe.training.batch_size * 2, pad_id=host.tokenizer.pad_token_id,
-                        device=host._device(), tokenizer=host.tokenizer, max_length=recipe.training.max_length)
 
 
 def section(results: list[tuple[str, dict]], wall: float, load: float) -> str:

@@ -170,7 +170,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _host_for(args: argparse.Namespace, classification: bool) -> tuple[Any, list[str | None]]:
-    from .adapters import read_manifest
     from .host import AdapterHost
     from .tasks import Task
 
@@ -185,7 +184,6 @@ def _host_for(args: argparse.Namespace, classification: bool) -> tuple[Any, list
             raise PlugtuneError("classification needs an adapter (the labels live in it): --adapter DIR")
         host = AdapterHost.from_base(args.base, task)
         names = []
-    _ = read_manifest  # keep import local to the command
     n = len(args.inputs)
     if args.per_input:
         if len(names) != n:

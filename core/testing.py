@@ -51,10 +51,22 @@ def _vocabulary() -> list[str]:
     return WORDS_POS + WORDS_NEG + FILLER + extra + [str(i) for i in range(10)]
 
 
+def save_tiny_model(path: Path, model_class: Any, config: Any, tokenizer: Any, seed: int = 0) -> Path:
+    """Initialise ``model_class(config)`` from ``seed`` and write it with its tokenizer to
+    ``path``: a real Hugging Face model folder."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def build_tiny_llama(path: Path, seed: int = 0, words: list[str] | None = None, max_positions: int = 128) -> Path:
     """Write a tiny random Llama and its tokenizer to ``path``; ``words`` replaces the
     default word-level vocabulary (for data whose words the default lacks)."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tk, cls = _tokenizer(words if words is not None else _vocabulary())
@@ -65,17 +77,11 @@ def build_tiny_llama(path: Path, seed: int = 0, words: list[str] | None = None, 
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(path, LlamaForCausalLM, config, tokenizer, seed)
 
 
 def build_tiny_bert(path: Path, seed: int = 0) -> Path:
     """Write a tiny random BERT encoder and its tokenizer to ``path``."""
-    import torch
     from tokenizers import processors
     from transformers import BertConfig, BertModel
 
@@ -90,12 +96,7 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
         num_attention_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    torch.manual_seed(seed)
-    model = BertModel(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(path, BertModel, config, tokenizer, seed)
 
 
 def write_tiny_data(folder: Path, rows: int = 256, seed: int = 0) -> Path:

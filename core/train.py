@@ -204,6 +204,15 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     best: dict[str, Any] = {}  # the weights a regularizer (early stopping) marked best, and their metrics
     stop = False
 
+    def score_train(tag: str = "after") -> dict[str, float]:
+        """The evaluators on the first ``eval_train_examples`` training rows (train-dev gap)."""
+        if not t.eval_train_examples:
+            return {}
+        with console.status("evaluating on training rows"), accelerator.autocast():
+            metrics = evaluate(model, train_rows[: t.eval_train_examples], task, evaluators, **eval_kwargs)
+        log({"event": "eval", "split": "train", "step": state.step, "when": tag, **metrics})
+        return metrics
+
     def run_eval(tag: str) -> dict[str, float]:
         nonlocal stop
         with accelerator.autocast():
@@ -214,7 +223,8 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                 continue
             if decision.best:  # a copy: on the CPU adapter_state's tensors share the live weights' storage
                 best.update(step=state.step, metrics=dict(metrics),
-                            state={k: v.clone() for k, v in method.adapter_state(accelerator.unwrap_model(model)).items()})
+                            state={k: v.clone() for k, v in method.adapter_state(accelerator.unwrap_model(model)).items()},
+                            train=score_train("best"))  # scored now: these weights may not be the last
             if decision.stop:
                 stop = True
                 console.print(f"{name}: stopping at step {state.step}")
@@ -291,19 +301,15 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
 
     with console.status("evaluating the adapter"):
         after = run_eval("after")
-    train_metrics: dict[str, float] = {}
-    if t.eval_train_examples:
-        with console.status("evaluating on training rows"), accelerator.autocast():
-            train_metrics = evaluate(model, train_rows[: t.eval_train_examples], task, evaluators, **eval_kwargs)
-        log({"event": "eval", "split": "train", "step": state.step, "when": "after", **train_metrics})
 
     # -- the artifact -------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(model)
-    adapter_state = method.adapter_state(unwrapped)
     if best and best["step"] != state.step:
         console.print(f"keeping the best weights, from step {best['step']}")
-        adapter_state, after = best["state"], best["metrics"]
+        adapter_state, after, train_metrics = best["state"], best["metrics"], best["train"]
         log({"event": "best", "step": best["step"], **after})
+    else:
+        adapter_state, train_metrics = method.adapter_state(unwrapped), best.get("train") or score_train()
     component = recipe.method.component
     manifest = {
         "name": recipe.name,

@@ -20,7 +20,7 @@ import pytest
 import plugtune
 from plugtune.adapters import read_manifest
 from plugtune.recipe import load_recipe
-from plugtune.testing import build_tiny_llama, _tokenizer
+from plugtune.testing import _tokenizer, build_tiny_llama, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -44,7 +44,6 @@ def _mean(values: list[float]) -> float:
 def build_tiny_gpt2(path: Path, texts: list[str], seed: int = 0) -> Path:
     """A 2-layer GPT-2 (n_embd 32) with a word-level tokenizer over ``texts``' words. Like
     the real GPT-2 tokenizer, it has end-of-text but no padding token."""
-    import torch
     from tokenizers import pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -58,12 +57,7 @@ def build_tiny_gpt2(path: Path, texts: list[str], seed: int = 0) -> Path:
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     assert config.pad_token_id is None
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(path, GPT2LMHeadModel, config, tokenizer, seed)
 
 
 @pytest.fixture(scope="module")

@@ -341,13 +341,17 @@ def test_best_weights_are_saved_when_training_runs_to_the_end(make_recipe, tiny_
         data={"loader": "table", "options": {"path": str(tiny_data / "sentiment.csv"), "test_size": 0.25, "max_train_rows": 32}},
         regularizers=[{"name": "early_stopping", "options": {"metric": "loss", "patience": 100}}],
         training={"max_steps": 40, "batch_size": 8, "learning_rate": 2e-2, "scheduler": "constant", "eval_every": 4,
-                  "device": "cpu"},
+                  "device": "cpu", "eval_train_examples": 32},
     )
     result = _run(recipe)
-    evals = [r for r in _records(result.adapter_dir) if r["event"] == "eval" and r["when"] != "before"]
+    records = _records(result.adapter_dir)
+    evals = [r for r in records if r["event"] == "eval" and r["split"] == "test" and r["when"] != "before"]
     best, last = min(evals, key=lambda r: r["loss"]), evals[-1]
     assert result.steps == 40 and best["step"] < 40 and last["loss"] > best["loss"] + 0.01
     assert result.after["loss"] == best["loss"]
+    # the train-split score is the kept weights', taken when they were marked best
+    train_at_best = [r for r in records if r["event"] == "eval" and r["split"] == "train" and r["step"] == best["step"]]
+    assert train_at_best and result.train_metrics["loss"] == train_at_best[-1]["loss"]
 
     from plugtune.cli import main
 
