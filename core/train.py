@@ -29,6 +29,7 @@ from rich.table import Table
 
 from . import __version__
 from .adapters import save_adapter
+from .batching import epoch_batches
 from .components import Decision
 from .evaluation import encode_split, evaluate
 from .errors import DataError, RecipeError, TrainingError
@@ -50,6 +51,7 @@ class RunState:
     output_dir: Path
     total_steps: int
     step: int = 0
+    epoch: int = 0  # with the step, where the batch order (core/batching.py) stands
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -183,15 +185,11 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         group.setdefault("weight_decay", 0.0)
     make_optimizer = getattr(method, "optimizer", None)
     optimizer = make_optimizer(groups, t.learning_rate) if make_optimizer else torch.optim.AdamW(groups, lr=t.learning_rate)
-    generator = torch.Generator().manual_seed(t.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_rows, batch_size=t.batch_size, shuffle=True, generator=generator,
-        collate_fn=lambda rows: collate(rows, pad_id, task.is_classification),
-    )
-    steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
+    batches_per_epoch = len(epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=0))
+    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     state = RunState(recipe, task, model, tokenizer, base.info, out, total_steps)
     plugins.call_lifecycle("on_train_start", run=state)
@@ -245,7 +243,9 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
     with progress:
         while state.step < total_steps:
-            for batch in train_loader:
+            for indices in epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=state.epoch):
+                batch = collate([train_rows[i] for i in indices], pad_id, task.is_classification)
+                batch = {k: v.to(device) for k, v in batch.items()}
                 for _, reg in regularizers:
                     if hasattr(reg, "transform_batch"):
                         batch = reg.transform_batch(batch, state.step)
@@ -295,6 +295,8 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                     run_eval("during")
                 if state.step >= total_steps or stop:
                     break
+            else:
+                state.epoch += 1
             if stop:
                 break
     train_seconds = time.perf_counter() - started

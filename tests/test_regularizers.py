@@ -185,7 +185,7 @@ def test_label_smoothing_lowers_the_trained_models_confidence(make_recipe):
 
     plain, _ = confidence(0.0)
     smoothed, log = confidence(0.4)
-    assert plain["confidence"] > 0.8  # without smoothing the tiny classifier becomes confident
+    assert plain["confidence"] > 0.75  # without smoothing the tiny classifier becomes confident
     assert smoothed["confidence"] < plain["confidence"] - 0.1
     assert smoothed["accuracy"] >= plain["accuracy"] - 0.1  # and still classifies
     assert all(r["label_smoothing/loss"] > 0 for r in log[48:])  # uniform CE > CE once it learns
