@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     console = _console(stderr=True)
-    result = run(recipe, console=console, overwrite=args.overwrite or None, show_progress=not args.quiet)
+    result = run(recipe, console=console, overwrite=args.overwrite or None, show_progress=not args.quiet, resume=args.resume)
     out = _console()
     out.print(comparison_table({"base": result.before, recipe.name: result.after},
                                title=f"{recipe.name}: held-out metrics before and after training"))
@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PlugtuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{'' if exc.exit_code == 130 else 'error: '}{exc}", file=sys.stderr)  # 130: stopped on request
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -144,6 +144,10 @@ class TrainingBlock(_Strict):
     base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="dtype the frozen base is loaded in; auto: fp32 on CPU, bf16 on a GPU unless the method trains base weights")
     log_every: int = Field(1, gt=0)
+    checkpoint_every: int = Field(100, ge=0, description="save a checkpoint every N steps (0: only on Ctrl-C)")
+    checkpoint_keep: int = Field(2, gt=0, description="how many of the newest checkpoints to keep")
+    overlong: Literal["truncate", "drop", "refuse"] = Field(
+        "truncate", description="rows longer than max_length (or the model's context): cut, leave out, or stop with an error")
 
 
 class OutputBlock(_Strict):

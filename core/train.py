@@ -30,12 +30,16 @@ from rich.table import Table
 from . import __version__
 from .adapters import save_adapter
 from .batching import epoch_batches
+from .checkpoints import Checkpointer, clear_checkpoints, interrupted_run_message, restore_rng, resume_point, truncate_log
 from .components import Decision
+from .datacheck import apply_overlong, check_empty_fields, fit_to_context
 from .evaluation import encode_split, evaluate
 from .errors import DataError, RecipeError, TrainingError
+from .faults import guarded
 from .models import BaseInfo, load_base
 from .registry import PluginSystem, get_plugin_system
 from .recipe import Recipe
+from .signals import Interrupted, StopRequest
 from .tasks import Task, collate
 
 
@@ -52,6 +56,7 @@ class RunState:
     total_steps: int
     step: int = 0
     epoch: int = 0  # with the step, where the batch order (core/batching.py) stands
+    batch: int = 0  # index of the next batch of this epoch's order (a resumed run skips those before)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -85,11 +90,25 @@ def base_dtype(requested: str, on_cuda: bool, trains_base_weights: bool) -> torc
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
-def prepare_output_dir(path: Path, overwrite: bool) -> None:
+def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse an output folder this run may not use, before anything is loaded or written:
+    not a folder, holding another run (or an interrupted one) without --overwrite/--resume."""
     if path.exists() and not path.is_dir():
         raise RecipeError([f"output.dir: {path} exists and is not a folder"])
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise RecipeError([f"output.dir: {path} already holds a run; pass --overwrite or set output.overwrite: true"])
+    if not resume and path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise RecipeError([interrupted_run_message(path)
+                           or f"output.dir: {path} already holds a run; pass --overwrite or set output.overwrite: true"])
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RecipeError([f"output.dir: cannot write to {path} ({ancestor} is not a folder)"])
+
+
+def prepare_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
+    """Create the output folder and check it is writable; a fresh run starts a new log and
+    drops the checkpoints of an earlier one (``--overwrite``)."""
+    check_output_dir(path, overwrite, resume)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -97,7 +116,9 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise RecipeError([f"output.dir: cannot write to {path} ({exc.strerror or exc})"]) from None
-    (path / "metrics.jsonl").unlink(missing_ok=True)
+    if not resume:
+        (path / "metrics.jsonl").unlink(missing_ok=True)
+        clear_checkpoints(path)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -107,8 +128,11 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console | None = None,
-        overwrite: bool | None = None, show_progress: bool = True) -> RunResult:
-    """Train ``recipe`` and save its adapter. Returns the before/after metrics."""
+        overwrite: bool | None = None, show_progress: bool = True, resume: bool = False) -> RunResult:
+    """Train ``recipe`` and save its adapter. Returns the before/after metrics.
+
+    ``resume``: continue the run in the recipe's output folder from its last checkpoint
+    (refused when there is none or the recipe changed in a way that changes training)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -117,7 +141,11 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     console = console or Console(stderr=True)
     t = recipe.training
     out = recipe.output_dir
-    prepare_output_dir(out, recipe.spec.output.overwrite if overwrite is None else overwrite)
+    if resume and overwrite:
+        raise RecipeError(["--resume continues the run in output.dir and --overwrite replaces it; pass one of them"])
+    overwrite = (recipe.spec.output.overwrite if overwrite is None else overwrite) and not resume
+    check_output_dir(out, overwrite, resume)  # nothing is written before the data and model load
+    resuming = resume_point(out, recipe.raw, str(recipe.source or "the recipe")) if resume else None
     metrics_log = out / "metrics.jsonl"
 
     def log(record: dict[str, Any]) -> None:
@@ -127,6 +155,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     # -- data and model ---------------------------------------------------------------
     set_seed(t.seed)
     splits = recipe.loader.build().load(t.seed)
+    check_empty_fields(splits, recipe.task)
     task = copy.deepcopy(recipe.task)
     task.infer_labels(splits["train"])
     on_cuda = t.device != "cpu" and torch.cuda.is_available()
@@ -134,21 +163,27 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     with console.status(f"loading {recipe.spec.base_model} ({str(dtype).replace('torch.', '')})"):
         base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins, dtype=dtype)
     tokenizer = base.tokenizer
-    regularizers = [(b.name, b.build()) for b in recipe.regularizers]
+    t = t.model_copy(update={"max_length": fit_to_context(t.max_length, base.model, console)})
+    regularizers = [(b.name, guarded(b.build(), b.component)) for b in recipe.regularizers]
     train_examples = splits["train"]
     for name, reg in regularizers:
         if hasattr(reg, "augment_examples"):
             before_count = len(train_examples)
             train_examples = reg.augment_examples(train_examples, task)
             console.print(f"{name}: {before_count} -> {len(train_examples)} training examples")
+    train_examples = apply_overlong(train_examples, task, tokenizer, t.max_length, t.overlong, "train", console)
+    test_examples = apply_overlong(splits["test"], task, tokenizer, t.max_length, t.overlong, "test", console)
     train_rows, train_cut = encode_split(train_examples, task, tokenizer, t.max_length, "train")
-    test_rows, test_cut = encode_split(splits["test"], task, tokenizer, t.max_length, "test")
+    test_rows, test_cut = encode_split(test_examples, task, tokenizer, t.max_length, "test")
     if t.max_eval_examples:
         test_rows = test_rows[: t.max_eval_examples]
     if not train_rows:
         raise DataError("no training rows left after encoding (check the templates and training.max_length)")
     if train_cut or test_cut:
         console.print(f"[yellow]{train_cut} train and {test_cut} test rows exceed max_length={t.max_length} and were truncated or dropped[/]")
+    prepare_output_dir(out, overwrite, resume)  # the first write of the run
+    if resuming:
+        truncate_log(metrics_log, int(resuming.meta["metrics_bytes"]))
 
     accelerator = Accelerator(
         cpu=not on_cuda,
@@ -158,14 +193,14 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
     eval_bs = t.eval_batch_size or t.batch_size * 2
-    evaluators = [b.build(task) for b in recipe.evaluators]
+    evaluators = [guarded(b.build(task), b.component) for b in recipe.evaluators]
     eval_kwargs = dict(batch_size=eval_bs, pad_id=pad_id, device=device, tokenizer=tokenizer,
                        max_new_tokens=t.max_new_tokens, max_length=t.max_length)
 
     # "before" is the base model itself, evaluated before the method touches it (a prefix or
     # a new head starts random; that is not the base's score).
-    before: dict[str, float] = {}
-    if t.eval_before:
+    before: dict[str, float] = dict(resuming.meta["before"]) if resuming else {}
+    if t.eval_before and not resuming:
         with console.status("evaluating the base model"), accelerator.autocast():
             before = evaluate(base.model.to(device), test_rows, task, evaluators, **eval_kwargs)
 
@@ -192,6 +227,13 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     state = RunState(recipe, task, model, tokenizer, base.info, out, total_steps)
+    best: dict[str, Any] = {}  # the weights a regularizer (early stopping) marked best, and their metrics
+    checkpointer = Checkpointer(out, recipe.raw, every=t.checkpoint_every, keep=t.checkpoint_keep, model=model,
+                                optimizer=optimizer, scheduler=scheduler, regularizers=regularizers,
+                                unwrap=accelerator.unwrap_model, is_main=accelerator.is_main_process)
+    if resuming:
+        checkpointer.restore(resuming, state, best, len(train_rows))
+        console.print(f"resuming from {resuming.path} (step {state.step} of {total_steps})")
     plugins.call_lifecycle("on_train_start", run=state)
 
     def log_eval(tag: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -199,7 +241,6 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         plugins.call_lifecycle("on_evaluate", run=state, split="test", step=state.step, metrics=metrics)
         return metrics
 
-    best: dict[str, Any] = {}  # the weights a regularizer (early stopping) marked best, and their metrics
     stop = False
 
     def score_train(tag: str = "after") -> dict[str, float]:
@@ -228,7 +269,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                 console.print(f"{name}: stopping at step {state.step}")
         return metrics
 
-    if t.eval_before:
+    if t.eval_before and not resuming:
         log_eval("before", before)
 
     # -- the loop -----------------------------------------------------------------------
@@ -237,13 +278,18 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not show_progress,
     )
-    bar = progress.add_task("train", total=total_steps, loss=float("nan"), lr=t.learning_rate, tps=0.0)
+    bar = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"), lr=t.learning_rate, tps=0.0)
     model.train()
+    earlier_seconds = float(resuming.meta["train_seconds"]) if resuming else 0.0
     started = time.perf_counter()
     window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
-    with progress:
+    if resuming:
+        restore_rng(resuming.training_state["rng"])  # last: everything before drew from the RNGs as the first run did
+    with progress, StopRequest() as interrupt:
         while state.step < total_steps:
-            for indices in epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=state.epoch):
+            for batch_index, indices in enumerate(epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=state.epoch)):
+                if batch_index < state.batch:  # consumed before the checkpoint this run resumed from
+                    continue
                 batch = collate([train_rows[i] for i in indices], pad_id, task.is_classification)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 for _, reg in regularizers:
@@ -276,6 +322,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                 if not accelerator.sync_gradients:
                     continue
                 state.step += 1
+                state.batch = batch_index + 1
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "event": "train", "step": state.step, "loss": window_loss / window_micro,
@@ -293,13 +340,20 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                 plugins.call_lifecycle("on_step_end", run=state, step=state.step, metrics=record)
                 if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
                     run_eval("during")
+                if (checkpointer.due(state.step) and state.step < total_steps and not stop) or interrupt.requested:
+                    saved = checkpointer.save(state, best=best, before=before, metrics_log=metrics_log, train_rows=len(train_rows),
+                                              train_seconds=earlier_seconds + time.perf_counter() - started)
+                    if interrupt.requested:
+                        raise Interrupted(f"stopped at step {state.step} of {total_steps}; checkpoint saved to {saved}; "
+                                          f"continue with: plugtune run {recipe.source or 'RECIPE'} --resume")
                 if state.step >= total_steps or stop:
                     break
             else:
                 state.epoch += 1
+                state.batch = 0
             if stop:
                 break
-    train_seconds = time.perf_counter() - started
+    train_seconds = earlier_seconds + time.perf_counter() - started
 
     with console.status("evaluating the adapter"):
         after = run_eval("after")
@@ -336,6 +390,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     }
     if accelerator.is_main_process:
         save_adapter(out, state=adapter_state, config=method.adapter_config(unwrapped), manifest=manifest)
+        clear_checkpoints(out)  # the adapter is whole: the run is finished
     plugins.call_lifecycle("on_train_end", run=state, adapter_dir=str(out), metrics=after)
     return RunResult(out, before, after, state.step, train_seconds, trainable, total, train_metrics)
 

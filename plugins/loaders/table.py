@@ -1,4 +1,8 @@
-"""``table``: CSV, TSV, JSON Lines and Parquet files through ``datasets``.
+"""``table``: CSV, TSV, JSON Lines and Parquet files.
+
+CSV, TSV and JSON Lines are streamed line by line into rows (the file is never read whole,
+and there is no second copy in an Arrow cache); a byte that is not UTF-8 is reported with
+its line and byte offset. Parquet is read with pyarrow.
 
 Options::
 
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,61 +56,118 @@ def _format(path: Path, declared: str) -> str:
         raise DataError(f"{path}: cannot tell the format from the extension; set data.options.format") from None
 
 
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines, decoded one at a time (the file is never held whole in memory); a
+    byte that is not UTF-8 is reported with its line and byte offset."""
+    offset = 0
+    try:
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}: not UTF-8 text (byte {offset + exc.start}, line {number}); "
+                                    f"re-save it as UTF-8") from None
+                if number == 1 and line.startswith("\ufeff"):  # a byte-order mark
+                    line = line[1:]
+                offset += len(raw)
+                yield line
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _csv_rows(path: Path, fmt: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank CSV/TSV record, the header first."""
+    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {"delimiter": ","}
+    reader = csv.reader(_lines(path), **dialect)
+    try:
+        for fields in reader:
+            if fields:
+                yield reader.line_num, fields
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: not valid {fmt} ({exc})") from None
+
+
+def _json_records(path: Path) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number} is not a JSON object")
+        yield record
+
+
+def _check_encoding(path: Path, limit: int = 1 << 16) -> None:
+    """Decode the first ``limit`` bytes, so validation catches a file saved in another
+    encoding without reading it all (loading checks the rest)."""
+    seen = 0
+    for line in _lines(path):
+        seen += len(line)
+        if seen > limit:
+            break
+
+
 def _header(path: Path, fmt: str) -> list[str]:
     """The file's column names, read without loading the file."""
-    try:
-        if fmt in {"csv", "tsv"}:
-            with open(path, encoding="utf-8", newline="") as fh:
-                row = next(csv.reader(fh, delimiter="\t" if fmt == "tsv" else ","), None)
-            if not row:
-                raise DataError(f"{path}: the file is empty")
-            return [c.strip() for c in row]
-        if fmt == "jsonl":
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        record = json.loads(line)
-                        if not isinstance(record, dict):
-                            raise DataError(f"{path}: line 1 is not a JSON object")
-                        return list(record)
+    if fmt in {"csv", "tsv", "jsonl"}:
+        _check_encoding(path)
+    if fmt in {"csv", "tsv"}:
+        first = next(_csv_rows(path, fmt), None)
+        if first is None:
             raise DataError(f"{path}: the file is empty")
+        return [c.strip() for c in first[1]]
+    if fmt == "jsonl":
+        record = next(_json_records(path), None)
+        if record is None:
+            raise DataError(f"{path}: the file is empty")
+        return list(record)
+    try:
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(path).names)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({exc.msg})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 - e.g. pyarrow's errors for a non-parquet file
-        if isinstance(exc, DataError):
-            raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors for a non-parquet file
         raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
 
 
-def _read(path: Path, fmt: str) -> Any:
-    import datasets
+def _read(path: Path, fmt: str) -> list[dict[str, Any]]:
+    """Every row as a dict, streamed: one line in memory at a time besides the rows kept.
+    CSV/TSV values stay the text they are in the file (no type guessing)."""
+    if fmt in {"csv", "tsv"}:
+        records = _csv_rows(path, fmt)
+        first = next(records, None)
+        if first is None:
+            raise DataError(f"{path}: no rows")
+        header = [c.strip() for c in first[1]]
+        rows = []
+        for line, fields in records:
+            if len(fields) != len(header):
+                raise DataError(f"{path}: line {line} has {len(fields)} fields, the header has {len(header)} "
+                                f"({', '.join(header)})")
+            rows.append(dict(zip(header, fields)))
+    elif fmt == "jsonl":
+        rows = list(_json_records(path))
+    else:
+        try:
+            import pyarrow.parquet as pq
 
-    datasets.disable_progress_bars()
-    builder, kwargs = {
-        "csv": ("csv", {}),
-        "tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
-        "jsonl": ("json", {}),
-        "parquet": ("parquet", {}),
-    }[fmt]
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    except Exception as exc:  # noqa: BLE001 - datasets raises many types; report one line
-        cause = exc.__cause__ or exc
-        if isinstance(cause, UnicodeDecodeError):
-            raise DataError(f"{path}: not UTF-8 text ({cause.reason}); re-save it as UTF-8") from None
-        if isinstance(cause, ValueError) and "corresponds to no data" in str(cause):
-            raise DataError(f"{path}: no rows") from None
-        raise DataError(f"{path}: cannot read as {fmt} ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
-    if len(ds) == 0:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
+    if not rows:
         raise DataError(f"{path}: no rows")
-    return ds
+    return rows
+
+
+def _permutation(n: int, seed: int) -> list[int]:
+    """The seeded row order ``datasets`` uses for ``train_test_split`` and ``shuffle``
+    (numpy's default generator), so splits match those made with ``datasets``."""
+    import numpy as np
+
+    return np.random.default_rng(seed).permutation(n).tolist()
 
 
 class TableLoader:
@@ -127,11 +190,12 @@ class TableLoader:
         inverse = {src: dst for dst, src in o.columns.items()}
         return [inverse.get(n, n) for n in names if n not in o.columns or n in inverse]
 
-    def _prepare(self, ds: Any) -> Any:
+    def _prepare(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         renames = {src: dst for dst, src in self.options.columns.items() if src != dst}
-        shadowed = [c for c in ds.column_names if c in self.options.columns and c not in renames]
-        ds = ds.remove_columns(shadowed) if shadowed else ds
-        return ds.rename_columns(renames) if renames else ds
+        dropped = {c for c in self.options.columns if c not in renames}  # shadowed by a renamed column
+        if not renames and not dropped:
+            return rows
+        return [{renames.get(k, k): v for k, v in row.items() if k not in dropped or k in renames} for row in rows]
 
     def load(self, seed: int) -> dict[str, list[dict[str, Any]]]:
         o = self.options
@@ -141,16 +205,14 @@ class TableLoader:
         else:
             if len(train) < 2:
                 raise DataError(f"{o.path}: {len(train)} row(s) cannot be split into train and test")
-            parts = train.train_test_split(test_size=o.test_size, seed=seed, shuffle=True)
-            train, test = parts["train"], parts["test"]
+            n_test = math.ceil(o.test_size * len(train))
+            order = _permutation(len(train), seed)
+            train, test = [train[i] for i in order[n_test:]], [train[i] for i in order[:n_test]]
         if o.max_train_rows is not None and len(train) > o.max_train_rows:
-            train = train.shuffle(seed=seed).select(range(o.max_train_rows))
+            train = [train[i] for i in _permutation(len(train), seed)[: o.max_train_rows]]
         if o.max_test_rows is not None and len(test) > o.max_test_rows:
-            test = test.shuffle(seed=seed).select(range(o.max_test_rows))
-        try:
-            return {"train": train.to_list(), "test": test.to_list()}
-        except UnicodeDecodeError as exc:  # pyarrow's JSON reader lets invalid UTF-8 through
-            raise DataError(f"{o.path}: not UTF-8 text ({exc.reason}); re-save it as UTF-8") from None
+            test = [test[i] for i in _permutation(len(test), seed)[: o.max_test_rows]]
+        return {"train": train, "test": test}
 
 
 @hookimpl

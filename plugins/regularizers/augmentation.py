@@ -95,6 +95,16 @@ class _TokenAugmenter:
         self.eligible += int(eligible.sum())
         return {**batch, "input_ids": batch["input_ids"].masked_fill(chosen, self.replacement)}
 
+    def state_dict(self) -> dict[str, Any]:
+        """For checkpoints: the generator's position and the counts since the last report."""
+        return {"generator": self.generator.get_state() if self.generator is not None else None,
+                "changed": self.changed, "eligible": self.eligible}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
+        self.changed, self.eligible = int(state.get("changed", 0)), int(state.get("eligible", 0))
+
     def report(self, model: Any) -> dict[str, float]:
         fraction = self.changed / self.eligible if self.eligible else 0.0
         self.changed = self.eligible = 0

@@ -386,6 +386,18 @@ class EarlyStopping:
             return Decision(stop=True)
         return None
 
+    def state_dict(self) -> dict[str, Any]:
+        """For checkpoints: the best value so far, the patience used up, the kept weights."""
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "stopped": self.stopped,
+                "snapshot": [saved for _, saved in self.snapshot]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = state.get("best"), state.get("best_step")
+        self.bad, self.stopped = int(state.get("bad", 0)), bool(state.get("stopped", False))
+        saved = state.get("snapshot") or []
+        params = [p for p in self.model.parameters() if p.requires_grad] if self.model is not None else []
+        self.snapshot = list(zip(params, saved)) if len(params) == len(saved) else []
+
     def report(self, model: torch.nn.Module) -> dict[str, float]:
         if self.best is None:
             return {}

@@ -1,0 +1,373 @@
+"""Training checkpoints: what a run needs to continue exactly where it stopped.
+
+A checkpoint is a folder ``<output>/checkpoints/step-N/``::
+
+    trainable.safetensors   every trainable parameter of the prepared model, by name
+    best.safetensors        the weights a regularizer (early stopping) marked best, if any
+    training_state.pt       optimizer and scheduler state, torch/python/numpy(/CUDA) RNG
+                            states, each regularizer's state (read back with weights_only)
+    checkpoint.json         step, data position (epoch, next batch), the recipe it was
+                            made from, the length of metrics.jsonl, metrics before training,
+                            the best-so-far step and metrics, seconds trained, step history
+
+Written atomically: the files go into a hidden sibling folder, each is fsynced, the folder is
+renamed to ``step-N`` and the parent fsynced; the oldest are removed (renamed away first)
+so that the last ``keep`` stay. A ``step-N`` folder therefore is either complete or absent,
+whenever the process dies.
+
+Resume needs only the contract of :func:`plugtune.batching.epoch_batches` (the batch order is
+a pure function of seed and epoch): the run rebuilds the model as an uninterrupted run would,
+loads these states over it, restores the RNGs last, and skips the batches of the current
+epoch the checkpoint had consumed. On the CPU the result is bit-identical to an uninterrupted
+run (tests/test_checkpoints.py checks it with a SIGKILL).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RecipeError, TrainingError
+
+CHECKPOINTS_DIR = "checkpoints"
+TRAINABLE_FILE = "trainable.safetensors"
+BEST_FILE = "best.safetensors"
+STATE_FILE = "training_state.pt"
+META_FILE = "checkpoint.json"
+FORMAT_VERSION = 1
+
+# Recipe keys that do not change what is trained: a resume may differ in these.
+NOT_TRAINING = {
+    ("name",), ("description",), ("output",),
+    ("training", "log_every"), ("training", "eval_batch_size"),
+    ("training", "checkpoint_every"), ("training", "checkpoint_keep"),
+}
+
+
+# -- where they live --------------------------------------------------------------------------
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS_DIR
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("step-") or not name[5:].isdigit():
+        return None
+    return int(name[5:])
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (half-written ones never have the name)."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(s, p) for p in root.iterdir() if (s := _step_of(p)) is not None and (p / META_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def clear_checkpoints(output_dir: Path) -> None:
+    """Remove a run's checkpoints (a fresh run with ``--overwrite``, or a finished one)."""
+    root = checkpoints_dir(output_dir)
+    if root.exists():
+        trash = root.parent / f".{CHECKPOINTS_DIR}.old-{os.getpid()}"
+        root.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# -- recipe comparison ------------------------------------------------------------------------
+
+
+def _flatten(value: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if isinstance(value, dict):
+        out: dict[tuple[str, ...], Any] = {}
+        for key, child in value.items():
+            out.update(_flatten(child, prefix + (str(key),)))
+        return out or {prefix: {}}
+    return {prefix: value}
+
+
+def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two raw recipes, ignoring keys that do not
+    change training (output, name, logging and checkpoint cadence)."""
+    a, b = _flatten(saved), _flatten(current)
+
+    def relevant(key: tuple[str, ...]) -> bool:
+        return not any(key[: len(skip)] == skip for skip in NOT_TRAINING)
+
+    return sorted(".".join(k) for k in set(a) | set(b) if relevant(k) and a.get(k, None) != b.get(k, None))
+
+
+# -- RNG --------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from: torch (CPU and CUDA), python, numpy."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- component state --------------------------------------------------------------------------
+
+
+def component_state(component: Any) -> dict[str, Any]:
+    """A regularizer's state: its own ``state_dict()`` when it has one, else the states of any
+    ``torch.Generator`` attributes it holds (so a third-party augmenter resumes exactly)."""
+    if hasattr(component, "state_dict"):
+        return {"state_dict": component.state_dict()}
+    generators = {k: v.get_state() for k, v in vars(_unwrapped(component)).items() if isinstance(v, torch.Generator)}
+    return {"generators": generators} if generators else {}
+
+
+def load_component_state(component: Any, state: dict[str, Any]) -> None:
+    if "state_dict" in state and hasattr(component, "load_state_dict"):
+        component.load_state_dict(state["state_dict"])
+    for name, value in state.get("generators", {}).items():
+        getattr(_unwrapped(component), name).set_state(value)
+
+
+def _unwrapped(component: Any) -> Any:
+    return getattr(component, "wrapped_component", component)
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def write_checkpoint(output_dir: Path, step: int, *, trainable: dict[str, torch.Tensor],
+                     best: dict[str, torch.Tensor] | None, training_state: dict[str, Any],
+                     meta: dict[str, Any], keep: int) -> Path:
+    """Write ``step-N`` atomically, then drop all but the newest ``keep`` checkpoints."""
+    from safetensors.torch import save
+
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(training_state, buffer)
+    blobs = {TRAINABLE_FILE: save(_cpu(trainable)), STATE_FILE: buffer.getvalue()}
+    if best:
+        blobs[BEST_FILE] = save(_cpu(best))
+    blobs[META_FILE] = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1).encode()
+    target = root / f"step-{step}"
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
+    try:
+        for name, data in blobs.items():  # the manifest last: a folder with it is complete
+            _fsync_write(staging / name, data)
+        if target.exists():  # the same step again (a resumed run): replace it
+            _discard(target)
+        staging.rename(target)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        _discard(old)
+    return target
+
+
+def _discard(path: Path) -> None:
+    trash = path.parent / f".{path.name}.old-{os.getpid()}"
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: what :func:`resume_point` hands the training loop."""
+
+    path: Path
+    meta: dict[str, Any]
+    trainable: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor]
+    training_state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        trainable = load_file(path / TRAINABLE_FILE)
+        best = load_file(path / BEST_FILE) if (path / BEST_FILE).is_file() else {}
+        training_state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+        raise TrainingError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+                            f"remove it to resume from an earlier one, or start over with --overwrite") from None
+    return Checkpoint(path, meta, trainable, best, training_state)
+
+
+def resume_point(output_dir: Path, raw_recipe: dict[str, Any], source: str) -> Checkpoint:
+    """The last complete checkpoint of the run in ``output_dir``, checked against the recipe.
+
+    Refuses (one line) when there is none, or when the recipe differs from the one the run
+    was started with in a key that changes training."""
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        raise RecipeError([(f"--resume: no checkpoint in {checkpoints_dir(output_dir)}; "
+                            f"run without --resume to start (training.checkpoint_every sets the cadence)")])
+    checkpoint = read_checkpoint(latest)
+    changed = recipe_differences(checkpoint.meta.get("recipe", {}), raw_recipe)
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise RecipeError([(f"--resume: {source} differs from the recipe the run in {output_dir} was started with "
+                            f"({shown}); resume with the same recipe, or start over with --overwrite")])
+    return checkpoint
+
+
+def interrupted_run_message(output_dir: Path) -> str | None:
+    """The one-line refusal for ``run`` on a folder that holds an interrupted run, or None."""
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        return None
+    return (f"output.dir: {output_dir} holds an interrupted run (last checkpoint: {latest.name}); "
+            f"pass --resume to continue it or --overwrite to start over")
+
+
+class Checkpointer:
+    """Saves and restores the training loop's state; the loop calls :meth:`save` at the
+    cadence (and on Ctrl-C) and :meth:`restore` once before its first step when resuming.
+    Only the main process of a multi-process run writes."""
+
+    def __init__(self, output_dir: Path, recipe_raw: dict[str, Any], *, every: int, keep: int, model: Any,
+                 optimizer: Any, scheduler: Any, regularizers: list[tuple[str, Any]], unwrap: Any,
+                 is_main: bool) -> None:
+        self.output_dir = Path(output_dir)
+        self.recipe_raw = recipe_raw
+        self.every, self.keep = every, keep
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.regularizers = regularizers
+        self.unwrap, self.is_main = unwrap, is_main
+        self.last: Path | None = None
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.unwrap(self.model).named_parameters() if p.requires_grad}
+
+    def save(self, state: Any, *, best: dict[str, Any], before: dict[str, float], train_seconds: float,
+             metrics_log: Path, train_rows: int) -> Path | None:
+        """Write a checkpoint of ``state.step``; returns its folder (None off the main process)."""
+        if not self.is_main:
+            return None
+        training_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "regularizers": {f"{i}:{name}": component_state(reg) for i, (name, reg) in enumerate(self.regularizers)},
+        }
+        meta = {
+            "step": state.step, "epoch": state.epoch, "batch": state.batch,
+            "recipe": self.recipe_raw, "train_rows": train_rows,
+            "metrics_bytes": metrics_log.stat().st_size if metrics_log.exists() else 0,
+            "before": before, "train_seconds": train_seconds, "history": state.history,
+            "best": {k: v for k, v in best.items() if k != "state"},
+        }
+        self.last = write_checkpoint(self.output_dir, state.step, trainable=self._trainable(),
+                                     best=best.get("state"), training_state=training_state, meta=meta, keep=self.keep)
+        return self.last
+
+    def restore(self, checkpoint: Checkpoint, state: Any, best: dict[str, Any], train_rows: int) -> None:
+        """Load a checkpoint over the freshly prepared model, optimizer, scheduler and
+        regularizers, and set the loop's counters. RNGs are left to :func:`restore_rng`, to be
+        called last, just before the first resumed step."""
+        meta = checkpoint.meta
+        if meta.get("train_rows") != train_rows:
+            raise TrainingError(f"--resume: the training data changed since {checkpoint.path} "
+                                f"({meta.get('train_rows')} rows then, {train_rows} now); start over with --overwrite")
+        params = self._trainable()
+        if set(params) != set(checkpoint.trainable):
+            raise TrainingError(f"--resume: {checkpoint.path} holds other trainable weights than the prepared model; "
+                                f"start over with --overwrite")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(checkpoint.trainable[name])
+        self.optimizer.load_state_dict(checkpoint.training_state["optimizer"])
+        self.scheduler.load_state_dict(checkpoint.training_state["scheduler"])
+        saved_regs = checkpoint.training_state.get("regularizers", {})
+        for i, (name, reg) in enumerate(self.regularizers):
+            load_component_state(reg, saved_regs.get(f"{i}:{name}", {}))
+        state.step, state.epoch, state.batch = int(meta["step"]), int(meta["epoch"]), int(meta["batch"])
+        state.history[:] = meta.get("history", [])
+        best.clear()
+        if meta.get("best"):
+            best.update(meta["best"], state=dict(checkpoint.best))
+        self.last = checkpoint.path
+
+
+def truncate_log(metrics_log: Path, length: int) -> None:
+    """Cut ``metrics.jsonl`` back to what it held at the checkpoint, so resumed steps are not
+    logged twice."""
+    if metrics_log.exists() and metrics_log.stat().st_size > length:
+        with open(metrics_log, "r+b") as fh:
+            fh.truncate(length)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+__all__ = [
+    "Checkpoint", "Checkpointer", "checkpoints_dir", "clear_checkpoints", "component_state",
+    "interrupted_run_message", "latest_checkpoint", "list_checkpoints", "load_component_state", "read_checkpoint",
+    "recipe_differences", "restore_rng", "resume_point", "rng_state", "truncate_log", "write_checkpoint",
+]
