@@ -141,12 +141,18 @@ def save_adapter(
     }
     blobs[MANIFEST_FILE] = json.dumps(manifest, indent=2, default=_json_default).encode()
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    except OSError as exc:
+        raise AdapterError(f"could not write the adapter to {directory} ({exc.strerror or exc})") from None
     try:
         for name, data in blobs.items():
             _fsync_write(staging / name, data)
         _replace_dir(staging, directory)
+    except OSError as exc:
+        raise AdapterError(f"could not write the adapter to {directory} ({exc.strerror or exc}); "
+                           f"the previous adapter is unchanged") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
@@ -156,12 +162,20 @@ def _replace_dir(new: Path, target: Path) -> None:
     """Put ``new`` at ``target``; files already in ``target`` that ``new`` lacks (a run's
     metrics log, say) are kept, the adapter's own files are replaced as a whole."""
     if target.exists():
+        # Extra files are linked, not moved, so the previous adapter stays whole until the swap.
         for item in target.iterdir():
             if not (new / item.name).exists() and item.name not in {WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE}:
-                item.rename(new / item.name)
+                if item.is_dir():
+                    shutil.copytree(item, new / item.name, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(item, new / item.name)
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         target.rename(old)
-        new.rename(target)
+        try:
+            new.rename(target)
+        except OSError:
+            old.rename(target)  # put the previous adapter back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.rename(target)
@@ -170,6 +184,13 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _link_or_copy(source: str | Path, destination: str | Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def _json_default(value: Any) -> Any:
@@ -196,19 +217,25 @@ def read_manifest(directory: str | Path) -> Manifest:
             raise AdapterError(f"{directory} looks like a plain peft adapter (no {MANIFEST_FILE}); plugtune adapters carry a manifest")
         raise AdapterError(f"{directory} is not an adapter: {MANIFEST_FILE} is missing")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: not a manifest (nested too deeply)") from None
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path}: the manifest is not a JSON object")
     if data.get("format") not in (None, FORMAT):
-        raise AdapterError(f"{path}: unknown format {data.get('format')!r}")
+        raise AdapterError(f"{path}: unknown format {str(data.get('format'))[:80]!r}")
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise AdapterError(f"{path}: manifest field {where}: {err['msg']}") from None
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise AdapterError(f"{path}: manifest field {where[:120]}: {err['msg']}") from None
 
 
 def read_adapter(directory: str | Path, *, verify_hashes: bool = True) -> Adapter:
