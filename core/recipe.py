@@ -45,10 +45,19 @@ from .tasks import TASK_TYPES, Task, template_fields
 # --------------------------------------------------------------------------------------------
 
 
+def _path_exists(path: Path) -> bool:
+    """``path.exists()``, but a name the OS cannot even look up (too long, a NUL byte) is
+    simply not there rather than an exception."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _existing_path(value: Path, info: ValidationInfo) -> Path:
     base = Path((info.context or {}).get("base_dir", "."))
     path = value if value.is_absolute() else base / value
-    if not path.exists():
+    if not _path_exists(path):
         raise ValueError(f"file not found: {path} (paths are relative to the recipe's folder)")
     return path
 
@@ -386,7 +395,7 @@ def _valid_or_none(model: type[BaseModel], value: Any) -> Any:
 
 
 def _looks_like_path_or_hub_id(value: str) -> bool:
-    return "/" in value or value.endswith(".gguf") or Path(value).exists()
+    return "/" in value or value.endswith(".gguf") or _path_exists(Path(value))
 
 
 def _data_as_block(data: Any) -> Any:
@@ -457,6 +466,8 @@ def _check_columns(loader: Bound, task: Task, spec: RecipeSpec) -> list[str]:
 def _path(parts: tuple[Any, ...]) -> str:
     out = ""
     for p in parts:
+        if isinstance(p, str) and not re.fullmatch(r"[\w.-]+", p):
+            p = repr(p[:60])  # a key with spaces, newlines or brackets: quoted, so the message stays one line
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out
 
@@ -465,6 +476,8 @@ def _format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[A
     lines = []
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))  # drop union tags
+        if err["type"] == "extra_forbidden":  # the last part is the user's own key, whatever it looks like
+            loc = tuple(p for p in err["loc"][:-1] if not (isinstance(p, str) and "[" in p)) + tuple(err["loc"][-1:])
         where = _path(prefix + loc) or "recipe"
         if err["type"] == "extra_forbidden":
             siblings = _field_names(model, loc[:-1])

@@ -16,11 +16,10 @@ import struct
 import tracemalloc
 from pathlib import Path
 
+import plugtune
 import pytest
 import torch
 import yaml
-
-import plugtune
 from plugtune.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from plugtune.cli import main
 from plugtune.registry import build_plugin_system, get_plugin_system, set_plugin_system
@@ -99,8 +98,8 @@ def test_recipe_unknown_plugin_name(tmp_path, tiny_llama, tiny_data, capsys):
     path = write_yaml(tmp_path / "recipe.yaml", raw)
     code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
     assert code == 2
-    assert lines == [f"error: {path}: regularizers[0].name: unknown regularizer 'wieght_decay'; "
-                     f"did you mean 'weight_decay'? (installed: {installed('regularizer')})"]
+    assert lines == [(f"error: {path}: regularizers[0].name: unknown regularizer 'wieght_decay'; "
+                     f"did you mean 'weight_decay'? (installed: {installed('regularizer')})")]
 
 
 def test_recipe_wrong_types(tmp_path, tiny_llama, tiny_data, capsys):
@@ -139,8 +138,8 @@ def test_recipe_learning_rate_as_text(tmp_path, tiny_llama, tiny_data, capsys):
     path = write_yaml(tmp_path / "recipe.yaml", raw)
     code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
     assert code == 2
-    assert lines == [f"error: {path}: training.learning_rate: Input should be a valid number, "
-                     f"unable to parse string as a number (got 'fast')"]
+    assert lines == [(f"error: {path}: training.learning_rate: Input should be a valid number, "
+                     f"unable to parse string as a number (got 'fast')")]
 
 
 def test_recipe_output_dir_holds_another_run(tmp_path, tiny_llama, tiny_data, capsys):
@@ -183,8 +182,8 @@ def test_data_missing_file(tmp_path, tiny_bert, tiny_data, capsys):
     path = table_recipe(tmp_path, tiny_bert, tiny_data, "data/nope.csv", classification=True)
     code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
     assert code == 2
-    assert lines == [f"error: {path}: data.options.path: file not found: {tmp_path / 'data' / 'nope.csv'} "
-                     f"(paths are relative to the recipe's folder)"]
+    assert lines == [(f"error: {path}: data.options.path: file not found: {tmp_path / 'data' / 'nope.csv'} "
+                     f"(paths are relative to the recipe's folder)")]
 
 
 def test_data_empty_file(tmp_path, tiny_bert, tiny_data, capsys):
@@ -200,8 +199,8 @@ def test_data_missing_columns(tmp_path, tiny_bert, tiny_data, capsys):
     path = table_recipe(tmp_path, tiny_bert, tiny_data, "data.csv", classification=True)
     code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
     assert code == 2
-    assert lines == [f"error: {path}: task.text: column 'text' is not in the data (columns: sentence, label); "
-                     f"rename it with data.options.columns"]
+    assert lines == [(f"error: {path}: task.text: column 'text' is not in the data (columns: sentence, label); "
+                     f"rename it with data.options.columns")]
 
 
 def test_data_non_utf8_bytes_name_the_file_line_and_byte(tmp_path, tiny_bert, tiny_data, capsys):
@@ -223,8 +222,8 @@ def test_data_empty_strings(tmp_path, tiny_bert, tiny_data, capsys):
     path = table_recipe(tmp_path, tiny_bert, tiny_data, "train.csv", "test.csv", classification=True)
     code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
     assert code == 3
-    assert lines == ['error: train split: 2 row(s) have an empty \'text\' (first: {"text": "", "label": "negative"}); '
-                     "fill them in or remove them"]
+    assert lines == [('error: train split: 2 row(s) have an empty \'text\' (first: {"text": "", "label": "negative"}); '
+                     "fill them in or remove them")]
 
 
 def test_data_test_labels_never_seen_in_training(tmp_path, tiny_bert, tiny_data, capsys):
@@ -249,8 +248,8 @@ def test_data_rows_longer_than_the_model_context_refused(tmp_path, tiny_bert, ti
                         max_length=512, overlong="refuse")
     code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
     assert code == 3
-    assert lines == ["error: train split: 2 row(s) are longer than 128 tokens (the longest: 202); "
-                     "raise training.max_length, or set training.overlong to truncate or drop"]
+    assert lines == [("error: train split: 2 row(s) are longer than 128 tokens (the longest: 202); "
+                     "raise training.max_length, or set training.overlong to truncate or drop")]
 
 
 @pytest.mark.parametrize("policy", ["truncate", "drop"])
@@ -282,8 +281,7 @@ def test_data_100mb_file_is_streamed(tmp_path):
     path = tmp_path / "big.tsv"
     with open(path, "wb") as fh:
         fh.write(b"text\tlabel\n")
-        for _ in range(100_000_000 // len(block) + 1):
-            fh.write(block)
+        fh.writelines(block for _ in range(100_000_000 // len(block) + 1))
     size = path.stat().st_size
     table = TableLoader(TableOptions.model_validate({"path": str(path), "test_path": str(path)}))
     table.options.test_path = None  # one file, split in memory
@@ -388,8 +386,8 @@ def test_adapter_manifest_for_another_base(trained, tmp_path, capsys):
     code, lines = generate(capsys, tmp_path, adapter)
     assert code == 5
     base = manifest["base_model"]["id"]
-    assert lines == [f"error: adapter 'victim' was trained on base {base!r} (sha256:{'0' * 64}), "
-                     f"but the resident base is {base!r} ({real})"]
+    assert lines == [(f"error: adapter 'victim' was trained on base {base!r} (sha256:{'0' * 64}), "
+                     f"but the resident base is {base!r} ({real})")]
 
 
 def test_adapter_pickle_bin_refused(trained, tmp_path, capsys):
@@ -427,9 +425,8 @@ def test_adapter_method_plugin_missing(trained, tmp_path, capsys):
 @NEEDS_ISSUE_5
 def test_adapter_path_traversal_through_the_server(trained, tmp_path):
     """A name with ``..`` or an absolute path sent to the server's load endpoint is refused."""
-    from starlette.testclient import TestClient
-
     from plugtune.server import create_app  # issue 5
+    from starlette.testclient import TestClient
 
     client = TestClient(create_app(adapters=[str(trained)], adapter_root=str(trained.parent)))
     for name in ("../../etc/passwd", "/etc", "victim/../../x"):
@@ -519,8 +516,8 @@ def test_plugin_raising_at_import(tmp_path, tiny_llama, tiny_data, hostile, caps
     assert f"warning: {HOSTILE} failed to import: RuntimeError: boom at import" in warnings
     code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
     assert code == 2
-    assert lines == [f"error: {path}: regularizers[0].name: unknown regularizer 'hostile_noise' "
-                     f"(installed: {installed('regularizer')})"]
+    assert lines == [(f"error: {path}: regularizers[0].name: unknown regularizer 'hostile_noise' "
+                     f"(installed: {installed('regularizer')})")]
 
 
 def test_plugin_raising_at_registration(tmp_path, tiny_llama, tiny_data, hostile, capsys):
@@ -559,8 +556,8 @@ def test_plugin_raising_in_a_component_during_training(tmp_path, tiny_llama, tin
     hostile("component")
     code, lines = cli(capsys, "run", path, "--quiet")
     assert code == 6
-    assert lines == [f"error: {HOSTILE} failed in regularizer 'hostile_noise' (transform_batch): "
-                     f"ValueError: noise generator broke"]
+    assert lines == [(f"error: {HOSTILE} failed in regularizer 'hostile_noise' (transform_batch): "
+                     f"ValueError: noise generator broke")]
     assert not (out / WEIGHTS_FILE).exists()
 
 
