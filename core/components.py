@@ -196,6 +196,10 @@ class Regularizer(Protocol):
       tokenization (never on evaluation data).
     * ``after_evaluate(metrics, step) -> Decision | None``: after every evaluation during and
       after training; may stop training and/or mark the current weights as the best.
+    * ``state_dict() -> dict`` / ``load_state_dict(state)``: state that changes while training
+      (random generators, counters, kept weights), saved in checkpoints so ``--resume``
+      continues exactly. Without them, the states of any ``torch.Generator`` attributes are
+      saved; other state would restart from ``setup``.
     """
 
     Options: ClassVar[type[ComponentOptions]]
