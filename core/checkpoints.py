@@ -105,7 +105,7 @@ def _flatten(value: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], 
 def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two raw recipes, ignoring keys that do not
     change training (output, name, logging and checkpoint cadence)."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))  # as the checkpoint stored it
 
     def relevant(key: tuple[str, ...]) -> bool:
         return not any(key[: len(skip)] == skip for skip in NOT_TRAINING)
@@ -202,7 +202,7 @@ def write_checkpoint(output_dir: Path, step: int, *, trainable: dict[str, torch.
     blobs = {TRAINABLE_FILE: save(_cpu(trainable)), STATE_FILE: buffer.getvalue()}
     if best:
         blobs[BEST_FILE] = save(_cpu(best))
-    blobs[META_FILE] = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1).encode()
+    blobs[META_FILE] = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1, default=str).encode()
     target = root / f"step-{step}"
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
     try:
@@ -216,6 +216,8 @@ def write_checkpoint(output_dir: Path, step: int, *, trainable: dict[str, torch.
         shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(output_dir)[:-keep]:
         _discard(old)
+    for leftover in root.glob(".step-*"):  # staging or trash of a process killed mid-write
+        shutil.rmtree(leftover, ignore_errors=True)
     return target
 
 

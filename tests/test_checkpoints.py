@@ -268,3 +268,22 @@ def test_resume_refuses_a_missing_checkpoint_and_a_changed_recipe(tmp_path, tiny
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --resume continues the run in output.dir and --overwrite replaces it; pass one of them")
     assert {p.name: p.read_bytes() for p in latest_checkpoint(out).iterdir()} == before
+
+
+def test_half_written_checkpoints_are_never_picked(tmp_path):
+    """Only renamed ``step-N`` folders count: a staging folder left by a killed writer, or a
+    folder without its manifest, is ignored, and the next write clears the leftovers."""
+    from plugtune.checkpoints import write_checkpoint
+
+    out = tmp_path / "run"
+    state = {"optimizer": {}, "scheduler": {}, "rng": {}, "regularizers": {}}
+    write_checkpoint(out, 4, trainable={"w": torch.ones(2)}, best=None, training_state=state, meta={"step": 4}, keep=2)
+    (out / "checkpoints" / ".step-8.tmp-abc").mkdir()  # killed while writing step 8
+    (out / "checkpoints" / ".step-8.tmp-abc" / "trainable.safetensors").write_bytes(b"partial")
+    (out / "checkpoints" / "step-9").mkdir()  # not made by plugtune: no manifest
+    assert latest_checkpoint(out).name == "step-4"
+    for step in (6, 10, 12):
+        write_checkpoint(out, step, trainable={"w": torch.full((2,), float(step))}, best=None, training_state=state,
+                         meta={"step": step}, keep=2)
+    assert [p.name for p in list_checkpoints(out)] == ["step-10", "step-12"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-12", "step-9"]
