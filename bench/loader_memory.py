@@ -4,7 +4,7 @@ same run.
 
 Each loader runs in a fresh subprocess (``bench/loader_memory.py --one NAME FILE``) so peak
 RSS is its own: growth = peak RSS after loading minus RSS after the imports. The file is a
-generated TSV of short sentences (~70 bytes a row, 1.36 M rows), like SST-2 scaled up.
+generated TSV of short sentences (~66 bytes a row, 1.5 M rows), like SST-2 scaled up.
 
     .venv/bin/python bench/loader_memory.py
 """
@@ -84,7 +84,7 @@ def main() -> None:
         "## Loading a 100 MB table (streaming `table` loader vs `datasets`)",
         "",
         ("Command: `.venv/bin/python bench/loader_memory.py`. A generated TSV of "
-        f"{size_mb:.0f} MB ({s['rows']:,} rows of ~70 bytes), loaded and split 90/10; each loader in its own "
+        f"{size_mb:.0f} MB ({s['rows']:,} rows of ~{size_mb * 1e6 / s['rows']:.0f} bytes), loaded and split 90/10; each loader in its own "
         "process; peak RSS growth over the process after its imports. Measured on the shared 2-core CPU machine "
         "(other sessions were running), so seconds are indicative."),
         "",
