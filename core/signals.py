@@ -30,6 +30,21 @@ class Interrupted(PlugtuneError):
     exit_code = 130
 
 
+def resume_command(recipe: Any) -> str:
+    """The command that resumes ``recipe``'s run; names the overrides when the recipe in
+    memory is not the file as written (a resume must repeat them, or it is refused)."""
+    from .recipe import read_recipe_file
+
+    if recipe.source is None:
+        return "plugtune run RECIPE --resume"
+    command = f"plugtune run {recipe.source} --resume"
+    try:
+        overridden = read_recipe_file(recipe.source) != recipe.raw
+    except PlugtuneError:
+        overridden = True
+    return command + (" with the same key=value overrides" if overridden else "")
+
+
 class StopRequest:
     """Context manager: SIGINT sets a flag the first time, interrupts the second time."""
 

@@ -39,7 +39,7 @@ from .faults import guarded
 from .models import BaseInfo, load_base
 from .registry import PluginSystem, get_plugin_system
 from .recipe import Recipe
-from .signals import Interrupted, StopRequest
+from .signals import Interrupted, StopRequest, resume_command
 from .tasks import Task, collate
 
 
@@ -345,7 +345,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                                               train_seconds=earlier_seconds + time.perf_counter() - started)
                     if interrupt.requested:
                         raise Interrupted(f"stopped at step {state.step} of {total_steps}; checkpoint saved to {saved}; "
-                                          f"continue with: plugtune run {recipe.source or 'RECIPE'} --resume")
+                                          f"continue with: {resume_command(recipe)}")
                 if state.step >= total_steps or stop:
                     break
             else:
