@@ -287,3 +287,13 @@ def test_half_written_checkpoints_are_never_picked(tmp_path):
                          meta={"step": step}, keep=2)
     assert [p.name for p in list_checkpoints(out)] == ["step-10", "step-12"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-12", "step-9"]
+
+
+def test_the_resume_hint_names_overrides_only_when_there_are_some(tmp_path, tiny_llama, tiny_data):
+    from plugtune.recipe import load_recipe
+    from plugtune.signals import resume_command
+
+    recipe = write_recipe(tmp_path, tiny_llama, tiny_data, tmp_path / "out")
+    assert resume_command(load_recipe(recipe)) == f"plugtune run {recipe} --resume"
+    assert resume_command(load_recipe(recipe, ["training.seed=3"])) == (
+        f"plugtune run {recipe} --resume with the same key=value overrides")
