@@ -133,9 +133,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import copy
 
     from .adapters import read_manifest
+    from .evaluation import encode_split, evaluate
     from .host import AdapterHost
     from .recipe import load_recipe
-    from .evaluation import encode_split, evaluate
     from .train import comparison_table
 
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
@@ -228,6 +228,31 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve (plugtune serve: the HTTP server, core/server.py) ------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(args.adapters, base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
+          max_batch=args.max_batch, allow_pickle=args.allow_pickle, log_level=args.log_level)
+    return 0
+
+
+def add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a base and its adapters over an OpenAI-shaped HTTP API")
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR", help="adapters to load at start (they share one base)")
+    p.add_argument("--base", help="base model (default: the one the first adapter names); alone: a causal LM with no adapters")
+    p.add_argument("--adapters-root", default="adapters", metavar="DIR",
+                   help="POST /v1/adapters loads only from inside this folder (default: adapters)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests run together in one batch")
+    p.add_argument("--allow-pickle", action="store_true", help="let adapters load pickle (.bin) weights: runs code from the file")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -279,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="fetch and cache base models (aliases) for offline use")
     p.add_argument("models", nargs="+")
     p.set_defaults(func=cmd_fetch)
+
+    add_serve_parser(sub)
     return parser
 
 
