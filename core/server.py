@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -176,7 +176,8 @@ class Job:
 
 
 class _Row:
-    """The text of one generating row, cut at its own token budget and stop strings.
+    """One generating row, cut at its own token budget and its own stop strings (the batch
+    decodes up to the largest budget in it, and stop strings differ per request).
 
     Text that could be the start of a stop string is held back until it is known not to be.
     """
@@ -185,34 +186,37 @@ class _Row:
         self.job = job
         self.text = ""
         self.sent = 0
-        self.steps = 0
+        self.tokens = 0
         self.done = False
 
-    def feed(self, delta: str | None) -> None:
-        """Take one decode step's output (``None``: the row has finished)."""
+    def feed(self, delta: str, tokens: int, host_finished: bool, full_text: Callable[[], str]) -> None:
+        """Take one decode step: the new text, the row's token count so far, whether the
+        host has finished the row (an end-of-sequence token), and a way to get all of the
+        row's text with nothing held back (for a row cut at its own budget)."""
         if self.done:
             return
         if self.job.cancelled:
             self.done = True
             return
-        if delta is None:
-            self.finish("stop")
-            return
-        self.steps += 1
+        self.tokens = tokens
         self.text += delta
         cut = min((i for i in (self.text.find(s) for s in self.job.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
             self.finish("stop")
-        elif self.steps >= self.job.max_tokens:
-            self.finish("length")
+        elif host_finished:
+            self.finish("stop")
+        elif tokens >= self.job.max_tokens:
+            self.finish("length", full_text())
         else:
             self._send(len(self.text) - _held_back(self.text, self.job.stop))
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, text: str | None = None) -> None:
+        if text is not None and text.startswith(self.text):
+            self.text = text
         self._send(len(self.text))
         self.done = True
-        self.job.emit("done", (reason, self.steps))
+        self.job.emit("done", (reason, self.tokens))
 
     def _send(self, upto: int) -> None:
         if upto > self.sent:
@@ -274,53 +278,57 @@ class BatchWorker:
 
     def _loop(self) -> None:
         while True:
-            batch = self._take_batch()
-            if batch is None:
+            first = self._deferred.popleft() if self._deferred else self._queue.get()
+            if first is None:
                 return
-            batch = [job for job in batch if not job.cancelled]
-            if not batch:
-                continue
-            try:
-                with self.lock:
-                    self.batches += 1
-                    self.rows += len(batch)
-                    self.largest_batch = max(self.largest_batch, len(batch))
-                    if batch[0].kind == "classify":
-                        self._classify(batch)
-                    else:
-                        self._generate(batch)
-            except Exception as exc:  # the worker must outlive any one batch
-                log.exception("batch of %d failed", len(batch))
-                error = _as_api_error(exc)
-                for job in batch:
-                    job.emit("error", error)
+            with self.lock:  # the adapter set changes only between batches
+                batch = [job for job in self._fill(first) if not job.cancelled]
+                if batch:
+                    self._run(batch)
 
-    def _take_batch(self) -> list[Job] | None:
-        first = self._deferred.popleft() if self._deferred else self._queue.get()
-        if first is None:
-            return None
+    def _fill(self, first: Job) -> list[Job]:
+        """``first`` and the jobs that can join it: those waiting, then those arriving
+        within the window, up to ``max_batch``. Jobs that cannot join wait for a later batch."""
         batch = [first]
         if first.seed is not None:
             return batch
+
+        def fits(job: Job) -> bool:
+            return job.seed is None and job.kind == first.kind
+
+        for job in list(self._deferred):  # earlier arrivals first
+            if len(batch) < self.max_batch and fits(job):
+                self._deferred.remove(job)
+                batch.append(job)
         deadline = time.monotonic() + self.window_s
         while len(batch) < self.max_batch:
-            if self._deferred:
-                job = self._deferred.popleft()
-            else:
-                try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
             if job is None:
                 self._queue.put(None)  # stop after this batch
                 break
-            if job.seed is not None or job.kind != first.kind:
+            if fits(job):
+                batch.append(job)
+            else:
                 self._deferred.append(job)
-                if len(self._deferred) >= self.max_batch:
-                    break
-                continue
-            batch.append(job)
         return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        self.batches += 1
+        self.rows += len(batch)
+        self.largest_batch = max(self.largest_batch, len(batch))
+        try:
+            if batch[0].kind == "classify":
+                self._classify(batch)
+            else:
+                self._generate(batch)
+        except Exception as exc:  # the worker must outlive any one batch
+            log.exception("batch of %d failed", len(batch))
+            error = _as_api_error(exc)
+            for job in batch:
+                job.emit("error", error)
 
     def _usable(self, batch: list[Job]) -> list[Job]:
         """The jobs whose adapter is still loaded; the others are answered 404."""
@@ -350,32 +358,27 @@ class BatchWorker:
         for job in batch:
             job.emit("start")
         rows = [_Row(job) for job in batch]
-        steps = _decode_steps(
-            self.host, [job.text for job in batch], [job.adapter for job in batch],
-            max_new_tokens=max(job.max_tokens for job in batch), raw=True,
+        stream = self.host.stream(
+            [job.text for job in batch], [job.adapter for job in batch], raw=True,
+            max_new_tokens=max(job.max_tokens for job in batch),
             temperature=[job.temperature for job in batch], top_p=[job.top_p for job in batch],
             seed=batch[0].seed,
         )
-        try:
-            for deltas in steps:
-                for row, delta in zip(rows, deltas):
-                    row.feed(delta)
-                if all(row.done for row in rows):
-                    break
-        finally:
-            close = getattr(steps, "close", None)
-            if close is not None:
-                close()
-        for row in rows:
-            if not row.done:  # the host stopped early: every unfinished row met its end of text
-                row.finish("stop")
+        for deltas in stream:
+            for i, (row, delta) in enumerate(zip(rows, deltas)):
+                row.feed(delta, stream.completion_tokens[i], stream.finish_reasons[i] == "stop",
+                         lambda i=i: self._decoded(stream, i))
+            if all(row.done for row in rows):
+                break
+        for i, row in enumerate(rows):
+            if not row.done:  # the host ended the stream: every row left has finished
+                row.finish(stream.finish_reasons[i] or "stop")
 
-
-def _decode_steps(host: Any, texts: list[str], adapters: list[str | None], **options: Any) -> Iterator[list[str | None]]:
-    stream = getattr(host, "stream", None)
-    if stream is None:  # a host without streaming: the whole text as one step
-        return iter([host.generate(texts, adapters, max_new_tokens=options["max_new_tokens"], raw=True)])
-    return stream(texts, adapters, **options)
+    def _decoded(self, stream: Any, row: int) -> str:
+        """All the text a row has generated, with nothing held back (what the host would
+        emit had the row's own budget been the batch's)."""
+        return self.host.tokenizer.decode(stream.generated[row], skip_special_tokens=True,
+                                          clean_up_tokenization_spaces=False)
 
 
 def _as_api_error(exc: BaseException) -> ApiError:
