@@ -14,7 +14,9 @@ A pattern that matches nothing is an error that lists the linear layers the mode
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
@@ -120,63 +122,230 @@ class LoraMethod:
         data["inference_mode"] = True
         return data
 
-    # -- inference: one handler per host keeps one peft wrapper for all LoRA adapters ------
+    # -- host: one handler per host keeps every LoRA adapter in shared, routed layers -------
+    # (see plugtune.plugins.methods.lora_hosting: a switch is one attribute write, a load a
+    # dictionary insert per targeted layer, and rows of one batch may name different adapters)
 
-    _wrapper: Any = None
+    supports_mixed_batches = True  # rows of one forward may name different LoRA adapters
+    attach_reads_base_weights = False  # attach stores tensors only, whatever is active
+
+    def _host(self, model: torch.nn.Module) -> _HostState:
+        state = getattr(self, "_host_state", None)
+        if state is None or state.model is not model:
+            state = self._host_state = _HostState(model)
+        return state
 
     def attach(
         self, model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> torch.nn.Module:
-        from peft import PeftConfig, get_peft_model
-        from peft.utils import set_peft_model_state_dict
+        """Put adapter ``name``'s tensors into the hosted layers (wrapping a layer the first
+        time any adapter targets it). Everything is checked before the model is touched."""
+        from plugtune.plugins.methods.lora_hosting import check_config, parse_state
 
-        try:
-            peft_config = PeftConfig.from_peft_type(**config)
-        except Exception as exc:  # noqa: BLE001
-            raise AdapterError(f"adapter {name!r}: unreadable LoRA config ({exc})") from None
-        peft_config.inference_mode = True
-        if self._wrapper is None:
-            self._wrapper = get_peft_model(model, peft_config, adapter_name=name)
-        else:
-            self._wrapper.add_adapter(name, peft_config)
-        result = set_peft_model_state_dict(self._wrapper, state, adapter_name=name)
-        missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
-        unexpected = list(result.unexpected_keys)
-        if missing or unexpected:
-            self.detach(model, name)
-            detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
-            raise AdapterError(f"adapter {name!r} does not fit this base: {detail.strip()}")
-        return self._wrapper
+        host = self._host(model)
+        check_config(name, config)
+        parsed = parse_state(name, state, host.modules)
+        pairs = {path: host.check_pair(name, path, pair["A"], pair["B"], config) for path, pair in parsed.pairs.items()}
+        whole = {path: host.check_whole(name, path, params) for path, params in parsed.whole.items()}
+        for path, weights in pairs.items():
+            host.layer(path).weights[name] = weights
+        for path, params in whole.items():
+            host.switched(path).values[name] = params
+        host.resident[name] = (list(pairs), list(whole))
+        return model
 
     def activate(self, model: torch.nn.Module, name: str | None) -> None:
-        if self._wrapper is None:
-            return
-        if name is None:
-            self._wrapper.base_model.disable_adapter_layers()
-            return
-        self._wrapper.base_model.enable_adapter_layers()
-        self._wrapper.set_adapter(name, inference_mode=True)
+        state = getattr(self, "_host_state", None)
+        if state is not None:
+            merged = state.merged is not None and state.merged[0] == name
+            state.routing.active = None if merged else name  # a merged adapter is in the weights
+
+    def mixed_rows(self, model: torch.nn.Module, names: list[str | None]) -> contextlib.AbstractContextManager[None]:
+        """Route each row of the next forwards to its own adapter (``None``: the bare base)."""
+        return self._host(model).mixed_rows(names)
+
+    def fold(self, model: torch.nn.Module, name: str) -> None:
+        """Add adapter ``name`` into the base weights (keeping the originals of the touched
+        tensors for :meth:`unfold`); the hosted layers then add nothing."""
+        self._host(model).fold(name)
+
+    def unfold(self, model: torch.nn.Module) -> None:
+        """Undo :meth:`fold` by copying the kept original tensors back (bit for bit)."""
+        self._host(model).unfold()
 
     def merge(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
-        """Fold adapter ``name`` into the base weights and take every LoRA layer out; returns
-        the bare model (used when a recipe's base_model is an adapter folder)."""
-        wrapper = self._wrapper
-        wrapper.set_adapter(name, inference_mode=True)
-        merged = wrapper.merge_and_unload(adapter_names=[name])
-        self._wrapper = None
-        return merged
+        """Fold adapter ``name`` into the base weights and take every hosted layer out;
+        returns the bare model (used when a recipe's base_model is an adapter folder)."""
+        host = self._host(model)
+        host.fold(name)
+        host.merged = None  # for good: the originals are dropped with the layers
+        for other in list(host.resident):
+            host.remove(other)
+        self._host_state = None
+        return model
 
     def detach(self, model: torch.nn.Module, name: str) -> None:
-        wrapper = self._wrapper
-        if wrapper is None or name not in wrapper.peft_config:
+        state = getattr(self, "_host_state", None)
+        if state is not None and name in state.resident:
+            state.remove(name)
+
+    def resident_bytes(self, model: torch.nn.Module, name: str) -> int:
+        """Memory the adapter's tensors take on this host."""
+        return self._host(model).resident_bytes(name)
+
+
+class _HostState:
+    """The hosted layers of one base and the routing they share."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from plugtune.plugins.methods.lora_hosting import Routing
+
+        self.model = model
+        self.routing = Routing()
+        self.modules = dict(model.named_modules())  # built once: lookups stay O(1) per tensor
+        self.layers: dict[str, Any] = {}
+        self.heads: dict[str, Any] = {}
+        self.resident: dict[str, tuple[list[str], list[str]]] = {}
+        self.merged: tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def _base_module(self, path: str) -> Any:
+        current = self.layers.get(path) or self.heads.get(path)
+        if current is not None:
+            return current.base_layer if path in self.layers else current.original_module
+        return self.modules.get(path)
+
+    def check_pair(self, name: str, path: str, a: torch.Tensor, b: torch.Tensor, config: dict[str, Any]) -> Any:
+        import torch
+
+        from plugtune.plugins.methods.lora_hosting import LoraWeights, scaling_for
+
+        base = self._base_module(path)
+        if base is None:
+            raise AdapterError(f"adapter {name!r} does not fit this base: it targets {path}, which this base does not have")
+        if not isinstance(base, torch.nn.Linear):
+            raise AdapterError(f"adapter {name!r} targets {path}, a {type(base).__name__}; the adapter host hosts LoRA on linear layers only")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != base.in_features or tuple(b.shape) != (base.out_features, a.shape[0]):
+            raise AdapterError(
+                f"adapter {name!r} does not fit this base: {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                f"the base layer maps {base.in_features} to {base.out_features} features"
+            )
+        weight = base.weight
+        return LoraWeights(a.to(device=weight.device, dtype=weight.dtype), b.to(device=weight.device, dtype=weight.dtype),
+                           scaling_for(config, path, a.shape[0]))
+
+    def check_whole(self, name: str, path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        base = self._base_module(path)
+        own = dict(base.named_parameters())
+        checked = {}
+        for pname, value in params.items():
+            target = own.get(pname)
+            if target is None or tuple(target.shape) != tuple(value.shape):
+                expected = tuple(target.shape) if target is not None else "no such parameter"
+                raise AdapterError(f"adapter {name!r} does not fit this base: {path}.{pname} has shape {tuple(value.shape)}, the base's is {expected}")
+            checked[pname] = value.to(device=target.device, dtype=target.dtype)
+        return checked
+
+    # -- wrapping -----------------------------------------------------------------------
+
+    def _replace(self, path: str, module: torch.nn.Module) -> None:
+        parent_name, _, child = path.rpartition(".")
+        setattr(self.modules[parent_name] if parent_name else self.model, child, module)
+        self.modules[path] = module
+
+    def layer(self, path: str) -> Any:
+        from plugtune.plugins.methods.lora_hosting import HostedLoraLinear
+
+        if path not in self.layers:
+            self.layers[path] = HostedLoraLinear(self.modules[path], self.routing)
+            self._replace(path, self.layers[path])
+        return self.layers[path]
+
+    def switched(self, path: str) -> Any:
+        from plugtune.plugins.methods.lora_hosting import SwitchedModule
+
+        if path not in self.heads:
+            self.heads[path] = SwitchedModule(self.modules[path], self.routing)
+            self._replace(path, self.heads[path])
+        return self.heads[path]
+
+    def remove(self, name: str) -> None:
+        if self.merged is not None and self.merged[0] == name:
+            self.unfold()
+        if self.routing.active == name:
+            self.routing.active = None
+        pairs, whole = self.resident.pop(name)
+        for path in pairs:
+            layer = self.layers[path]
+            del layer.weights[name]
+            if not layer.weights:  # the last adapter on this layer: the plain layer goes back
+                self._replace(path, layer.base_layer)
+                del self.layers[path]
+        for path in whole:
+            head = self.heads[path]
+            del head.values[name]
+            if not head.values:
+                self._replace(path, head.original_module)
+                del self.heads[path]
+
+    def resident_bytes(self, name: str) -> int:
+        pairs, whole = self.resident[name]
+        total = sum(w.A.nbytes + w.B.nbytes for w in (self.layers[p].weights[name] for p in pairs))
+        return total + sum(v.nbytes for p in whole for v in self.heads[p].values[name].values())
+
+    # -- routing and merging ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def mixed_rows(self, names: list[str | None]) -> Iterator[None]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        groups = []
+        for adapter in dict.fromkeys(n for n in names if n is not None):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == adapter], device=device)
+            groups.append((adapter, rows))
+        previous = self.routing.active, self.routing.groups
+        if len(set(names)) == 1:  # one adapter for the whole batch: the plain path
+            self.routing.active, self.routing.groups = names[0], None
+        else:
+            self.routing.groups = groups
+        try:
+            yield
+        finally:
+            self.routing.active, self.routing.groups = previous
+
+    def fold(self, name: str) -> None:
+        import torch
+
+        if self.merged is not None:
+            raise AdapterError(f"adapter {self.merged[0]!r} is already merged into the base; unmerge it first")
+        pairs, whole = self.resident[name]
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for path in pairs:
+                layer = self.layers[path]
+                weight = layer.base_layer.weight
+                kept.append((weight, weight.detach().clone()))
+                weight += layer.delta(name).to(weight.dtype)
+            for path in whole:
+                head = self.heads[path]
+                own = dict(head.original_module.named_parameters())
+                for pname, value in head.values[name].items():
+                    kept.append((own[pname], own[pname].detach().clone()))
+                    own[pname].copy_(value)
+        self.merged = (name, kept)
+        self.routing.active = None
+
+    def unfold(self) -> None:
+        import torch
+
+        if self.merged is None:
             return
-        if len(wrapper.peft_config) == 1:
-            wrapper.unload()  # takes the LoRA layers out of the base, in place
-            self._wrapper = None
-            return
-        if wrapper.active_adapter == name:
-            wrapper.set_adapter(next(n for n in wrapper.peft_config if n != name))
-        wrapper.delete_adapter(name)
+        with torch.no_grad():
+            for tensor, original in self.merged[1]:
+                tensor.copy_(original)
+        self.merged = None
 
 
 @hookimpl

@@ -1,0 +1,172 @@
+"""The adapter host's LoRA layers: many LoRA adapters on one resident base, without peft's
+per-adapter module injection.
+
+Each targeted ``nn.Linear`` of the base is wrapped once in a :class:`HostedLoraLinear` that
+keeps every resident adapter's ``(A, B, scaling)`` as plain tensors; every wrapped layer
+reads the *same* :class:`Routing` object, so
+
+* switching adapters is one attribute write (``routing.active = name``), not a walk over
+  the model (peft's ``set_adapter`` visits every module);
+* loading an adapter is a dictionary insert per targeted layer: the tensors come straight
+  from the safetensors file, no module is built or initialised;
+* a batch whose rows name different adapters runs in one forward: ``routing.groups`` lists
+  ``(adapter, row indices)`` and each layer adds each group's low-rank update to its rows.
+
+The arithmetic is peft's (``base(x) + B(A(x)) * scaling``), so logits match plain peft.
+Modules a LoRA adapter saves whole (the classification head of a sequence-classification
+adapter, peft's ``modules_to_save``) are wrapped in a :class:`SwitchedModule` that runs the
+base module with the active adapter's parameters (``torch.func.functional_call``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plugtune.errors import AdapterError
+
+PEFT_PREFIX = "base_model.model."
+UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA biases",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "target_parameters",
+    "use_qalora": "QA-LoRA",
+}
+
+
+@dataclass
+class Routing:
+    """Which adapter each forward applies; shared by every hosted layer of one base.
+
+    ``groups`` (when set) overrides ``active``: one ``(adapter, row indices)`` entry per
+    adapter in a mixed batch; rows in no group run the bare base."""
+
+    active: str | None = None
+    groups: list[tuple[str, torch.Tensor]] | None = None
+
+
+@dataclass
+class LoraWeights:
+    A: torch.Tensor  # (r, in_features)
+    B: torch.Tensor  # (out_features, r)
+    scaling: float
+
+
+class HostedLoraLinear(nn.Module):
+    """``base_layer(x)`` plus the routed adapter's ``B(A(x)) * scaling``."""
+
+    def __init__(self, base_layer: nn.Linear, routing: Routing) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        self.weights: dict[str, LoraWeights] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        routing = self.routing
+        if routing.groups is None:
+            if routing.active is None:
+                return out
+            w = self.weights.get(routing.active)
+            if w is None:
+                return out
+            return out + F.linear(F.linear(x, w.A), w.B) * w.scaling
+        for name, rows in routing.groups:
+            w = self.weights.get(name)
+            if w is not None:
+                update = F.linear(F.linear(x.index_select(0, rows), w.A), w.B) * w.scaling
+                out = out.index_add(0, rows, update)
+        return out
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The adapter's full-rank weight update ``B @ A * scaling`` (out, in)."""
+        w = self.weights[name]
+        return (w.B @ w.A) * w.scaling
+
+
+class SwitchedModule(nn.Module):
+    """A module that LoRA adapters replace whole (peft's ``modules_to_save``): runs the
+    original module with the routed adapter's parameters, or its own for the bare base."""
+
+    def __init__(self, original: nn.Module, routing: Routing) -> None:
+        super().__init__()
+        self.original_module = original
+        self.routing = routing
+        self.values: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _run(self, name: str | None, *args: Any, **kwargs: Any) -> Any:
+        params = self.values.get(name) if name is not None else None
+        if params is None:
+            return self.original_module(*args, **kwargs)
+        return torch.func.functional_call(self.original_module, params, args, kwargs, strict=False)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        routing = self.routing
+        if routing.groups is None:
+            return self._run(routing.active, x, *args, **kwargs)
+        out = self.original_module(x, *args, **kwargs)
+        for name, rows in routing.groups:
+            if name in self.values:
+                out = out.index_copy(0, rows, self._run(name, x.index_select(0, rows), *args, **kwargs))
+        return out
+
+
+@dataclass
+class ParsedLora:
+    """An adapter's tensors sorted by the base module they belong to."""
+
+    pairs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> {"A": .., "B": ..}
+    whole: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> {param: value}
+
+
+def check_config(name: str, config: dict[str, Any]) -> None:
+    """Refuse LoRA variants the hosted layers do not implement."""
+    for key, label in UNSUPPORTED.items():
+        if config.get(key):
+            raise AdapterError(f"adapter {name!r} uses {label}, which the adapter host's LoRA layers do not support")
+
+
+def scaling_for(config: dict[str, Any], module: str, rank: int) -> float:
+    """peft's scaling: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), per-module alpha from
+    ``alpha_pattern``."""
+    from peft.utils.other import get_pattern_key
+
+    alpha = config.get("lora_alpha", 8)
+    pattern = config.get("alpha_pattern") or {}
+    if pattern:
+        key = get_pattern_key(pattern.keys(), module)
+        alpha = pattern.get(key, alpha)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def parse_state(name: str, state: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> ParsedLora:
+    """Sort peft-named tensors (``base_model.model.<module>.lora_A.weight``) by module."""
+    parsed = ParsedLora()
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise AdapterError(f"adapter {name!r}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; LoRA weights must be floating point")
+        path = key.removeprefix(PEFT_PREFIX)
+        for part in ("A", "B"):
+            marker = f".lora_{part}.weight"
+            if path.endswith(marker):
+                parsed.pairs.setdefault(path[: -len(marker)], {})[part] = tensor
+                break
+        else:
+            if ".lora_" in path:
+                raise AdapterError(f"adapter {name!r}: tensor {key!r} is a LoRA variant the adapter host does not support")
+            module, _, param = path.rpartition(".")
+            if module not in modules:
+                raise AdapterError(f"adapter {name!r} does not fit this base: tensor {key!r} names no module of it")
+            parsed.whole.setdefault(module, {})[param] = tensor
+    for module, pair in parsed.pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"adapter {name!r}: {module} has lora_{next(iter(pair))} without its partner")
+    return parsed
