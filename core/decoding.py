@@ -61,7 +61,7 @@ class TextStream(Iterator[list[str]]):
 
     def __init__(self, tokenizer: Any, model_config: Any, texts: Sequence[str], groups: list[DecodeGroup], *,
                  max_new_tokens: int, temperature: float | Sequence[float], top_p: float | Sequence[float],
-                 seed: int | None, stop: Sequence[str] | None, device: torch.device) -> None:
+                 seed: int | None, stop: Sequence[str] | None, device: torch.device, ignore_eos: bool = False) -> None:
         n = len(texts)
         self.tokenizer = tokenizer
         self.groups = groups
@@ -75,8 +75,9 @@ class TextStream(Iterator[list[str]]):
         else:
             self.generator.manual_seed(seed)
         self.stop = [s for s in (stop or []) if s]
-        self.eos = _eos_ids(tokenizer, model_config)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
+        eos = _eos_ids(tokenizer, model_config)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+        self.eos = set() if ignore_eos else eos
         self.generated: list[list[int]] = [[] for _ in range(n)]
         self.texts = [""] * n  # emitted so far
         self.finish_reasons: list[str | None] = [None] * n

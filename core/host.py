@@ -101,15 +101,15 @@ class AdapterHost:
     @classmethod
     def from_adapters(cls, *directories: str | Path, base_model: str | None = None,
                       plugins: PluginSystem | None = None, device: str = "auto",
-                      dtype: torch.dtype | None = None) -> AdapterHost:
+                      dtype: torch.dtype | None = None, allow_pickle: bool = False) -> AdapterHost:
         """Load the base the first adapter names (or ``base_model``), then every adapter;
-        the first one is active."""
+        the first one is active. ``allow_pickle``: as in :meth:`load`."""
         if not directories:
             raise AdapterError("no adapters given")
         first = read_manifest(directories[0])
         host = cls.from_base(base_model or first.base_model.id, Task.from_dict(first.task), plugins,
                              device=device, dtype=dtype)
-        names = [host.load(directory) for directory in directories]
+        names = [host.load(directory, allow_pickle=allow_pickle) for directory in directories]
         host.use(names[0])
         return host
 
@@ -324,7 +324,7 @@ class AdapterHost:
     def stream(self, prompts: Sequence[str], adapters: Any = ACTIVE, *, max_new_tokens: int = 32,
                raw: bool = False, temperature: float | Sequence[float] = 0.0,
                top_p: float | Sequence[float] = 1.0, seed: int | None = None,
-               stop: Sequence[str] | None = None) -> TextStream:
+               stop: Sequence[str] | None = None, ignore_eos: bool = False) -> TextStream:
         """Decode all rows together (one forward per step, mixed adapters where the method
         allows); yields, per step, the new text of each row ('' for a row that has finished).
 
@@ -332,7 +332,8 @@ class AdapterHost:
         adapter. Prompts fill the adapter's prompt template unless ``raw``. ``temperature``
         and ``top_p`` are one value or one per row (temperature 0: greedy); ``seed`` makes
         sampling repeatable; a row stops at an end-of-sequence token, at the first ``stop``
-        string (not included in the text) or after ``max_new_tokens`` tokens.
+        string (not included in the text) or after ``max_new_tokens`` tokens
+        (``ignore_eos``: only the last two; for benchmarks that need a fixed length).
 
         The returned :class:`~plugtune.decoding.TextStream` also tells, per row,
         ``finish_reasons`` (``"stop"`` or ``"length"`` once finished, ``None`` before),
@@ -344,16 +345,16 @@ class AdapterHost:
         texts = [p if raw else self.format_prompt(p, n) for p, n in zip(prompts, names)]
         return TextStream(self.tokenizer, self.base.model.generation_config, texts, self._groups(names, decoding=True),
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                          stop=stop, device=self._device())
+                          stop=stop, device=self._device(), ignore_eos=ignore_eos)
 
     def generate(self, prompts: Sequence[str], adapters: Any = ACTIVE, *, max_new_tokens: int = 32,
                  raw: bool = False, temperature: float | Sequence[float] = 0.0,
                  top_p: float | Sequence[float] = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | None = None) -> list[str]:
+                 stop: Sequence[str] | None = None, ignore_eos: bool = False) -> list[str]:
         """The whole continuation of each prompt: :meth:`stream` joined, without surrounding
         whitespace (greedy when temperature is 0; per-row sampling otherwise)."""
         stream = self.stream(prompts, adapters, max_new_tokens=max_new_tokens, raw=raw, temperature=temperature,
-                             top_p=top_p, seed=seed, stop=stop)
+                             top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
         for _ in stream:
             pass
         return [t.strip() for t in stream.texts]
