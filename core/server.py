@@ -468,16 +468,10 @@ class Service:
                 raise ApiError(409, f"an adapter named {name!r} is already loaded; unload it first or pick another name",
                                param="name")
             try:
-                self.host.load(path, name=name, **self._load_options())
+                self.host.load(path, name=name, allow_pickle=self.allow_pickle)
             except AdapterError as exc:
                 raise ApiError(400, _one_line(str(exc)), param="path") from None
         return self.describe(name)
-
-    def _load_options(self) -> dict[str, Any]:
-        import inspect
-
-        accepts = inspect.signature(self.host.load).parameters
-        return {"allow_pickle": True} if self.allow_pickle and "allow_pickle" in accepts else {}
 
     def unload(self, name: str) -> dict[str, Any]:
         with self.worker.lock:
@@ -789,18 +783,16 @@ async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tup
 
 def build_host(adapter_dirs: Sequence[str | Path], base: str | None = None, *, allow_pickle: bool = False) -> Any:
     """The host ``plugtune serve`` holds: the base the first adapter names (or ``base``) and
-    every adapter given; with no adapters, ``base`` alone as a causal LM."""
-    import inspect
-
+    every adapter given, none of them active; with no adapters, ``base`` alone as a causal LM."""
+    from .adapters import read_manifest
     from .host import AdapterHost
     from .tasks import Task
 
     if adapter_dirs:
-        host = AdapterHost.from_adapters(adapter_dirs[0], base_model=base)
-        options = {"allow_pickle": True} if allow_pickle and "allow_pickle" in inspect.signature(host.load).parameters else {}
-        for directory in adapter_dirs[1:]:
-            host.load(directory, **options)
-        host.use(None)
+        first = read_manifest(adapter_dirs[0])
+        host = AdapterHost.from_base(base or first.base_model.id, Task.from_dict(first.task))
+        for directory in adapter_dirs:
+            host.load(directory, allow_pickle=allow_pickle)
         return host
     if not base:
         raise PlugtuneError("give adapter folders (plugtune serve adapters/NAME ...) or --base MODEL")

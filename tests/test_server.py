@@ -289,7 +289,8 @@ def test_concurrent_clients_on_different_adapters_share_one_batch(url, service, 
     for body, (text, reason, prompt_tokens, completion_tokens) in zip(results, expected):
         assert body["choices"][0]["text"] == text
         assert body["choices"][0]["finish_reason"] == reason
-        assert body["usage"]["completion_tokens"] == completion_tokens
+        assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}
 
 
 # -- adapter management -----------------------------------------------------------------------
@@ -346,6 +347,29 @@ def test_loading_an_adapter_for_another_base_is_refused(client, adapters_root):
         assert_error(client.post("/v1/adapters", json={"name": "foreign", "path": "foreign"}), 400, "was trained on base")
     finally:
         shutil.rmtree(foreign)
+
+
+@pytest.mark.xfail(reason="plugtune.adapters.Adapter.size_bytes stats adapter_model.safetensors, which a pickled "
+                          "adapter lacks, so AdapterHost.load fails after attaching it (host side, reported)")
+def test_pickled_weights_load_only_with_allow_pickle(client, host, adapters_root):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = adapters_root / "pickled"
+    shutil.copytree(adapters_root / "alpha", pickled)
+    torch.save(load_file(pickled / WEIGHTS_FILE), pickled / "adapter_model.bin")
+    (pickled / WEIGHTS_FILE).unlink()
+    try:
+        assert_error(client.post("/v1/adapters", json={"name": "pickled", "path": "pickled"}), 400,
+                     "pickle files are not loaded")
+        trusting = Service(host, adapters_root=adapters_root, allow_pickle=True)
+        with running(create_app(trusting)) as url, httpx.Client(base_url=url, timeout=60) as c:
+            assert c.post("/v1/adapters", json={"name": "pickled", "path": "pickled"}).status_code == 201
+            body = c.post("/v1/completions", json={"model": "pickled", "prompt": SKY, "max_tokens": 5, "temperature": 0}).json()
+            assert body["choices"][0]["text"] == alone(host, SKY, "alpha", 5)[0]
+            c.delete("/v1/adapters/pickled")
+    finally:
+        shutil.rmtree(pickled)
 
 
 # -- errors -----------------------------------------------------------------------------------
