@@ -238,9 +238,9 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class BatchWorker:
     """The one thread that runs the model.
 
-    It takes the first waiting job, waits ``window_s`` for more, and runs up to
-    ``max_batch`` jobs as one batch, each with its own adapter. Jobs that arrive meanwhile
-    wait for the next batch. A job with a sampling ``seed`` runs in a batch of its own, so
+    It takes the first waiting job, then (holding ``lock``) the jobs queued behind it and
+    those arriving within ``window_s``, and runs up to ``max_batch`` of them as one batch,
+    each row with its own adapter. Jobs that arrive while a batch runs wait for the next. A job with a sampling ``seed`` runs in a batch of its own, so
     the same seed gives the same text whatever else is waiting. ``lock`` is held while a
     batch runs; take it to change the adapter set between batches.
     """
