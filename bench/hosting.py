@@ -27,11 +27,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from methods import write_section  # noqa: E402
+from methods import write_section
 
-from plugtune.host import AdapterHost  # noqa: E402
-from plugtune.synthetic import random_lora_adapter  # noqa: E402
-from plugtune.tasks import Task  # noqa: E402
+from plugtune.host import AdapterHost
+from plugtune.synthetic import random_lora_adapter
+from plugtune.tasks import Task
 
 OUT = ROOT / "bench" / "out" / "hosting"
 BASE = "smollm2-135m"
@@ -164,10 +164,10 @@ def section(r: dict[str, float], mixed: dict[str, float], latency: dict[str, flo
     lines = [
         "## Adapter host (issue 5)",
         "",
-        f"Command: `python bench/hosting.py` (part of `make bench`). Machine: {os.cpu_count()} CPU cores "
-        f"(shared with other sessions while this ran), {platform.processor() or platform.machine()}, torch {torch.__version__}, fp32. "
-        f"Base `{BASE}`; adapters are rank-8 LoRA on q_proj/v_proj (60 layers, random init, 1.9 MB files). "
-        "plugtune and peft 0.21 run on two copies of the base in the same process; medians.",
+        (f"Command: `python bench/hosting.py` (part of `make bench`). Machine: {os.cpu_count()} CPU cores "
+         f"(shared with other sessions while this ran; torch limited to 1 thread), {platform.processor() or platform.machine()}, "
+         f"torch {torch.__version__}, fp32. Base `{BASE}`; adapters are rank-8 LoRA on q_proj/v_proj (60 layers, random init, "
+         "1.9 MB files). plugtune and peft 0.21 run on two copies of the base in the same process; medians."),
         "",
         "| operation | plugtune | peft | ratio | target |",
         "| --- | ---: | ---: | ---: | --- |",

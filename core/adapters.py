@@ -84,10 +84,11 @@ class Adapter:
     manifest: Manifest
     state: dict[str, torch.Tensor]
     config: dict[str, Any]
+    weights_file: str = WEIGHTS_FILE  # a pickle file's name when one was allowed instead
 
     @property
     def size_bytes(self) -> int:
-        return (self.path / WEIGHTS_FILE).stat().st_size
+        return (self.path / self.weights_file).stat().st_size
 
 
 def _sha256(path: Path) -> str:
@@ -238,12 +239,13 @@ def read_adapter(directory: str | Path, *, verify_hashes: bool = True, allow_pic
                 f"opt in with allow_pickle=True or --allow-pickle if you trust it)"
             )
         state = _read_pickle(pickled[0], manifest.files.get(pickled[0].name) if verify_hashes else None)
+        weights = pickled[0]
     config_path = directory / CONFIG_FILE
     try:
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
-    return Adapter(path=directory, manifest=manifest, state=state, config=config)
+    return Adapter(path=directory, manifest=manifest, state=state, config=config, weights_file=weights.name)
 
 
 def _check_recorded(path: Path, size: int, data: bytes | None, expected: dict[str, Any] | None) -> None:

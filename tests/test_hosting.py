@@ -194,7 +194,7 @@ def test_stream_stop_string_cuts_the_text(loras, tiny_llama):
 def test_sampling_is_per_row_and_repeatable(loras, tiny_llama):
     host = _host(tiny_llama, *loras)
     prompts, rows = PROMPTS * 2, ["a", "b", "c", None] * 2
-    kwargs = dict(max_new_tokens=6, temperature=[0.0, 0.0, 0.0, 0.0, 1.5, 1.5, 1.5, 1.5], top_p=0.95, ignore_eos=True)
+    kwargs = {"max_new_tokens": 6, "temperature": [0.0] * 4 + [1.5] * 4, "top_p": 0.95, "ignore_eos": True}
     first = host.generate(prompts, rows, seed=7, **kwargs)
     assert host.generate(prompts, rows, seed=7, **kwargs) == first
     greedy = host.generate(prompts[:4], rows[:4], max_new_tokens=6, ignore_eos=True)
