@@ -89,6 +89,8 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     seed: int | None = None
+    logprobs: bool | int | None = None
+    best_of: int | None = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -127,8 +129,8 @@ class ChatRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
-    def token_budget(self, default: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or default
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class ClassifyRequest(_Request):
@@ -644,6 +646,10 @@ def create_app(service: Service) -> Any:
             raise ApiError(400, "this server holds a sequence-classification base; use POST /v1/classify")
         if sampling.n != 1:
             raise ApiError(400, "n: only n=1 is supported; send the request again for more samples", param="n")
+        if sampling.best_of not in (None, 1):
+            raise ApiError(400, "best_of: only 1 is supported", param="best_of")
+        if sampling.logprobs not in (None, False):
+            raise ApiError(400, "logprobs are not supported by this server; leave the field out", param="logprobs")
 
     async def generate(texts: list[str], adapter: str | None, sampling: _Sampling, max_tokens: int,
                        chat: bool, model_name: str) -> Any:
@@ -705,8 +711,11 @@ def create_app(service: Service) -> Any:
         check_generation(body)
         adapter, model_name = service.resolve(body)
         prompt = service.chat_prompt(body.messages, adapter)
-        return await generate([prompt], adapter, body, body.token_budget(service.default_chat_tokens),
-                              chat=True, model_name=model_name)
+        budget = body.token_budget()
+        if budget is None:  # as much as the context leaves, up to the default
+            room = (service.context_length or 0) - service.count_tokens(prompt)
+            budget = max(1, min(service.default_chat_tokens, room)) if service.context_length else service.default_chat_tokens
+        return await generate([prompt], adapter, body, budget, chat=True, model_name=model_name)
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> Any:

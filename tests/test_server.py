@@ -234,6 +234,10 @@ def test_chat_on_the_base_renders_the_conversation(client, host, service):
     # the tiny tokenizer has no chat template: plain role lines
     prompt = "system: be brief\nuser: the film was\nassistant:"
     assert body["choices"][0]["message"]["content"] == alone(host, prompt, None, 4)[0]
+    # without max_tokens, chat decodes as far as the context (128 for the tiny Llama) allows
+    body = client.post("/v1/chat/completions", json={"model": "base", "messages": messages, "temperature": 0}).json()
+    room = 128 - body["usage"]["prompt_tokens"]
+    assert body["usage"]["completion_tokens"] == room and body["choices"][0]["finish_reason"] == "length"
     # a tokenizer with a chat template renders through it
     templated = Service(host, base_name="x")
     templated.tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
@@ -384,6 +388,8 @@ def test_errors_are_openai_shaped_one_liners(client):
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "temperature": 5}), 422, "temperature")
     assert_error(client.post("/v1/chat/completions", json={"messages": []}), 422, "messages")
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "n": 2}), 400, "only n=1")
+    assert_error(client.post("/v1/completions", json={"prompt": SKY, "logprobs": 2}), 400, "logprobs are not supported")
+    assert_error(client.post("/v1/completions", json={"prompt": SKY, "echo": True}), 400, "echo")
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "max_tokens": 500}), 400, "context is 128 tokens")
     assert_error(client.post("/v1/classify", json={"input": "x"}), 400, "causal-lm base")
     assert_error(client.get("/v1/nothing"), 404, "Not Found")
