@@ -261,3 +261,14 @@ def test_ties_combination_through_the_cli_loads(loras, tiny_llama, tmp_path, cap
     assert main(["combine", str(tmp_path / "x"), str(loras[0]), str(loras[1]), "--method", "ties"]) == 5
     assert capsys.readouterr().err.strip() == (
         "error: combination method 'ties' needs a density (the fraction of each update kept), e.g. --density 0.5")
+
+
+def test_cli_merge_writes_a_plain_model_with_the_adapter_folded_in(loras, tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert main(["merge", str(loras[2]), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    host = _host(tiny_llama, loras[2])
+    enc = host.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**enc).logits, host.logits(TEXTS, "c"), atol=1e-5, rtol=0)
