@@ -4,9 +4,8 @@ clients, for a fixed time. Writes the "serving" section of BENCHMARKS.md.
     python bench/serving.py                       # 4 adapters, 32 clients, 60 s per server
     python bench/serving.py --clients 8 --seconds 10   # a quick look
 
-Steps: train ``--adapters`` rank-8 LoRA adapters (q/v) on the quickstart recipe for a few
-steps each, with different seeds and learning rates, into bench/out/serving-adapters (not
-committed); start ``plugtune serve`` on them as a subprocess on a free loopback port; run
+Steps: write ``--adapters`` random-init rank-8 LoRA adapters (q/v, different seeds) for
+SmolLM2-135M into bench/out/serving-adapters (not committed); start ``plugtune serve`` on them as a subprocess on a free loopback port; run
 ``--clients`` concurrent clients for ``--seconds``, each sending one request after another
 to its own model (the adapters and the bare base in turn): a quarter of the clients stream
 (``stream: true``), the rest do not; every request asks for 16 greedy tokens of a support
@@ -43,26 +42,20 @@ from methods import write_section
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 ADAPTERS = OUT / "serving-adapters"
-RECIPE = ROOT / "recipes" / "quickstart.yaml"
 PROMPT = "Route this support message to billing, shipping, technical or account.\nMessage: {text}\nDepartment:"
 MAX_TOKENS = 16
 
 
-def train_adapters(count: int) -> list[Path]:
-    """``count`` small LoRA adapters on SmolLM2-135M (a few quickstart steps each)."""
-    import plugtune
+def make_adapters(count: int) -> list[Path]:
+    """``count`` random-init rank-8 LoRA adapters (q/v) for SmolLM2-135M with the quickstart
+    task, written as ordinary plugtune adapters (``plugtune.synthetic``)."""
+    from plugtune.models import load_base
+    from plugtune.synthetic import random_lora_adapter
+    from plugtune.tasks import Task
 
-    dirs = []
-    for i in range(count):
-        name = f"serve-{i}"
-        target = ADAPTERS / name
-        overrides = [f"name={name}", f"output.dir={target}", "training.max_steps=4", "training.eval_before=false",
-                     "training.max_eval_examples=8", f"training.seed={i}", f"training.learning_rate={1e-3 * (i + 1)}",
-                     "method.options.r=8", "evaluators=[loss]"]
-        if not (target / "plugtune.json").is_file():
-            plugtune.run(plugtune.load_recipe(RECIPE, overrides), show_progress=False, overwrite=True)
-        dirs.append(target)
-    return dirs
+    task = Task(type="causal-lm", prompt=PROMPT, response=" {label}")
+    base = load_base("smollm2-135m", task, dtype=torch.float32)
+    return [random_lora_adapter(ADAPTERS / f"serve-{i}", base, task, r=8, seed=i) for i in range(count)]
 
 
 def free_port() -> int:
@@ -156,7 +149,7 @@ async def load_test(url: str, models: list[str], clients: int, seconds: float) -
                 differing += 1
 
     limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
         before = (await client.get("/health")).json()
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(c, client) for c in range(clients)))
@@ -191,7 +184,7 @@ def section(results: list[dict], args: argparse.Namespace, command: str) -> str:
         (f"Command: `{command}` (on {cpu}; the machine was shared with other jobs, so absolute figures are low "
         "and noisy; both servers ran back to back in the same run)."),
         "",
-        (f"SmolLM2-135M (fp32, CPU) with {args.adapters} rank-8 LoRA adapters on q/v (a few training steps each); "
+        (f"SmolLM2-135M (fp32, CPU) with {args.adapters} random-init rank-8 LoRA adapters on q/v; "
         f"{args.clients} concurrent clients for {args.seconds:.0f} s, each sending one request after another to its "
         "own model (the adapters and the bare base in turn; a quarter of them stream), "
         f"{MAX_TOKENS} greedy tokens per request. The baseline is the same server with `--max-batch 1` "
@@ -228,7 +221,7 @@ def main() -> None:
     args = parser.parse_args()
     command = "python bench/serving.py" + "".join(f" {a}" for a in sys.argv[1:])
     OUT.mkdir(parents=True, exist_ok=True)
-    adapter_dirs = train_adapters(args.adapters)
+    adapter_dirs = make_adapters(args.adapters)
     results = [run_server(adapter_dirs, args.max_batch, args.clients, args.seconds)]
     if not args.no_baseline:
         results.append(run_server(adapter_dirs, 1, args.clients, args.seconds))
