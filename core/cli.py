@@ -248,7 +248,7 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests run together in one batch")
-    p.add_argument("--allow-pickle", action="store_true", help="let adapters load pickle (.bin) weights: runs code from the file")
+    p.add_argument("--allow-pickle", action="store_true", help="let adapters load pickled (.bin) weights; only for files you trust")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

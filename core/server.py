@@ -839,6 +839,8 @@ def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, a
     """Load the host and serve it until interrupted (``plugtune serve``)."""
     import uvicorn
 
+    if max_batch < 1:
+        raise PlugtuneError(f"--max-batch must be at least 1 (got {max_batch})")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this port can run the model and load adapters "
                     "from %s; there is no authentication", host, adapters_root)
