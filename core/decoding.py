@@ -29,9 +29,9 @@ def no_prefix(batch_size: int) -> tuple[Any, int]:
 class DecodeGroup:
     """Rows decoded by one forward per step."""
 
-    rows: list[int]
-    model: torch.nn.Module  # a transformers causal LM (takes past_key_values, position_ids)
-    activate: Callable[[], contextlib.AbstractContextManager[Any]]  # puts the group's adapter(s) in place
+    rows: list[int]  # the request rows still decoding in this group (finished rows leave the batch)
+    model: torch.nn.Module  # a transformers causal LM (takes cache, position_ids)
+    activate: Callable[[list[int]], contextlib.AbstractContextManager[Any]]  # puts these rows' adapter(s) in place
     start: Start = no_prefix  # an initial cache (prefix tuning's virtual tokens)
     # decoding state
     input_ids: torch.Tensor | None = None
@@ -119,7 +119,7 @@ class TextStream(Iterator[list[str]]):
             g.positions = (g.mask.cumsum(-1) - 1).clamp(min=0) + offset
             if offset:
                 g.mask = torch.cat([g.mask.new_ones(len(g.rows), offset), g.mask], dim=1)
-        with g.activate():
+        with g.activate(g.rows):
             out = g.model(input_ids=g.input_ids, attention_mask=g.mask, position_ids=g.positions,
                           cache=g.cache, use_cache=True, logits_to_keep=1)
         g.cache = out.cache
@@ -135,10 +135,22 @@ class TextStream(Iterator[list[str]]):
             reason = "stop" if finished else ("length" if self.completion_tokens[i] >= self.max_new_tokens else None)
             new[i] = self._emit(i, reason)
             g.done[j] = self.finish_reasons[i] is not None
-        tokens = torch.where(torch.tensor(g.done, device=tokens.device), torch.full_like(tokens, self.pad), tokens)
         g.input_ids = tokens[:, None]
         g.mask = torch.cat([g.mask, g.mask.new_ones(len(g.rows), 1)], dim=1)
         g.positions = g.positions[:, -1:] + 1
+        if any(g.done) and not all(g.done):
+            self._drop_finished(g)
+
+    @staticmethod
+    def _drop_finished(g: DecodeGroup) -> None:
+        """Take finished rows out of the group's batch (and its KV cache), so the remaining
+        rows do not pay for them."""
+        keep = [j for j, done in enumerate(g.done) if not done]
+        index = torch.tensor(keep, device=g.input_ids.device)
+        g.cache.batch_select_indices(index)
+        g.input_ids, g.mask, g.positions = g.input_ids[index], g.mask[index], g.positions[index]
+        g.rows = [g.rows[j] for j in keep]
+        g.done = [False] * len(keep)
 
     def _pick(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Greedy for rows at temperature 0; top-p sampling at their temperature otherwise."""

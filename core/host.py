@@ -297,18 +297,17 @@ class AdapterHost:
                 self._get(name)
         self._check_not_merged(names)
         if self.merged is not None:  # every row names the merged adapter: the base as it is
-            return [DecodeGroup(list(range(len(names))), self.base.model, contextlib.nullcontext)]
+            return [DecodeGroup(list(range(len(names))), self.base.model, lambda rows: contextlib.nullcontext())]
         groups = []
         shared = [i for i, n in enumerate(names) if self._mixable(n)]
         if shared:
-            shared_names = [names[i] for i in shared]
-            groups.append(DecodeGroup(shared, self.base.model, lambda: self._routed(shared_names)))
+            groups.append(DecodeGroup(shared, self.base.model, lambda rows: self._routed([names[i] for i in rows])))
         for name in dict.fromkeys(n for n in names if not self._mixable(n)):
             hosted = self.adapters[name]
             rows = [i for i, n in enumerate(names) if n == name]
             parts = getattr(hosted.method, "decode_parts", None) if decoding else None
             model, start = parts(self.base.model, name) if parts else (hosted.runner, no_prefix)
-            groups.append(DecodeGroup(rows, model, lambda name=name: self.using(name), start))
+            groups.append(DecodeGroup(rows, model, lambda _, name=name: self.using(name), start))
         return groups
 
     def _grouped(self, items: Sequence[str], adapters: Any, fn: Any) -> list[Any]:
@@ -316,7 +315,7 @@ class AdapterHost:
         names = self._per_row(items, adapters)
         results: list[Any] = [None] * len(items)
         for group in self._groups(names):
-            with group.activate():
+            with group.activate(group.rows):
                 for i, out in zip(group.rows, fn([items[i] for i in group.rows], group)):
                     results[i] = out
         return results
@@ -385,7 +384,7 @@ class AdapterHost:
         out: torch.Tensor | None = None
         for group in self._groups(names):
             rows = torch.tensor(group.rows, device=enc["input_ids"].device)
-            with group.activate():
+            with group.activate(group.rows):
                 logits = group.model(**{k: v[rows] for k, v in enc.items()}).logits
             if out is None:
                 out = logits.new_zeros((len(texts), *logits.shape[1:]))

@@ -272,3 +272,15 @@ def test_cli_merge_writes_a_plain_model_with_the_adapter_folded_in(loras, tiny_l
     enc = host.tokenizer(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(merged(**enc).logits, host.logits(TEXTS, "c"), atol=1e-5, rtol=0)
+
+
+def test_rows_that_finish_early_leave_the_others_unchanged(loras, tiny_llama):
+    host = _host(tiny_llama, *loras)
+    rows = ["a", "b", None, "c"]
+    alone = [host.generate([p], n, max_new_tokens=8, ignore_eos=True)[0] for p, n in zip(PROMPTS, rows)]
+    stop = alone[0].split()[1]  # row 0 stops after its first word; the others run on
+    stream = host.stream(PROMPTS, rows, max_new_tokens=8, ignore_eos=True, stop=[stop])
+    steps = list(stream)
+    assert stream.finish_reasons[0] == "stop" and len(steps) == 8
+    assert [t.strip() for t in stream.texts[1:]] == [a[: a.find(stop)].strip() if stop in a else a for a in alone[1:]]
+    assert stream.texts[0].strip() == alone[0][: alone[0].find(stop)].strip()
