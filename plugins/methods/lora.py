@@ -148,7 +148,9 @@ class LoraMethod:
         pairs = {path: host.check_pair(name, path, pair["A"], pair["B"], config) for path, pair in parsed.pairs.items()}
         whole = {path: host.check_whole(name, path, params) for path, params in parsed.whole.items()}
         for path, weights in pairs.items():
-            host.layer(path).weights[name] = weights
+            layer = host.layer(path)
+            layer.weights[name] = weights
+            layer.forget_stack()
         for path, params in whole.items():
             host.switched(path).values[name] = params
         host.resident[name] = (list(pairs), list(whole))
@@ -207,6 +209,7 @@ class _HostState:
         self.heads: dict[str, Any] = {}
         self.resident: dict[str, tuple[list[str], list[str]]] = {}
         self.merged: tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.last_mixed: tuple[tuple[str | None, ...], Any, tuple[str, ...], torch.Tensor] | None = None
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -279,6 +282,7 @@ class _HostState:
         for path in pairs:
             layer = self.layers[path]
             del layer.weights[name]
+            layer.forget_stack()
             if not layer.weights:  # the last adapter on this layer: the plain layer goes back
                 self._replace(path, layer.base_layer)
                 del self.layers[path]
@@ -301,19 +305,23 @@ class _HostState:
         import torch
 
         device = next(self.model.parameters()).device
-        groups = []
-        for adapter in dict.fromkeys(n for n in names if n is not None):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == adapter], device=device)
-            groups.append((adapter, rows))
-        previous = self.routing.active, self.routing.groups
+        routing = self.routing
+        previous = routing.active, routing.groups, routing.slots, routing.row_slot
         if len(set(names)) == 1:  # one adapter for the whole batch: the plain path
-            self.routing.active, self.routing.groups = names[0], None
+            routing.active, routing.groups = names[0], None
         else:
-            self.routing.groups = groups
+            key = tuple(names)
+            if self.last_mixed is None or self.last_mixed[0] != key:  # the same rows again (the next decode step): same tensors
+                slots = tuple(dict.fromkeys(n for n in names if n is not None))
+                groups = [(adapter, torch.tensor([i for i, n in enumerate(names) if n == adapter], device=device))
+                          for adapter in slots]
+                row_slot = torch.tensor([slots.index(n) if n is not None else len(slots) for n in names], device=device)
+                self.last_mixed = (key, groups, slots, row_slot)
+            _, routing.groups, routing.slots, routing.row_slot = self.last_mixed
         try:
             yield
         finally:
-            self.routing.active, self.routing.groups = previous
+            routing.active, routing.groups, routing.slots, routing.row_slot = previous
 
     def fold(self, name: str) -> None:
         import torch

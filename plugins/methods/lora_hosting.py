@@ -9,8 +9,11 @@ reads the *same* :class:`Routing` object, so
   the model (peft's ``set_adapter`` visits every module);
 * loading an adapter is a dictionary insert per targeted layer: the tensors come straight
   from the safetensors file, no module is built or initialised;
-* a batch whose rows name different adapters runs in one forward: ``routing.groups`` lists
-  ``(adapter, row indices)`` and each layer adds each group's low-rank update to its rows.
+* a batch whose rows name different adapters runs in one forward: each layer stacks the
+  batch's adapters once (ranks zero-padded to the largest, the scaling folded into ``B``,
+  a zero slot for rows without one; cached while the same adapters keep coming), gathers one
+  ``(A, B)`` per row and adds every row's update with two batched matmuls, so the cost does
+  not grow with the number of adapters in the batch.
 
 The arithmetic is peft's (``base(x) + B(A(x)) * scaling``), so logits match plain peft.
 Modules a LoRA adapter saves whole (the classification head of a sequence-classification
@@ -47,10 +50,14 @@ class Routing:
     """Which adapter each forward applies; shared by every hosted layer of one base.
 
     ``groups`` (when set) overrides ``active``: one ``(adapter, row indices)`` entry per
-    adapter in a mixed batch; rows in no group run the bare base."""
+    adapter in a mixed batch; rows in no group run the bare base. ``slots`` and
+    ``row_slot`` say the same for the batched path: the batch's adapters in order, and per
+    row its index in ``slots`` (``len(slots)`` for a row without adapter)."""
 
     active: str | None = None
     groups: list[tuple[str, torch.Tensor]] | None = None
+    slots: tuple[str, ...] = ()
+    row_slot: torch.Tensor | None = None
 
 
 @dataclass
@@ -68,6 +75,37 @@ class HostedLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.routing = routing
         self.weights: dict[str, LoraWeights] = {}
+        self._stack: tuple[tuple[str, ...], torch.Tensor, torch.Tensor] | None = None
+        self._per_row: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def forget_stack(self) -> None:
+        """Call when ``weights`` changes: the next mixed batch restacks."""
+        self._stack = self._per_row = None
+
+    def _rows(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row ``A^T`` (batch, in, r) and ``(B * scaling)^T`` (batch, r, out); kept while the
+        routing hands out the same ``row_slot`` tensor (every step of one decode)."""
+        if self._per_row is None or self._per_row[0] is not routing.row_slot:
+            a, b = self._stacked(routing.slots)
+            self._per_row = (routing.row_slot, a[routing.row_slot].transpose(1, 2), b[routing.row_slot].transpose(1, 2))
+        return self._per_row[1], self._per_row[2]
+
+    def _stacked(self, slots: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` (slots+1, r, in) and ``B * scaling`` (slots+1, out, r) for the batch's adapters;
+        the last slot, and the slot of an adapter that does not target this layer, are zero."""
+        if self._stack is None or self._stack[0] != slots:
+            base = self.base_layer.weight
+            present = [self.weights[n] for n in slots if n in self.weights]
+            rank = max((w.A.shape[0] for w in present), default=0)
+            a = base.new_zeros(len(slots) + 1, rank, base.shape[1])
+            b = base.new_zeros(len(slots) + 1, base.shape[0], rank)
+            for k, name in enumerate(slots):
+                w = self.weights.get(name)
+                if w is not None:
+                    a[k, : w.A.shape[0]] = w.A
+                    b[k, :, : w.A.shape[0]] = w.B * w.scaling
+            self._stack = (slots, a, b)
+        return self._stack[1], self._stack[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -79,12 +117,12 @@ class HostedLoraLinear(nn.Module):
             if w is None:
                 return out
             return out + F.linear(F.linear(x, w.A), w.B) * w.scaling
-        for name, rows in routing.groups:
-            w = self.weights.get(name)
-            if w is not None:
-                update = F.linear(F.linear(x.index_select(0, rows), w.A), w.B) * w.scaling
-                out = out.index_add(0, rows, update)
-        return out
+        a_rows, b_rows = self._rows(routing)
+        if a_rows.shape[2] == 0:  # no adapter of this batch targets this layer
+            return out
+        flat = x.dim() == 2
+        h = torch.bmm(torch.bmm(x.unsqueeze(1) if flat else x, a_rows), b_rows)  # (batch, tokens, out)
+        return out + (h.squeeze(1) if flat else h)
 
     def delta(self, name: str) -> torch.Tensor:
         """The adapter's full-rank weight update ``B @ A * scaling`` (out, in)."""
