@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import plugtune
-from plugtune.adapters import MANIFEST_FILE, WEIGHTS_FILE, read_adapter
+from plugtune.adapters import MANIFEST_FILE, WEIGHTS_FILE, read_adapter, save_adapter
 from plugtune.cli import main
 from plugtune.combine import combine_adapters
 from plugtune.errors import AdapterError
@@ -284,3 +284,23 @@ def test_rows_that_finish_early_leave_the_others_unchanged(loras, tiny_llama):
     assert stream.finish_reasons[0] == "stop" and len(steps) == 8
     assert [t.strip() for t in stream.texts[1:]] == [a[: a.find(stop)].strip() if stop in a else a for a in alone[1:]]
     assert stream.texts[0].strip() == alone[0][: alone[0].find(stop)].strip()
+
+
+def test_mixed_classification_batch_with_lora_heads(make_recipe, tmp_path):
+    result = plugtune.run(make_recipe(classification=True), show_progress=False)
+    original = read_adapter(result.adapter_dir)
+    flipped = {k: (-v if k.endswith("classifier.weight") else v) for k, v in original.state.items()}
+    assert any(k.endswith("classifier.weight") for k in original.state)  # the head travels with the adapter
+    record = original.manifest.model_dump()
+    record.pop("files")
+    record["name"] = "flipped"
+    other = save_adapter(tmp_path / "flipped", state=flipped, config=original.config, manifest=record)
+    host = AdapterHost.from_adapters(result.adapter_dir, other)
+    texts = ["the film was great wonderful", "the film was great wonderful", "a very fun story", "the acting was flat"]
+    rows = ["tiny", "flipped", None, "tiny"]
+    mixed = host.classify(texts, rows)
+    alone = [host.classify([t], n)[0] for t, n in zip(texts, rows)]
+    for got, want in zip(mixed, alone):
+        assert got["label"] == want["label"]
+        assert all(abs(got["scores"][k] - want["scores"][k]) < 1e-5 for k in want["scores"])
+    assert mixed[0]["scores"] != mixed[1]["scores"]  # same text, the other adapter's head
