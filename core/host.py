@@ -155,6 +155,8 @@ class AdapterHost:
                 raise AdapterError(f"adapter {name!r}: its {m.method.name} options are invalid ({exc})") from None
             handler = self.handlers[handler_cls] = handler_cls(options)
         if getattr(handler, "attach_reads_base_weights", True):
+            if self.merged is not None:
+                raise AdapterError(f"adapter {self.merged!r} is merged into the base; call unmerge() before loading {name!r}")
             previous = self.active
             self._apply(None)  # attach onto the bare base, then restore the active adapter
             try:

@@ -219,6 +219,9 @@ def test_merge_and_unmerge_exactly(loras, trained, tiny_llama):
         with pytest.raises(AdapterError) as err:
             host.use("a")
         assert str(err.value) == f"adapter {name!r} is merged into the base; call unmerge() before using 'a'"
+        with pytest.raises(AdapterError) as err:
+            host.load(trained["prefix"])  # its attach must see the bare base
+        assert str(err.value) == f"adapter {name!r} is merged into the base; call unmerge() before loading 'prefix'"
         host.unmerge()
         host.use(None)
         after = host.base.model.state_dict()
