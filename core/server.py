@@ -433,7 +433,10 @@ class Service:
         """``path`` (relative to the adapters root, or absolute) resolved, refused unless it
         lies inside the adapters root."""
         given = Path(path)
-        full = (given if given.is_absolute() else self.adapters_root / given).resolve()
+        try:
+            full = (given if given.is_absolute() else self.adapters_root / given).resolve()
+        except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+            raise ApiError(400, _one_line(f"adapter path {path!r} cannot be resolved ({exc})"), param="path") from None
         if full != self.adapters_root and not full.is_relative_to(self.adapters_root):
             raise ApiError(403, f"adapter path {path!r} is outside the adapters root {self.adapters_root}; "
                            "put the adapter under it or restart the server with another --adapters-root", param="path")
@@ -462,7 +465,7 @@ class Service:
                 name = read_manifest(path).name
             except AdapterError as exc:
                 raise ApiError(400, _one_line(str(exc)), param="path") from None
-        if not ADAPTER_NAME.match(name) or name == BASE_ALIAS or name == self.base_name:
+        if not ADAPTER_NAME.fullmatch(name) or name == BASE_ALIAS or name == self.base_name:
             raise ApiError(400, f"adapter name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
                            f"(at most 64, not starting with '.' or '-'), and not {BASE_ALIAS!r}", param="name")
         with self.worker.lock:

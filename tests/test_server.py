@@ -334,7 +334,8 @@ def test_loading_refuses_paths_outside_the_root_and_unsafe_names(client, adapter
             assert_error(client.post("/v1/adapters", json={"name": "x", "path": path}), 403, "outside the adapters root")
     finally:
         (adapters_root / "sneaky").unlink()
-    for name in ("../x", ".hidden", "a/b", "base", "tiny-llama", "x" * 65):
+    assert_error(client.post("/v1/adapters", json={"name": "x", "path": "alpha\u0000"}), 400, "cannot be resolved")
+    for name in ("../x", ".hidden", "a/b", "base", "tiny-llama", "x" * 65, "ok\n"):
         assert_error(client.post("/v1/adapters", json={"name": name, "path": "alpha"}), 400, "is not allowed")
     assert_error(client.post("/v1/adapters", json={"name": "x", "path": "missing"}), 404, "no adapter folder")
     assert_error(client.post("/v1/adapters", json={"name": "x", "path": "alpha", "extra": 1}), 422, "extra")
