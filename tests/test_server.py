@@ -354,8 +354,6 @@ def test_loading_an_adapter_for_another_base_is_refused(client, adapters_root):
         shutil.rmtree(foreign)
 
 
-@pytest.mark.xfail(reason="plugtune.adapters.Adapter.size_bytes stats adapter_model.safetensors, which a pickled "
-                          "adapter lacks, so AdapterHost.load fails after attaching it (host side, reported)")
 def test_pickled_weights_load_only_with_allow_pickle(client, host, adapters_root):
     import torch
     from safetensors.torch import load_file
