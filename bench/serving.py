@@ -64,10 +64,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(adapter_dirs: list[Path], max_batch: int) -> tuple[subprocess.Popen, str, list[str]]:
+def start_server(adapter_dirs: list[Path], max_batch: int, threads: int) -> tuple[subprocess.Popen, str, list[str]]:
     port = free_port()
     command = [sys.executable, "-m", "plugtune.cli", "serve", *map(str, adapter_dirs), "--port", str(port),
-               "--adapters-root", str(ADAPTERS), "--max-batch", str(max_batch), "--log-level", "warning"]
+               "--adapters-root", str(ADAPTERS), "--max-batch", str(max_batch), "--log-level", "warning",
+               "--threads", str(threads)]
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -164,8 +165,8 @@ async def load_test(url: str, models: list[str], clients: int, seconds: float) -
             "largest_batch": health["largest_batch"]}
 
 
-def run_server(adapter_dirs: list[Path], max_batch: int, clients: int, seconds: float) -> dict:
-    process, url, models = start_server(adapter_dirs, max_batch)
+def run_server(adapter_dirs: list[Path], max_batch: int, clients: int, seconds: float, threads: int) -> dict:
+    process, url, models = start_server(adapter_dirs, max_batch, threads)
     try:
         asyncio.run(load_test(url, models, clients=min(clients, 4), seconds=3))  # warm up
         result = asyncio.run(load_test(url, models, clients, seconds))
@@ -187,7 +188,8 @@ def section(results: list[dict], args: argparse.Namespace, command: str) -> str:
         (f"SmolLM2-135M (fp32, CPU) with {args.adapters} random-init rank-8 LoRA adapters on q/v; "
         f"{args.clients} concurrent clients for {args.seconds:.0f} s, each sending one request after another to its "
         "own model (the adapters and the bare base in turn; a quarter of them stream), "
-        f"{MAX_TOKENS} greedy tokens per request. The baseline is the same server with `--max-batch 1` "
+        f"{MAX_TOKENS} greedy tokens per request; the server runs with `--threads {args.threads}`. "
+        "The baseline is the same server with `--max-batch 1` "
         "(one request at a time). Each run stops sending after the time is up and waits for the requests in "
         "flight; tokens/s and requests/s are over that whole wall time."),
         "",
@@ -216,15 +218,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (plugtune serve --threads)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the --max-batch 1 server")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     args = parser.parse_args()
     command = "python bench/serving.py" + "".join(f" {a}" for a in sys.argv[1:])
     OUT.mkdir(parents=True, exist_ok=True)
     adapter_dirs = make_adapters(args.adapters)
-    results = [run_server(adapter_dirs, args.max_batch, args.clients, args.seconds)]
+    results = [run_server(adapter_dirs, args.max_batch, args.clients, args.seconds, args.threads)]
     if not args.no_baseline:
-        results.append(run_server(adapter_dirs, 1, args.clients, args.seconds))
+        results.append(run_server(adapter_dirs, 1, args.clients, args.seconds, args.threads))
     (OUT / "serving.json").write_text(json.dumps(results, indent=2))
     text = section(results, args, command)
     print(text)

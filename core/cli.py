@@ -235,7 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     serve(args.adapters, base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
-          max_batch=args.max_batch, allow_pickle=args.allow_pickle, log_level=args.log_level)
+          max_batch=args.max_batch, allow_pickle=args.allow_pickle, log_level=args.log_level, threads=args.threads)
     return 0
 
 
@@ -249,6 +249,7 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests run together in one batch")
     p.add_argument("--allow-pickle", action="store_true", help="let adapters load pickled (.bin) weights; only for files you trust")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's; 1 suits a shared machine)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

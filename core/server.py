@@ -838,12 +838,18 @@ def running(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "
 
 def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, adapters_root: str | Path = "adapters",
           host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, allow_pickle: bool = False,
-          log_level: str = "info") -> None:
-    """Load the host and serve it until interrupted (``plugtune serve``)."""
+          log_level: str = "info", threads: int | None = None) -> None:
+    """Load the host and serve it until interrupted (``plugtune serve``). ``threads``: torch's
+    CPU threads (on a CPU shared with other work, 1 avoids threads waiting on each other)."""
+    import torch
     import uvicorn
 
     if max_batch < 1:
         raise PlugtuneError(f"--max-batch must be at least 1 (got {max_batch})")
+    if threads is not None:
+        if threads < 1:
+            raise PlugtuneError(f"--threads must be at least 1 (got {threads})")
+        torch.set_num_threads(threads)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this port can run the model and load adapters "
                     "from %s; there is no authentication", host, adapters_root)
