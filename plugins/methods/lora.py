@@ -344,6 +344,8 @@ class _HostState:
                     own[pname].copy_(value)
         self.merged = (name, kept)
         self.routing.active = None
+        for path, wrapper in [*self.layers.items(), *self.heads.items()]:  # merged: the plain modules, no overhead at all
+            self._replace(path, wrapper.base_layer if path in self.layers else wrapper.original_module)
 
     def unfold(self) -> None:
         import torch
@@ -354,6 +356,8 @@ class _HostState:
             for tensor, original in self.merged[1]:
                 tensor.copy_(original)
         self.merged = None
+        for path, wrapper in [*self.layers.items(), *self.heads.items()]:
+            self._replace(path, wrapper)
 
 
 @hookimpl
