@@ -163,8 +163,8 @@ def bench_latency(host: AdapterHost, name: str, repeats: int, new_tokens: int) -
             if step:  # the first step is the prompt
                 for label, ms in step_ms.items():
                     times[label].append(ms)
-                for label in ratios:
-                    ratios[label].append(step_ms[label] / step_ms["base"])
+                for label, values in ratios.items():
+                    values.append(step_ms[label] / step_ms["base"])
     result = {label: statistics.median(v) for label, v in times.items()}
     result.update({f"{label} ratio": statistics.median(v) for label, v in ratios.items()})
     return result
@@ -203,9 +203,9 @@ def section(r: dict[str, float], mixed: dict[str, float], latency: dict[str, flo
         f"| the same 8 rows on one adapter | {mixed['one']:.1f} | {mixed['mixed'] / mixed['one']:.2f} (target >= 0.8) |",
         f"| the 4 groups of 2 one after another, switching | {mixed['sequential']:.1f} | {mixed['mixed'] / mixed['sequential']:.2f} (target >= 2) |",
         "",
-        f"Generation latency, one prompt, greedy, {args.new_tokens * 2} new tokens (KV cache), {args.latency_repeats} runs: "
-        "the three decode side by side, taking turns step by step (merge before and unmerge after each merged step, untimed); "
-        "median ms per decode step, and the median of the per-step ratios to the base step taken at the same moment:",
+        (f"Generation latency, one prompt, greedy, {args.new_tokens * 2} new tokens (KV cache), {args.latency_repeats} runs: "
+         "the three decode side by side, taking turns step by step (merge before and unmerge after each merged step, untimed); "
+         "median ms per decode step, and the median of the per-step ratios to the base step taken at the same moment:"),
         "",
         "| model | ms/step | median per-step ratio to base |",
         "| --- | ---: | ---: |",

@@ -88,17 +88,18 @@ class TextStream(Iterator[list[str]]):
             self.finish_reasons = ["length"] * n
 
     def _encode(self, texts: Sequence[str]) -> None:
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            for g in self.groups:
-                enc = self.tokenizer([texts[i] for i in g.rows], return_tensors="pt", padding=True).to(self.device)
-                g.input_ids, g.mask = enc["input_ids"], enc["attention_mask"]
-                for i, count in zip(g.rows, g.mask.sum(-1).tolist()):
-                    self.prompt_tokens[i] = int(count)
-                g.done = [False] * len(g.rows)
-        finally:
-            self.tokenizer.padding_side = side
+        """Left-padded prompt ids per group; an empty prompt starts from the BOS token (or an
+        end-of-sequence token when the tokenizer has none), as a model needs one position."""
+        encoded = self.tokenizer(list(texts))["input_ids"] if texts else []
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else min(self.eos | {self.pad})
+        for g in self.groups:
+            ids = [encoded[i] or [start] for i in g.rows]
+            width = max(len(row) for row in ids)
+            g.input_ids = torch.tensor([[self.pad] * (width - len(row)) + row for row in ids], device=self.device)
+            g.mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=self.device)
+            for i, row in zip(g.rows, ids):
+                self.prompt_tokens[i] = len(row)
+            g.done = [False] * len(g.rows)
 
     def __iter__(self) -> TextStream:
         return self

@@ -307,3 +307,11 @@ def test_mixed_classification_batch_with_lora_heads(make_recipe, tmp_path):
         assert got["label"] == want["label"]
         assert all(abs(got["scores"][k] - want["scores"][k]) < 1e-5 for k in want["scores"])
     assert mixed[0]["scores"] != mixed[1]["scores"]  # same text, the other adapter's head
+
+
+def test_an_empty_prompt_decodes_from_one_start_token(loras, tiny_llama):
+    host = _host(tiny_llama, loras[0])
+    stream = host.stream(["", PROMPTS[0]], ["a", None], raw=True, max_new_tokens=3, ignore_eos=True)
+    list(stream)
+    assert stream.prompt_tokens[0] == 1 and stream.completion_tokens == [3, 3]
+    assert stream.texts[1].strip() == host.generate([PROMPTS[0]], None, raw=True, max_new_tokens=3, ignore_eos=True)[0]
