@@ -455,3 +455,50 @@ def test_serve_without_adapters_or_base_is_a_one_line_error(capsys):
 
     assert main(["serve"]) == 1
     assert capsys.readouterr().err.strip() == "error: give adapter folders (plugtune serve adapters/NAME ...) or --base MODEL"
+
+
+# -- a real model -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_server_with_its_chat_template_and_a_mixed_batch(tmp_path):
+    """SmolLM2-135M-Instruct: chat on the base goes through its own chat template, and three
+    concurrent clients (two random LoRA adapters and the base) batched together each get
+    what their adapter gives alone."""
+    from plugtune.synthetic import random_lora_adapter
+    from plugtune.tasks import Task
+
+    task = Task(type="causal-lm", prompt="Message: {text}\nDepartment:", response=" {label}")
+    host = AdapterHost.from_base("smollm2-135m", task)
+    for i in range(2):
+        host.load(random_lora_adapter(tmp_path / f"r{i}", host.base, task, seed=i, scale=0.5))
+    service = Service(host, adapters_root=tmp_path)
+    messages = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}]
+    prompt = host.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    cases = [("r0", "Message: I was charged twice\nDepartment:"), ("r1", "Message: I was charged twice\nDepartment:"),
+             ("base", "The capital of France is")]
+    expected = [alone(host, p, None if m == "base" else m, 8)[0] for m, p in cases]
+    assert expected[0] != expected[1]  # the two adapters really differ
+    results: list = [None] * len(cases)
+    with running(create_app(service)) as url, httpx.Client(base_url=url, timeout=300) as client:
+        body = client.post("/v1/chat/completions", json={"model": "base", "messages": messages, "max_tokens": 8,
+                                                         "temperature": 0}).json()
+        assert body["choices"][0]["message"]["content"] == alone(host, prompt, None, 8)[0]
+
+        def ask(i: int) -> None:
+            model, text = cases[i]
+            results[i] = client.post("/v1/completions", json={"model": model, "prompt": text, "max_tokens": 8,
+                                                              "temperature": 0}).json()["choices"][0]["text"]
+
+        batches = service.worker.batches
+        with service.worker.lock:
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(cases))]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 120
+            while service.worker.waiting < len(cases) - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        for t in threads:
+            t.join(300)
+        assert service.worker.batches == batches + 1
+    assert results == expected
