@@ -36,6 +36,8 @@ from plugtune.tasks import Task
 OUT = ROOT / "bench" / "out" / "hosting"
 BASE = "smollm2-135m"
 RESIDENT = 50
+NOTE = ("Absolute times on this shared machine swing 2-4x between runs (other sessions' jobs kept the load average at 5-6 "
+        "on its 2 cores); compare the ratios, which come from the same run with the contenders interleaved.")
 PROMPTS = ["Write a short story about a lighthouse keeper.", "List five uses of a paperclip.",
            "Explain why the sky is blue.", "Give me a recipe for pancakes.",
            "Describe the city of Paris.", "What makes a good teacher?",
@@ -182,6 +184,8 @@ def section(r: dict[str, float], mixed: dict[str, float], latency: dict[str, flo
          f"(shared with other sessions while this ran; torch limited to 1 thread), {platform.processor() or platform.machine()}, "
          f"torch {torch.__version__}, fp32. Base `{BASE}`; adapters are rank-8 LoRA on q_proj/v_proj (60 layers, random init, "
          "1.9 MB files). plugtune and peft 0.21 run on two copies of the base in the same process; medians."),
+        "",
+        NOTE,
         "",
         "| operation | plugtune | peft | ratio | target |",
         "| --- | ---: | ---: | ---: | --- |",
