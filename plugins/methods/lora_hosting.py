@@ -23,7 +23,9 @@ base module with the active adapter's parameters (``torch.func.functional_call``
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,3 +210,153 @@ def parse_state(name: str, state: dict[str, torch.Tensor], modules: dict[str, nn
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"adapter {name!r}: {module} has lora_{next(iter(pair))} without its partner")
     return parsed
+
+
+class HostedLoras:
+    """The hosted layers of one base, the routing they share, and which adapter lives where
+    (``LoraMethod``'s host-side state: attach checks everything before touching the model,
+    the last adapter off a layer puts the plain layer back, merging keeps the originals)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.routing = Routing()
+        self.modules = dict(model.named_modules())  # built once: lookups stay O(1) per tensor
+        self.layers: dict[str, HostedLoraLinear] = {}
+        self.heads: dict[str, SwitchedModule] = {}
+        self.resident: dict[str, tuple[list[str], list[str]]] = {}
+        self.merged: tuple[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.last_mixed: tuple[tuple[str | None, ...], Any, tuple[str, ...], torch.Tensor] | None = None
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def _base_module(self, path: str) -> Any:
+        current = self.layers.get(path) or self.heads.get(path)
+        if current is not None:
+            return current.base_layer if path in self.layers else current.original_module
+        return self.modules.get(path)
+
+    def check_pair(self, name: str, path: str, a: torch.Tensor, b: torch.Tensor, config: dict[str, Any]) -> LoraWeights:
+        base = self._base_module(path)
+        if base is None:
+            raise AdapterError(f"adapter {name!r} does not fit this base: it targets {path}, which this base does not have")
+        if not isinstance(base, torch.nn.Linear):
+            raise AdapterError(f"adapter {name!r} targets {path}, a {type(base).__name__}; the adapter host hosts LoRA on linear layers only")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != base.in_features or tuple(b.shape) != (base.out_features, a.shape[0]):
+            raise AdapterError(
+                f"adapter {name!r} does not fit this base: {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                f"the base layer maps {base.in_features} to {base.out_features} features"
+            )
+        weight = base.weight
+        return LoraWeights(a.to(device=weight.device, dtype=weight.dtype), b.to(device=weight.device, dtype=weight.dtype),
+                           scaling_for(config, path, a.shape[0]))
+
+    def check_whole(self, name: str, path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        base = self._base_module(path)
+        own = dict(base.named_parameters())
+        checked = {}
+        for pname, value in params.items():
+            target = own.get(pname)
+            if target is None or tuple(target.shape) != tuple(value.shape):
+                expected = tuple(target.shape) if target is not None else "no such parameter"
+                raise AdapterError(f"adapter {name!r} does not fit this base: {path}.{pname} has shape {tuple(value.shape)}, the base's is {expected}")
+            checked[pname] = value.to(device=target.device, dtype=target.dtype)
+        return checked
+
+    # -- wrapping -----------------------------------------------------------------------
+
+    def _replace(self, path: str, module: torch.nn.Module) -> None:
+        parent_name, _, child = path.rpartition(".")
+        setattr(self.modules[parent_name] if parent_name else self.model, child, module)
+        self.modules[path] = module
+
+    def layer(self, path: str) -> HostedLoraLinear:
+        if path not in self.layers:
+            self.layers[path] = HostedLoraLinear(self.modules[path], self.routing)
+            self._replace(path, self.layers[path])
+        return self.layers[path]
+
+    def switched(self, path: str) -> SwitchedModule:
+        if path not in self.heads:
+            self.heads[path] = SwitchedModule(self.modules[path], self.routing)
+            self._replace(path, self.heads[path])
+        return self.heads[path]
+
+    def remove(self, name: str) -> None:
+        if self.merged is not None and self.merged[0] == name:
+            self.unfold()
+        if self.routing.active == name:
+            self.routing.active = None
+        pairs, whole = self.resident.pop(name)
+        for path in pairs:
+            layer = self.layers[path]
+            del layer.weights[name]
+            layer.forget_stack()
+            if not layer.weights:  # the last adapter on this layer: the plain layer goes back
+                self._replace(path, layer.base_layer)
+                del self.layers[path]
+        for path in whole:
+            head = self.heads[path]
+            del head.values[name]
+            if not head.values:
+                self._replace(path, head.original_module)
+                del self.heads[path]
+
+    def resident_bytes(self, name: str) -> int:
+        pairs, whole = self.resident[name]
+        total = sum(w.A.nbytes + w.B.nbytes for w in (self.layers[p].weights[name] for p in pairs))
+        return total + sum(v.nbytes for p in whole for v in self.heads[p].values[name].values())
+
+    # -- routing and merging ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def mixed_rows(self, names: list[str | None]) -> Iterator[None]:
+        device = next(self.model.parameters()).device
+        routing = self.routing
+        previous = routing.active, routing.groups, routing.slots, routing.row_slot
+        if len(set(names)) == 1:  # one adapter for the whole batch: the plain path
+            routing.active, routing.groups = names[0], None
+        else:
+            key = tuple(names)
+            if self.last_mixed is None or self.last_mixed[0] != key:  # the same rows again (the next decode step): same tensors
+                slots = tuple(dict.fromkeys(n for n in names if n is not None))
+                groups = [(adapter, torch.tensor([i for i, n in enumerate(names) if n == adapter], device=device))
+                          for adapter in slots]
+                row_slot = torch.tensor([slots.index(n) if n is not None else len(slots) for n in names], device=device)
+                self.last_mixed = (key, groups, slots, row_slot)
+            _, routing.groups, routing.slots, routing.row_slot = self.last_mixed
+        try:
+            yield
+        finally:
+            routing.active, routing.groups, routing.slots, routing.row_slot = previous
+
+    def fold(self, name: str) -> None:
+        if self.merged is not None:
+            raise AdapterError(f"adapter {self.merged[0]!r} is already merged into the base; unmerge it first")
+        pairs, whole = self.resident[name]
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for path in pairs:
+                layer = self.layers[path]
+                weight = layer.base_layer.weight
+                kept.append((weight, weight.detach().clone()))
+                weight += layer.delta(name).to(weight.dtype)
+            for path in whole:
+                head = self.heads[path]
+                own = dict(head.original_module.named_parameters())
+                for pname, value in head.values[name].items():
+                    kept.append((own[pname], own[pname].detach().clone()))
+                    own[pname].copy_(value)
+        self.merged = (name, kept)
+        self.routing.active = None
+        for path, wrapper in [*self.layers.items(), *self.heads.items()]:  # merged: the plain modules, no overhead at all
+            self._replace(path, wrapper.base_layer if path in self.layers else wrapper.original_module)
+
+    def unfold(self) -> None:
+        if self.merged is None:
+            return
+        with torch.no_grad():
+            for tensor, original in self.merged[1]:
+                tensor.copy_(original)
+        self.merged = None
+        for path, wrapper in [*self.layers.items(), *self.heads.items()]:
+            self._replace(path, wrapper)
