@@ -14,9 +14,15 @@ LoRA (and int8-trained LoRA) adapters live in shared routed layers (see
 different LoRA adapters (or none) share one forward. Prefix and full-delta adapters run as
 groups of their own.
 
-Loading is strict: an adapter made for another base (fingerprint), another task, or by a
-method whose plugin is not installed is refused with an :class:`AdapterError` that says
-what was expected.
+Loading is strict: an adapter made for another base (fingerprint or tensor shapes), another
+task, or by a method whose plugin is not installed, and a damaged or pickled weights file,
+are refused with an :class:`AdapterError` that says what was expected.
+
+A method's host-side handler needs ``attach``/``activate``/``detach``; it may also offer
+``supports_mixed_batches`` + ``mixed_rows(model, names)`` (rows of one forward with their own
+adapters), ``attach_reads_base_weights = False`` (attach without taking the active adapter
+off), ``fold``/``unfold`` (merge/unmerge) and ``decode_parts`` (a model and initial cache for
+the decode loop, as prefix tuning needs).
 """
 
 from __future__ import annotations
