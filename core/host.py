@@ -215,10 +215,12 @@ class AdapterHost:
         self.active = name
 
     def list(self) -> list[dict[str, Any]]:
-        """One record per resident adapter: name, method, file size, base fingerprint, task
-        type and labels, folder, and whether it is active or merged."""
+        """One record per resident adapter: name, method, file size, memory its tensors take
+        on this host (where its method reports it), base fingerprint, task type and labels,
+        folder, and whether it is active or merged."""
         return [
             {"name": h.name, "method": h.manifest.method.name, "size_bytes": h.size_bytes,
+             "resident_bytes": h.method.resident_bytes(self.base.model, h.name) if hasattr(h.method, "resident_bytes") else None,
              "base_fingerprint": h.manifest.base_model.fingerprint, "task": h.manifest.task.get("type"),
              "labels": h.manifest.task.get("labels"), "path": str(h.path), "active": h.name == self.active,
              "merged": h.name == self.merged}

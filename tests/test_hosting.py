@@ -120,6 +120,7 @@ def test_list_reports_each_adapter(loras, tiny_llama):
     assert [(r["name"], r["method"], r["task"], r["base_fingerprint"], r["active"]) for r in records] == [
         ("a", "lora", "causal-lm", fingerprint, False), ("b", "lora", "causal-lm", fingerprint, True)]
     assert records[0]["size_bytes"] == (loras[0] / WEIGHTS_FILE).stat().st_size
+    assert records[0]["resident_bytes"] == sum(t.nbytes for t in read_adapter(loras[0]).state.values())
 
 
 # -- mixed batches ---------------------------------------------------------------------------
