@@ -235,12 +235,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     serve(args.adapters, base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
-          max_batch=args.max_batch, allow_pickle=args.allow_pickle, log_level=args.log_level, threads=args.threads)
+          max_batch=args.max_batch, allow_pickle=args.allow_pickle, log_level=args.log_level, threads=args.threads,
+          api_key=os.environ.get("PLUGTUNE_API_KEY"))
     return 0
 
 
 def add_serve_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve a base and its adapters over an OpenAI-shaped HTTP API")
+    p = sub.add_parser("serve", help="serve a base and its adapters over an OpenAI-shaped HTTP API",
+                       epilog="Set PLUGTUNE_API_KEY to require 'Authorization: Bearer <key>' (OpenAI clients send their api_key so).")
     p.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR", help="adapters to load at start (they share one base)")
     p.add_argument("--base", help="base model (default: the one the first adapter names); alone: a causal LM with no adapters")
     p.add_argument("--adapters-root", default="adapters", metavar="DIR",

@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import copy
+import hmac
 import json
 import logging
 import queue
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# At module level: FastAPI resolves the (postponed) annotations of dependencies here.
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import AdapterError, PlugtuneError
@@ -399,11 +402,13 @@ class Service:
 
     def __init__(self, host: Any, *, adapters_root: str | Path = "adapters", max_batch: int = 16,
                  base_name: str | None = None, allow_pickle: bool = False,
-                 window_s: float = DEFAULT_BATCH_WINDOW_S, default_chat_tokens: int = 256) -> None:
+                 window_s: float = DEFAULT_BATCH_WINDOW_S, default_chat_tokens: int = 256,
+                 api_key: str | None = None) -> None:
         self.host = host
         self.adapters_root = Path(adapters_root).resolve()
         self.base_name = base_name or str(host.base.info.id)
         self.allow_pickle = allow_pickle
+        self.api_key = api_key or None
         self.default_chat_tokens = default_chat_tokens
         self.worker = BatchWorker(host, max_batch=max_batch, window_s=window_s)
         # The event loop's own tokenizer (counting tokens, chat templates), so that it never
@@ -535,7 +540,7 @@ def _sse(data: Any) -> str:
 
 def create_app(service: Service) -> Any:
     """The FastAPI application over ``service``; its lifespan starts and stops the worker."""
-    from fastapi import FastAPI, Request
+    from fastapi import Depends, FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
@@ -549,7 +554,17 @@ def create_app(service: Service) -> Any:
         finally:
             await run_in_threadpool(service.worker.stop)
 
-    app = FastAPI(title="plugtune", lifespan=lifespan, docs_url=None, redoc_url=None)
+    async def authorize(request: Request) -> None:
+        """With an API key set, every endpoint but /health wants ``Authorization: Bearer KEY``."""
+        if service.api_key is None or request.url.path == "/health":
+            return
+        expected = f"Bearer {service.api_key}".encode()
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    app = FastAPI(title="plugtune", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(authorize)])
     app.state.service = service
 
     @app.exception_handler(ApiError)
@@ -838,9 +853,10 @@ def running(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "
 
 def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, adapters_root: str | Path = "adapters",
           host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, allow_pickle: bool = False,
-          log_level: str = "info", threads: int | None = None) -> None:
+          log_level: str = "info", threads: int | None = None, api_key: str | None = None) -> None:
     """Load the host and serve it until interrupted (``plugtune serve``). ``threads``: torch's
-    CPU threads (on a CPU shared with other work, 1 avoids threads waiting on each other)."""
+    CPU threads (on a CPU shared with other work, 1 avoids threads waiting on each other);
+    ``api_key``: require ``Authorization: Bearer KEY`` on every endpoint but /health."""
     import torch
     import uvicorn
 
@@ -851,9 +867,9 @@ def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, a
             raise PlugtuneError(f"--threads must be at least 1 (got {threads})")
         torch.set_num_threads(threads)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s: anyone who can reach this port can run the model and load adapters "
-                    "from %s; there is no authentication", host, adapters_root)
+        log.warning("serving on %s: anyone who can reach this port can run the model and load adapters from %s%s",
+                    host, adapters_root, "" if api_key else "; there is no authentication (set PLUGTUNE_API_KEY)")
     model_host = build_host(adapter_dirs, base, allow_pickle=allow_pickle)
     service = Service(model_host, adapters_root=adapters_root, max_batch=max_batch, base_name=base,
-                      allow_pickle=allow_pickle)
+                      allow_pickle=allow_pickle, api_key=api_key)
     uvicorn.run(create_app(service), host=host, port=port, log_level=log_level)

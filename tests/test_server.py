@@ -375,6 +375,22 @@ def test_pickled_weights_load_only_with_allow_pickle(client, host, adapters_root
         shutil.rmtree(pickled)
 
 
+def test_an_api_key_guards_everything_but_health(host, adapters_root):
+    from openai import AuthenticationError, OpenAI
+
+    guarded = Service(host, adapters_root=adapters_root, base_name="tiny-llama", api_key="s3cret")
+    with running(create_app(guarded)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/health").status_code == 200
+        error = assert_error(c.get("/v1/models"), 401, "missing or wrong API key")
+        assert error["code"] == "invalid_api_key"
+        assert_error(c.post("/v1/adapters", json={"path": "alpha"}, headers={"Authorization": "Bearer wrong"}), 401, "API key")
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        client = OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        completion = client.completions.create(model="alpha", prompt=SKY, max_tokens=4, temperature=0)
+        assert completion.choices[0].text == alone(host, SKY, "alpha", 4)[0]
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
