@@ -604,13 +604,18 @@ def create_app(service: Service) -> Any:
                 "adapters": list(service.host.adapters), "waiting": worker.waiting, "batches": worker.batches,
                 "rows": worker.rows, "largest_batch": worker.largest_batch, "max_batch": worker.max_batch}
 
+    def model_card(name: str | None) -> dict[str, Any]:
+        return {"id": name or service.base_name, "object": "model", "created": service.created, "owned_by": "plugtune",
+                "root": service.base_name, "parent": service.base_name if name else None}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        base = {"id": service.base_name, "object": "model", "created": service.created, "owned_by": "plugtune",
-                "root": service.base_name, "parent": None}
-        adapters = [{"id": name, "object": "model", "created": service.created, "owned_by": "plugtune",
-                     "root": service.base_name, "parent": service.base_name} for name in list(service.host.adapters)]
-        return {"object": "list", "data": [base, *adapters]}
+        return {"object": "list", "data": [model_card(None), *(model_card(n) for n in list(service.host.adapters))]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str) -> dict[str, Any]:
+        adapter, _ = service.resolve(_Request(model=name))
+        return model_card(adapter)
 
     # -- adapters -----------------------------------------------------------------------------
 

@@ -117,6 +117,8 @@ def test_health_and_models_list_base_and_adapters(client):
     assert [m["id"] for m in models["data"]][:3] == ["tiny-llama", "alpha", "beta"]
     assert all(m["object"] == "model" and m["owned_by"] == "plugtune" for m in models["data"])
     assert models["data"][1]["parent"] == "tiny-llama"
+    assert client.get("/v1/models/alpha").json() == models["data"][1]
+    assert_error(client.get("/v1/models/nope"), 404, "no adapter or model named 'nope'")
 
 
 # -- completions ------------------------------------------------------------------------------
@@ -252,6 +254,7 @@ def test_the_official_openai_client_works(url, host):
 
     client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     assert [m.id for m in client.models.list()][:3] == ["tiny-llama", "alpha", "beta"]
+    assert client.models.retrieve("alpha").parent == "tiny-llama" and client.models.retrieve("base").id == "tiny-llama"
     completion = client.completions.create(model="beta", prompt=GRASS, max_tokens=6, temperature=0)
     text, reason, _, tokens = alone(host, GRASS, "beta", 6)
     assert completion.choices[0].text == text and completion.choices[0].finish_reason == reason
