@@ -51,6 +51,8 @@ log = logging.getLogger("plugtune.server")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Names an adapter may be loaded under over HTTP: no slashes, no leading dot, at most 64."""
 BASE_ALIAS = "base"
+MAX_INPUTS = 64
+"""Most prompts (or texts to classify) one request may carry."""
 DEFAULT_BATCH_WINDOW_S = 0.005
 
 
@@ -678,6 +680,8 @@ def create_app(service: Service) -> Any:
                        chat: bool, model_name: str) -> Any:
         prompt_tokens = [service.count_tokens(t) for t in texts]
         for n in prompt_tokens:
+            if n == 0:  # nothing to continue from (no BOS token): refused rather than batched
+                raise ApiError(400, "the prompt is empty: it encodes to no tokens", param="prompt")
             service.check_length(n, max_tokens)
         events, jobs = submit("generate", texts, adapter, sampling, max_tokens)
         try:
@@ -725,8 +729,7 @@ def create_app(service: Service) -> Any:
             raise ApiError(400, "echo is not supported", param="echo")
         adapter, model_name = service.resolve(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if not prompts:
-            raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        _check_count(prompts, "prompt")
         return await generate(prompts, adapter, body, body.max_tokens, chat=False, model_name=model_name)
 
     @app.post("/v1/chat/completions")
@@ -746,6 +749,7 @@ def create_app(service: Service) -> Any:
             raise ApiError(400, "this server holds a causal-lm base; use POST /v1/completions or /v1/chat/completions")
         adapter, model_name = service.resolve(body)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        _check_count(texts, "input")
         events, jobs = submit("classify", texts, adapter)
         results: list[Any] = [None] * len(jobs)
         pending = {job.index for job in jobs}
@@ -763,6 +767,11 @@ def create_app(service: Service) -> Any:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return app
+
+
+def _check_count(items: list[str], field: str) -> None:
+    if not items or len(items) > MAX_INPUTS:
+        raise ApiError(400, f"{field}: give a string or a list of 1 to {MAX_INPUTS} strings (got {len(items)})", param=field)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
