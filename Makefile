@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "setuptools>=77" wheel
-	$(PY) -m pip install -q -e ".[test,int8]"
+	$(PY) -m pip install -q -e ".[test,int8,serve]"
 	$(PY) -m pip check
 	@touch $(STAMP)
 
@@ -41,6 +41,8 @@ test-fast: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/methods.py
 	HF_HUB_OFFLINE=1 $(PY) bench/regularization.py
+	HF_HUB_OFFLINE=1 $(PY) bench/hosting.py
+	HF_HUB_OFFLINE=1 $(PY) bench/serving.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

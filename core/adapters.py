@@ -84,10 +84,11 @@ class Adapter:
     manifest: Manifest
     state: dict[str, torch.Tensor]
     config: dict[str, Any]
+    weights_file: str = WEIGHTS_FILE  # a pickle file's name when one was allowed instead
 
     @property
     def size_bytes(self) -> int:
-        return (self.path / WEIGHTS_FILE).stat().st_size
+        return (self.path / self.weights_file).stat().st_size
 
 
 def _sha256(path: Path) -> str:
@@ -238,36 +239,91 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise AdapterError(f"{path}: manifest field {where[:120]}: {err['msg']}") from None
 
 
-def read_adapter(directory: str | Path, *, verify_hashes: bool = True) -> Adapter:
-    """Read manifest, config and tensors, checking sizes and hashes against the manifest."""
-    from safetensors.torch import load as load_bytes
+PICKLE_PATTERNS = ("adapter_model.bin", "*.pt", "*.pth", "*.bin")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
+
+def read_adapter(directory: str | Path, *, verify_hashes: bool = True, allow_pickle: bool = False) -> Adapter:
+    """Read manifest, config and tensors, checking sizes and hashes against the manifest.
+
+    Checks run cheapest first and before the tensors are parsed: the file size against the
+    manifest, the safetensors header's claimed size against the file's, the tensors' byte
+    ranges against the data actually there, then the sha256. A pickled weights file
+    (``adapter_model.bin``, ``*.pt``, ``*.pth``) is refused unless ``allow_pickle``; then it
+    is read with ``torch.load(weights_only=True)`` (no arbitrary code runs)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        pickled = [p.name for p in directory.glob("*.bin")]
-        extra = f" (found {pickled[0]}: pickle files are not loaded)" if pickled else ""
-        raise AdapterError(f"{directory}: {WEIGHTS_FILE} is missing{extra}")
-    data = weights.read_bytes()
-    expected = manifest.files.get(WEIGHTS_FILE)
-    if expected and verify_hashes:
-        if expected.get("bytes") is not None and expected["bytes"] != len(data):
+    if weights.is_file():
+        state = _read_safetensors(weights, manifest.files.get(WEIGHTS_FILE) if verify_hashes else None)
+    else:
+        pickled = sorted({p for pattern in PICKLE_PATTERNS for p in directory.glob(pattern)})
+        if not pickled:
+            raise AdapterError(f"{directory}: {WEIGHTS_FILE} is missing")
+        if not allow_pickle:
             raise AdapterError(
-                f"{weights}: {len(data)} bytes, the manifest says {expected['bytes']} (truncated or replaced)"
+                f"{directory}: {WEIGHTS_FILE} is missing (found {pickled[0].name}: pickle files are not loaded; "
+                f"opt in with allow_pickle=True or --allow-pickle if you trust it)"
             )
-        if expected.get("sha256") and expected["sha256"] != hashlib.sha256(data).hexdigest():
-            raise AdapterError(f"{weights}: content does not match the manifest's sha256 (corrupt or replaced)")
-    try:
-        state = load_bytes(data)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means corrupt
-        raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
+        state = _read_pickle(pickled[0], manifest.files.get(pickled[0].name) if verify_hashes else None)
+        weights = pickled[0]
     config_path = directory / CONFIG_FILE
     try:
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
-    return Adapter(path=directory, manifest=manifest, state=state, config=config)
+    return Adapter(path=directory, manifest=manifest, state=state, config=config, weights_file=weights.name)
+
+
+def _check_recorded(path: Path, size: int, data: bytes | None, expected: dict[str, Any] | None) -> None:
+    if not expected:
+        return
+    if expected.get("bytes") is not None and expected["bytes"] != size:
+        raise AdapterError(f"{path}: {size} bytes, the manifest says {expected['bytes']} (truncated or replaced)")
+    if data is not None and expected.get("sha256") and expected["sha256"] != hashlib.sha256(data).hexdigest():
+        raise AdapterError(f"{path}: content does not match the manifest's sha256 (corrupt or replaced)")
+
+
+def _read_safetensors(path: Path, expected: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after checking its header against its size."""
+    from safetensors.torch import load as load_bytes
+
+    size = path.stat().st_size
+    _check_recorded(path, size, None, expected)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise AdapterError(f"{path}: {size} bytes, too short for a safetensors file (truncated)")
+        header_bytes = int.from_bytes(head, "little")
+        if header_bytes > min(size - 8, MAX_HEADER_BYTES):
+            raise AdapterError(f"{path}: the safetensors header claims {header_bytes} bytes but the file has {size} (corrupt or truncated)")
+        data = head + fh.read()
+    try:
+        header = json.loads(data[8 : 8 + header_bytes])
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except Exception as exc:  # noqa: BLE001 - any malformed header means corrupt
+        raise AdapterError(f"{path}: not a readable safetensors file (bad header: {exc})") from None
+    available = size - 8 - header_bytes
+    if max(ends, default=0) > available:
+        raise AdapterError(f"{path}: the tensors need {max(ends)} bytes of data but the file holds {available} (truncated)")
+    _check_recorded(path, size, data, expected)
+    try:
+        return load_bytes(data)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means corrupt
+        raise AdapterError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _read_pickle(path: Path, expected: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    data = path.read_bytes()
+    _check_recorded(path, len(data), data, expected)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AdapterError(f"{path}: not loadable with torch.load(weights_only=True) ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise AdapterError(f"{path}: not a mapping of tensor names to tensors")
+    return state
 
 
 def list_adapters(root: str | Path) -> list[Path]:

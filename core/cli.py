@@ -133,9 +133,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import copy
 
     from .adapters import read_manifest
+    from .evaluation import encode_split, evaluate
     from .host import AdapterHost
     from .recipe import load_recipe
-    from .evaluation import encode_split, evaluate
     from .train import comparison_table
 
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
@@ -176,7 +176,7 @@ def _host_for(args: argparse.Namespace, classification: bool) -> tuple[Any, list
     if not args.adapter and not args.base:
         raise PlugtuneError("give --adapter DIR (repeatable) or --base MODEL")
     if args.adapter:
-        host = AdapterHost.from_adapters(*args.adapter, base_model=args.base)
+        host = AdapterHost.from_adapters(*args.adapter, base_model=args.base, allow_pickle=args.allow_pickle)
         names = list(host.adapters)
     else:
         task = Task(type="sequence-classification" if classification else "causal-lm", prompt="{text}", response="", text="{text}")
@@ -228,6 +228,80 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve (plugtune serve: the HTTP server, core/server.py) ------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(args.adapters, base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
+          max_batch=args.max_batch, allow_pickle=args.allow_pickle, log_level=args.log_level, threads=args.threads,
+          api_key=os.environ.get("PLUGTUNE_API_KEY"))
+    return 0
+
+
+def add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a base and its adapters over an OpenAI-shaped HTTP API",
+                       epilog="Set PLUGTUNE_API_KEY to require 'Authorization: Bearer <key>' (OpenAI clients send their api_key so).")
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR", help="adapters to load at start (they share one base)")
+    p.add_argument("--base", help="base model (default: the one the first adapter names); alone: a causal LM with no adapters")
+    p.add_argument("--adapters-root", default="adapters", metavar="DIR",
+                   help="POST /v1/adapters loads only from inside this folder (default: adapters)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests run together in one batch")
+    p.add_argument("--allow-pickle", action="store_true", help="let adapters load pickled (.bin) weights; only for files you trust")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's; 1 suits a shared machine)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+# -- combine and merge (adapter tools: core/combine.py, core/models.py) ---------------------------
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    from .combine import combine_adapters
+
+    weights = args.weights or [1.0] * len(args.adapters)
+    out = combine_adapters(args.out, args.adapters, weights, method=args.method, density=args.density,
+                           svd_rank=args.svd_rank, name=args.name)
+    _console().print(f"combined {len(args.adapters)} adapters ({args.method}, weights {weights}) into [bold]{out}[/]")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .adapters import read_manifest
+    from .models import load_base
+    from .tasks import Task
+
+    manifest = read_manifest(args.adapter)
+    base = load_base(str(args.adapter), Task.from_dict(manifest.task))  # an adapter folder: its base, merged
+    out = Path(args.out)
+    base.model.save_pretrained(out)
+    base.tokenizer.save_pretrained(out)
+    _console().print(f"{manifest.name} merged into {manifest.base_model.id}: a plain model folder at [bold]{out}[/]")
+    return 0
+
+
+def add_adapter_tool_parsers(sub: Any) -> None:
+    from .combine import METHODS
+
+    p = sub.add_parser("combine", help="combine LoRA adapters into a new one (weighted sum, TIES, DARE via peft)")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one per adapter (default: 1 each)")
+    p.add_argument("--method", default="linear", choices=METHODS)
+    p.add_argument("--density", type=float, help="fraction of each update kept (ties, dare_*, magnitude_prune)")
+    p.add_argument("--svd-rank", type=int, help="rank of the result for the *svd methods")
+    p.add_argument("--name", help="the new adapter's name (default: the folder's)")
+    p.set_defaults(func=cmd_combine)
+
+    p = sub.add_parser("merge", help="write an adapter's base with the adapter merged in, as a plain model folder")
+    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.set_defaults(func=cmd_merge)
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -272,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--adapter", action="append", default=[], metavar="DIR", help="repeatable; all share one base")
         p.add_argument("--base", help="base model (default: the one the adapters name)")
         p.add_argument("--per-input", action="store_true", help="the i-th adapter handles the i-th input")
+        p.add_argument("--allow-pickle", action="store_true", help="accept pickled adapter weights (read with torch.load(weights_only=True))")
         if name == "generate":
             p.add_argument("--max-new-tokens", type=int, default=32)
             p.add_argument("--raw", action="store_true", help="do not wrap inputs in the adapter's prompt template")
@@ -280,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="fetch and cache base models (aliases) for offline use")
     p.add_argument("models", nargs="+")
     p.set_defaults(func=cmd_fetch)
+
+    add_serve_parser(sub)
+    add_adapter_tool_parsers(sub)
     return parser
 
 

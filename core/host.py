@@ -4,11 +4,25 @@
     host.use("support")                     # a pointer change in the method, not a reload
     host.generate(["My card was charged twice"])
     host.generate(prompts, adapters=["support", None, "support-r4"])   # one adapter per row
+    for step in host.stream(prompts, ["support", None, "support-r4"]):  # token by token
+        ...
+    host.merge("support"); ...; host.unmerge()   # fold into the base weights, and back exactly
     host.unload("support-r4")
 
-Loading is strict: an adapter made for another base (fingerprint), another task, or by a
-method whose plugin is not installed is refused with an :class:`AdapterError` that says
-what was expected.
+LoRA (and int8-trained LoRA) adapters live in shared routed layers (see
+``plugtune.plugins.methods.lora_hosting``): a switch is one attribute write, and rows naming
+different LoRA adapters (or none) share one forward. Prefix and full-delta adapters run as
+groups of their own.
+
+Loading is strict: an adapter made for another base (fingerprint or tensor shapes), another
+task, or by a method whose plugin is not installed, and a damaged or pickled weights file,
+are refused with an :class:`AdapterError` that says what was expected.
+
+A method's host-side handler needs ``attach``/``activate``/``detach``; it may also offer
+``supports_mixed_batches`` + ``mixed_rows(model, names)`` (rows of one forward with their own
+adapters), ``attach_reads_base_weights = False`` (attach without taking the active adapter
+off), ``fold``/``unfold`` (merge/unmerge) and ``decode_parts`` (a model and initial cache for
+the decode loop, as prefix tuning needs).
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ from typing import Any
 import torch
 
 from .adapters import Manifest, read_adapter, read_manifest
+from .decoding import DecodeGroup, TextStream, no_prefix
 from .errors import AdapterError
 from .models import LoadedBase, load_base
 from .registry import PluginSystem, get_plugin_system
@@ -63,6 +78,7 @@ class AdapterHost:
         self.plugins = plugins or get_plugin_system()
         self.adapters: dict[str, HostedAdapter] = {}
         self.active: str | None = None
+        self.merged: str | None = None  # the adapter folded into the base weights, if any
         # One handler per tuning method class: it keeps that method's host-side state (peft's
         # wrapper, the base values a full-weight delta overwrote) for all its adapters.
         self.handlers: dict[type, Any] = {}
@@ -91,24 +107,26 @@ class AdapterHost:
     @classmethod
     def from_adapters(cls, *directories: str | Path, base_model: str | None = None,
                       plugins: PluginSystem | None = None, device: str = "auto",
-                      dtype: torch.dtype | None = None) -> AdapterHost:
+                      dtype: torch.dtype | None = None, allow_pickle: bool = False) -> AdapterHost:
         """Load the base the first adapter names (or ``base_model``), then every adapter;
-        the first one is active."""
+        the first one is active. ``allow_pickle``: as in :meth:`load`."""
         if not directories:
             raise AdapterError("no adapters given")
         first = read_manifest(directories[0])
         host = cls.from_base(base_model or first.base_model.id, Task.from_dict(first.task), plugins,
                              device=device, dtype=dtype)
-        names = [host.load(directory) for directory in directories]
+        names = [host.load(directory, allow_pickle=allow_pickle) for directory in directories]
         host.use(names[0])
         return host
 
     # -- adapters -----------------------------------------------------------------------
 
-    def load(self, directory: str | Path, name: str | None = None) -> str:
+    def load(self, directory: str | Path, name: str | None = None, *, allow_pickle: bool = False) -> str:
         """Attach the adapter in ``directory`` as ``name`` (default: its manifest name).
-        The active adapter does not change; call :meth:`use` to switch to it."""
-        adapter = read_adapter(directory)
+        The active adapter does not change; call :meth:`use` to switch to it. A pickled
+        weights file (``adapter_model.bin``) is refused unless ``allow_pickle`` (then it is
+        read with ``torch.load(weights_only=True)``)."""
+        adapter = read_adapter(directory, allow_pickle=allow_pickle)
         m = adapter.manifest
         name = name or m.name
         if name in self.adapters:
@@ -142,19 +160,27 @@ class AdapterHost:
             except Exception as exc:  # noqa: BLE001
                 raise AdapterError(f"adapter {name!r}: its {m.method.name} options are invalid ({exc})") from None
             handler = self.handlers[handler_cls] = handler_cls(options)
-        previous = self.active
-        self._apply(None)  # attach onto the bare base, then restore the active adapter
-        try:
+        if getattr(handler, "attach_reads_base_weights", True):
+            if self.merged is not None:
+                raise AdapterError(f"adapter {self.merged!r} is merged into the base; call unmerge() before loading {name!r}")
+            previous = self.active
+            self._apply(None)  # attach onto the bare base, then restore the active adapter
+            try:
+                runner = handler.attach(self.base.model, name, adapter.state, adapter.config)
+            finally:
+                self._apply(previous)
+        else:  # the handler only stores tensors: no need to take the active adapter off
             runner = handler.attach(self.base.model, name, adapter.state, adapter.config)
-        finally:
-            self._apply(previous)
-        runner.eval()
+        if runner is not self.base.model:
+            runner.eval()
         self.adapters[name] = HostedAdapter(name, Path(directory), m, handler, runner, adapter.size_bytes)
         return name
 
     def unload(self, name: str) -> None:
         """Detach ``name`` and free its tensors; the base is untouched."""
         hosted = self._get(name)
+        if self.merged == name:
+            self.unmerge()
         if self.active == name:
             self._apply(None)
         hosted.method.detach(self.base.model, name)
@@ -164,10 +190,14 @@ class AdapterHost:
         """Make ``name`` the active adapter (``None``: the bare base)."""
         if name is not None:
             self._get(name)
+        if self.active == name:
+            return
+        self._check_not_merged([name])
         self._apply(name)
 
     @contextlib.contextmanager
     def using(self, name: str | None) -> Iterator[None]:
+        """Run the block with ``name`` active, then switch back."""
         previous = self.active
         self.use(name)
         try:
@@ -183,6 +213,49 @@ class AdapterHost:
         if owner is not None:
             owner.activate(self.base.model, name)
         self.active = name
+
+    def list(self) -> list[dict[str, Any]]:
+        """One record per resident adapter: name, method, file size, memory its tensors take
+        on this host (where its method reports it), base fingerprint, task type and labels,
+        folder, and whether it is active or merged."""
+        return [
+            {"name": h.name, "method": h.manifest.method.name, "size_bytes": h.size_bytes,
+             "resident_bytes": h.method.resident_bytes(self.base.model, h.name) if hasattr(h.method, "resident_bytes") else None,
+             "base_fingerprint": h.manifest.base_model.fingerprint, "task": h.manifest.task.get("type"),
+             "labels": h.manifest.task.get("labels"), "path": str(h.path), "active": h.name == self.active,
+             "merged": h.name == self.merged}
+            for h in self.adapters.values()
+        ]
+
+    # -- merging ------------------------------------------------------------------------
+
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weights, for inference at the bare base's cost;
+        it becomes the active adapter. :meth:`unmerge` restores the base exactly (the
+        original values of every touched tensor are kept, not recomputed). While merged, the
+        host serves only that adapter."""
+        hosted = self._get(name)
+        if self.merged is not None:
+            raise AdapterError(f"adapter {self.merged!r} is already merged into the base; call unmerge() first")
+        if not hasattr(hosted.method, "fold"):
+            raise AdapterError(f"adapter {name!r}: {hosted.manifest.method.name} adapters cannot be merged into the base weights")
+        self.use(name)
+        hosted.method.fold(self.base.model, name)
+        self.merged = name
+
+    def unmerge(self) -> None:
+        """Take the merged adapter out of the base weights again (bit-exact); it stays
+        active, served unmerged."""
+        if self.merged is None:
+            return
+        name, self.merged = self.merged, None
+        self.adapters[name].method.unfold(self.base.model)
+        self._apply(name)
+
+    def _check_not_merged(self, names: Sequence[str | None]) -> None:
+        if self.merged is not None and any(n != self.merged for n in names):
+            other = next(n for n in names if n != self.merged)
+            raise AdapterError(f"adapter {self.merged!r} is merged into the base; call unmerge() before using {other!r}")
 
     def _get(self, name: str) -> HostedAdapter:
         try:
@@ -211,36 +284,89 @@ class AdapterHost:
             raise AdapterError(f"{len(items)} inputs but {len(adapters)} adapters; give one adapter per input")
         return list(adapters)
 
+    def _mixable(self, name: str | None) -> bool:
+        return name is None or getattr(self.adapters[name].method, "supports_mixed_batches", False)
+
+    @contextlib.contextmanager
+    def _routed(self, names: list[str | None]) -> Iterator[None]:
+        """Rows of the next forwards through the bare base, each with its own LoRA adapter."""
+        handler = next((self.adapters[n].method for n in names if n is not None), None)
+        with self.using(None):
+            if handler is None:
+                yield
+            else:
+                with handler.mixed_rows(self.base.model, names):
+                    yield
+
+    def _groups(self, names: list[str | None], decoding: bool = False) -> list[DecodeGroup]:
+        """Rows that share a forward: all LoRA and bare-base rows together, then one group
+        per adapter of any other method. ``decoding``: models and starts for the KV-cached
+        decode loop (a prefix adapter decodes through the bare base from its prefix cache)."""
+        for name in names:
+            if name is not None:
+                self._get(name)
+        self._check_not_merged(names)
+        if self.merged is not None:  # every row names the merged adapter: the base as it is
+            return [DecodeGroup(list(range(len(names))), self.base.model, lambda rows: contextlib.nullcontext())]
+        groups = []
+        shared = [i for i, n in enumerate(names) if self._mixable(n)]
+        if shared:
+            groups.append(DecodeGroup(shared, self.base.model, lambda rows: self._routed([names[i] for i in rows])))
+        for name in dict.fromkeys(n for n in names if not self._mixable(n)):
+            hosted = self.adapters[name]
+            rows = [i for i, n in enumerate(names) if n == name]
+            parts = getattr(hosted.method, "decode_parts", None) if decoding else None
+            model, start = parts(self.base.model, name) if parts else (hosted.runner, no_prefix)
+            groups.append(DecodeGroup(rows, model, lambda _, name=name: self.using(name), start))
+        return groups
+
     def _grouped(self, items: Sequence[str], adapters: Any, fn: Any) -> list[Any]:
+        """``fn(batch, group)`` once per group of rows that share a forward."""
         names = self._per_row(items, adapters)
         results: list[Any] = [None] * len(items)
-        for name in dict.fromkeys(names):
-            rows = [i for i, n in enumerate(names) if n == name]
-            with self.using(name):
-                for i, out in zip(rows, fn([items[i] for i in rows], name)):
+        for group in self._groups(names):
+            with group.activate(group.rows):
+                for i, out in zip(group.rows, fn([items[i] for i in group.rows], group)):
                     results[i] = out
         return results
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], adapters: Any = ACTIVE, *,
-                 max_new_tokens: int = 32, raw: bool = False) -> list[str]:
-        """Greedy continuations. ``adapters``: one name (``None``: the bare base) or one per
-        prompt; default the active adapter. Prompts fill the adapter's prompt template unless
-        ``raw``."""
+    def stream(self, prompts: Sequence[str], adapters: Any = ACTIVE, *, max_new_tokens: int = 32,
+               raw: bool = False, temperature: float | Sequence[float] = 0.0,
+               top_p: float | Sequence[float] = 1.0, seed: int | None = None,
+               stop: Sequence[str] | None = None, ignore_eos: bool = False) -> TextStream:
+        """Decode all rows together (one forward per step, mixed adapters where the method
+        allows); yields, per step, the new text of each row ('' for a row that has finished).
+
+        ``adapters``: one name (``None``: the bare base) or one per prompt; default the active
+        adapter. Prompts fill the adapter's prompt template unless ``raw``. ``temperature``
+        and ``top_p`` are one value or one per row (temperature 0: greedy); ``seed`` makes
+        sampling repeatable; a row stops at an end-of-sequence token, at the first ``stop``
+        string (not included in the text) or after ``max_new_tokens`` tokens
+        (``ignore_eos``: only the last two; for benchmarks that need a fixed length).
+
+        The returned :class:`~plugtune.decoding.TextStream` also tells, per row,
+        ``finish_reasons`` (``"stop"`` or ``"length"`` once finished, ``None`` before),
+        ``prompt_tokens`` and ``completion_tokens``. Rows are decoded with a KV cache; a
+        group whose rows have all finished stops running forwards."""
         if self.task.is_classification:
             raise AdapterError("this host holds a sequence-classification base; use classify()")
+        names = self._per_row(prompts, adapters)
+        texts = [p if raw else self.format_prompt(p, n) for p, n in zip(prompts, names)]
+        return TextStream(self.tokenizer, self.base.model.generation_config, texts, self._groups(names, decoding=True),
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                          stop=stop, device=self._device(), ignore_eos=ignore_eos)
 
-        def run(batch: list[str], name: str | None) -> list[str]:
-            texts = batch if raw else [self.format_prompt(p, name) for p in batch]
-            self.tokenizer.padding_side = "left"
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self._device())
-            self.tokenizer.padding_side = "right"
-            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]  # (B, new tokens)
-            return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
-
-        return self._grouped(prompts, adapters, run)
+    def generate(self, prompts: Sequence[str], adapters: Any = ACTIVE, *, max_new_tokens: int = 32,
+                 raw: bool = False, temperature: float | Sequence[float] = 0.0,
+                 top_p: float | Sequence[float] = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | None = None, ignore_eos: bool = False) -> list[str]:
+        """The whole continuation of each prompt: :meth:`stream` joined, without surrounding
+        whitespace (greedy when temperature is 0; per-row sampling otherwise)."""
+        stream = self.stream(prompts, adapters, max_new_tokens=max_new_tokens, raw=raw, temperature=temperature,
+                             top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
+        for _ in stream:
+            pass
+        return [t.strip() for t in stream.texts]
 
     @torch.no_grad()
     def classify(self, texts: Sequence[str], adapters: Any = ACTIVE) -> list[dict[str, Any]]:
@@ -249,20 +375,32 @@ class AdapterHost:
             raise AdapterError("this host holds a causal-lm base; use generate()")
         labels = self.task.labels or []
 
-        def run(batch: list[str], name: str | None) -> list[dict[str, Any]]:
-            enc = self.tokenizer([self.format_prompt(t, name) for t in batch], return_tensors="pt",
-                                 padding=True, truncation=True).to(self._device())
-            probs = self.model(**enc).logits.float().softmax(-1)  # (B, C)
+        names = self._per_row(texts, adapters)
+        formatted = [self.format_prompt(t, n) for t, n in zip(texts, names)]
+
+        def run(batch: list[str], group: DecodeGroup) -> list[dict[str, Any]]:
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True).to(self._device())
+            probs = group.model(**enc).logits.float().softmax(-1)  # (B, C)
             return [{"label": labels[int(p.argmax())], "scores": {l: float(s) for l, s in zip(labels, p)}} for p in probs]
 
-        return self._grouped(texts, adapters, run)
+        return self._grouped(formatted, names, run)
 
     @torch.no_grad()
     def logits(self, texts: Sequence[str], adapter: Any = ACTIVE) -> torch.Tensor:
-        """Raw logits for a right-padded batch of raw texts (for tests and comparisons)."""
-        with self.using(self.active if adapter is ACTIVE else adapter):
-            enc = self.tokenizer(list(texts), return_tensors="pt", padding=True).to(self._device())
-            return self.model(**enc).logits
+        """Raw logits for a right-padded batch of raw texts (for tests and comparisons);
+        ``adapter`` as ``adapters`` in :meth:`generate`, so rows may name different adapters."""
+        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True).to(self._device())
+        names = self._per_row(texts, adapter)
+        out: torch.Tensor | None = None
+        for group in self._groups(names):
+            rows = torch.tensor(group.rows, device=enc["input_ids"].device)
+            with group.activate(group.rows):
+                logits = group.model(**{k: v[rows] for k, v in enc.items()}).logits
+            if out is None:
+                out = logits.new_zeros((len(texts), *logits.shape[1:]))
+            out[rows] = logits
+        assert out is not None
+        return out
 
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self.base.model.parameters()).device

@@ -193,6 +193,14 @@ class FullMethod:
                     params[pname].copy_(value.to(params[pname].dtype))
                 self._applied = name
 
+    def fold(self, model: torch.nn.Module, name: str) -> None:
+        """Host merge: the adapter is already written into the base's own weights when
+        active, so merging is applying it (and unmerging copies the pretrained values back)."""
+        self.activate(model, name)
+
+    def unfold(self, model: torch.nn.Module) -> None:
+        self.activate(model, None)
+
     def merge(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
         """Write the adapter into the base for good (used when a recipe's base_model is an
         adapter folder); forgets the pretrained copy."""

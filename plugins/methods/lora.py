@@ -14,6 +14,7 @@ A pattern that matches nothing is an error that lists the linear layers the mode
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,11 +22,13 @@ from pydantic import Field, model_validator
 
 from plugtune import hookimpl
 from plugtune.components import ComponentOptions
-from plugtune.errors import AdapterError, RecipeError
+from plugtune.errors import RecipeError
 from plugtune.tasks import Task
 
 if TYPE_CHECKING:
     import torch
+
+    from plugtune.plugins.methods.lora_hosting import HostedLoras
     from peft import LoraConfig
 
 # peft (and torch) are imported inside the methods: `plugtune validate` and `plugtune
@@ -120,63 +123,80 @@ class LoraMethod:
         data["inference_mode"] = True
         return data
 
-    # -- inference: one handler per host keeps one peft wrapper for all LoRA adapters ------
+    # -- host: one handler per host keeps every LoRA adapter in shared, routed layers -------
+    # (see plugtune.plugins.methods.lora_hosting: a switch is one attribute write, a load a
+    # dictionary insert per targeted layer, and rows of one batch may name different adapters)
 
-    _wrapper: Any = None
+    supports_mixed_batches = True  # rows of one forward may name different LoRA adapters
+    attach_reads_base_weights = False  # attach stores tensors only, whatever is active
+
+    def _host(self, model: torch.nn.Module) -> HostedLoras:
+        from plugtune.plugins.methods.lora_hosting import HostedLoras
+
+        state = getattr(self, "_host_state", None)
+        if state is None or state.model is not model:
+            state = self._host_state = HostedLoras(model)
+        return state
 
     def attach(
         self, model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> torch.nn.Module:
-        from peft import PeftConfig, get_peft_model
-        from peft.utils import set_peft_model_state_dict
+        """Put adapter ``name``'s tensors into the hosted layers (wrapping a layer the first
+        time any adapter targets it). Everything is checked before the model is touched."""
+        from plugtune.plugins.methods.lora_hosting import check_config, parse_state
 
-        try:
-            peft_config = PeftConfig.from_peft_type(**config)
-        except Exception as exc:  # noqa: BLE001
-            raise AdapterError(f"adapter {name!r}: unreadable LoRA config ({exc})") from None
-        peft_config.inference_mode = True
-        if self._wrapper is None:
-            self._wrapper = get_peft_model(model, peft_config, adapter_name=name)
-        else:
-            self._wrapper.add_adapter(name, peft_config)
-        result = set_peft_model_state_dict(self._wrapper, state, adapter_name=name)
-        missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
-        unexpected = list(result.unexpected_keys)
-        if missing or unexpected:
-            self.detach(model, name)
-            detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
-            raise AdapterError(f"adapter {name!r} does not fit this base: {detail.strip()}")
-        return self._wrapper
+        host = self._host(model)
+        check_config(name, config)
+        parsed = parse_state(name, state, host.modules)
+        pairs = {path: host.check_pair(name, path, pair["A"], pair["B"], config) for path, pair in parsed.pairs.items()}
+        whole = {path: host.check_whole(name, path, params) for path, params in parsed.whole.items()}
+        for path, weights in pairs.items():
+            layer = host.layer(path)
+            layer.weights[name] = weights
+            layer.forget_stack()
+        for path, params in whole.items():
+            host.switched(path).values[name] = params
+        host.resident[name] = (list(pairs), list(whole))
+        return model
 
     def activate(self, model: torch.nn.Module, name: str | None) -> None:
-        if self._wrapper is None:
-            return
-        if name is None:
-            self._wrapper.base_model.disable_adapter_layers()
-            return
-        self._wrapper.base_model.enable_adapter_layers()
-        self._wrapper.set_adapter(name, inference_mode=True)
+        state = getattr(self, "_host_state", None)
+        if state is not None:
+            merged = state.merged is not None and state.merged[0] == name
+            state.routing.active = None if merged else name  # a merged adapter is in the weights
+
+    def mixed_rows(self, model: torch.nn.Module, names: list[str | None]) -> contextlib.AbstractContextManager[None]:
+        """Route each row of the next forwards to its own adapter (``None``: the bare base)."""
+        return self._host(model).mixed_rows(names)
+
+    def fold(self, model: torch.nn.Module, name: str) -> None:
+        """Add adapter ``name`` into the base weights (keeping the originals of the touched
+        tensors for :meth:`unfold`); the hosted layers then add nothing."""
+        self._host(model).fold(name)
+
+    def unfold(self, model: torch.nn.Module) -> None:
+        """Undo :meth:`fold` by copying the kept original tensors back (bit for bit)."""
+        self._host(model).unfold()
 
     def merge(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
-        """Fold adapter ``name`` into the base weights and take every LoRA layer out; returns
-        the bare model (used when a recipe's base_model is an adapter folder)."""
-        wrapper = self._wrapper
-        wrapper.set_adapter(name, inference_mode=True)
-        merged = wrapper.merge_and_unload(adapter_names=[name])
-        self._wrapper = None
-        return merged
+        """Fold adapter ``name`` into the base weights and take every hosted layer out;
+        returns the bare model (used when a recipe's base_model is an adapter folder)."""
+        host = self._host(model)
+        host.fold(name)
+        host.merged = None  # for good: the originals are dropped with the layers
+        for other in list(host.resident):
+            host.remove(other)
+        self._host_state = None
+        return model
 
     def detach(self, model: torch.nn.Module, name: str) -> None:
-        wrapper = self._wrapper
-        if wrapper is None or name not in wrapper.peft_config:
-            return
-        if len(wrapper.peft_config) == 1:
-            wrapper.unload()  # takes the LoRA layers out of the base, in place
-            self._wrapper = None
-            return
-        if wrapper.active_adapter == name:
-            wrapper.set_adapter(next(n for n in wrapper.peft_config if n != name))
-        wrapper.delete_adapter(name)
+        state = getattr(self, "_host_state", None)
+        if state is not None and name in state.resident:
+            state.remove(name)
+
+    def resident_bytes(self, model: torch.nn.Module, name: str) -> int:
+        """Memory the adapter's tensors take on this host."""
+        return self._host(model).resident_bytes(name)
 
 
 @hookimpl

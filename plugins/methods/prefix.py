@@ -149,6 +149,17 @@ class PrefixMethod:
         _enable_auxiliary_modules(model, True)
         self._wrapper.set_adapter(name, inference_mode=True)
 
+    def decode_parts(self, model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, Any]:
+        """For the host's KV-cached decode loop: the bare causal LM, and a function giving
+        the adapter's prefix as the initial cache (and its length) for a batch size."""
+        wrapper = self._wrapper
+
+        def start(batch_size: int) -> tuple[Any, int]:
+            wrapper.set_adapter(name, inference_mode=True)
+            return wrapper.get_prompt(batch_size), wrapper.peft_config[name].num_virtual_tokens
+
+        return wrapper.base_model, start
+
     def detach(self, model: torch.nn.Module, name: str) -> None:
         wrapper = self._wrapper
         if wrapper is None or name not in wrapper.peft_config:

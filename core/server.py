@@ -1,0 +1,889 @@
+"""``plugtune serve``: one base model and its adapters behind an OpenAI-shaped HTTP API.
+
+    plugtune serve adapters/support adapters/reviews --port 8000
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.completions.create(model="support", prompt="My card was charged twice", max_tokens=8)
+
+The ``model`` field of a request names the adapter (an ``adapter`` field overrides it);
+``"base"`` or the base model's name means no adapter.
+
+Requests are served by one worker thread that owns the model (:class:`BatchWorker`): waiting
+requests are taken together, up to ``max_batch`` of them, and run as one batch in which each
+row uses its own adapter (:meth:`AdapterHost.stream`); requests that arrive while a batch runs
+wait for the next one. Adapters are loaded and unloaded between batches, so a batch never
+sees the adapter set change under it.
+
+Safety: the server binds to 127.0.0.1 unless told otherwise; adapters loaded over HTTP must
+lie inside ``adapters_root`` (paths are resolved, symlinks included, before the check) and
+carry a safe name; errors are OpenAI-shaped JSON with a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import copy
+import hmac
+import json
+import logging
+import queue
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# At module level: FastAPI resolves the (postponed) annotations of dependencies here.
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import AdapterError, PlugtuneError
+
+log = logging.getLogger("plugtune.server")
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""Names an adapter may be loaded under over HTTP: no slashes, no leading dot, at most 64."""
+BASE_ALIAS = "base"
+MAX_INPUTS = 64
+"""Most prompts (or texts to classify) one request may carry."""
+DEFAULT_BATCH_WINDOW_S = 0.005
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# -- request bodies ---------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    # Clients send fields this server does not use (user, logit_bias, ...): ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    adapter: str | None = Field(None, description="overrides `model`: the adapter to use")
+
+
+class _Sampling(_Request):
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    seed: int | None = None
+    logprobs: bool | int | None = None
+    best_of: int | None = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ApiError(400, "stop: give at most 4 non-empty strings", param="stop")
+        return stops
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: only text parts are understood
+            kinds = {part.get("type") for part in self.content}
+            if kinds - {"text"}:
+                raise ApiError(400, f"message content parts of type {sorted(kinds - {'text'})} are not supported; send text",
+                               param="messages")
+            return "".join(str(part.get("text", "")) for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ClassifyRequest(_Request):
+    input: str | list[str] = Field(min_length=1)
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    name: str | None = None
+
+
+# -- the worker -------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One row of a batch: a prompt to continue, or a text to classify.
+
+    The worker reports on ``events`` (an asyncio queue of the request's loop) with tuples
+    ``(index, kind, payload)``: ``("start", None)`` when its batch begins, ``("delta", text)``
+    per piece of new text, ``("done", (finish_reason, completion_tokens))`` or
+    ``("result", classification)`` at the end, ``("error", ApiError)`` on failure.
+    """
+
+    kind: Literal["generate", "classify"]
+    text: str
+    adapter: str | None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    index: int = 0
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    cancelled: bool = False  # the client went away: stop sending, drop the row when possible
+
+    def emit(self, kind: str, payload: Any = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, payload))
+        except RuntimeError:  # the server's loop is closed (shutdown): nobody is listening
+            self.cancelled = True
+
+
+class _Row:
+    """One generating row, cut at its own token budget and its own stop strings (the batch
+    decodes up to the largest budget in it, and stop strings differ per request).
+
+    Text that could be the start of a stop string is held back until it is known not to be.
+    """
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.text = ""
+        self.sent = 0
+        self.tokens = 0
+        self.done = False
+
+    def feed(self, delta: str, tokens: int, host_finished: bool, full_text: Callable[[], str]) -> None:
+        """Take one decode step: the new text, the row's token count so far, whether the
+        host has finished the row (an end-of-sequence token), and a way to get all of the
+        row's text with nothing held back (for a row cut at its own budget)."""
+        if self.done:
+            return
+        if self.job.cancelled:
+            self.done = True
+            return
+        self.tokens = tokens
+        self.text += delta
+        cut = min((i for i in (self.text.find(s) for s in self.job.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.finish("stop")
+        elif host_finished:
+            self.finish("stop")
+        elif tokens >= self.job.max_tokens:
+            self.finish("length", full_text())
+        else:
+            self._send(len(self.text) - _held_back(self.text, self.job.stop))
+
+    def finish(self, reason: str, text: str | None = None) -> None:
+        if text is not None and text.startswith(self.text):
+            self.text = text
+        self._send(len(self.text))
+        self.done = True
+        self.job.emit("done", (reason, self.tokens))
+
+    def _send(self, upto: int) -> None:
+        if upto > self.sent:
+            self.job.emit("delta", self.text[self.sent:upto])
+            self.sent = upto
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins some stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-n:]):
+                longest = n
+                break
+    return longest
+
+
+class BatchWorker:
+    """The one thread that runs the model.
+
+    It takes the first waiting job, then (holding ``lock``) the jobs queued behind it and
+    those arriving within ``window_s``, and runs up to ``max_batch`` of them as one batch,
+    each row with its own adapter. Jobs that arrive while a batch runs wait for the next. A job with a sampling ``seed`` runs in a batch of its own, so
+    the same seed gives the same text whatever else is waiting. ``lock`` is held while a
+    batch runs; take it to change the adapter set between batches.
+    """
+
+    def __init__(self, host: Any, *, max_batch: int = 16, window_s: float = DEFAULT_BATCH_WINDOW_S) -> None:
+        if max_batch < 1:
+            raise PlugtuneError(f"max_batch must be at least 1 (got {max_batch})")
+        self.host = host
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.lock = threading.RLock()
+        self.batches = 0
+        self.rows = 0
+        self.largest_batch = 0
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._deferred: collections.deque[Job] = collections.deque()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize() + len(self._deferred)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="plugtune-batch-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._deferred.popleft() if self._deferred else self._queue.get()
+            if first is None:
+                return
+            with self.lock:  # the adapter set changes only between batches
+                batch = [job for job in self._fill(first) if not job.cancelled]
+                if batch:
+                    self._run(batch)
+
+    def _fill(self, first: Job) -> list[Job]:
+        """``first`` and the jobs that can join it: those waiting, then those arriving
+        within the window, up to ``max_batch``. Jobs that cannot join wait for a later batch."""
+        batch = [first]
+        if first.seed is not None:
+            return batch
+
+        def fits(job: Job) -> bool:
+            return job.seed is None and job.kind == first.kind
+
+        for job in list(self._deferred):  # earlier arrivals first
+            if len(batch) < self.max_batch and fits(job):
+                self._deferred.remove(job)
+                batch.append(job)
+        deadline = time.monotonic() + self.window_s
+        while len(batch) < self.max_batch:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            if fits(job):
+                batch.append(job)
+            else:
+                self._deferred.append(job)
+        return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        self.batches += 1
+        self.rows += len(batch)
+        self.largest_batch = max(self.largest_batch, len(batch))
+        try:
+            if batch[0].kind == "classify":
+                self._classify(batch)
+            else:
+                self._generate(batch)
+        except Exception as exc:  # the worker must outlive any one batch
+            log.exception("batch of %d failed", len(batch))
+            error = _as_api_error(exc)
+            for job in batch:
+                job.emit("error", error)
+
+    def _usable(self, batch: list[Job]) -> list[Job]:
+        """The jobs whose adapter is still loaded; the others are answered 404."""
+        usable = []
+        for job in batch:
+            if job.adapter is not None and job.adapter not in self.host.adapters:
+                job.emit("error", ApiError(404, f"adapter {job.adapter!r} was unloaded before the request ran",
+                                           code="model_not_found"))
+            else:
+                usable.append(job)
+        return usable
+
+    def _classify(self, batch: list[Job]) -> None:
+        batch = self._usable(batch)
+        if not batch:
+            return
+        for job in batch:
+            job.emit("start")
+        results = self.host.classify([job.text for job in batch], [job.adapter for job in batch])
+        for job, result in zip(batch, results):
+            job.emit("result", result)
+
+    def _generate(self, batch: list[Job]) -> None:
+        batch = self._usable(batch)
+        if not batch:
+            return
+        for job in batch:
+            job.emit("start")
+        rows = [_Row(job) for job in batch]
+        stream = self.host.stream(
+            [job.text for job in batch], [job.adapter for job in batch], raw=True,
+            max_new_tokens=max(job.max_tokens for job in batch),
+            temperature=[job.temperature for job in batch], top_p=[job.top_p for job in batch],
+            seed=batch[0].seed,
+        )
+        for deltas in stream:
+            for i, (row, delta) in enumerate(zip(rows, deltas)):
+                row.feed(delta, stream.completion_tokens[i], stream.finish_reasons[i] == "stop",
+                         lambda i=i: self._decoded(stream, i))
+            if all(row.done for row in rows):
+                break
+        for i, row in enumerate(rows):
+            if not row.done:  # the host ended the stream: every row left has finished
+                row.finish(stream.finish_reasons[i] or "stop")
+
+    def _decoded(self, stream: Any, row: int) -> str:
+        """All the text a row has generated, with nothing held back (what the host would
+        emit had the row's own budget been the batch's)."""
+        return self.host.tokenizer.decode(stream.generated[row], skip_special_tokens=True,
+                                          clean_up_tokenization_spaces=False)
+
+
+def _as_api_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, PlugtuneError):
+        return ApiError(400, _one_line(str(exc)))
+    return ApiError(500, _one_line(f"internal error ({type(exc).__name__}): {exc}"))
+
+
+# -- the application --------------------------------------------------------------------------
+
+
+class Service:
+    """What the HTTP routes need: the host, its worker, and the rules for names and paths."""
+
+    def __init__(self, host: Any, *, adapters_root: str | Path = "adapters", max_batch: int = 16,
+                 base_name: str | None = None, allow_pickle: bool = False,
+                 window_s: float = DEFAULT_BATCH_WINDOW_S, default_chat_tokens: int = 256,
+                 api_key: str | None = None) -> None:
+        self.host = host
+        self.adapters_root = Path(adapters_root).resolve()
+        self.base_name = base_name or str(host.base.info.id)
+        self.allow_pickle = allow_pickle
+        self.api_key = api_key or None
+        self.default_chat_tokens = default_chat_tokens
+        self.worker = BatchWorker(host, max_batch=max_batch, window_s=window_s)
+        # The event loop's own tokenizer (counting tokens, chat templates), so that it never
+        # shares mutable tokenizer state with the worker thread.
+        self.tokenizer = copy.deepcopy(host.tokenizer)
+        self.created = int(time.time())
+        self.context_length: int | None = getattr(host.base.model.config, "max_position_embeddings", None)
+
+    @property
+    def classification(self) -> bool:
+        return bool(self.host.task.is_classification)
+
+    # -- names --------------------------------------------------------------------------------
+
+    def resolve(self, request: _Request) -> tuple[str | None, str]:
+        """The adapter a request asks for (``None``: the bare base) and the name to echo."""
+        name = request.adapter if request.adapter is not None else request.model
+        if name is None or name in (BASE_ALIAS, self.base_name):
+            return None, self.base_name
+        if name in self.host.adapters:
+            return name, name
+        loaded = ", ".join(self.host.adapters) or "none"
+        raise ApiError(404, f"no adapter or model named {name!r} (loaded adapters: {loaded}; "
+                       f"{BASE_ALIAS!r} or {self.base_name!r} is the base)", code="model_not_found", param="model")
+
+    def adapter_path(self, path: str) -> Path:
+        """``path`` (relative to the adapters root, or absolute) resolved, refused unless it
+        lies inside the adapters root."""
+        given = Path(path)
+        try:
+            full = (given if given.is_absolute() else self.adapters_root / given).resolve()
+        except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+            raise ApiError(400, _one_line(f"adapter path {path!r} cannot be resolved ({exc})"), param="path") from None
+        if full != self.adapters_root and not full.is_relative_to(self.adapters_root):
+            raise ApiError(403, f"adapter path {path!r} is outside the adapters root {self.adapters_root}; "
+                           "put the adapter under it or restart the server with another --adapters-root", param="path")
+        if not full.is_dir():
+            raise ApiError(404, f"no adapter folder at {path!r} under {self.adapters_root}", param="path")
+        return full
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    def describe(self, name: str) -> dict[str, Any]:
+        hosted = self.host.adapters[name]
+        m = hosted.manifest
+        return {"name": name, "method": m.method.name, "size_bytes": hosted.size_bytes,
+                "fingerprint": m.base_model.fingerprint, "base_model": m.base_model.id,
+                "task": m.task.get("type"), "labels": m.task.get("labels"), "path": str(hosted.path)}
+
+    def load(self, request: LoadRequest) -> dict[str, Any]:
+        """Load an adapter from inside the adapters root (in a worker thread: it waits for
+        the running batch)."""
+        from .adapters import read_manifest
+
+        path = self.adapter_path(request.path)
+        name = request.name
+        if name is None:
+            try:
+                name = read_manifest(path).name
+            except AdapterError as exc:
+                raise ApiError(400, _one_line(str(exc)), param="path") from None
+        if not ADAPTER_NAME.fullmatch(name) or name == BASE_ALIAS or name == self.base_name:
+            raise ApiError(400, f"adapter name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
+                           f"(at most 64, not starting with '.' or '-'), and not {BASE_ALIAS!r}", param="name")
+        with self.worker.lock:
+            if name in self.host.adapters:
+                raise ApiError(409, f"an adapter named {name!r} is already loaded; unload it first or pick another name",
+                               param="name")
+            try:
+                self.host.load(path, name=name, allow_pickle=self.allow_pickle)
+            except AdapterError as exc:
+                raise ApiError(400, _one_line(str(exc)), param="path") from None
+        return self.describe(name)
+
+    def unload(self, name: str) -> dict[str, Any]:
+        with self.worker.lock:
+            if name not in self.host.adapters:
+                raise ApiError(404, f"no adapter named {name!r} is loaded", code="model_not_found")
+            self.host.unload(name)
+        return {"id": name, "object": "adapter", "deleted": True}
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        if self.context_length and prompt_tokens + max_tokens > self.context_length:
+            raise ApiError(400, f"this model's context is {self.context_length} tokens; the prompt has {prompt_tokens} "
+                           f"and max_tokens asks for {max_tokens} more: shorten the prompt or lower max_tokens",
+                           code="context_length_exceeded", param="max_tokens")
+
+    def chat_prompt(self, messages: list[ChatMessage], adapter: str | None) -> str:
+        """The rule: an adapter with a one-field prompt template of its own gets that
+        template filled with the last user message (earlier turns and system messages are
+        dropped: the adapter was trained on single prompts); otherwise the tokenizer's chat
+        template renders the whole conversation; a tokenizer without one gets plain
+        ``role: content`` lines ending in ``assistant:``."""
+        from .tasks import fill, template_fields
+
+        template = self.host.adapters[adapter].task.prompt if adapter is not None else None
+        fields = template_fields(template)
+        if template and len(fields) == 1:
+            users = [m for m in messages if m.role == "user"]
+            if not users:
+                raise ApiError(400, f"adapter {adapter!r} fills its prompt template with the last user message; "
+                               "send at least one", param="messages")
+            return fill(template, {next(iter(fields)): users[-1].text()})
+        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
+
+
+def _error(exc: ApiError) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _type_tag(part: Any) -> bool:
+    """Pydantic names the member of a union that failed (``prompt.str``): not a field."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part)
+
+
+def _sse(data: Any) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(service: Service) -> Any:
+    """The FastAPI application over ``service``; its lifespan starts and stops the worker."""
+    from fastapi import Depends, FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.worker.stop)
+
+    async def authorize(request: Request) -> None:
+        """With an API key set, every endpoint but /health wants ``Authorization: Bearer KEY``."""
+        if service.api_key is None or request.url.path == "/health":
+            return
+        expected = f"Bearer {service.api_key}".encode()
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    app = FastAPI(title="plugtune", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(authorize)])
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Any:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Any:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return _error(ApiError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"))
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _type_tag(p))
+        others = len({tuple(e.get("loc", ())[:2]) for e in errors}) - 1  # problems in other fields
+        more = f" (and {others} more problem{'s' if others > 1 else ''})" if others > 0 else ""
+        return _error(ApiError(422, _one_line(f"{where or 'body'}: {first.get('msg')}{more}"), param=where or None))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Any:
+        return _error(ApiError(exc.status_code, _one_line(f"{request.method} {request.url.path}: {exc.detail}")))
+
+    @app.exception_handler(PlugtuneError)
+    async def plugtune_error(request: Request, exc: PlugtuneError) -> Any:
+        return _error(ApiError(400, _one_line(str(exc))))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> Any:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error(_as_api_error(exc))
+
+    # -- status -------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        worker = service.worker
+        return {"status": "ok", "base_model": service.base_name, "task": service.host.task.type,
+                "adapters": list(service.host.adapters), "waiting": worker.waiting, "batches": worker.batches,
+                "rows": worker.rows, "largest_batch": worker.largest_batch, "max_batch": worker.max_batch}
+
+    def model_card(name: str | None) -> dict[str, Any]:
+        return {"id": name or service.base_name, "object": "model", "created": service.created, "owned_by": "plugtune",
+                "root": service.base_name, "parent": service.base_name if name else None}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(None), *(model_card(n) for n in list(service.host.adapters))]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str) -> dict[str, Any]:
+        adapter, _ = service.resolve(_Request(model=name))
+        return model_card(adapter)
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    @app.get("/v1/adapters")
+    async def list_adapters() -> dict[str, Any]:
+        return {"object": "list", "data": [service.describe(name) for name in list(service.host.adapters)]}
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load_adapter(body: LoadRequest) -> dict[str, Any]:
+        return await run_in_threadpool(service.load, body)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str) -> dict[str, Any]:
+        return await run_in_threadpool(service.unload, name)
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def submit(kind: str, texts: list[str], adapter: str | None, sampling: _Sampling | None = None,
+               max_tokens: int = 0) -> tuple[asyncio.Queue, list[Job]]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        jobs = []
+        for index, text in enumerate(texts):
+            job = Job(kind, text, adapter, loop, events, index=index)  # type: ignore[arg-type]
+            if sampling is not None:
+                job.max_tokens, job.temperature, job.top_p = max_tokens, sampling.temperature, sampling.top_p
+                job.stop, job.seed = sampling.stops(), sampling.seed
+            jobs.append(job)
+        for job in jobs:
+            service.worker.submit(job)
+        return events, jobs
+
+    async def started(events: asyncio.Queue, jobs: list[Job]) -> list[tuple[int, str, Any]]:
+        """Wait until every job's batch has begun; raise the first error before any
+        response is sent. Returns events that arrived meanwhile, in order."""
+        waiting, early = {job.index for job in jobs}, []
+        while waiting:
+            index, kind, payload = await events.get()
+            if kind == "error":
+                for job in jobs:
+                    job.cancelled = True
+                raise payload
+            if kind == "start":
+                waiting.discard(index)
+            else:
+                early.append((index, kind, payload))
+        return early
+
+    def check_generation(sampling: _Sampling) -> None:
+        if service.classification:
+            raise ApiError(400, "this server holds a sequence-classification base; use POST /v1/classify")
+        if sampling.n != 1:
+            raise ApiError(400, "n: only n=1 is supported; send the request again for more samples", param="n")
+        if sampling.best_of not in (None, 1):
+            raise ApiError(400, "best_of: only 1 is supported", param="best_of")
+        if sampling.logprobs not in (None, False):
+            raise ApiError(400, "logprobs are not supported by this server; leave the field out", param="logprobs")
+
+    async def generate(texts: list[str], adapter: str | None, sampling: _Sampling, max_tokens: int,
+                       chat: bool, model_name: str) -> Any:
+        prompt_tokens = [service.count_tokens(t) for t in texts]
+        for n in prompt_tokens:
+            if n == 0:  # nothing to continue from (no BOS token): refused rather than batched
+                raise ApiError(400, "the prompt is empty: it encodes to no tokens", param="prompt")
+            service.check_length(n, max_tokens)
+        events, jobs = submit("generate", texts, adapter, sampling, max_tokens)
+        try:
+            early = await started(events, jobs)
+        except asyncio.CancelledError:
+            for job in jobs:
+                job.cancelled = True
+            raise
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": model_name}
+        if sampling.stream:
+            stream = _stream_events(events, jobs, early, head, chat, prompt_tokens, sampling.include_usage())
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts_out, finish, completion = ["" for _ in jobs], ["" for _ in jobs], [0 for _ in jobs]
+        pending = {job.index for job in jobs}
+        backlog = collections.deque(early)
+        try:
+            while pending:
+                index, kind, payload = backlog.popleft() if backlog else await events.get()
+                if kind == "delta":
+                    texts_out[index] += payload
+                elif kind == "done":
+                    finish[index], completion[index] = payload
+                    pending.discard(index)
+                elif kind == "error":
+                    raise payload
+        finally:
+            for job in jobs:
+                job.cancelled = True
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": f} for i, (t, f) in enumerate(zip(texts_out, finish))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(texts_out, finish))]
+        usage = _usage(sum(prompt_tokens), sum(completion))
+        return JSONResponse({**head, "choices": choices, "usage": usage, "system_fingerprint": None})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        check_generation(body)
+        if body.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        adapter, model_name = service.resolve(body)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        _check_count(prompts, "prompt")
+        return await generate(prompts, adapter, body, body.max_tokens, chat=False, model_name=model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Any:
+        check_generation(body)
+        adapter, model_name = service.resolve(body)
+        prompt = service.chat_prompt(body.messages, adapter)
+        budget = body.token_budget()
+        if budget is None:  # as much as the context leaves, up to the default
+            room = (service.context_length or 0) - service.count_tokens(prompt)
+            budget = max(1, min(service.default_chat_tokens, room)) if service.context_length else service.default_chat_tokens
+        return await generate([prompt], adapter, body, budget, chat=True, model_name=model_name)
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest) -> Any:
+        if not service.classification:
+            raise ApiError(400, "this server holds a causal-lm base; use POST /v1/completions or /v1/chat/completions")
+        adapter, model_name = service.resolve(body)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        _check_count(texts, "input")
+        events, jobs = submit("classify", texts, adapter)
+        results: list[Any] = [None] * len(jobs)
+        pending = {job.index for job in jobs}
+        while pending:
+            index, kind, payload = await events.get()
+            if kind == "error":
+                raise payload
+            if kind == "result":
+                results[index] = payload
+                pending.discard(index)
+        tokens = sum(service.count_tokens(t) for t in texts)
+        data = [{"object": "classification", "index": i, "label": r["label"], "scores": r["scores"]}
+                for i, r in enumerate(results)]
+        return {"object": "list", "model": model_name, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    return app
+
+
+def _check_count(items: list[str], field: str) -> None:
+    if not items or len(items) > MAX_INPUTS:
+        raise ApiError(400, f"{field}: give a string or a list of 1 to {MAX_INPUTS} strings (got {len(items)})", param=field)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tuple[int, str, Any]],
+                         head: dict[str, Any], chat: bool, prompt_tokens: list[int],
+                         include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending ``data: [DONE]``."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**head, "choices": [choice]}
+
+    pending = {job.index for job in jobs}
+    completion = [0 for _ in jobs]
+    backlog = collections.deque(early)
+    try:
+        if chat:
+            for job in jobs:
+                yield _sse(chunk(job.index, None, None, role=True))
+        while pending:
+            index, kind, payload = backlog.popleft() if backlog else await events.get()
+            if kind == "delta":
+                yield _sse(chunk(index, payload, None))
+            elif kind == "done":
+                reason, completion[index] = payload
+                pending.discard(index)
+                yield _sse(chunk(index, None if chat else "", reason))
+            elif kind == "error":
+                yield _sse(payload.body())
+                break
+        if include_usage and not pending:
+            yield _sse({**head, "choices": [], "usage": _usage(sum(prompt_tokens), sum(completion))})
+        yield _sse("[DONE]")
+    finally:
+        for job in jobs:
+            job.cancelled = True
+
+
+# -- running it -------------------------------------------------------------------------------
+
+
+def build_host(adapter_dirs: Sequence[str | Path], base: str | None = None, *, allow_pickle: bool = False) -> Any:
+    """The host ``plugtune serve`` holds: the base the first adapter names (or ``base``) and
+    every adapter given, none of them active; with no adapters, ``base`` alone as a causal LM."""
+    from .adapters import read_manifest
+    from .host import AdapterHost
+    from .tasks import Task
+
+    if adapter_dirs:
+        first = read_manifest(adapter_dirs[0])
+        host = AdapterHost.from_base(base or first.base_model.id, Task.from_dict(first.task))
+        for directory in adapter_dirs:
+            host.load(directory, allow_pickle=allow_pickle)
+        return host
+    if not base:
+        raise PlugtuneError("give adapter folders (plugtune serve adapters/NAME ...) or --base MODEL")
+    return AdapterHost.from_base(base, Task(type="causal-lm", prompt="{text}", response=""))
+
+
+@contextlib.contextmanager
+def running(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a background thread for the ``with`` block; yields the
+    base URL (``port=0``: a free port). For tests, benchmarks and notebooks."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="plugtune-uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise PlugtuneError(f"the server did not start on {host}:{sock.getsockname()[1]}")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, adapters_root: str | Path = "adapters",
+          host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, allow_pickle: bool = False,
+          log_level: str = "info", threads: int | None = None, api_key: str | None = None) -> None:
+    """Load the host and serve it until interrupted (``plugtune serve``). ``threads``: torch's
+    CPU threads (on a CPU shared with other work, 1 avoids threads waiting on each other);
+    ``api_key``: require ``Authorization: Bearer KEY`` on every endpoint but /health."""
+    import torch
+    import uvicorn
+
+    if max_batch < 1:
+        raise PlugtuneError(f"--max-batch must be at least 1 (got {max_batch})")
+    if threads is not None:
+        if threads < 1:
+            raise PlugtuneError(f"--threads must be at least 1 (got {threads})")
+        torch.set_num_threads(threads)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: anyone who can reach this port can run the model and load adapters from %s%s",
+                    host, adapters_root, "" if api_key else "; there is no authentication (set PLUGTUNE_API_KEY)")
+    model_host = build_host(adapter_dirs, base, allow_pickle=allow_pickle)
+    service = Service(model_host, adapters_root=adapters_root, max_batch=max_batch, base_name=base,
+                      allow_pickle=allow_pickle, api_key=api_key)
+    uvicorn.run(create_app(service), host=host, port=port, log_level=log_level)
