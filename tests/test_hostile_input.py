@@ -2,15 +2,13 @@
 can be broken, each driven through the real command (``plugtune.cli.main``), each asserting
 the exact error line, a non-zero exit, no traceback, and that nothing was written or lost
 (every file under the test's folder is byte-identical before and after).
-
-Adapter cases that need the stricter loading checks of issue 5 (read_adapter/host) are
-marked ``xfail(strict=False)`` until that work is merged.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tracemalloc
@@ -24,9 +22,6 @@ from plugtune.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from plugtune.cli import main
 from plugtune.registry import build_plugin_system, get_plugin_system, set_plugin_system
 from plugtune.testing import recipe_dict
-
-NEEDS_ISSUE_5 = pytest.mark.xfail(reason="needs issue-5 read_adapter checks", strict=False)
-
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -345,8 +340,9 @@ def test_adapter_safetensors_header_claiming_a_huge_size(trained, tmp_path, caps
     rewrite_weights(adapter, struct.pack("<Q", 1 << 60) + data[8:])  # the header length field: 1 EiB
     code, lines = generate(capsys, tmp_path, adapter)
     assert code == 5
-    assert len(lines) == 1
-    assert lines[0].startswith(f"error: {adapter / WEIGHTS_FILE}: not a readable safetensors file (")
+    size = len(data)
+    assert lines == [f"error: {adapter / WEIGHTS_FILE}: the safetensors header claims {1 << 60} bytes "
+                     f"but the file has {size} (corrupt or truncated)"]
 
 
 def tensors_of(adapter: Path) -> dict[str, torch.Tensor]:
@@ -355,7 +351,6 @@ def tensors_of(adapter: Path) -> dict[str, torch.Tensor]:
     return load_file(adapter / WEIGHTS_FILE)
 
 
-@NEEDS_ISSUE_5
 def test_adapter_wrong_dtypes(trained, tmp_path, capsys):
     from safetensors.torch import save
 
@@ -366,7 +361,6 @@ def test_adapter_wrong_dtypes(trained, tmp_path, capsys):
     assert len(lines) == 1 and "dtype" in lines[0], lines
 
 
-@NEEDS_ISSUE_5
 def test_adapter_wrong_shapes(trained, tmp_path, capsys):
     from safetensors.torch import save
 
@@ -374,7 +368,9 @@ def test_adapter_wrong_shapes(trained, tmp_path, capsys):
     rewrite_weights(adapter, save({k: torch.zeros(v.shape[0] + 1, v.shape[-1]) for k, v in tensors_of(adapter).items()}))
     code, lines = generate(capsys, tmp_path, adapter)
     assert code == 5
-    assert len(lines) == 1 and "shape" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"error: adapter 'victim' does not fit this base: model\.layers\.\d+\.[\w.]+ has lora_A "
+                        r"\((\d+), (\d+)\) and lora_B \((\d+), 4\), the base layer maps \2 to \d+ features", lines[0]), lines
 
 
 def test_adapter_manifest_for_another_base(trained, tmp_path, capsys):
@@ -396,10 +392,10 @@ def test_adapter_pickle_bin_refused(trained, tmp_path, capsys):
     torch.save({"lora": torch.zeros(2)}, adapter / "adapter_model.bin")
     code, lines = generate(capsys, tmp_path, adapter)
     assert code == 5
-    assert lines == [f"error: {adapter}: {WEIGHTS_FILE} is missing (found adapter_model.bin: pickle files are not loaded)"]
+    assert lines == [f"error: {adapter}: {WEIGHTS_FILE} is missing (found adapter_model.bin: pickle files are not loaded; "
+                     "opt in with allow_pickle=True or --allow-pickle if you trust it)"]
 
 
-@NEEDS_ISSUE_5
 def test_adapter_pickle_bin_loads_only_when_the_user_opts_in(trained, tmp_path):
     from plugtune.adapters import read_adapter
 
@@ -407,7 +403,7 @@ def test_adapter_pickle_bin_loads_only_when_the_user_opts_in(trained, tmp_path):
     state = tensors_of(adapter)
     (adapter / WEIGHTS_FILE).unlink()
     torch.save(state, adapter / "adapter_model.bin")
-    loaded = read_adapter(adapter, allow_pickle=True)  # the issue-5 opt-in
+    loaded = read_adapter(adapter, allow_pickle=True)
     assert all(torch.equal(loaded.state[k], v) for k, v in state.items())
 
 
@@ -422,16 +418,28 @@ def test_adapter_method_plugin_missing(trained, tmp_path, capsys):
     assert "tuning method 'dora-x' from distribution plugtune-dora 9.9, which is not installed" in lines[0]
 
 
-@NEEDS_ISSUE_5
 def test_adapter_path_traversal_through_the_server(trained, tmp_path):
-    """A name with ``..`` or an absolute path sent to the server's load endpoint is refused."""
-    from plugtune.server import create_app  # issue 5
+    """Names and paths sent to the server's load endpoint cannot leave its adapters root."""
+    from plugtune.host import AdapterHost
+    from plugtune.server import Service, create_app
     from starlette.testclient import TestClient
 
-    client = TestClient(create_app(adapters=[str(trained)], adapter_root=str(trained.parent)))
-    for name in ("../../etc/passwd", "/etc", "victim/../../x"):
-        response = client.post("/v1/adapters", json={"name": name, "path": name})
-        assert 400 <= response.status_code < 500, (name, response.status_code)
+    root = tmp_path / "served"
+    shutil.copytree(trained, root / "victim")
+    outside = tmp_path / "outside"
+    shutil.copytree(trained, outside)
+    service = Service(AdapterHost.from_adapters(root / "victim"), adapters_root=root)
+    before = snapshot(tmp_path)
+    with TestClient(create_app(service)) as client:
+        for path in ("../outside", str(outside), "victim/../../outside", "/etc"):
+            response = client.post("/v1/adapters", json={"name": "x", "path": path})
+            assert response.status_code == 403, (path, response.text)
+            assert "outside the adapters root" in response.json()["error"]["message"], response.text
+        for name in ("../x", "a/b", ".hidden"):
+            response = client.post("/v1/adapters", json={"name": name, "path": "victim"})
+            assert response.status_code == 400 and "is not allowed" in response.json()["error"]["message"], response.text
+        assert [a["name"] for a in client.get("/v1/adapters").json()["data"]] == ["victim"]
+    assert snapshot(tmp_path) == before
 
 
 # -- plugins ----------------------------------------------------------------------------------
