@@ -144,6 +144,12 @@ class TrainingBlock(_Strict):
     base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="dtype the frozen base is loaded in; auto: fp32 on CPU, bf16 on a GPU unless the method trains base weights")
     log_every: int = Field(1, gt=0)
+    # compute savers and hardware defaults (core/batching.py, core/loss.py, core/tokenized_cache.py, core/runtime.py)
+    group_by_length: bool = Field(True, description="batch rows of similar length together (less padding); the order stays a function of seed and epoch")
+    logits_on_labels_only: bool = Field(True, description="causal LM: apply the LM head and loss only where labels are")
+    cache_tokenized: bool = Field(True, description="reuse tokenized splits across runs (under $PLUGTUNE_HOME/tokenized)")
+    threads: int | None = Field(None, gt=0, description="CPU threads per process; default: physical cores / processes on this host")
+    attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="attention implementation; auto: sdpa on GPUs, the library default on CPUs")
 
 
 class OutputBlock(_Strict):
