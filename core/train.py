@@ -105,7 +105,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         overwrite: bool | None = None, show_progress: bool = True) -> RunResult:
     """Train ``recipe`` and save its adapter. Returns the before/after metrics."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_scheduler
 
     plugins = plugins or get_plugin_system()
@@ -121,6 +121,8 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         cpu=not on_cuda,
         mixed_precision=choose_precision(t.precision, on_cuda),
         gradient_accumulation_steps=t.grad_accum,
+        # batch_size is the global batch, split among the processes: the scheduler steps once per step
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
