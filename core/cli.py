@@ -42,10 +42,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .launch import in_distributed_run, is_main_process, launch
     from .recipe import load_recipe
     from .train import comparison_table, run
-
-    from .launch import in_distributed_run, is_main_process, launch
 
     recipe = load_recipe(args.recipe, args.overrides)  # errors show once, before any process starts
     if args.nproc > 1 and not in_distributed_run():

@@ -44,4 +44,4 @@ def launch(nproc: int, cli_args: list[str]) -> int:
     if nproc < 1:
         raise RecipeError([f"--nproc: {nproc} is not a process count; use 1 or more"])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(launch_command(nproc, cli_args), env=env).returncode
+    return subprocess.run(launch_command(nproc, cli_args), env=env, check=False).returncode

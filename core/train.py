@@ -387,7 +387,7 @@ def _label_position_loss(model: torch.nn.Module, head: torch.nn.Module | None, b
     batch's real tokens."""
     from types import SimpleNamespace
 
-    token_losses, positions = label_token_losses(model, batch, head)
+    token_losses, _ = label_token_losses(model, batch, head)
     local_sum = token_losses.sum()
     world = accelerator.num_processes
     counts = torch.stack([torch.tensor(float(token_losses.numel())), local_sum.detach().float().cpu(),
