@@ -41,6 +41,7 @@ test-fast: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/methods.py
 	HF_HUB_OFFLINE=1 $(PY) bench/regularization.py
+	HF_HUB_OFFLINE=1 $(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
