@@ -269,6 +269,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     model.train()
     started = time.perf_counter()
     window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
+    window_cpu = time.process_time()  # CPU seconds of all threads: the step's work, whatever else shares the cores
     with progress:
         while state.step < total_steps:
             for indices in epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=state.epoch, lengths=lengths):
@@ -315,13 +316,14 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                 record = {
                     "event": "train", "step": state.step, "loss": window_loss / window_micro,
                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / elapsed if elapsed else 0.0,
-                    "tokens": window_tokens, "step_seconds": elapsed,
+                    "tokens": window_tokens, "step_seconds": elapsed, "step_cpu_seconds": time.process_time() - window_cpu,
                     **terms,
                 }
                 for name, reg in regularizers:
                     if hasattr(reg, "report"):
                         record.update({f"{name}/{k}": v for k, v in reg.report(model).items()})
                 window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
+                window_cpu = time.process_time()
                 state.history.append(record)
                 if state.step % t.log_every == 0 or state.step == total_steps:
                     log(record)

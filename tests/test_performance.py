@@ -117,7 +117,7 @@ def test_grouped_batches_give_each_example_the_same_loss(tiny_llama, tiny_data, 
 
 
 def test_label_smoothing_keeps_full_logits():
-    from plugins.regularizers.training import L2SP, LabelSmoothing
+    from plugtune.plugins.regularizers.training import L2SP, LabelSmoothing
 
     head_model = torch.nn.Module()
     head_model.get_output_embeddings = lambda: torch.nn.Linear(2, 2)  # type: ignore[method-assign]
