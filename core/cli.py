@@ -42,11 +42,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .errors import RecipeError
     from .launch import in_distributed_run, is_main_process, launch
     from .recipe import load_recipe
     from .train import comparison_table, run
 
     recipe = load_recipe(args.recipe, args.overrides)  # errors show once, before any process starts
+    if args.nproc < 1:
+        raise RecipeError([f"--nproc: {args.nproc} is not a process count; use 1 or more"])
     if args.nproc > 1 and not in_distributed_run():
         flags = [f for f, on in (("--overwrite", args.overwrite), ("--quiet", args.quiet)) if on]
         return launch(args.nproc, ["run", args.recipe, *args.overrides, *flags])

@@ -20,8 +20,6 @@ import os
 import subprocess
 import sys
 
-from .errors import RecipeError
-
 
 def in_distributed_run() -> bool:
     """True inside a process started by a distributed launcher."""
@@ -41,7 +39,5 @@ def launch_command(nproc: int, cli_args: list[str]) -> list[str]:
 def launch(nproc: int, cli_args: list[str]) -> int:
     """Run ``plugtune <cli_args>`` in ``nproc`` processes; returns the launcher's exit code
     (non-zero when any process failed)."""
-    if nproc < 1:
-        raise RecipeError([f"--nproc: {nproc} is not a process count; use 1 or more"])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(launch_command(nproc, cli_args), env=env, check=False).returncode

@@ -263,3 +263,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_ll
     assert sum(1 for r in records if r["event"] == "eval") == 1
     assert results["ddp"][1].count("adapter saved to") == 1
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+
+
+def test_nproc_must_be_a_process_count(make_recipe, capsys):
+    from plugtune.cli import main
+
+    assert main(["run", str(make_recipe()), "--nproc", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --nproc: 0 is not a process count; use 1 or more"
