@@ -121,3 +121,29 @@ def per_example_loss(token_losses: torch.Tensor, positions: LabelPositions) -> t
     sums.index_add_(0, positions.rows, token_losses)
     counts.index_add_(0, positions.rows, torch.ones_like(token_losses))
     return sums / counts.clamp(min=1)
+
+
+@torch.no_grad()
+def eval_batch_at_labels(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """:meth:`plugtune.tasks.Task.eval_batch` for a causal LM with logits at the label
+    positions only: the same per-example predictions (greedy tokens where the reference is),
+    references, scores and losses, without the LM head over the positions no metric reads."""
+    from .components import EvalBatch
+
+    positions = LabelPositions.of(batch["labels"])
+    with head_at(head, positions):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits.reshape(-1, logits.size(-1)).float()  # (N, V)
+    token_losses = torch.nn.functional.cross_entropy(logits, positions.targets, reduction="none")  # (N,)
+    greedy_logprob, greedy = logits.log_softmax(-1).max(-1)  # (N,)
+    rows = positions.rows.tolist()
+    predictions: list[list[int]] = [[] for _ in range(positions.batch_size)]
+    references: list[list[int]] = [[] for _ in range(positions.batch_size)]
+    logprobs: list[list[float]] = [[] for _ in range(positions.batch_size)]
+    for row, token, target, logprob in zip(rows, greedy.tolist(), positions.targets.tolist(), greedy_logprob.tolist()):
+        predictions[row].append(token)
+        references[row].append(target)
+        logprobs[row].append(logprob)
+    scores = [float(torch.tensor(v).mean()) if v else 0.0 for v in logprobs]
+    return EvalBatch([tuple(p) for p in predictions], [tuple(r) for r in references], float(token_losses.sum()),
+                     len(rows), scores=scores, losses=per_example_loss(token_losses, positions).tolist())

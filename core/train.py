@@ -183,7 +183,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     eval_bs = t.eval_batch_size or t.batch_size * 2
     evaluators = [b.build(task) for b in recipe.evaluators]
     eval_kwargs = dict(batch_size=eval_bs, pad_id=pad_id, device=device, tokenizer=tokenizer,
-                       max_new_tokens=t.max_new_tokens, max_length=t.max_length)
+                       max_new_tokens=t.max_new_tokens, max_length=t.max_length, logits_on_labels_only=t.logits_on_labels_only)
 
     # "before" is the base model itself, evaluated before the method touches it (a prefix or
     # a new head starts random; that is not the base's score).

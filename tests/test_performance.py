@@ -270,3 +270,23 @@ def test_nproc_must_be_a_process_count(make_recipe, capsys):
 
     assert main(["run", str(make_recipe()), "--nproc", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --nproc: 0 is not a process count; use 1 or more"
+
+
+@pytest.mark.parametrize("method", [None, {"name": "prefix", "options": {"num_virtual_tokens": 4}}], ids=["lora", "prefix"])
+def test_evaluation_with_label_position_logits_gives_the_same_batches_and_metrics(tiny_llama, tiny_data, make_recipe, method):
+    from plugtune.evaluation import evaluate
+    from plugtune.loss import eval_batch_at_labels, output_head
+
+    model, rows, pad = _rows(tiny_llama, tiny_data, make_recipe, method)
+    recipe = plugtune.load_recipe(make_recipe())
+    batch = collate(rows, pad, False)
+    with torch.no_grad():
+        plain = recipe.task.eval_batch(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+    at_labels = eval_batch_at_labels(model, output_head(model), batch)
+    assert at_labels.predictions == plain.predictions and at_labels.references == plain.references
+    assert at_labels.n_targets == plain.n_targets and at_labels.loss_sum == pytest.approx(plain.loss_sum, abs=1e-4)
+    assert at_labels.scores == pytest.approx(plain.scores, abs=1e-5)
+    assert at_labels.losses == pytest.approx(plain.losses, abs=1e-5)
+    metrics = [evaluate(model, rows, recipe.task, [b.build(recipe.task) for b in recipe.evaluators], batch_size=5, pad_id=pad,
+                        device=torch.device("cpu"), logits_on_labels_only=flag) for flag in (False, True)]
+    assert metrics[0].keys() == metrics[1].keys() and metrics[1] == pytest.approx(metrics[0], rel=1e-6, abs=1e-5)  # perplexity ~69
