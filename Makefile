@@ -43,6 +43,8 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/regularization.py
 	HF_HUB_OFFLINE=1 $(PY) bench/hosting.py
 	HF_HUB_OFFLINE=1 $(PY) bench/serving.py
+	HF_HUB_OFFLINE=1 $(PY) bench/throughput.py
+	HF_HUB_OFFLINE=1 $(PY) bench/loader_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

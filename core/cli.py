@@ -42,12 +42,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .errors import RecipeError
+    from .launch import in_distributed_run, is_main_process, launch
     from .recipe import load_recipe
     from .train import comparison_table, run
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)  # errors show once, before any process starts
+    if args.nproc < 1:
+        raise RecipeError([f"--nproc: {args.nproc} is not a process count; use 1 or more"])
+    if args.nproc > 1 and not in_distributed_run():
+        flags = [f for f, on in (("--overwrite", args.overwrite), ("--quiet", args.quiet)) if on]
+        return launch(args.nproc, ["run", args.recipe, *args.overrides, *flags])
     console = _console(stderr=True)
     result = run(recipe, console=console, overwrite=args.overwrite or None, show_progress=not args.quiet, resume=args.resume)
+    if not is_main_process():
+        return 0
     out = _console()
     out.print(comparison_table({"base": result.before, recipe.name: result.after},
                                title=f"{recipe.name}: held-out metrics before and after training"))
@@ -316,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train data-parallel in N local processes (DDP through accelerate; gloo on CPUs)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a recipe without loading any model")

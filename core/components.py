@@ -187,6 +187,9 @@ class Regularizer(Protocol):
     * ``transform_batch(batch, step) -> batch``: change a training batch (augmentation);
       never called on evaluation batches.
     * ``loss_term(model, batch, outputs, step) -> Tensor | None``: a term added to the loss.
+      A regularizer with a ``loss_term`` and no ``needs_logits = False`` class attribute gets
+      ``outputs.logits`` over every position; with ``needs_logits = False`` the core may
+      compute logits at the label positions only (``outputs.logits`` is then None).
     * ``after_backward(model, step) -> dict | None``: act on gradients.
     * ``report(model) -> dict[str, float]``: what it did this step, logged as
       ``<name>/<key>``.

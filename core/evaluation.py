@@ -71,8 +71,12 @@ def generate_responses(model: torch.nn.Module, examples: list[dict[str, Any]], t
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: list[Any], *, batch_size: int,
              pad_id: int, device: torch.device, tokenizer: Any = None, max_new_tokens: int = 32,
-             max_length: int = 256) -> dict[str, float]:
-    """Run every evaluator over ``rows``; returns the merged metrics."""
+             max_length: int = 256, logits_on_labels_only: bool = False) -> dict[str, float]:
+    """Run every evaluator over ``rows``; returns the merged metrics. With
+    ``logits_on_labels_only`` a causal LM's head runs at the label positions only
+    (core/loss.py); the metrics are the same."""
+    from .loss import eval_batch_at_labels, output_head
+
     was_training = model.training
     model.eval()
     for ev in evaluators:
@@ -80,10 +84,15 @@ def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: li
     generate = (not task.is_classification and task.response is not None and tokenizer is not None
                 and any(getattr(ev, "needs_generation", False) for ev in evaluators))
 
+    head = output_head(model) if logits_on_labels_only and not task.is_classification else None
+
     def run(chunk: list[Row], batch: dict[str, torch.Tensor]) -> EvalBatch:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        result = task.eval_batch(logits, batch)
+        if head is not None:
+            result = eval_batch_at_labels(model, head, batch)
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            result = task.eval_batch(logits, batch)
         result.examples = [r["example"] for r in chunk]
         return result
 

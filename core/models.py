@@ -213,9 +213,11 @@ def load_base(
     dtype: torch.dtype | None = None,
     plugins: PluginSystem | None = None,
     seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> LoadedBase:
     """Load tokenizer and model for ``task``. For sequence classification the head is new,
-    initialised from ``seed``, and left out of the fingerprint."""
+    initialised from ``seed``, and left out of the fingerprint. ``attn_implementation``
+    (``sdpa``, ``eager``) is passed to transformers; None keeps its default."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -241,6 +243,8 @@ def load_base(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": offline, "output_loading_info": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     torch.manual_seed(seed)
     try:
         if task.is_classification:

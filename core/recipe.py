@@ -157,6 +157,12 @@ class TrainingBlock(_Strict):
     checkpoint_keep: int = Field(2, gt=0, description="how many of the newest checkpoints to keep")
     overlong: Literal["truncate", "drop", "refuse"] = Field(
         "truncate", description="rows longer than max_length (or the model's context): cut, leave out, or stop with an error")
+    # compute savers and hardware defaults (core/batching.py, core/loss.py, core/tokenized_cache.py, core/runtime.py)
+    group_by_length: bool = Field(True, description="batch rows of similar length together (less padding); the order stays a function of seed and epoch")
+    logits_on_labels_only: bool = Field(True, description="causal LM: apply the LM head and loss only where labels are")
+    cache_tokenized: bool = Field(True, description="reuse tokenized splits across runs (under $PLUGTUNE_HOME/tokenized)")
+    threads: int | None = Field(None, gt=0, description="CPU threads per process; default: physical cores / processes on this host")
+    attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="attention implementation; auto: sdpa on GPUs, the library default on CPUs")
 
 
 class OutputBlock(_Strict):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +30,21 @@ from rich.table import Table
 
 from . import __version__
 from .adapters import save_adapter
-from .batching import epoch_batches
+from .batching import epoch_batches, shard
 from .checkpoints import Checkpointer, clear_checkpoints, interrupted_run_message, restore_rng, resume_point, truncate_log
 from .components import Decision
 from .datacheck import apply_overlong, check_empty_fields, fit_to_context
 from .evaluation import encode_split, evaluate
 from .errors import DataError, RecipeError, TrainingError
 from .faults import guarded
+from .loss import label_token_losses, output_head, supports_label_positions
 from .models import BaseInfo, load_base
 from .registry import PluginSystem, get_plugin_system
 from .recipe import Recipe
+from .runtime import choose_attention, choose_precision, choose_threads
 from .signals import Interrupted, StopRequest, resume_command
 from .tasks import Task, collate
+from .tokenized_cache import cached_encode
 
 
 @dataclass
@@ -70,15 +74,6 @@ class RunResult:
     trainable_parameters: int
     total_parameters: int
     train_metrics: dict[str, float] = field(default_factory=dict)
-
-
-def choose_precision(requested: str, on_cuda: bool) -> str:
-    """accelerate's mixed_precision for a recipe's ``training.precision``."""
-    if requested == "auto":
-        if on_cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[requested]
 
 
 def base_dtype(requested: str, on_cuda: bool, trains_base_weights: bool) -> torch.dtype:
@@ -134,7 +129,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     ``resume``: continue the run in the recipe's output folder from its last checkpoint
     (refused when there is none or the recipe changed in a way that changes training)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_scheduler
 
     plugins = plugins or get_plugin_system()
@@ -146,11 +141,37 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     overwrite = (recipe.spec.output.overwrite if overwrite is None else overwrite) and not resume
     check_output_dir(out, overwrite, resume)  # nothing is written before the data and model load
     resuming = resume_point(out, recipe.raw, str(recipe.source or "the recipe")) if resume else None
+    on_cuda = t.device != "cpu" and torch.cuda.is_available()
+    if not on_cuda:
+        torch.set_num_threads(choose_threads(t.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    # In a data-parallel run (plugtune run --nproc, accelerate launch, torchrun) every process
+    # runs this function; only the main one writes, logs, evaluates and checkpoints (see core/launch.py).
+    accelerator = Accelerator(
+        cpu=not on_cuda,
+        mixed_precision=choose_precision(t.precision, on_cuda),
+        gradient_accumulation_steps=t.grad_accum,
+        # batch_size is the global batch, split among the processes: the scheduler steps once per step
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if not main:
+        console, show_progress = Console(quiet=True), False
     metrics_log = out / "metrics.jsonl"
 
     def log(record: dict[str, Any]) -> None:
+        if not main:
+            return
         with open(metrics_log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+    def on_main(compute: Any) -> Any:
+        """``compute()`` on the main process, its result shared with the others."""
+        if world == 1:
+            return compute()
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([compute() if main else None], from_process=0)[0]
 
     # -- data and model ---------------------------------------------------------------
     set_seed(t.seed)
@@ -158,10 +179,10 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     check_empty_fields(splits, recipe.task)
     task = copy.deepcopy(recipe.task)
     task.infer_labels(splits["train"])
-    on_cuda = t.device != "cpu" and torch.cuda.is_available()
     dtype = base_dtype(t.base_dtype, on_cuda, getattr(recipe.method.component.obj, "trains_base_weights", False))
     with console.status(f"loading {recipe.spec.base_model} ({str(dtype).replace('torch.', '')})"):
-        base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins, dtype=dtype)
+        base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins, dtype=dtype,
+                         attn_implementation=choose_attention(t.attention, on_cuda))
     tokenizer = base.tokenizer
     t = t.model_copy(update={"max_length": fit_to_context(t.max_length, base.model, console)})
     regularizers = [(b.name, guarded(b.build(), b.component)) for b in recipe.regularizers]
@@ -173,36 +194,38 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
             console.print(f"{name}: {before_count} -> {len(train_examples)} training examples")
     train_examples = apply_overlong(train_examples, task, tokenizer, t.max_length, t.overlong, "train", console)
     test_examples = apply_overlong(splits["test"], task, tokenizer, t.max_length, t.overlong, "test", console)
-    train_rows, train_cut = encode_split(train_examples, task, tokenizer, t.max_length, "train")
-    test_rows, test_cut = encode_split(test_examples, task, tokenizer, t.max_length, "test")
+    encoded = {}
+    for split, examples in (("train", train_examples), ("test", test_examples)):
+        encoded[split], hit = cached_encode(examples, task, tokenizer, t.max_length, split, enabled=t.cache_tokenized,
+                                            encode=lambda e=examples, s=split: encode_split(e, task, tokenizer, t.max_length, s))
+        if hit:
+            console.print(f"{split}: tokenized rows from the cache")
+    (train_rows, train_cut), (test_rows, test_cut) = encoded["train"], encoded["test"]
     if t.max_eval_examples:
         test_rows = test_rows[: t.max_eval_examples]
     if not train_rows:
         raise DataError("no training rows left after encoding (check the templates and training.max_length)")
     if train_cut or test_cut:
         console.print(f"[yellow]{train_cut} train and {test_cut} test rows exceed max_length={t.max_length} and were truncated or dropped[/]")
-    prepare_output_dir(out, overwrite, resume)  # the first write of the run
-    if resuming:
-        truncate_log(metrics_log, int(resuming.meta["metrics_bytes"]))
+    if main:
+        prepare_output_dir(out, overwrite, resume)  # the first write of the run
+        if resuming:
+            truncate_log(metrics_log, int(resuming.meta["metrics_bytes"]))
+    accelerator.wait_for_everyone()
 
-    accelerator = Accelerator(
-        cpu=not on_cuda,
-        mixed_precision=choose_precision(t.precision, on_cuda),
-        gradient_accumulation_steps=t.grad_accum,
-    )
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
     eval_bs = t.eval_batch_size or t.batch_size * 2
     evaluators = [guarded(b.build(task), b.component) for b in recipe.evaluators]
     eval_kwargs = dict(batch_size=eval_bs, pad_id=pad_id, device=device, tokenizer=tokenizer,
-                       max_new_tokens=t.max_new_tokens, max_length=t.max_length)
+                       max_new_tokens=t.max_new_tokens, max_length=t.max_length, logits_on_labels_only=t.logits_on_labels_only)
 
     # "before" is the base model itself, evaluated before the method touches it (a prefix or
     # a new head starts random; that is not the base's score).
     before: dict[str, float] = dict(resuming.meta["before"]) if resuming else {}
     if t.eval_before and not resuming:
         with console.status("evaluating the base model"), accelerator.autocast():
-            before = evaluate(base.model.to(device), test_rows, task, evaluators, **eval_kwargs)
+            before = on_main(lambda: evaluate(base.model.to(device), test_rows, task, evaluators, **eval_kwargs))
 
     set_seed(t.seed)
     method = recipe.method.build()
@@ -225,6 +248,11 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped_model = accelerator.unwrap_model(model)  # evaluation runs on the main process, outside DDP
+    lengths = [len(r["input_ids"]) for r in train_rows] if t.group_by_length else None
+    head = output_head(unwrapped_model)
+    label_only = (t.logits_on_labels_only and not task.is_classification
+                  and supports_label_positions(unwrapped_model, [reg for _, reg in regularizers]))
 
     state = RunState(recipe, task, model, tokenizer, base.info, out, total_steps)
     best: dict[str, Any] = {}  # the weights a regularizer (early stopping) marked best, and their metrics
@@ -248,14 +276,14 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         if not t.eval_train_examples:
             return {}
         with console.status("evaluating on training rows"), accelerator.autocast():
-            metrics = evaluate(model, train_rows[: t.eval_train_examples], task, evaluators, **eval_kwargs)
+            metrics = on_main(lambda: evaluate(unwrapped_model, train_rows[: t.eval_train_examples], task, evaluators, **eval_kwargs))
         log({"event": "eval", "split": "train", "step": state.step, "when": tag, **metrics})
         return metrics
 
     def run_eval(tag: str) -> dict[str, float]:
         nonlocal stop
         with accelerator.autocast():
-            metrics = log_eval(tag, evaluate(model, test_rows, task, evaluators, **eval_kwargs))
+            metrics = log_eval(tag, on_main(lambda: evaluate(unwrapped_model, test_rows, task, evaluators, **eval_kwargs)))
         for name, reg in regularizers:
             decision: Decision | None = reg.after_evaluate(metrics, state.step) if hasattr(reg, "after_evaluate") else None
             if decision is None:
@@ -283,21 +311,30 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     earlier_seconds = float(resuming.meta["train_seconds"]) if resuming else 0.0
     started = time.perf_counter()
     window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
+    window_cpu = time.process_time()  # CPU seconds of all threads: the step's work, whatever else shares the cores
     if resuming:
         restore_rng(resuming.training_state["rng"])  # last: everything before drew from the RNGs as the first run did
     with progress, StopRequest() as interrupt:
         while state.step < total_steps:
-            for batch_index, indices in enumerate(epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=state.epoch)):
+            order = epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=state.epoch, lengths=lengths)
+            for batch_index, indices in enumerate(order):
                 if batch_index < state.batch:  # consumed before the checkpoint this run resumed from
                     continue
+                if world > 1:  # t.batch_size is the global batch; each process takes its rows of it
+                    if len(indices) < world:
+                        continue  # a tail batch too small to give every process a row: all skip it
+                    indices = shard(indices, rank, world)
                 batch = collate([train_rows[i] for i in indices], pad_id, task.is_classification)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 for _, reg in regularizers:
                     if hasattr(reg, "transform_batch"):
                         batch = reg.transform_batch(batch, state.step)
                 with accelerator.accumulate(model):
-                    outputs = model(**batch)
-                    loss = outputs.loss
+                    if label_only:
+                        loss, outputs, batch_tokens = _label_position_loss(model, head, batch, accelerator)
+                    else:
+                        outputs = model(**batch)
+                        loss, batch_tokens = outputs.loss, int(batch["attention_mask"].sum()) * world
                     terms: dict[str, float] = {}
                     for name, reg in regularizers:
                         term = reg.loss_term(model, batch, outputs, state.step) if hasattr(reg, "loss_term") else None
@@ -316,7 +353,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                window_tokens += int(batch["attention_mask"].sum())
+                window_tokens += batch_tokens
                 window_loss += float(outputs.loss.detach())
                 window_micro += 1
                 if not accelerator.sync_gradients:
@@ -327,12 +364,14 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                 record = {
                     "event": "train", "step": state.step, "loss": window_loss / window_micro,
                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / elapsed if elapsed else 0.0,
+                    "tokens": window_tokens, "step_seconds": elapsed, "step_cpu_seconds": time.process_time() - window_cpu,
                     **terms,
                 }
                 for name, reg in regularizers:
                     if hasattr(reg, "report"):
                         record.update({f"{name}/{k}": v for k, v in reg.report(model).items()})
                 window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
+                window_cpu = time.process_time()
                 state.history.append(record)
                 if state.step % t.log_every == 0 or state.step == total_steps:
                     log(record)
@@ -359,7 +398,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         after = run_eval("after")
 
     # -- the artifact -------------------------------------------------------------------
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrapped_model
     if best and best["step"] != state.step:
         console.print(f"keeping the best weights, from step {best['step']}")
         adapter_state, after, train_metrics = best["state"], best["metrics"], best["train"]
@@ -388,11 +427,34 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
             "train_rows": len(train_rows), "test_rows": len(test_rows),
         },
     }
-    if accelerator.is_main_process:
+    if main:
         save_adapter(out, state=adapter_state, config=method.adapter_config(unwrapped), manifest=manifest)
         clear_checkpoints(out)  # the adapter is whole: the run is finished
+    accelerator.wait_for_everyone()
     plugins.call_lifecycle("on_train_end", run=state, adapter_dir=str(out), metrics=after)
     return RunResult(out, before, after, state.step, train_seconds, trainable, total, train_metrics)
+
+
+def _label_position_loss(model: torch.nn.Module, head: torch.nn.Module | None, batch: dict[str, torch.Tensor],
+                         accelerator: Any) -> tuple[torch.Tensor, Any, int]:
+    """The training loss with logits at the label positions only (core/loss.py): the mean
+    over the global batch's label tokens. In a data-parallel run each process divides its
+    sum by the global count (times the process count, since DDP averages gradients), so the
+    gradient equals a single process's on the whole batch. Returns the loss, an outputs
+    object for regularizers (``loss`` = the global mean, ``logits`` None) and the global
+    batch's real tokens."""
+    from types import SimpleNamespace
+
+    token_losses, _ = label_token_losses(model, batch, head)
+    local_sum = token_losses.sum()
+    world = accelerator.num_processes
+    counts = torch.stack([torch.tensor(float(token_losses.numel())), local_sum.detach().float().cpu(),
+                          batch["attention_mask"].sum().float().cpu()]).to(local_sum.device)
+    if world > 1:
+        counts = accelerator.reduce(counts, reduction="sum")
+    label_tokens, global_sum, real_tokens = counts.tolist()
+    loss = local_sum * world / max(label_tokens, 1.0)
+    return loss, SimpleNamespace(loss=torch.tensor(global_sum / max(label_tokens, 1.0)), logits=None), int(real_tokens)
 
 
 def lower_is_better(metric: str) -> bool:

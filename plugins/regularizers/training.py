@@ -165,6 +165,7 @@ class LabelSmoothing:
     """``(1 - epsilon) * CE + epsilon * CE(uniform)``, added as a loss term."""
 
     Options = LabelSmoothingOptions
+    needs_logits = True  # reads outputs.logits (B, T, V): the core keeps full logits
 
     def __init__(self, options: LabelSmoothingOptions) -> None:
         self.options = options
@@ -227,6 +228,7 @@ class L2SP:
     LoRA's ``lora_B`` and any weight initialised to zeros)."""
 
     Options = L2SPOptions
+    needs_logits = False  # its loss term reads the weights only
 
     def __init__(self, options: L2SPOptions) -> None:
         self.options = options

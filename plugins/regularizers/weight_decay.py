@@ -31,6 +31,7 @@ def _decays(name: str, param: torch.nn.Parameter) -> bool:
 
 class WeightDecay:
     Options = WeightDecayOptions
+    needs_logits = False  # its loss term reads the weights only
 
     def __init__(self, options: WeightDecayOptions) -> None:
         self.options = options

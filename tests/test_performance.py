@@ -1,0 +1,292 @@
+"""Compute savers keep the loss: length-grouped batches, logits at label positions only, the
+tokenized-split cache; the hardware defaults' choice logic; data-parallel training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import plugtune
+import pytest
+import torch
+import yaml
+from plugtune.adapters import WEIGHTS_FILE
+from plugtune.batching import epoch_batches, shard
+from plugtune.evaluation import encode_split
+from plugtune.loss import (
+    LabelPositions,
+    full_logits_token_losses,
+    label_token_losses,
+    per_example_loss,
+    supports_label_positions,
+)
+from plugtune.models import load_base
+from plugtune.runtime import choose_attention, choose_precision, choose_threads
+from plugtune.tasks import collate
+from plugtune.tokenized_cache import cached_encode
+from safetensors.torch import load_file
+
+# -- batch order -------------------------------------------------------------------------
+
+
+def test_length_grouped_order_is_a_function_of_seed_and_epoch_and_covers_every_row():
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    first = epoch_batches(1000, 8, seed=3, epoch=1, lengths=lengths)
+    assert first == epoch_batches(1000, 8, seed=3, epoch=1, lengths=lengths)
+    assert first != epoch_batches(1000, 8, seed=3, epoch=2, lengths=lengths)
+    assert sorted(i for b in first for i in b) == list(range(1000))
+    assert len(first) == len(epoch_batches(1000, 8, seed=3, epoch=1))  # same number of steps as ungrouped
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    plain = epoch_batches(1000, 8, seed=3, epoch=1)
+    assert padding(first) < padding(plain) / 10
+
+
+def test_shards_of_a_global_batch_partition_it():
+    batch = [5, 9, 2, 7, 1]
+    parts = [shard(batch, r, 2) for r in range(2)]
+    assert parts == [[5, 2, 1], [9, 7]]
+
+
+# -- label-position loss -----------------------------------------------------------------
+
+
+def _rows(tiny_llama: Path, tiny_data: Path, make_recipe, method: dict | None = None):
+    recipe = plugtune.load_recipe(make_recipe(**({"method": method} if method else {})))
+    from plugtune.tasks import Task
+
+    task: Task = recipe.task
+    base = load_base(str(tiny_llama), task)
+    examples = recipe.loader.build().load(0)["train"][:12]
+    # rows of different lengths (the tiny SFT data has one length), so padding really varies
+    examples = [{**e, "question": e["question"] + " very" * (i % 5)} for i, e in enumerate(examples)]
+    rows, _ = encode_split(examples, task, base.tokenizer, 48, "train")
+    torch.manual_seed(0)
+    model = recipe.method.build().prepare(base.model, task)
+    with torch.no_grad():  # LoRA's B starts at zero: give every method non-trivial weights
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    return model, rows, base.tokenizer.pad_token_id
+
+
+def _plain_per_example(model, batch) -> torch.Tensor:
+    token_losses = full_logits_token_losses(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                            batch["labels"])  # (B, T-1)
+    counts = (batch["labels"][:, 1:] != -100).sum(-1)
+    return token_losses.sum(-1) / counts
+
+
+@pytest.mark.parametrize("method", [None, {"name": "prefix", "options": {"num_virtual_tokens": 4}}, {"name": "full"}],
+                         ids=["lora", "prefix", "full"])
+def test_label_position_loss_equals_the_plain_loss_per_example(tiny_llama, tiny_data, make_recipe, method):
+    model, rows, pad = _rows(tiny_llama, tiny_data, make_recipe, method)
+    assert supports_label_positions(model)
+    batch = collate(rows[:8], pad, classification=False)
+    with torch.no_grad():
+        plain = _plain_per_example(model, batch)
+        token_losses, positions = label_token_losses(model, batch)
+        label_only = per_example_loss(token_losses, positions)
+        # the batch mean is the model's own loss
+        assert torch.allclose(token_losses.mean(), model(**batch).loss, atol=1e-5)
+    assert plain.shape == (8,) and torch.allclose(label_only, plain, atol=1e-5), (label_only - plain).abs().max()
+    assert token_losses.numel() == int((batch["labels"][:, 1:] != -100).sum())  # logits at label positions only
+
+
+def test_grouped_batches_give_each_example_the_same_loss(tiny_llama, tiny_data, make_recipe):
+    """An example's loss does not depend on which rows share its batch (right padding,
+    attention mask): regrouping by length changes padding, never the loss."""
+    model, rows, pad = _rows(tiny_llama, tiny_data, make_recipe)
+    lengths = [len(r["input_ids"]) for r in rows]
+    by_length = sorted(range(len(rows)), key=lambda i: -lengths[i])
+    with torch.no_grad():
+        together = _plain_per_example(model, collate(rows, pad, False))
+        grouped = torch.zeros(len(rows))
+        for part in (by_length[:4], by_length[4:8], by_length[8:]):
+            batch = collate([rows[i] for i in part], pad, False)
+            token_losses, positions = label_token_losses(model, batch)
+            grouped[part] = per_example_loss(token_losses, positions)
+    assert max(lengths) > min(lengths)
+    assert torch.allclose(grouped, together, atol=1e-5), (grouped - together).abs().max()
+
+
+def test_label_smoothing_keeps_full_logits():
+    from plugtune.plugins.regularizers.training import L2SP, LabelSmoothing
+
+    head_model = torch.nn.Module()
+    head_model.get_output_embeddings = lambda: torch.nn.Linear(2, 2)  # type: ignore[method-assign]
+    assert supports_label_positions(head_model, [L2SP.__new__(L2SP)])
+    assert not supports_label_positions(head_model, [LabelSmoothing.__new__(LabelSmoothing)])
+
+    class Unknown:
+        def loss_term(self, *args):  # a third-party term that may read logits
+            return None
+
+    assert not supports_label_positions(head_model, [Unknown()])
+
+
+def test_training_with_label_position_logits_matches_the_plain_path(make_recipe, tmp_path):
+    adapters = {}
+    for label_only in (True, False):
+        training = {"max_steps": 6, "batch_size": 8, "learning_rate": 2e-2, "seed": 0, "max_length": 48, "device": "cpu",
+                    "logits_on_labels_only": label_only, "eval_before": False}
+        recipe = plugtune.load_recipe(make_recipe(name=f"labels-{label_only}".lower(), training=training,
+                                                  method={"name": "lora", "options": {"r": 4, "alpha": 8, "dropout": 0.0}}))
+        result = plugtune.run(recipe, show_progress=False)
+        adapters[label_only] = load_file(Path(result.adapter_dir) / WEIGHTS_FILE)
+    for name, tensor in adapters[True].items():
+        assert torch.allclose(tensor, adapters[False][name], atol=1e-5), name
+
+
+def test_label_positions_index_the_predicting_position():
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, 5, -100, -100]])
+    positions = LabelPositions.of(labels)
+    assert positions.rows.tolist() == [0, 0, 1] and positions.columns.tolist() == [1, 2, 0]
+    assert positions.targets.tolist() == [7, 8, 5]
+
+
+# -- tokenized cache ---------------------------------------------------------------------
+
+
+def test_tokenized_split_cache_hits_on_a_rerun_and_misses_when_any_key_changes(tiny_llama, make_recipe, monkeypatch, tmp_path):
+    monkeypatch.setenv("PLUGTUNE_HOME", str(tmp_path / "home"))
+    recipe = plugtune.load_recipe(make_recipe())
+    task = recipe.task
+    tokenizer = load_base(str(tiny_llama), task).tokenizer
+    rows = recipe.loader.build().load(0)["train"][:20]
+    calls = []
+
+    def encode_with(rows=rows, task=task, tokenizer=tokenizer, max_length=48, split="train"):
+        def encode():
+            calls.append(1)
+            return encode_split(rows, task, tokenizer, max_length, split)
+        return cached_encode(rows, task, tokenizer, max_length, split, encode)
+
+    first, hit = encode_with()
+    assert not hit and len(calls) == 1
+    second, hit = encode_with()
+    assert hit and len(calls) == 1 and second == first
+    import copy
+
+    other_task = copy.deepcopy(task)
+    other_task.prompt = "q : {question} a :"
+    other_tokenizer = copy.deepcopy(tokenizer)
+    other_tokenizer.add_tokens(["zebra"])
+    changed_rows = [dict(r) for r in rows]
+    changed_rows[3]["answer"] = "red"
+    for change in ({"rows": changed_rows}, {"task": other_task}, {"tokenizer": other_tokenizer}, {"max_length": 40}, {"split": "test"}):
+        before = len(calls)
+        _, hit = encode_with(**change)
+        assert not hit and len(calls) == before + 1, change
+    assert len(list((tmp_path / "home" / "tokenized").glob("*.pkl"))) == 6
+
+
+def test_a_second_run_of_a_recipe_reads_its_tokenized_splits_from_the_cache(make_recipe, monkeypatch, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    monkeypatch.setenv("PLUGTUNE_HOME", str(tmp_path / "home"))
+    path = make_recipe(training={"max_steps": 1, "batch_size": 4, "device": "cpu", "eval_before": False})
+    outputs = []
+    for _ in range(2):
+        buffer = StringIO()
+        plugtune.run(plugtune.load_recipe(path), console=Console(file=buffer), show_progress=False, overwrite=True)
+        outputs.append(buffer.getvalue())
+    assert "tokenized rows from the cache" not in outputs[0]
+    assert "train: tokenized rows from the cache" in outputs[1] and "test: tokenized rows from the cache" in outputs[1]
+
+
+# -- hardware defaults -------------------------------------------------------------------
+
+
+def test_hardware_defaults_and_overrides():
+    assert choose_threads(None, physical=16) == 16
+    assert choose_threads(None, physical=16, local_processes=4) == 4
+    assert choose_threads(None, physical=2, local_processes=4) == 1
+    assert choose_threads(3, physical=16) == 3
+    assert choose_precision("auto", on_cuda=False) == "no"
+    assert choose_precision("auto", on_cuda=True, bf16_supported=True) == "bf16"
+    assert choose_precision("auto", on_cuda=True, bf16_supported=False) == "fp16"
+    assert choose_precision("bf16", on_cuda=False) == "bf16"
+    assert choose_attention("auto", on_cuda=True) == "sdpa"
+    assert choose_attention("auto", on_cuda=False) is None
+    assert choose_attention("eager", on_cuda=True) == "eager"
+
+
+def test_recipe_threads_setting_is_applied(make_recipe):
+    before = torch.get_num_threads()
+    try:
+        plugtune.run(plugtune.load_recipe(make_recipe(training={"max_steps": 1, "device": "cpu", "threads": 1, "eval_before": False})),
+                     show_progress=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- data parallel -----------------------------------------------------------------------
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_llama, tiny_data, tmp_path):
+    """``plugtune run --nproc 2``: each process takes half of every global batch of 8 and DDP
+    averages the gradients, with the loss normalised by the global label-token count, so the
+    update is the single-process one. What differs is float summation order (two partial
+    sums all-reduced vs one sum), ~1e-7 per step; over 8 Adam steps at lr 2e-2 that stays
+    below 1e-5 while the weights themselves are ~1e-1."""
+    from plugtune.testing import recipe_dict
+
+    results = {}
+    for name, nproc in (("single", 1), ("ddp", 2)):
+        recipe = recipe_dict(tiny_llama, tiny_data, name=name)
+        recipe["method"]["options"]["dropout"] = 0.0  # dropout masks would differ between the layouts
+        recipe["training"]["eval_before"] = False
+        recipe["output"] = {"dir": str(tmp_path / name)}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        done = subprocess.run([sys.executable, "-m", "plugtune.cli", "run", str(path), "--quiet", "--nproc", str(nproc)],
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = (load_file(tmp_path / name / WEIGHTS_FILE), done.stdout)
+    single, ddp = results["single"][0], results["ddp"][0]
+    assert max(float(t.abs().max()) for t in single.values()) > 0.05
+    for name, tensor in single.items():
+        assert torch.allclose(ddp[name], tensor, atol=1e-5), (name, float((ddp[name] - tensor).abs().max()))
+    # only the main process logged, evaluated and saved
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 9))
+    assert sum(1 for r in records if r["event"] == "eval") == 1
+    assert results["ddp"][1].count("adapter saved to") == 1
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+
+
+def test_nproc_must_be_a_process_count(make_recipe, capsys):
+    from plugtune.cli import main
+
+    assert main(["run", str(make_recipe()), "--nproc", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --nproc: 0 is not a process count; use 1 or more"
+
+
+@pytest.mark.parametrize("method", [None, {"name": "prefix", "options": {"num_virtual_tokens": 4}}], ids=["lora", "prefix"])
+def test_evaluation_with_label_position_logits_gives_the_same_batches_and_metrics(tiny_llama, tiny_data, make_recipe, method):
+    from plugtune.evaluation import evaluate
+    from plugtune.loss import eval_batch_at_labels, output_head
+
+    model, rows, pad = _rows(tiny_llama, tiny_data, make_recipe, method)
+    recipe = plugtune.load_recipe(make_recipe())
+    batch = collate(rows, pad, False)
+    with torch.no_grad():
+        plain = recipe.task.eval_batch(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+    at_labels = eval_batch_at_labels(model, output_head(model), batch)
+    assert at_labels.predictions == plain.predictions and at_labels.references == plain.references
+    assert at_labels.n_targets == plain.n_targets and at_labels.loss_sum == pytest.approx(plain.loss_sum, abs=1e-4)
+    assert at_labels.scores == pytest.approx(plain.scores, abs=1e-5)
+    assert at_labels.losses == pytest.approx(plain.losses, abs=1e-5)
+    metrics = [evaluate(model, rows, recipe.task, [b.build(recipe.task) for b in recipe.evaluators], batch_size=5, pad_id=pad,
+                        device=torch.device("cpu"), logits_on_labels_only=flag) for flag in (False, True)]
+    assert metrics[0].keys() == metrics[1].keys() and metrics[1] == pytest.approx(metrics[0], rel=1e-6, abs=1e-5)  # perplexity ~69
