@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -120,6 +121,25 @@ class TaskBlock(_Strict):
     @classmethod
     def _words_keys_as_strings(cls, value: Any) -> Any:
         return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("prompt", "response", "text")
+    @classmethod
+    def _valid_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        how = "write a literal brace as {{ or }}, and name columns as {column}"
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"not a valid template ({exc}); {how}") from None
+        for field in fields:
+            if not field.isidentifier():
+                raise ValueError(f"not a valid template (field {{{field}}} is not a column name); {how}")
+        try:
+            value.format_map({f: "" for f in fields})
+        except (ValueError, KeyError, IndexError, AttributeError) as exc:
+            raise ValueError(f"not a valid template ({exc}); {how}") from None
+        return value
 
     @model_validator(mode="after")
     def _templates(self) -> TaskBlock:

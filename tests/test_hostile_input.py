@@ -137,6 +137,16 @@ def test_recipe_learning_rate_as_text(tmp_path, tiny_llama, tiny_data, capsys):
                      f"unable to parse string as a number (got 'fast')")]
 
 
+def test_recipe_broken_template(tmp_path, tiny_llama, tiny_data, capsys):
+    raw = tiny_raw(tiny_llama, tiny_data, tmp_path)
+    raw["task"]["prompt"] = "Question: {question"
+    path = write_yaml(tmp_path / "recipe.yaml", raw)
+    code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+    assert code == 2
+    assert lines == [(f"error: {path}: task.prompt: not a valid template (expected '}}' before end of string); "
+                      "write a literal brace as {{ or }}, and name columns as {column}")]
+
+
 def test_recipe_output_dir_holds_another_run(tmp_path, tiny_llama, tiny_data, capsys):
     out = tmp_path / "out"
     out.mkdir()
