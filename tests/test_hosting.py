@@ -112,6 +112,25 @@ def test_unload_gives_the_plain_base_back(loras, tiny_llama):
     assert handler._host_state.layers == {} and handler._host_state.resident == {}
 
 
+def test_unloading_one_of_several_adapters_frees_its_tensors(loras, tiny_llama):
+    """The memory comes back: after unload (and a mixed batch that stacked every adapter's
+    weights), nothing keeps the unloaded adapter's tensors alive."""
+    import gc
+    import weakref
+
+    host = _host(tiny_llama, *loras)
+    host.logits(TEXTS, ["a", "b", "c", None])  # builds the stacked weights of the mixed path
+    handler = next(iter(host.handlers.values()))
+    refs = [weakref.ref(t) for layer in handler._host_state.layers.values() if "a" in layer.weights
+            for t in (layer.weights["a"].A, layer.weights["a"].B)]
+    assert refs
+    host.unload("a")
+    host.logits(TEXTS, ["b", "c", None, "b"])
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert sorted(host.adapters) == ["b", "c"]
+
+
 def test_list_reports_each_adapter(loras, tiny_llama):
     host = _host(tiny_llama, *loras[:2])
     host.use("b")
