@@ -357,8 +357,8 @@ def section(peer: list[dict], ours: list[dict], ablation: list[tuple[str, dict]]
     lines += [
         "",
         f"Full fine-tuning vs LoRA (plugtune, same benchmark, {full['steps']} steps): full {full['peak_rss_mb']:.0f} MB peak RSS, "
-        f"{full['real_tokens_per_s']:.1f} real tokens/s; LoRA {lora_rss:.0f} MB: **LoRA / full = {lora_rss / full['peak_rss_mb']:.2f}x** "
-        "(target at most 0.45x).",
+        f"{full['real_tokens_per_s']:.1f} real tokens/s; LoRA {lora_rss:.0f} MB: **LoRA / full = {lora_rss / full['peak_rss_mb']:.3f}x** "
+        f"(target at most 0.45x: {'met' if lora_rss / full['peak_rss_mb'] <= 0.45 else 'missed'}).",
         "",
         f"Base-model load (SmolLM2-135M): from the GGUF file {loads['gguf_seconds']:.2f} s, from plugtune's cached "
         f"safetensors conversion {loads['cached_seconds']:.2f} s.",

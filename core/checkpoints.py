@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .adapters import _fsync_dir, _fsync_write
 from .errors import RecipeError, TrainingError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -85,9 +86,7 @@ def clear_checkpoints(output_dir: Path) -> None:
     """Remove a run's checkpoints (a fresh run with ``--overwrite``, or a finished one)."""
     root = checkpoints_dir(output_dir)
     if root.exists():
-        trash = root.parent / f".{CHECKPOINTS_DIR}.old-{os.getpid()}"
-        root.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        _discard(root)
 
 
 # -- recipe comparison ------------------------------------------------------------------------
@@ -168,21 +167,6 @@ def _unwrapped(component: Any) -> Any:
 
 
 # -- writing ----------------------------------------------------------------------------------
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -300,7 +284,6 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.regularizers = regularizers
         self.unwrap, self.is_main = unwrap, is_main
-        self.last: Path | None = None
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -326,9 +309,8 @@ class Checkpointer:
             "before": before, "train_seconds": train_seconds, "history": state.history,
             "best": {k: v for k, v in best.items() if k != "state"},
         }
-        self.last = write_checkpoint(self.output_dir, state.step, trainable=self._trainable(),
-                                     best=best.get("state"), training_state=training_state, meta=meta, keep=self.keep)
-        return self.last
+        return write_checkpoint(self.output_dir, state.step, trainable=self._trainable(),
+                                best=best.get("state"), training_state=training_state, meta=meta, keep=self.keep)
 
     def restore(self, checkpoint: Checkpoint, state: Any, best: dict[str, Any], train_rows: int) -> None:
         """Load a checkpoint over the freshly prepared model, optimizer, scheduler and
@@ -355,7 +337,6 @@ class Checkpointer:
         best.clear()
         if meta.get("best"):
             best.update(meta["best"], state=dict(checkpoint.best))
-        self.last = checkpoint.path
 
 
 def truncate_log(metrics_log: Path, length: int) -> None:

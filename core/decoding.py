@@ -125,10 +125,11 @@ class TextStream(Iterator[list[str]]):
                           cache=g.cache, use_cache=True, logits_to_keep=1)
         g.cache = out.cache
         tokens = self._pick(out.logits[:, -1, :].float(), g.rows)  # (rows,)
+        picked = tokens.tolist()  # one device sync for the step, not one per row
         for j, i in enumerate(g.rows):
             if g.done[j]:
                 continue
-            token = int(tokens[j])
+            token = picked[j]
             finished = token in self.eos
             if not finished:
                 self.generated[i].append(token)

@@ -197,9 +197,13 @@ class AdapterHost:
 
     @contextlib.contextmanager
     def using(self, name: str | None) -> Iterator[None]:
-        """Run the block with ``name`` active, then switch back."""
+        """Run the block with ``name`` active, then switch back (nothing to undo when it
+        already was: decoding enters this every step)."""
         previous = self.active
         self.use(name)
+        if previous == name:
+            yield
+            return
         try:
             yield
         finally:

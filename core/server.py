@@ -825,15 +825,12 @@ async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tup
 def build_host(adapter_dirs: Sequence[str | Path], base: str | None = None, *, allow_pickle: bool = False) -> Any:
     """The host ``plugtune serve`` holds: the base the first adapter names (or ``base``) and
     every adapter given, none of them active; with no adapters, ``base`` alone as a causal LM."""
-    from .adapters import read_manifest
     from .host import AdapterHost
     from .tasks import Task
 
     if adapter_dirs:
-        first = read_manifest(adapter_dirs[0])
-        host = AdapterHost.from_base(base or first.base_model.id, Task.from_dict(first.task))
-        for directory in adapter_dirs:
-            host.load(directory, allow_pickle=allow_pickle)
+        host = AdapterHost.from_adapters(*adapter_dirs, base_model=base, allow_pickle=allow_pickle)
+        host.use(None)  # a request names its adapter; none is active by default
         return host
     if not base:
         raise PlugtuneError("give adapter folders (plugtune serve adapters/NAME ...) or --base MODEL")

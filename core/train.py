@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -243,7 +244,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         group.setdefault("weight_decay", 0.0)
     make_optimizer = getattr(method, "optimizer", None)
     optimizer = make_optimizer(groups, t.learning_rate) if make_optimizer else torch.optim.AdamW(groups, lr=t.learning_rate)
-    batches_per_epoch = len(epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=0))
+    batches_per_epoch = math.ceil(len(train_rows) / t.batch_size)  # what epoch_batches cuts, grouped or not
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
@@ -290,7 +291,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
                 continue
             if decision.best:  # a copy: on the CPU adapter_state's tensors share the live weights' storage
                 best.update(step=state.step, metrics=dict(metrics),
-                            state={k: v.clone() for k, v in method.adapter_state(accelerator.unwrap_model(model)).items()},
+                            state={k: v.clone() for k, v in method.adapter_state(unwrapped_model).items()},
                             train=score_train("best"))  # scored now: these weights may not be the last
             if decision.stop:
                 stop = True
@@ -398,13 +399,12 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         after = run_eval("after")
 
     # -- the artifact -------------------------------------------------------------------
-    unwrapped = unwrapped_model
     if best and best["step"] != state.step:
         console.print(f"keeping the best weights, from step {best['step']}")
         adapter_state, after, train_metrics = best["state"], best["metrics"], best["train"]
         log({"event": "best", "step": best["step"], **after})
     else:
-        adapter_state, train_metrics = method.adapter_state(unwrapped), best.get("train") or score_train()
+        adapter_state, train_metrics = method.adapter_state(unwrapped_model), best.get("train") or score_train()
     component = recipe.method.component
     manifest = {
         "name": recipe.name,
@@ -428,7 +428,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
         },
     }
     if main:
-        save_adapter(out, state=adapter_state, config=method.adapter_config(unwrapped), manifest=manifest)
+        save_adapter(out, state=adapter_state, config=method.adapter_config(unwrapped_model), manifest=manifest)
         clear_checkpoints(out)  # the adapter is whole: the run is finished
     accelerator.wait_for_everyone()
     plugins.call_lifecycle("on_train_end", run=state, adapter_dir=str(out), metrics=after)
@@ -443,13 +443,12 @@ def _label_position_loss(model: torch.nn.Module, head: torch.nn.Module | None, b
     gradient equals a single process's on the whole batch. Returns the loss, an outputs
     object for regularizers (``loss`` = the global mean, ``logits`` None) and the global
     batch's real tokens."""
-    from types import SimpleNamespace
-
     token_losses, _ = label_token_losses(model, batch, head)
     local_sum = token_losses.sum()
     world = accelerator.num_processes
-    counts = torch.stack([torch.tensor(float(token_losses.numel())), local_sum.detach().float().cpu(),
-                          batch["attention_mask"].sum().float().cpu()]).to(local_sum.device)
+    # built on the device: one sync (tolist) per micro-batch rather than one per count
+    counts = torch.stack([local_sum.new_tensor(float(token_losses.numel()), dtype=torch.float32),
+                          local_sum.detach().float(), batch["attention_mask"].sum().float()])
     if world > 1:
         counts = accelerator.reduce(counts, reduction="sum")
     label_tokens, global_sum, real_tokens = counts.tolist()
