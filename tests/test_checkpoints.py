@@ -149,6 +149,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_d
     out = folder / "adapter"
     code, _, err = finish(start(write_recipe(folder, tiny_llama, tiny_data, out), gate_path))
     assert code == 0, err
+    # early stopping kept earlier weights, so the best-weights copy must survive a resume
+    assert json.loads((out / "plugtune.json").read_text())["training"]["best_step"] < TOTAL_STEPS
     return out
 
 

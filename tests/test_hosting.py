@@ -121,11 +121,13 @@ def test_unloading_one_of_several_adapters_frees_its_tensors(loras, tiny_llama):
     host = _host(tiny_llama, *loras)
     host.logits(TEXTS, ["a", "b", "c", None])  # builds the stacked weights of the mixed path
     handler = next(iter(host.handlers.values()))
-    refs = [weakref.ref(t) for layer in handler._host_state.layers.values() if "a" in layer.weights
-            for t in (layer.weights["a"].A, layer.weights["a"].B)]
+    layers = [layer for layer in handler._host_state.layers.values() if "a" in layer.weights]
+    refs = [weakref.ref(t) for layer in layers for t in (layer.weights["a"].A, layer.weights["a"].B)]
+    # the mixed path's stacked copies hold "a"'s weights too
+    refs += [weakref.ref(t) for layer in layers for t in (*layer._stack[1:], *layer._per_row[1:])]
     assert refs
     host.unload("a")
-    host.logits(TEXTS, ["b", "c", None, "b"])
+    host.logits(TEXTS, "b")  # a single-adapter batch: nothing restacks, so only unload can free them
     gc.collect()
     assert all(ref() is None for ref in refs)
     assert sorted(host.adapters) == ["b", "c"]
@@ -181,6 +183,14 @@ def test_greedy_decode_matches_transformers_generate(loras, tiny_llama):
     out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=host.tokenizer.pad_token_id)
     expected = [t.strip() for t in host.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
     assert host.generate(PROMPTS[:2], None, raw=True, max_new_tokens=6) == expected
+
+    # with an adapter, against plain peft's generate on the same adapter folder
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, loras[0]).eval()
+    out = peft_model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=host.tokenizer.pad_token_id)
+    expected = [t.strip() for t in host.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    assert host.generate(PROMPTS[:2], "a", raw=True, max_new_tokens=6) == expected
 
 
 def test_stream_joins_to_generate_and_reports_finish(loras, tiny_llama):

@@ -131,15 +131,27 @@ def test_label_smoothing_keeps_full_logits():
     assert not supports_label_positions(head_model, [Unknown()])
 
 
-def test_training_with_label_position_logits_matches_the_plain_path(make_recipe, tmp_path):
+def test_training_with_label_position_logits_matches_the_plain_path(make_recipe, tmp_path, monkeypatch):
+    import plugtune.train
+
+    calls = {True: 0, False: 0}
+    real = plugtune.train.label_token_losses
+
+    def counting(*args, **kwargs):
+        calls[current] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plugtune.train, "label_token_losses", counting)
     adapters = {}
     for label_only in (True, False):
+        current = label_only
         training = {"max_steps": 6, "batch_size": 8, "learning_rate": 2e-2, "seed": 0, "max_length": 48, "device": "cpu",
                     "logits_on_labels_only": label_only, "eval_before": False}
         recipe = plugtune.load_recipe(make_recipe(name=f"labels-{label_only}".lower(), training=training,
                                                   method={"name": "lora", "options": {"r": 4, "alpha": 8, "dropout": 0.0}}))
         result = plugtune.run(recipe, show_progress=False)
         adapters[label_only] = load_file(Path(result.adapter_dir) / WEIGHTS_FILE)
+    assert calls[True] >= 6 and calls[False] == 0  # the option took effect: no silent fallback
     for name, tensor in adapters[True].items():
         assert torch.allclose(tensor, adapters[False][name], atol=1e-5), name
 

@@ -148,6 +148,16 @@ VALID_MANIFEST = {
 }
 
 
+def test_the_starting_points_are_valid(workdir: Path) -> None:
+    """The "one field replaced" properties start from these: they must load, or those
+    properties only ever exercise the error path."""
+    assert isinstance(load_recipe(raw=valid_raw(workdir), base_dir=workdir), Recipe)
+    folder = workdir / "adapter-valid"
+    folder.mkdir(exist_ok=True)
+    (folder / MANIFEST_FILE).write_text(json.dumps(VALID_MANIFEST), encoding="utf-8")
+    assert isinstance(read_manifest(folder), Manifest)
+
+
 def check_manifest(folder: Path) -> None:
     try:
         manifest = read_manifest(folder)
