@@ -17,6 +17,7 @@ from plugtune.adapters import MANIFEST_FILE, WEIGHTS_FILE, read_adapter, save_ad
 from plugtune.cli import main
 from plugtune.errors import AdapterError
 from plugtune.host import AdapterHost
+from plugtune.plugins.methods.lora_hosting import UNSUPPORTED
 from plugtune.synthetic import random_lora_adapter
 from plugtune.tasks import Task
 from plugtune.testing import build_tiny_llama
@@ -102,9 +103,11 @@ def test_missing_method_plugin(adapter, host, tmp_path):
         "install that plugin (see `plugtune plugins`)")
 
 
-def test_lora_variant_the_host_does_not_implement(adapter, host, tmp_path):
-    bad = _rewrite(adapter, tmp_path / "dora", config={**read_adapter(adapter).config, "use_dora": True})
-    assert _refused(host.load, bad) == "adapter 'a' uses DoRA, which the adapter host's LoRA layers do not support"
+@pytest.mark.parametrize(("key", "label"), list(UNSUPPORTED.items()))
+def test_lora_variant_the_host_does_not_implement(adapter, host, tmp_path, key, label):
+    bad = _rewrite(adapter, tmp_path / "variant", config={**read_adapter(adapter).config, key: True})
+    assert _refused(host.load, bad) == f"adapter 'a' uses {label}, which the adapter host's LoRA layers do not support"
+    assert host.adapters == {} and host.list() == []  # nothing half-loaded
 
 
 def test_integer_weights(adapter, host, tmp_path):
