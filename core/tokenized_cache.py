@@ -45,9 +45,8 @@ def data_fingerprint(rows: list[dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str,
-              extra: dict[str, Any] | None = None) -> str:
-    """The cache key of one encoded split; ``extra`` takes any further encoding option."""
+def cache_key(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str) -> str:
+    """The cache key of one encoded split."""
     parts = {
         "version": CACHE_VERSION,
         "data": data_fingerprint(rows),
@@ -55,7 +54,6 @@ def cache_key(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length
         "task": task.to_dict(),
         "max_length": max_length,
         "split": split,
-        "extra": extra or {},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -65,14 +63,13 @@ def cache_dir() -> Path:
 
 
 def cached_encode(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str,
-                  encode: Callable[[], Encoded], *, enabled: bool = True,
-                  extra: dict[str, Any] | None = None) -> tuple[Encoded, bool]:
+                  encode: Callable[[], Encoded], *, enabled: bool = True) -> tuple[Encoded, bool]:
     """``encode()``'s result for this split, from the cache when the key matches; returns it
     and whether it was a hit. Writes are atomic (a rename), so concurrent runs and the
     processes of a data-parallel run can share the cache."""
     if not enabled:
         return encode(), False
-    path = cache_dir() / f"{cache_key(rows, task, tokenizer, max_length, split, extra)}.pkl"
+    path = cache_dir() / f"{cache_key(rows, task, tokenizer, max_length, split)}.pkl"
     if path.exists():
         try:
             with open(path, "rb") as fh:
