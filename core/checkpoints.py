@@ -51,6 +51,7 @@ NOT_TRAINING = {
     ("name",), ("description",), ("output",),
     ("training", "log_every"), ("training", "eval_batch_size"),
     ("training", "checkpoint_every"), ("training", "checkpoint_keep"),
+    ("training", "malloc_mmap_threshold"),  # where freed memory goes, not what is computed
 }
 
 

@@ -183,6 +183,10 @@ class TrainingBlock(_Strict):
     cache_tokenized: bool = Field(True, description="reuse tokenized splits across runs (under $PLUGTUNE_HOME/tokenized)")
     threads: int | None = Field(None, gt=0, description="CPU threads per process; default: physical cores / processes on this host")
     attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="attention implementation; auto: sdpa on GPUs, the library default on CPUs")
+    malloc_mmap_threshold: int | None = Field(
+        None, ge=0, le=32 << 20,
+        description="CPU runs on Linux: tensors of at least this many bytes get their own memory mapping, given back to the OS "
+                    "when freed; null: 1 MiB on CPU, untouched on GPU; 0: leave glibc's dynamic threshold")
 
 
 class OutputBlock(_Strict):

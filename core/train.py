@@ -42,7 +42,14 @@ from .loss import label_token_losses, output_head, supports_label_positions
 from .models import BaseInfo, load_base
 from .registry import PluginSystem, get_plugin_system
 from .recipe import Recipe
-from .runtime import choose_attention, choose_precision, choose_threads
+from .runtime import (
+    choose_attention,
+    choose_mmap_threshold,
+    choose_precision,
+    choose_threads,
+    grouped_query_sdpa,
+    set_mmap_threshold,
+)
 from .signals import Interrupted, StopRequest, resume_command
 from .tasks import Task, collate
 from .tokenized_cache import cached_encode
@@ -129,6 +136,14 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
 
     ``resume``: continue the run in the recipe's output folder from its last checkpoint
     (refused when there is none or the recipe changed in a way that changes training)."""
+    t = recipe.training
+    on_cpu = not (t.device != "cpu" and torch.cuda.is_available())
+    with grouped_query_sdpa(on_cpu and t.attention != "eager"):
+        return _run(recipe, plugins=plugins, console=console, overwrite=overwrite, show_progress=show_progress, resume=resume)
+
+
+def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | None, overwrite: bool | None,
+         show_progress: bool, resume: bool) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_scheduler
@@ -145,6 +160,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     on_cuda = t.device != "cpu" and torch.cuda.is_available()
     if not on_cuda:
         torch.set_num_threads(choose_threads(t.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    set_mmap_threshold(choose_mmap_threshold(t.malloc_mmap_threshold, on_cuda))  # before the model and activations are allocated
     # In a data-parallel run (plugtune run --nproc, accelerate launch, torchrun) every process
     # runs this function; only the main one writes, logs, evaluates and checkpoints (see core/launch.py).
     accelerator = Accelerator(

@@ -24,7 +24,15 @@ from plugtune.loss import (
     supports_label_positions,
 )
 from plugtune.models import load_base
-from plugtune.runtime import choose_attention, choose_precision, choose_threads
+from plugtune.runtime import (
+    FORCE_GQA,
+    MMAP_THRESHOLD_AUTO,
+    choose_attention,
+    choose_mmap_threshold,
+    choose_precision,
+    choose_threads,
+    grouped_query_sdpa,
+)
 from plugtune.tasks import collate
 from plugtune.tokenized_cache import cached_encode
 from safetensors.torch import load_file
@@ -230,6 +238,108 @@ def test_hardware_defaults_and_overrides():
     assert choose_attention("auto", on_cuda=True) == "sdpa"
     assert choose_attention("auto", on_cuda=False) is None
     assert choose_attention("eager", on_cuda=True) == "eager"
+    assert choose_mmap_threshold(None, on_cuda=False) == MMAP_THRESHOLD_AUTO == 1 << 20
+    assert choose_mmap_threshold(None, on_cuda=True) is None
+    assert choose_mmap_threshold(0, on_cuda=False) is None
+    assert choose_mmap_threshold(4 << 20, on_cuda=True) == 4 << 20
+
+
+def test_grouped_query_sdpa_gives_the_same_loss_and_gradients_and_saves_less(tiny_llama, monkeypatch):
+    """The tiny Llama has 4 query heads and 2 key/value heads: with the switch on, SDPA gets
+    the 2 heads as they are, so the repeated keys and values are not saved for backward."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.delenv(FORCE_GQA, raising=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = torch.randint(3, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # a padded row: the mask goes to the kernel with the grouped heads
+
+    def step(gqa: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        model.zero_grad()
+        saved: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with grouped_query_sdpa(gqa), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], sum(saved.values())
+
+    plain_loss, plain_grads, plain_saved = step(False)
+    gqa_loss, gqa_grads, gqa_saved = step(True)
+    assert os.environ.get(FORCE_GQA) is None  # restored
+    torch.testing.assert_close(gqa_loss, plain_loss, rtol=0, atol=1e-6)
+    for a, b in zip(gqa_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    layers, batch, width, head_dim = model.config.num_hidden_layers, 3, 12, model.config.head_dim
+    repeated = 2 * (model.config.num_attention_heads - model.config.num_key_value_heads) * head_dim * batch * width * 4
+    assert plain_saved - gqa_saved >= layers * repeated  # the repeated keys and values of every layer
+
+
+def test_cpu_runs_use_grouped_query_sdpa_and_leave_the_environment_as_it_was(make_recipe, monkeypatch):
+    seen: list[str | None] = []
+    monkeypatch.delenv(FORCE_GQA, raising=False)
+    import plugtune.train
+
+    original = plugtune.train.epoch_batches
+    monkeypatch.setattr("plugtune.train.epoch_batches", lambda *a, **k: seen.append(os.environ.get(FORCE_GQA)) or original(*a, **k))
+    training = {"max_steps": 1, "device": "cpu", "eval_before": False}
+    plugtune.run(plugtune.load_recipe(make_recipe(training=training)), show_progress=False)
+    assert seen == ["1"] and FORCE_GQA not in os.environ
+    plugtune.run(plugtune.load_recipe(make_recipe(training={**training, "attention": "eager"})), show_progress=False, overwrite=True)
+    assert seen == ["1", None]
+    monkeypatch.setenv(FORCE_GQA, "0")  # the user's own setting wins
+    plugtune.run(plugtune.load_recipe(make_recipe(training=training)), show_progress=False, overwrite=True)
+    assert seen == ["1", None, "0"] and os.environ[FORCE_GQA] == "0"
+
+
+_FREED_MEMORY_PROBE = """
+import sys, torch
+from plugtune.runtime import set_mmap_threshold
+def rss_mb():
+    with open("/proc/self/status") as fh:
+        return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024
+applied = set_mmap_threshold(int(sys.argv[1]) or None)
+torch.empty(4 << 20).fill_(1)  # a freed 16 MiB block: glibc's dynamic threshold rises to it
+start = rss_mb()
+big, small = [], []
+for _ in range(100):  # 200 MiB of 2 MiB activations, small tensors allocated between them
+    big.append(torch.ones(512 * 1024))
+    small.append(torch.ones(64))
+peak = rss_mb()
+del big
+print(applied, peak - start, rss_mb() - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_mmap_threshold_gives_freed_activations_back_to_the_os():
+    """Why ``training.malloc_mmap_threshold`` defaults to 1 MiB on CPUs: with glibc's dynamic
+    threshold, 2 MiB tensors freed under live small ones stay in the process; with the fixed
+    threshold they are unmapped when freed."""
+
+    def probe(threshold: int) -> tuple[str, float, float]:
+        done = subprocess.run([sys.executable, "-c", _FREED_MEMORY_PROBE, str(threshold)], capture_output=True, text=True, check=True)
+        applied, grown, kept = done.stdout.split()
+        return applied, float(grown), float(kept)
+
+    applied, grown, kept = probe(0)
+    assert applied == "False" and grown > 190 and kept > 150  # the heap kept the freed blocks
+    applied, grown, kept = probe(MMAP_THRESHOLD_AUTO)
+    assert applied == "True" and grown > 190 and kept < 20  # unmapped on free
+
+
+def test_a_run_applies_the_recipe_mmap_threshold(make_recipe, monkeypatch):
+    applied: list[int | None] = []
+    monkeypatch.setattr("plugtune.train.set_mmap_threshold", applied.append)
+    training = {"max_steps": 1, "device": "cpu", "eval_before": False}
+    plugtune.run(plugtune.load_recipe(make_recipe(training=training)), show_progress=False)
+    plugtune.run(plugtune.load_recipe(make_recipe(training={**training, "malloc_mmap_threshold": 0})), show_progress=False, overwrite=True)
+    assert applied == [MMAP_THRESHOLD_AUTO, None]
 
 
 def test_recipe_threads_setting_is_applied(make_recipe):
