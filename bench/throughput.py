@@ -39,7 +39,7 @@ BATCH, CAP, LR, TRAIN_ROWS, DEV_ROWS = 8, 128, 1e-3, 2000, 64
 WORDS = {"0": "negative", "1": "positive"}
 PROMPT, RESPONSE = "Review: {sentence}\nSentiment:", " {label}"
 PLAIN = ["training.group_by_length=false", "training.logits_on_labels_only=false", "training.cache_tokenized=false",
-         "training.malloc_mmap_threshold=0"]
+         "training.attention=sdpa", "training.malloc_mmap_threshold=0"]
 
 
 # -- data and recipe -----------------------------------------------------------------------
@@ -360,7 +360,7 @@ def section(peer: list[dict], ours: list[dict], ablation: list[tuple[str, dict]]
         f"Full fine-tuning vs LoRA (plugtune, same benchmark, {full['steps']} steps): full {full['peak_rss_mb']:.0f} MB peak RSS, "
         f"{full['real_tokens_per_s']:.1f} real tokens/s; LoRA {lora_rss:.0f} MB: **LoRA / full = {lora_rss / full['peak_rss_mb']:.3f}x** "
         f"(target at most 0.45x: {'met' if lora_rss / full['peak_rss_mb'] <= 0.45 else 'missed'}). With glibc's own dynamic "
-        f"mmap threshold (`{PLAIN[3]}`) on both sides: full {full['glibc_default']['peak_rss_mb']:.0f} MB, LoRA "
+        f"mmap threshold (`{PLAIN[4]}`) on both sides: full {full['glibc_default']['peak_rss_mb']:.0f} MB, LoRA "
         f"{ablation[-2][1]['peak_rss_mb']:.0f} MB, {ablation[-2][1]['peak_rss_mb'] / full['glibc_default']['peak_rss_mb']:.3f}x. "
         "The fixed threshold gives freed activations back to the OS instead of keeping them in a heap that batches of "
         "other lengths fragment (core/runtime.py); compare the last two rows of the table above for its cost in speed.",
@@ -393,14 +393,15 @@ def main() -> None:
         peer.append(child([me, "--peer", str(train), str(dev)]))
         ours.append(plugtune_run(recipe, "plugtune", []))
     ablation = [
-        ("plain (before issue 7: padded random batches, full logits, glibc's own mmap threshold)", plugtune_run(recipe, "plain", PLAIN)),
+        ("plain (before issue 7: padded random batches, full logits, transformers' SDPA with repeated keys/values, glibc's own mmap threshold)", plugtune_run(recipe, "plain", PLAIN)),
         ("+ length-grouped batches", plugtune_run(recipe, "grouped", PLAIN[1:])),
         ("+ LM head and loss at label positions", plugtune_run(recipe, "label-head", PLAIN[3:])),
+        ("+ grouped-query SDPA (keys/values not repeated)", plugtune_run(recipe, "gqa", PLAIN[4:])),
         ("+ glibc mmap threshold fixed at 1 MiB (plugtune default)", ours[-1]),
     ]
     full_run = ["method.name=full", "method.options={}", f"training.max_steps={min(8, WARMUP + TIMED)}"]
     full = plugtune_run(recipe, "full", full_run)
-    full["glibc_default"] = plugtune_run(recipe, "full-glibc", [*full_run, PLAIN[3]])
+    full["glibc_default"] = plugtune_run(recipe, "full-glibc", [*full_run, PLAIN[4]])
     loads = child([me, "--load-times"])
     quick = {
         "before": child([str(ROOT / "bench" / "run_one.py"), "recipes/quickstart.yaml", *PLAIN, f"output.dir={OUT / 'qs-before'}"]),

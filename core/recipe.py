@@ -182,7 +182,7 @@ class TrainingBlock(_Strict):
     logits_on_labels_only: bool = Field(True, description="causal LM: apply the LM head and loss only where labels are")
     cache_tokenized: bool = Field(True, description="reuse tokenized splits across runs (under $PLUGTUNE_HOME/tokenized)")
     threads: int | None = Field(None, gt=0, description="CPU threads per process; default: physical cores / processes on this host")
-    attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="attention implementation; auto: sdpa on GPUs, the library default on CPUs")
+    attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="attention implementation; auto: sdpa on GPUs, the library default on CPUs (with grouped-query SDPA); sdpa/eager: transformers' own, unchanged")
     malloc_mmap_threshold: int | None = Field(
         None, ge=0, le=32 << 20,
         description="CPU runs on Linux: tensors of at least this many bytes get their own memory mapping, given back to the OS "

@@ -8,9 +8,10 @@
   have no bf16 kernel. ``precision: bf16`` opts in.
 * Attention: SDPA on GPUs (fused kernels); on CPUs the library's own default (SDPA for the
   models that have it). ``attention: eager`` is there for models whose SDPA path misbehaves.
-* Grouped-query attention (CPU runs): keys and values go to torch's SDPA with their own,
-  fewer heads (``enable_gqa``) instead of being copied to every query head first; the
-  copies were saved for backward in every layer (70 MB at the benchmark's peak, same loss).
+* Grouped-query attention (CPU runs, ``attention: auto``): keys and values go to torch's SDPA
+  with their own, fewer heads (``enable_gqa``) instead of being copied to every query head
+  first; the copies were saved for backward in every layer (about 70 MB at the benchmark's
+  peak, same loss). ``attention: sdpa`` keeps transformers' path as it is.
 * Host memory (CPU runs, Linux/glibc): freed activations go back to the OS. torch allocates
   CPU tensors with malloc; glibc raises its mmap threshold to the largest block freed so far
   (up to 32 MiB), after which activations are carved from the heap, where batches of other

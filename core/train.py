@@ -138,7 +138,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     (refused when there is none or the recipe changed in a way that changes training)."""
     t = recipe.training
     on_cpu = not (t.device != "cpu" and torch.cuda.is_available())
-    with grouped_query_sdpa(on_cpu and t.attention != "eager"):
+    with grouped_query_sdpa(on_cpu and t.attention == "auto"):
         return _run(recipe, plugins=plugins, console=console, overwrite=overwrite, show_progress=show_progress, resume=resume)
 
 

@@ -290,11 +290,12 @@ def test_cpu_runs_use_grouped_query_sdpa_and_leave_the_environment_as_it_was(mak
     training = {"max_steps": 1, "device": "cpu", "eval_before": False}
     plugtune.run(plugtune.load_recipe(make_recipe(training=training)), show_progress=False)
     assert seen == ["1"] and FORCE_GQA not in os.environ
-    plugtune.run(plugtune.load_recipe(make_recipe(training={**training, "attention": "eager"})), show_progress=False, overwrite=True)
-    assert seen == ["1", None]
+    for attention in ("sdpa", "eager"):  # asked for by name: transformers' own path, unchanged
+        plugtune.run(plugtune.load_recipe(make_recipe(training={**training, "attention": attention})), show_progress=False, overwrite=True)
+    assert seen == ["1", None, None]
     monkeypatch.setenv(FORCE_GQA, "0")  # the user's own setting wins
     plugtune.run(plugtune.load_recipe(make_recipe(training=training)), show_progress=False, overwrite=True)
-    assert seen == ["1", None, "0"] and os.environ[FORCE_GQA] == "0"
+    assert seen == ["1", None, None, "0"] and os.environ[FORCE_GQA] == "0"
 
 
 _FREED_MEMORY_PROBE = """
