@@ -12,12 +12,12 @@
   with their own, fewer heads (``enable_gqa``) instead of being copied to every query head
   first; the copies were saved for backward in every layer (about 70 MB at the benchmark's
   peak, same loss). ``attention: sdpa`` keeps transformers' path as it is.
-* Host memory (CPU runs, Linux/glibc): freed activations go back to the OS. torch allocates
-  CPU tensors with malloc; glibc raises its mmap threshold to the largest block freed so far
-  (up to 32 MiB), after which activations are carved from the heap, where batches of other
-  shapes fragment it and the freed memory stays in the process. Fixing the threshold at
-  1 MiB keeps large tensors in their own mappings, returned on free: on the SST-2 LoRA
-  benchmark peak RSS drops by about 10% at the same step time (BENCHMARKS.md).
+* Host memory, opt-in (``malloc_mmap_threshold``, Linux/glibc): torch allocates CPU tensors
+  with malloc, and glibc raises its mmap threshold to the largest block freed so far (up to
+  32 MiB); activations are then carved from the heap, batches of other lengths fragment it,
+  and freed memory stays in the process. A fixed threshold (1 MiB, say) keeps large tensors
+  in their own mappings, returned when freed: on the SST-2 LoRA benchmark about 6-11% lower
+  peak RSS for 2-6% slower steps (BENCHMARKS.md), so it is not the default.
 """
 
 from __future__ import annotations
@@ -92,24 +92,13 @@ def grouped_query_sdpa(enabled: bool) -> Iterator[None]:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-MMAP_THRESHOLD_AUTO = 1 << 20
-MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses more on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
-
-
-def choose_mmap_threshold(requested: int | None, on_cuda: bool) -> int | None:
-    """Bytes for glibc's ``M_MMAP_THRESHOLD`` from a recipe's ``training.malloc_mmap_threshold``:
-    the setting when given (0: leave glibc's own, dynamic threshold, so None), else 1 MiB on
-    CPU runs and nothing on GPU runs (their activations live in CUDA memory)."""
-    if requested is None:
-        return None if on_cuda else MMAP_THRESHOLD_AUTO
-    return requested or None
 
 
 def set_mmap_threshold(threshold: int | None) -> bool:
     """Serve allocations of at least ``threshold`` bytes with their own mappings, returned to
     the OS when freed (``mallopt(M_MMAP_THRESHOLD)``). Process-wide and kept after the run;
-    a no-op returning False off glibc or for None."""
-    if threshold is None or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    a no-op returning False off glibc or for None and 0 (glibc's default stays)."""
+    if not threshold or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(None)

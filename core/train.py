@@ -44,7 +44,6 @@ from .registry import PluginSystem, get_plugin_system
 from .recipe import Recipe
 from .runtime import (
     choose_attention,
-    choose_mmap_threshold,
     choose_precision,
     choose_threads,
     grouped_query_sdpa,
@@ -160,7 +159,7 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     on_cuda = t.device != "cpu" and torch.cuda.is_available()
     if not on_cuda:
         torch.set_num_threads(choose_threads(t.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    set_mmap_threshold(choose_mmap_threshold(t.malloc_mmap_threshold, on_cuda))  # before the model and activations are allocated
+    set_mmap_threshold(t.malloc_mmap_threshold)  # opt-in; before the model and activations are allocated
     # In a data-parallel run (plugtune run --nproc, accelerate launch, torchrun) every process
     # runs this function; only the main one writes, logs, evaluates and checkpoints (see core/launch.py).
     accelerator = Accelerator(

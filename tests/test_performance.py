@@ -26,9 +26,7 @@ from plugtune.loss import (
 from plugtune.models import load_base
 from plugtune.runtime import (
     FORCE_GQA,
-    MMAP_THRESHOLD_AUTO,
     choose_attention,
-    choose_mmap_threshold,
     choose_precision,
     choose_threads,
     grouped_query_sdpa,
@@ -238,10 +236,6 @@ def test_hardware_defaults_and_overrides():
     assert choose_attention("auto", on_cuda=True) == "sdpa"
     assert choose_attention("auto", on_cuda=False) is None
     assert choose_attention("eager", on_cuda=True) == "eager"
-    assert choose_mmap_threshold(None, on_cuda=False) == MMAP_THRESHOLD_AUTO == 1 << 20
-    assert choose_mmap_threshold(None, on_cuda=True) is None
-    assert choose_mmap_threshold(0, on_cuda=False) is None
-    assert choose_mmap_threshold(4 << 20, on_cuda=True) == 4 << 20
 
 
 def test_grouped_query_sdpa_gives_the_same_loss_and_gradients_and_saves_less(tiny_llama, monkeypatch):
@@ -319,9 +313,9 @@ print(applied, peak - start, rss_mb() - start)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_the_mmap_threshold_gives_freed_activations_back_to_the_os():
-    """Why ``training.malloc_mmap_threshold`` defaults to 1 MiB on CPUs: with glibc's dynamic
-    threshold, 2 MiB tensors freed under live small ones stay in the process; with the fixed
-    threshold they are unmapped when freed."""
+    """What ``training.malloc_mmap_threshold`` buys: with glibc's dynamic threshold, 2 MiB
+    tensors freed under live small ones stay in the process; with a fixed 1 MiB threshold
+    they are unmapped when freed."""
 
     def probe(threshold: int) -> tuple[str, float, float]:
         done = subprocess.run([sys.executable, "-c", _FREED_MEMORY_PROBE, str(threshold)], capture_output=True, text=True, check=True)
@@ -330,7 +324,7 @@ def test_the_mmap_threshold_gives_freed_activations_back_to_the_os():
 
     applied, grown, kept = probe(0)
     assert applied == "False" and grown > 190 and kept > 150  # the heap kept the freed blocks
-    applied, grown, kept = probe(MMAP_THRESHOLD_AUTO)
+    applied, grown, kept = probe(1 << 20)
     assert applied == "True" and grown > 190 and kept < 20  # unmapped on free
 
 
@@ -339,8 +333,8 @@ def test_a_run_applies_the_recipe_mmap_threshold(make_recipe, monkeypatch):
     monkeypatch.setattr("plugtune.train.set_mmap_threshold", applied.append)
     training = {"max_steps": 1, "device": "cpu", "eval_before": False}
     plugtune.run(plugtune.load_recipe(make_recipe(training=training)), show_progress=False)
-    plugtune.run(plugtune.load_recipe(make_recipe(training={**training, "malloc_mmap_threshold": 0})), show_progress=False, overwrite=True)
-    assert applied == [MMAP_THRESHOLD_AUTO, None]
+    plugtune.run(plugtune.load_recipe(make_recipe(training={**training, "malloc_mmap_threshold": 1 << 20})), show_progress=False, overwrite=True)
+    assert applied == [None, 1 << 20]  # glibc's default unless asked
 
 
 def test_recipe_threads_setting_is_applied(make_recipe):
