@@ -6,14 +6,19 @@ with the KV cache carried between steps (transformers' ``DynamicCache``).
 :class:`TextStream` is what :meth:`plugtune.host.AdapterHost.stream` returns: iterate it to
 get, per step, each row's new text; after (or during) iteration its ``finish_reasons`` says
 why each row stopped (``"stop"``: an end-of-sequence token or a stop string; ``"length"``:
-``max_new_tokens`` reached; ``None``: still running).
+``max_new_tokens`` reached; ``"cancelled"``: :meth:`TextStream.cancel`; ``None``: still
+running).
+
+Stop strings and ``max_new_tokens`` may be given per row, so that one batch serves requests
+with different settings (the server does). A row leaves its group's batch, KV-cache rows
+included, in the step it finishes or when it is cancelled: rows cut early cost nothing more.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,34 +43,57 @@ class DecodeGroup:
     mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     cache: Any = None
-    done: list[bool] = field(default_factory=list)
 
 
-def _as_list(value: float | Sequence[float], n: int, what: str) -> list[float]:
+def _as_list(value: Any, n: int, what: str, cast: Callable[[Any], Any] = float) -> list[Any]:
+    """One value per row, from one value for all rows or one per row."""
     from .errors import AdapterError
 
     if isinstance(value, (int, float)):
-        return [float(value)] * n
-    values = [float(v) for v in value]
+        return [cast(value)] * n
+    values = [cast(v) for v in value]
     if len(values) != n:
         raise AdapterError(f"{n} prompts but {len(values)} {what} values; give one, or one per prompt")
     return values
+
+
+def _stops_per_row(stop: str | Sequence[str] | Sequence[Sequence[str] | None] | None, n: int) -> list[list[str]]:
+    """One list of stop strings per row (empty strings dropped), from ``None``, one string or
+    one list of strings for all rows, or one list (or ``None``) per row."""
+    from .errors import AdapterError
+
+    if stop is None:
+        return [[] for _ in range(n)]
+    if isinstance(stop, str):
+        stop = [stop]
+    if all(isinstance(s, str) for s in stop):
+        return [[s for s in stop if s] for _ in range(n)]
+    if len(stop) != n or any(isinstance(s, str) for s in stop):
+        raise AdapterError(f"{n} prompts but stop is neither a list of strings for all of them nor one list per prompt "
+                           f"(got {len(stop)} items)")
+    return [[s for s in (row or []) if s] for row in stop]
 
 
 class TextStream(Iterator[list[str]]):
     """Iterator over decoding steps: each ``next()`` runs one forward per unfinished group and
     returns the new text of every row (``''`` for a row that produced none or has finished).
 
-    Attributes, updated as it runs: ``finish_reasons`` (``"stop"``/``"length"``/``None``),
-    ``prompt_tokens`` and ``completion_tokens`` (per row), ``texts`` (the text so far)."""
+    ``max_new_tokens`` is one budget for all rows or one per row; ``stop`` is one list of stop
+    strings for all rows or one list per row. :meth:`cancel` takes a row out at once.
+
+    Attributes, updated as it runs: ``finish_reasons`` (``"stop"``/``"length"``/
+    ``"cancelled"``/``None``), ``prompt_tokens`` and ``completion_tokens`` (per row), ``texts``
+    (the text so far); ``max_new_tokens`` and ``stop`` hold the per-row values."""
 
     def __init__(self, tokenizer: Any, model_config: Any, texts: Sequence[str], groups: list[DecodeGroup], *,
-                 max_new_tokens: int, temperature: float | Sequence[float], top_p: float | Sequence[float],
-                 seed: int | None, stop: Sequence[str] | None, device: torch.device, ignore_eos: bool = False) -> None:
+                 max_new_tokens: int | Sequence[int], temperature: float | Sequence[float],
+                 top_p: float | Sequence[float], seed: int | None,
+                 stop: str | Sequence[str] | Sequence[Sequence[str] | None] | None, device: torch.device,
+                 ignore_eos: bool = False) -> None:
         n = len(texts)
         self.tokenizer = tokenizer
         self.groups = groups
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens: list[int] = _as_list(max_new_tokens, n, "max_new_tokens", cast=int)
         self.device = device
         self.temperature = torch.tensor(_as_list(temperature, n, "temperature"), device=device)
         self.top_p = torch.tensor(_as_list(top_p, n, "top_p"), device=device)
@@ -74,7 +102,7 @@ class TextStream(Iterator[list[str]]):
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
-        self.stop = [s for s in (stop or []) if s]
+        self.stop = _stops_per_row(stop, n)
         eos = _eos_ids(tokenizer, model_config)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
         self.eos = set() if ignore_eos else eos
@@ -84,8 +112,10 @@ class TextStream(Iterator[list[str]]):
         self.completion_tokens = [0] * n
         self.prompt_tokens = [0] * n
         self._encode(texts)
-        if max_new_tokens <= 0:
-            self.finish_reasons = ["length"] * n
+        for i, budget in enumerate(self.max_new_tokens):
+            if budget <= 0:  # nothing to decode: the row never enters a forward
+                self.finish_reasons[i] = "length"
+                self._leave_group(i)
 
     def _encode(self, texts: Sequence[str]) -> None:
         """Left-padded prompt ids per group; an empty prompt starts from the BOS token (or an
@@ -99,7 +129,6 @@ class TextStream(Iterator[list[str]]):
             g.mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=self.device)
             for i, row in zip(g.rows, ids):
                 self.prompt_tokens[i] = len(row)
-            g.done = [False] * len(g.rows)
 
     def __iter__(self) -> TextStream:
         return self
@@ -110,9 +139,22 @@ class TextStream(Iterator[list[str]]):
         new = [""] * len(self.texts)
         with torch.no_grad():
             for g in self.groups:
-                if not all(g.done):
+                if g.rows:  # a group whose rows have all finished runs no forward
                     self._step(g, new)
         return new
+
+    def cancel(self, i: int) -> None:
+        """Stop decoding row ``i`` now (the server calls it when a client goes away): it leaves
+        its group's batch and KV cache before the next step, keeps the text it has, and its
+        finish reason becomes ``"cancelled"``. The other rows decode on as before. A row that
+        has already finished is left as it is."""
+        if self.finish_reasons[i] is None:
+            self.finish_reasons[i] = "cancelled"
+            self._leave_group(i)
+
+    def _leave_group(self, i: int) -> None:
+        g = next(g for g in self.groups if i in g.rows)
+        self._drop(g, [j for j, row in enumerate(g.rows) if row != i])
 
     def _step(self, g: DecodeGroup, new: list[str]) -> None:
         if g.cache is None and g.positions is None:  # first step: the prompts (after any prefix)
@@ -127,32 +169,36 @@ class TextStream(Iterator[list[str]]):
         tokens = self._pick(out.logits[:, -1, :].float(), g.rows)  # (rows,)
         picked = tokens.tolist()  # one device sync for the step, not one per row
         for j, i in enumerate(g.rows):
-            if g.done[j]:
-                continue
             token = picked[j]
             finished = token in self.eos
             if not finished:
                 self.generated[i].append(token)
                 self.completion_tokens[i] += 1
-            reason = "stop" if finished else ("length" if self.completion_tokens[i] >= self.max_new_tokens else None)
+            reason = "stop" if finished else ("length" if self.completion_tokens[i] >= self.max_new_tokens[i] else None)
             new[i] = self._emit(i, reason)
-            g.done[j] = self.finish_reasons[i] is not None
         g.input_ids = tokens[:, None]
         g.mask = torch.cat([g.mask, g.mask.new_ones(len(g.rows), 1)], dim=1)
         g.positions = g.positions[:, -1:] + 1
-        if any(g.done) and not all(g.done):
-            self._drop_finished(g)
+        keep = [j for j, i in enumerate(g.rows) if self.finish_reasons[i] is None]
+        if len(keep) < len(g.rows):
+            self._drop(g, keep)
 
     @staticmethod
-    def _drop_finished(g: DecodeGroup) -> None:
-        """Take finished rows out of the group's batch (and its KV cache), so the remaining
-        rows do not pay for them."""
-        keep = [j for j, done in enumerate(g.done) if not done]
-        index = torch.tensor(keep, device=g.input_ids.device)
-        g.cache.batch_select_indices(index)
-        g.input_ids, g.mask, g.positions = g.input_ids[index], g.mask[index], g.positions[index]
+    def _drop(g: DecodeGroup, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (positions in ``g.rows``) in the group's batch and KV cache,
+        so that the remaining rows do not pay for finished or cancelled ones; a group left
+        empty lets its cache go. Works before the first step too (no cache, no positions yet:
+        the prompts alone are narrowed)."""
         g.rows = [g.rows[j] for j in keep]
-        g.done = [False] * len(keep)
+        if not keep:
+            g.cache = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=g.input_ids.device)
+        if g.cache is not None:
+            g.cache.batch_select_indices(index)
+        g.input_ids, g.mask = g.input_ids[index], g.mask[index]
+        if g.positions is not None:
+            g.positions = g.positions[index]
 
     def _pick(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Greedy for rows at temperature 0; top-p sampling at their temperature otherwise."""
@@ -173,11 +219,11 @@ class TextStream(Iterator[list[str]]):
         """The row's new visible text; holds back what may be the start of a stop string or
         half of a multi-byte character until the next token settles it."""
         text = self.tokenizer.decode(self.generated[i], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        cut = min((at for at in (text.find(s) for s in self.stop) if at >= 0), default=-1)
+        cut = min((at for at in (text.find(s) for s in self.stop[i]) if at >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
         elif reason is None:
-            text = text[: len(text) - self._held_back(text)]
+            text = text[: len(text) - self._held_back(text, self.stop[i])]
         if reason is not None:
             self.finish_reasons[i] = reason
         if not text.startswith(self.texts[i]):  # a tokenizer that rewrites earlier text: emit nothing new
@@ -186,9 +232,12 @@ class TextStream(Iterator[list[str]]):
         self.texts[i] = text
         return fresh
 
-    def _held_back(self, text: str) -> int:
+    @staticmethod
+    def _held_back(text: str, stops: list[str]) -> int:
+        """How many characters at the end of ``text`` to hold back: half of a multi-byte
+        character, or the longest end that begins one of the row's stop strings."""
         held = len(text) - len(text.rstrip("\ufffd"))
-        for s in self.stop:
+        for s in stops:
             for k in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:k]):
                     held = max(held, k)

@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -182,66 +182,6 @@ class Job:
             self.cancelled = True
 
 
-class _Row:
-    """One generating row, cut at its own token budget and its own stop strings (the batch
-    decodes up to the largest budget in it, and stop strings differ per request).
-
-    Text that could be the start of a stop string is held back until it is known not to be.
-    """
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-        self.text = ""
-        self.sent = 0
-        self.tokens = 0
-        self.done = False
-
-    def feed(self, delta: str, tokens: int, host_finished: bool, full_text: Callable[[], str]) -> None:
-        """Take one decode step: the new text, the row's token count so far, whether the
-        host has finished the row (an end-of-sequence token), and a way to get all of the
-        row's text with nothing held back (for a row cut at its own budget)."""
-        if self.done:
-            return
-        if self.job.cancelled:
-            self.done = True
-            return
-        self.tokens = tokens
-        self.text += delta
-        cut = min((i for i in (self.text.find(s) for s in self.job.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
-            self.finish("stop")
-        elif host_finished:
-            self.finish("stop")
-        elif tokens >= self.job.max_tokens:
-            self.finish("length", full_text())
-        else:
-            self._send(len(self.text) - _held_back(self.text, self.job.stop))
-
-    def finish(self, reason: str, text: str | None = None) -> None:
-        if text is not None and text.startswith(self.text):
-            self.text = text
-        self._send(len(self.text))
-        self.done = True
-        self.job.emit("done", (reason, self.tokens))
-
-    def _send(self, upto: int) -> None:
-        if upto > self.sent:
-            self.job.emit("delta", self.text[self.sent:upto])
-            self.sent = upto
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that begins some stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[-n:]):
-                longest = n
-                break
-    return longest
-
-
 class BatchWorker:
     """The one thread that runs the model.
 
@@ -359,33 +299,36 @@ class BatchWorker:
             job.emit("result", result)
 
     def _generate(self, batch: list[Job]) -> None:
+        """Decode the batch as one stream, each row with its own adapter, sampling, token
+        budget and stop strings (the stream cuts each row and takes it out of the batch).
+        Before every step, rows whose client went away are cancelled, so they stop costing
+        forwards; after it, each row's new text and, once it has finished, its finish reason
+        and token count are sent to its request."""
         batch = self._usable(batch)
         if not batch:
             return
         for job in batch:
             job.emit("start")
-        rows = [_Row(job) for job in batch]
         stream = self.host.stream(
             [job.text for job in batch], [job.adapter for job in batch], raw=True,
-            max_new_tokens=max(job.max_tokens for job in batch),
+            max_new_tokens=[job.max_tokens for job in batch], stop=[job.stop for job in batch],
             temperature=[job.temperature for job in batch], top_p=[job.top_p for job in batch],
             seed=batch[0].seed,
         )
-        for deltas in stream:
-            for i, (row, delta) in enumerate(zip(rows, deltas)):
-                row.feed(delta, stream.completion_tokens[i], stream.finish_reasons[i] == "stop",
-                         lambda i=i: self._decoded(stream, i))
-            if all(row.done for row in rows):
+        reported = [False] * len(batch)
+        while True:
+            for i, job in enumerate(batch):
+                if job.cancelled:
+                    stream.cancel(i)
+            deltas = next(stream, None)
+            if deltas is None:  # every row has finished or been cancelled
                 break
-        for i, row in enumerate(rows):
-            if not row.done:  # the host ended the stream: every row left has finished
-                row.finish(stream.finish_reasons[i] or "stop")
-
-    def _decoded(self, stream: Any, row: int) -> str:
-        """All the text a row has generated, with nothing held back (what the host would
-        emit had the row's own budget been the batch's)."""
-        return self.host.tokenizer.decode(stream.generated[row], skip_special_tokens=True,
-                                          clean_up_tokenization_spaces=False)
+            for i, job in enumerate(batch):
+                if deltas[i] and not job.cancelled:
+                    job.emit("delta", deltas[i])
+                if stream.finish_reasons[i] in ("stop", "length") and not reported[i]:
+                    reported[i] = True
+                    job.emit("done", (stream.finish_reasons[i], stream.completion_tokens[i]))
 
 
 def _as_api_error(exc: BaseException) -> ApiError:

@@ -345,3 +345,105 @@ def test_an_empty_prompt_decodes_from_one_start_token(loras, tiny_llama):
     list(stream)
     assert stream.prompt_tokens[0] == 1 and stream.completion_tokens == [3, 3]
     assert stream.texts[1].strip() == host.generate([PROMPTS[0]], None, raw=True, max_new_tokens=3, ignore_eos=True)[0]
+
+
+# -- per-row stops and budgets, cancelling -----------------------------------------------------
+
+
+def _alone(host: AdapterHost, prompt: str, adapter: str | None, **options) -> tuple[str, str, int]:
+    """What the stream gives this one row decoded by itself: text, finish reason, tokens."""
+    stream = host.stream([prompt], [adapter], ignore_eos=True, **options)
+    for _ in stream:
+        pass
+    return stream.texts[0], stream.finish_reasons[0], stream.completion_tokens[0]
+
+
+@pytest.fixture
+def batch_sizes(tiny_llama):
+    """The batch size of every forward through a model: a pre-hook on it records
+    ``input_ids.shape[0]``; call the fixture with the model, read the list it returns."""
+    handles, sizes = [], []
+
+    def watch(model: torch.nn.Module) -> list[int]:
+        handles.append(model.register_forward_pre_hook(
+            lambda module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True))
+        return sizes
+
+    yield watch
+    for handle in handles:
+        handle.remove()
+
+
+def test_per_row_stops_and_budgets_equal_each_row_alone(loras, tiny_llama, batch_sizes):
+    """One stream, each row with its own stop strings and token budget: every row gets what
+    it gets decoded by itself with those settings, and leaves the batch in the step it is
+    cut (so step k runs only the rows that have not finished before it)."""
+    host = _host(tiny_llama, *loras)
+    rows = ["a", "b", None, "c"]
+    full = [_alone(host, p, n, max_new_tokens=10)[0] for p, n in zip(PROMPTS, rows)]
+    stops = [[full[0].split()[1]], [], ["never", full[2].split()[2]], ["never"]]
+    budgets = [10, 3, 10, 6]
+    expected = [_alone(host, p, n, max_new_tokens=k, stop=s) for p, n, k, s in zip(PROMPTS, rows, budgets, stops)]
+    assert [e[1] for e in expected] == ["stop", "length", "stop", "length"]  # each cut its own way, early
+
+    sizes = batch_sizes(host.base.model)
+    stream = host.stream(PROMPTS, rows, max_new_tokens=budgets, stop=stops, ignore_eos=True)
+    steps = list(stream)
+    assert list(zip(stream.texts, stream.finish_reasons, stream.completion_tokens)) == expected
+    assert ["".join(step[i] for step in steps) for i in range(4)] == stream.texts
+    tokens = stream.completion_tokens  # without end tokens, a row's count is the step it finished in
+    assert len(steps) == max(tokens) < 10
+    assert sizes == [sum(t >= step for t in tokens) for step in range(1, len(steps) + 1)]
+
+    with pytest.raises(AdapterError, match="4 prompts but 3 max_new_tokens values"):
+        host.stream(PROMPTS, rows, max_new_tokens=[1, 2, 3])
+    with pytest.raises(AdapterError, match="one list per prompt"):
+        host.stream(PROMPTS, rows, stop=[["x"], ["y"]])
+
+
+def test_one_stop_list_and_one_budget_still_apply_to_every_row(loras, tiny_llama):
+    host = _host(tiny_llama, *loras)
+    rows = ["a", "b", None, "c"]
+    stop = _alone(host, PROMPTS[0], "a", max_new_tokens=8)[0].split()[1]
+    shared = host.stream(PROMPTS, rows, max_new_tokens=8, stop=[stop], ignore_eos=True)
+    list(shared)
+    per_row = host.stream(PROMPTS, rows, max_new_tokens=[8] * 4, stop=[[stop]] * 4, ignore_eos=True)
+    list(per_row)
+    assert (shared.texts, shared.finish_reasons) == (per_row.texts, per_row.finish_reasons)
+    assert shared.finish_reasons[0] == "stop"
+    single = host.stream(PROMPTS[:2], rows[:2], max_new_tokens=8, stop=stop, ignore_eos=True)  # one string
+    list(single)
+    assert single.texts == shared.texts[:2]
+    nothing = host.stream(PROMPTS[:2], rows[:2], max_new_tokens=[0, 2], ignore_eos=True)
+    assert nothing.finish_reasons == ["length", None]
+    list(nothing)
+    assert nothing.texts[0] == "" and nothing.completion_tokens == [0, 2]
+
+
+def test_cancel_takes_a_row_out_and_leaves_the_others_unchanged(loras, trained, tiny_llama, batch_sizes):
+    """``cancel(i)`` mid-stream: the row keeps its text so far, finishes as "cancelled" and
+    runs in no later forward; the other rows decode exactly as they would have. A row
+    cancelled before the first step (here one of two prefix rows) never runs at all."""
+    host = _host(tiny_llama, loras[0], loras[1], trained["prefix"])
+    rows = ["a", "prefix", None, "b", "prefix"]
+    prompts = PROMPTS + PROMPTS[:1]
+    expected = host.stream(prompts, rows, max_new_tokens=6, ignore_eos=True)
+    list(expected)
+
+    sizes = batch_sizes(host.base.model)  # prefix rows decode through the bare base too
+    stream = host.stream(prompts, rows, max_new_tokens=6, ignore_eos=True)
+    stream.cancel(4)
+    steps = [next(stream), next(stream)]
+    text_at_cancel = stream.texts[2]
+    stream.cancel(2)
+    stream.cancel(2)  # a second cancel changes nothing
+    steps += list(stream)
+    assert len(steps) == 6 and all(step[2] == "" for step in steps[2:]) and all(step[4] == "" for step in steps)
+    assert stream.texts[2] == text_at_cancel == expected.texts[2][: len(text_at_cancel)]
+    assert stream.finish_reasons == ["length", "length", "cancelled", "length", "cancelled"]
+    assert stream.completion_tokens == [6, 6, 2, 6, 0]
+    for i in (0, 1, 3):
+        assert stream.texts[i] == expected.texts[i]
+    # per step, the LoRA/bare-base group's forward, then the prefix group's (one row: 4 never ran);
+    # row 2 was in the first two steps only
+    assert sizes == [3, 1] * 2 + [2, 1] * 4

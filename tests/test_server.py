@@ -216,6 +216,50 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(client, host):
     assert body["choices"][0]["text"] == alone(host, SKY, "alpha", 3)[0]
 
 
+def test_a_client_that_leaves_takes_its_row_out_of_the_batch(url, service, host):
+    """A streaming client that disconnects shares a batch with one that stays: its row is
+    cancelled and leaves the batch within a few steps (forwards after that run one row),
+    and the other client's answer is unchanged. Each forward sleeps 10 ms, so the decode
+    cannot outrun the disconnect."""
+    stays = {"model": "base", "prompt": SKY, "max_tokens": 30, "temperature": 0}
+    leaves = {"model": "base", "prompt": "the film was", "max_tokens": 60, "temperature": 0, "stream": True}
+    text, reason, _, _ = alone(host, SKY, None, 30)
+    assert reason == "length"
+    sizes: list[int] = []
+
+    def slow(module, args, kwargs) -> None:
+        sizes.append(kwargs["input_ids"].shape[0])
+        time.sleep(0.01)
+
+    results: list = [None]
+
+    def ask_and_stay() -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            results[0] = c.post("/v1/completions", json=stays).json()
+
+    def ask_and_leave() -> None:
+        with httpx.Client(base_url=url, timeout=120) as c, c.stream("POST", "/v1/completions", json=leaves) as response:
+            next(response.iter_lines())
+
+    handle = host.base.model.register_forward_pre_hook(slow, with_kwargs=True)
+    try:
+        worker = service.worker
+        with worker.lock:  # both requests run as one batch
+            threads = [threading.Thread(target=ask_and_stay), threading.Thread(target=ask_and_leave)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 60
+            while worker.waiting < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        for t in threads:
+            t.join(120)
+    finally:
+        handle.remove()
+    assert results[0]["choices"][0]["text"] == text
+    assert len(sizes) == 30 and sizes[0] == 2 and sizes[-1] == 1
+    assert sizes.count(2) < 20 and sizes == sorted(sizes, reverse=True)
+
+
 # -- chat -------------------------------------------------------------------------------------
 
 
@@ -298,6 +342,54 @@ def test_concurrent_clients_on_different_adapters_share_one_batch(url, service, 
         assert body["choices"][0]["finish_reason"] == reason
         assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                  "total_tokens": prompt_tokens + completion_tokens}
+
+
+def test_one_batch_with_different_budgets_and_stop_strings_answers_each_as_alone(url, service, host):
+    """Two clients in one batch, one streaming with a stop string and a large budget, one
+    with a small budget and a stop string it never meets: each answer (text, chunks that
+    never run past the stop string, finish reason, usage) equals that request served alone."""
+    prompt = "the film was"
+    full = alone(host, prompt, None, 12)[0]
+    stop = full[3:6]  # spans two tokens: its start is held back until the rest arrives
+    assert full.index(stop) > 0
+    requests = [{"model": "base", "prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": ["never", stop],
+                 "stream": True, "stream_options": {"include_usage": True}},
+                {"model": "base", "prompt": SUN, "max_tokens": 3, "temperature": 0, "stop": "zzz"}]
+
+    def answer(c: httpx.Client, request: dict) -> tuple:
+        if not request.get("stream"):
+            body = c.post("/v1/completions", json=request).json()
+            return body["choices"][0]["text"], body["choices"][0]["finish_reason"], body["usage"]
+        with c.stream("POST", "/v1/completions", json=request) as response:
+            *chunks, usage = sse_events(response)
+        pieces = [c["choices"][0]["text"] for c in chunks]
+        assert all(stop not in "".join(pieces[:k]) for k in range(len(pieces) + 1))
+        return "".join(pieces), chunks[-1]["choices"][0]["finish_reason"], usage["usage"]
+
+    with httpx.Client(base_url=url, timeout=120) as c:
+        served_alone = [answer(c, r) for r in requests]
+    assert served_alone[0][:2] == (full[: full.index(stop)], "stop")
+    assert served_alone[1][:2] == alone(host, SUN, None, 3)[:2] and served_alone[1][1] == "length"
+
+    results: list = [None] * len(requests)
+
+    def ask(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            results[i] = answer(c, requests[i])
+
+    worker = service.worker
+    batches = worker.batches
+    with worker.lock:  # the worker takes the first request and waits here; the other queues up
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while worker.waiting < len(requests) - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(120)
+    assert worker.batches == batches + 1
+    assert results == served_alone
 
 
 # -- adapter management -----------------------------------------------------------------------
