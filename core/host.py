@@ -334,10 +334,11 @@ class AdapterHost:
                     results[i] = out
         return results
 
-    def stream(self, prompts: Sequence[str], adapters: Any = ACTIVE, *, max_new_tokens: int = 32,
+    def stream(self, prompts: Sequence[str], adapters: Any = ACTIVE, *, max_new_tokens: int | Sequence[int] = 32,
                raw: bool = False, temperature: float | Sequence[float] = 0.0,
                top_p: float | Sequence[float] = 1.0, seed: int | None = None,
-               stop: Sequence[str] | None = None, ignore_eos: bool = False) -> TextStream:
+               stop: str | Sequence[str] | Sequence[Sequence[str] | None] | None = None,
+               ignore_eos: bool = False) -> TextStream:
         """Decode all rows together (one forward per step, mixed adapters where the method
         allows); yields, per step, the new text of each row ('' for a row that has finished).
 
@@ -347,11 +348,14 @@ class AdapterHost:
         sampling repeatable; a row stops at an end-of-sequence token, at the first ``stop``
         string (not included in the text) or after ``max_new_tokens`` tokens
         (``ignore_eos``: only the last two; for benchmarks that need a fixed length).
+        ``max_new_tokens`` is one budget or one per row; ``stop`` is one list of strings for
+        every row or one list per row, so one batch can serve requests with other settings.
 
         The returned :class:`~plugtune.decoding.TextStream` also tells, per row,
-        ``finish_reasons`` (``"stop"`` or ``"length"`` once finished, ``None`` before),
-        ``prompt_tokens`` and ``completion_tokens``. Rows are decoded with a KV cache; a
-        group whose rows have all finished stops running forwards."""
+        ``finish_reasons`` (``"stop"``, ``"length"`` or ``"cancelled"`` once finished, ``None``
+        before), ``prompt_tokens`` and ``completion_tokens``; its ``cancel(i)`` takes a row out
+        (a client gone). Rows are decoded with a KV cache; a row leaves its group's batch in
+        the step it finishes, and a group whose rows have all finished stops running forwards."""
         if self.task.is_classification:
             raise AdapterError("this host holds a sequence-classification base; use classify()")
         names = self._per_row(prompts, adapters)
@@ -360,12 +364,14 @@ class AdapterHost:
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                           stop=stop, device=self._device(), ignore_eos=ignore_eos)
 
-    def generate(self, prompts: Sequence[str], adapters: Any = ACTIVE, *, max_new_tokens: int = 32,
+    def generate(self, prompts: Sequence[str], adapters: Any = ACTIVE, *, max_new_tokens: int | Sequence[int] = 32,
                  raw: bool = False, temperature: float | Sequence[float] = 0.0,
                  top_p: float | Sequence[float] = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | None = None, ignore_eos: bool = False) -> list[str]:
+                 stop: str | Sequence[str] | Sequence[Sequence[str] | None] | None = None,
+                 ignore_eos: bool = False) -> list[str]:
         """The whole continuation of each prompt: :meth:`stream` joined, without surrounding
-        whitespace (greedy when temperature is 0; per-row sampling otherwise)."""
+        whitespace (greedy when temperature is 0; per-row sampling otherwise; per-row
+        ``max_new_tokens`` and ``stop`` as in :meth:`stream`)."""
         stream = self.stream(prompts, adapters, max_new_tokens=max_new_tokens, raw=raw, temperature=temperature,
                              top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
         for _ in stream:
