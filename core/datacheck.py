@@ -7,17 +7,23 @@
 * :func:`fit_to_context`: ``training.max_length`` is capped at the base model's context
   (``max_position_embeddings``); beyond it, encoders with learned positions fail with an
   index error in the middle of training.
-* :func:`apply_overlong`: ``training.overlong`` decides what happens to rows longer than the
-  (capped) ``max_length``: ``truncate`` (the default; the count is printed by the loop),
-  ``drop`` (left out, the count is printed) or ``refuse`` (a one-line error).
+* :func:`prepare_split` and :func:`report_overlong`: ``training.overlong`` decides what
+  happens to rows longer than the (capped) ``max_length``: ``truncate`` (the default; the
+  count is printed by the loop), ``drop`` (left out, the count is printed) or ``refuse`` (a
+  one-line error). Each row is tokenized once, at full length: its length decides, and a
+  row that fits encodes the same at ``max_length``. The outcome (rows, counts, the error) is
+  data, a :class:`PreparedSplit`, so the tokenized cache keeps it and a cache hit reports
+  exactly what the first run did without tokenizing anything.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import DataError
+from .evaluation import encode_split
 from .tasks import Task
 
 UNLIMITED = 10**9
@@ -58,30 +64,61 @@ def fit_to_context(max_length: int, model: Any, console: Any) -> int:
     return max_length
 
 
-def full_length(row: dict[str, Any], task: Task, tokenizer: Any) -> int | None:
-    """Tokens in ``row`` before any truncation (None when the row cannot be encoded; the
-    encoder reports that with its own message)."""
+@dataclass
+class PreparedSplit:
+    """A split encoded under ``training.overlong``: what core/tokenized_cache.py keeps.
+
+    ``rows`` are :func:`~plugtune.evaluation.encode_split`'s rows and ``cut`` its count of
+    truncated rows; ``dropped`` is how many rows ``drop`` left out for length; ``error`` is
+    the one-line refusal (``refuse``, or ``drop`` with nothing left), raised by
+    :func:`report_overlong` after any count is printed."""
+
+    rows: list[dict[str, Any]]
+    cut: int
+    dropped: int = 0
+    error: str | None = None
+
+
+def _encode_full(row: dict[str, Any], task: Task, tokenizer: Any) -> dict[str, list[int]] | Exception:
+    """``row``'s ids before any truncation, or the exception encoding it raised (the encoder
+    reports that with its own message, in :func:`~plugtune.evaluation.encode_split`)."""
     try:
-        return len(task.encode(row, tokenizer, UNLIMITED)["input_ids"])
-    except (KeyError, ValueError, TypeError):
-        return None
+        return task.encode(row, tokenizer, UNLIMITED)
+    except (KeyError, ValueError, TypeError) as exc:
+        return exc
 
 
-def apply_overlong(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, policy: str,
-                   split: str, console: Any) -> list[dict[str, Any]]:
-    """Rows filtered by ``training.overlong`` (``truncate`` returns them unchanged: the encoder
-    cuts them)."""
+def prepare_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, policy: str,
+                  split: str) -> PreparedSplit:
+    """Encode ``rows`` and apply ``training.overlong``, tokenizing each row once. ``truncate``
+    encodes at ``max_length`` (the encoder cuts); ``drop`` and ``refuse`` encode at full
+    length, measure, and keep the encodings of the rows that fit: within ``max_length`` the
+    full encoding is the truncated one."""
     if policy == "truncate":
-        return rows
-    lengths = [full_length(row, task, tokenizer) for row in rows]
+        return PreparedSplit(*encode_split(rows, task, tokenizer, max_length, split))
+    full = [_encode_full(row, task, tokenizer) for row in rows]
+    lengths = [None if isinstance(item, Exception) else len(item["input_ids"]) for item in full]
     over = [n for n in lengths if n is not None and n > max_length]
     if not over:
-        return rows
+        return PreparedSplit(*encode_split(rows, task, tokenizer, max_length, split, encoded=full))
     if policy == "refuse":
-        raise DataError(f"{split} split: {len(over)} row(s) are longer than {max_length} tokens (the longest: {max(over)}); "
-                        f"raise training.max_length, or set training.overlong to truncate or drop")
-    kept = [row for row, n in zip(rows, lengths) if n is None or n <= max_length]
-    console.print(f"dropped {len(over)} {split} row(s) longer than {max_length} tokens (training.overlong: drop)")
+        return PreparedSplit([], 0, error=f"{split} split: {len(over)} row(s) are longer than {max_length} tokens "
+                                          f"(the longest: {max(over)}); raise training.max_length, "
+                                          "or set training.overlong to truncate or drop")
+    kept = [i for i, n in enumerate(lengths) if n is None or n <= max_length]
     if not kept:
-        raise DataError(f"{split} split: every row is longer than {max_length} tokens; raise training.max_length")
-    return kept
+        return PreparedSplit([], 0, dropped=len(over),
+                             error=f"{split} split: every row is longer than {max_length} tokens; raise training.max_length")
+    encoded, cut = encode_split([rows[i] for i in kept], task, tokenizer, max_length, split, encoded=[full[i] for i in kept])
+    return PreparedSplit(encoded, cut, dropped=len(over))
+
+
+def report_overlong(prepared: PreparedSplit, max_length: int, split: str, console: Any) -> tuple[list[dict[str, Any]], int]:
+    """Say what ``training.overlong`` did to a prepared split, fresh or from the cache alike:
+    print the dropped count, raise the refusal; returns the encoded rows and the truncated
+    count."""
+    if prepared.dropped:
+        console.print(f"dropped {prepared.dropped} {split} row(s) longer than {max_length} tokens (training.overlong: drop)")
+    if prepared.error:
+        raise DataError(prepared.error)
+    return prepared.rows, prepared.cut

@@ -26,13 +26,22 @@ from .tasks import Task, collate, fill
 Row = dict[str, Any]  # an encoded example: input_ids, labels, and the raw "example"
 
 
-def encode_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str) -> tuple[list[Row], int]:
+def encode_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str, *,
+                 encoded: list[dict[str, list[int]] | Exception] | None = None) -> tuple[list[Row], int]:
     """Encode a split; returns the encoded rows (each keeps its raw ``example``) and how many
-    were truncated (rows whose whole response was cut off are dropped)."""
-    encoded, truncated = [], 0
+    were truncated (rows whose whole response was cut off are dropped).
+
+    ``encoded``: the rows' token ids when the caller already has them, so nothing is
+    tokenized twice (core/datacheck.py encodes every row at full length to check it fits, and
+    a row that fits encodes the same at ``max_length``); an exception in it stands for a row
+    that could not be encoded and is raised here, as encoding it would."""
+    out, truncated = [], 0
     for i, row in enumerate(rows):
         try:
-            item: Row = dict(task.encode(row, tokenizer, max_length))
+            ids = encoded[i] if encoded is not None else task.encode(row, tokenizer, max_length)
+            if isinstance(ids, Exception):
+                raise ids
+            item: Row = dict(ids)
         except KeyError as exc:
             if task.is_classification:
                 raise DataError(f"{split} row {i + 1}: label {exc.args[0]!r} never appears in the training data "
@@ -44,8 +53,8 @@ def encode_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_len
         if len(item["input_ids"]) >= max_length:
             truncated += 1
         item["example"] = row
-        encoded.append(item)
-    return encoded, truncated
+        out.append(item)
+    return out, truncated
 
 
 def batches(rows: list[Row], batch_size: int, pad_id: int, classification: bool) -> Iterator[tuple[list[Row], dict[str, torch.Tensor]]]:

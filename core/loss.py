@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .components import EvalBatch
 from .tasks import IGNORE_INDEX
 
 
@@ -89,12 +90,13 @@ def head_at(head: torch.nn.Module, positions: LabelPositions) -> Iterator[None]:
         handle.remove()
 
 
-def label_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                       head: torch.nn.Module | None = None) -> tuple[torch.Tensor, LabelPositions]:
-    """Run ``model`` on ``batch`` (input_ids, attention_mask, labels) with logits at the
-    label positions only; returns the per-label-token losses ``(N,)`` and the positions.
-    ``head`` defaults to ``model``'s output embedding; pass it when ``model`` is a wrapper
-    (DDP) that does not expose it."""
+def label_position_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                          head: torch.nn.Module | None = None) -> tuple[torch.Tensor, LabelPositions]:
+    """The one label-position forward: run ``model`` on ``batch`` (input_ids,
+    attention_mask, labels) with its head applied at the label positions only; returns the
+    logits ``(N, V)`` and the positions. Training (:func:`label_token_losses`) and evaluation
+    (:func:`eval_batch_at_labels`) both go through here. ``head`` defaults to ``model``'s
+    output embedding; pass it when ``model`` is a wrapper (DDP) that does not expose it."""
     positions = LabelPositions.of(batch["labels"])
     head = head if head is not None else output_head(model)
     if head is None:
@@ -102,7 +104,14 @@ def label_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with head_at(head, positions):
         logits = model(**inputs).logits  # (N, V)
-    logits = logits.reshape(-1, logits.size(-1))
+    return logits.reshape(-1, logits.size(-1)), positions
+
+
+def label_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                       head: torch.nn.Module | None = None) -> tuple[torch.Tensor, LabelPositions]:
+    """The per-label-token losses ``(N,)`` of ``batch`` and their positions, with logits at
+    the label positions only (see :func:`label_position_logits`)."""
+    logits, positions = label_position_logits(model, batch, head)
     return torch.nn.functional.cross_entropy(logits.float(), positions.targets, reduction="none"), positions
 
 
@@ -123,27 +132,28 @@ def per_example_loss(token_losses: torch.Tensor, positions: LabelPositions) -> t
     return sums / counts.clamp(min=1)
 
 
-@torch.no_grad()
-def eval_batch_at_labels(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
-    """:meth:`plugtune.tasks.Task.eval_batch` for a causal LM with logits at the label
-    positions only: the same per-example predictions (greedy tokens where the reference is),
-    references, scores and losses, without the LM head over the positions no metric reads."""
-    from .components import EvalBatch
-
-    positions = LabelPositions.of(batch["labels"])
-    with head_at(head, positions):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits.reshape(-1, logits.size(-1)).float()  # (N, V)
+def eval_batch_from_label_logits(logits: torch.Tensor, positions: LabelPositions) -> EvalBatch:
+    """The causal-LM :class:`EvalBatch` from the logits ``(N, V)`` at ``positions``: per
+    example, the greedy tokens where the reference is (predictions), the reference tokens,
+    the mean log-prob of the greedy tokens (scores) and the mean reference cross-entropy
+    (losses). The one place these rows are built: :meth:`plugtune.tasks.Task.eval_batch`
+    gathers its full logits at the label positions and comes here, and so does
+    :func:`eval_batch_at_labels`, so both paths give the same batches."""
+    logits = logits.float()
     token_losses = torch.nn.functional.cross_entropy(logits, positions.targets, reduction="none")  # (N,)
     greedy_logprob, greedy = logits.log_softmax(-1).max(-1)  # (N,)
-    rows = positions.rows.tolist()
-    predictions: list[list[int]] = [[] for _ in range(positions.batch_size)]
-    references: list[list[int]] = [[] for _ in range(positions.batch_size)]
-    logprobs: list[list[float]] = [[] for _ in range(positions.batch_size)]
-    for row, token, target, logprob in zip(rows, greedy.tolist(), positions.targets.tolist(), greedy_logprob.tolist()):
-        predictions[row].append(token)
-        references[row].append(target)
-        logprobs[row].append(logprob)
-    scores = [float(torch.tensor(v).mean()) if v else 0.0 for v in logprobs]
-    return EvalBatch([tuple(p) for p in predictions], [tuple(r) for r in references], float(token_losses.sum()),
-                     len(rows), scores=scores, losses=per_example_loss(token_losses, positions).tolist())
+    # positions are row-major (nonzero's order): each example's tokens are one run, in order
+    counts = torch.bincount(positions.rows, minlength=positions.batch_size).tolist()
+    predictions = [tuple(part.tolist()) for part in greedy.split(counts)]
+    references = [tuple(part.tolist()) for part in positions.targets.split(counts)]
+    scores = [float(part.mean()) if part.numel() else 0.0 for part in greedy_logprob.split(counts)]
+    return EvalBatch(predictions, references, float(token_losses.sum()), int(token_losses.numel()),
+                     scores=scores, losses=per_example_loss(token_losses, positions).tolist())
+
+
+@torch.no_grad()
+def eval_batch_at_labels(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> EvalBatch:
+    """:meth:`plugtune.tasks.Task.eval_batch` for a causal LM with logits at the label
+    positions only: the same per-example predictions, references, scores and losses,
+    without the LM head over the positions no metric reads."""
+    return eval_batch_from_label_logits(*label_position_logits(model, batch, head))

@@ -141,23 +141,13 @@ class Task:
                 scores=probs.max(-1).values.tolist(),
                 losses=per_example.tolist(),
             )
-        # logits (B, T, V): position t predicts token t+1
-        shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-        mask = shift_labels != IGNORE_INDEX  # (B, T-1)
-        token_loss = torch.nn.functional.cross_entropy(
-            shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
-        )  # (B, T-1), zero where ignored
-        loss = token_loss.sum()
-        logprobs = shift_logits.log_softmax(-1)  # (B, T-1, V)
-        greedy_logprob, greedy = logprobs.max(-1)  # (B, T-1)
-        predictions, references, scores = [], [], []
-        for row in range(labels.size(0)):
-            m = mask[row]
-            predictions.append(tuple(greedy[row][m].tolist()))
-            references.append(tuple(shift_labels[row][m].tolist()))
-            scores.append(float(greedy_logprob[row][m].mean()) if m.any() else 0.0)
-        losses = (token_loss.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
-        return EvalBatch(predictions, references, float(loss), int(mask.sum()), scores=scores, losses=losses)
+        # logits (B, T, V): position t predicts token t+1; the rows are built from the
+        # logits at the label positions, as on the label-position path (core/loss.py)
+        from .loss import LabelPositions, eval_batch_from_label_logits
+
+        positions = LabelPositions.of(labels)
+        logits = logits[:, logits.size(1) - labels.size(1):]  # leading virtual tokens, if any, predict no label
+        return eval_batch_from_label_logits(logits[positions.rows, positions.columns], positions)
 
     def class_names(self) -> list[str] | None:
         return list(self.labels) if self.is_classification and self.labels else None

@@ -4,8 +4,14 @@ Tokenizing tens of thousands of rows takes longer than a short training run's fi
 rerunning a recipe (a new learning rate, a new method) needs exactly the same token ids.
 The encoded split is kept under ``$PLUGTUNE_HOME/tokenized/`` keyed by everything the ids
 depend on: the data's content (not its path), the tokenizer (its full serialised form and
-special tokens), the task (templates, label words, labels), ``max_length`` and the split's
-name. Changing any of them misses the cache; nothing is ever invalidated by time.
+special tokens), the task (templates, label words, labels), ``max_length``,
+``training.overlong`` and the split's name. Changing any of them misses the cache; nothing is
+ever invalidated by time. The entry is the whole outcome of encoding the split
+(core/datacheck.py's ``PreparedSplit``: the rows, the truncated and dropped counts, or the
+refusal), so a hit prints and refuses exactly as the first run did, without tokenizing.
+
+Serialising and hashing the tokenizer is the key's costliest part: a run computes
+:func:`tokenizer_fingerprint` once and passes it to every split's :func:`cached_encode`.
 """
 
 from __future__ import annotations
@@ -17,13 +23,13 @@ import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .models import plugtune_home
 from .tasks import Task
 
-CACHE_VERSION = 1  # bump when the encoded row format changes
-Encoded = tuple[list[dict[str, Any]], int]  # (rows, rows truncated or dropped): encode_split's result
+CACHE_VERSION = 2  # bump when the entry's format changes (2: the overlong outcome, in the key and the entry)
+Encoded = TypeVar("Encoded")  # what the caller's encode() returns: a PreparedSplit in a run
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -45,14 +51,16 @@ def data_fingerprint(rows: list[dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str) -> str:
-    """The cache key of one encoded split."""
+def cache_key(rows: list[dict[str, Any]], task: Task, fingerprint: str, max_length: int, split: str,
+              overlong: str = "truncate") -> str:
+    """The cache key of one encoded split; ``fingerprint`` is :func:`tokenizer_fingerprint`'s."""
     parts = {
         "version": CACHE_VERSION,
         "data": data_fingerprint(rows),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": fingerprint,
         "task": task.to_dict(),
         "max_length": max_length,
+        "overlong": overlong,
         "split": split,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -63,13 +71,17 @@ def cache_dir() -> Path:
 
 
 def cached_encode(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str,
-                  encode: Callable[[], Encoded], *, enabled: bool = True) -> tuple[Encoded, bool]:
+                  encode: Callable[[], Encoded], *, fingerprint: str | None = None, overlong: str = "truncate",
+                  enabled: bool = True) -> tuple[Encoded, bool]:
     """``encode()``'s result for this split, from the cache when the key matches; returns it
-    and whether it was a hit. Writes are atomic (a rename), so concurrent runs and the
-    processes of a data-parallel run can share the cache."""
+    and whether it was a hit. ``fingerprint``: the tokenizer's, when the caller computed it
+    once for all its splits (otherwise it is computed here); ``overlong``: the
+    ``training.overlong`` policy ``encode()`` applies. Writes are atomic (a rename), so
+    concurrent runs and the processes of a data-parallel run can share the cache."""
     if not enabled:
         return encode(), False
-    path = cache_dir() / f"{cache_key(rows, task, tokenizer, max_length, split)}.pkl"
+    fingerprint = fingerprint if fingerprint is not None else tokenizer_fingerprint(tokenizer)
+    path = cache_dir() / f"{cache_key(rows, task, fingerprint, max_length, split, overlong)}.pkl"
     if path.exists():
         try:
             with open(path, "rb") as fh:

@@ -34,8 +34,8 @@ from .adapters import save_adapter
 from .batching import epoch_batches, shard
 from .checkpoints import Checkpointer, clear_checkpoints, interrupted_run_message, restore_rng, resume_point, truncate_log
 from .components import Decision
-from .datacheck import apply_overlong, check_empty_fields, fit_to_context
-from .evaluation import encode_split, evaluate
+from .datacheck import check_empty_fields, fit_to_context, prepare_split, report_overlong
+from .evaluation import evaluate
 from .errors import DataError, RecipeError, TrainingError
 from .faults import guarded
 from .loss import label_token_losses, output_head, supports_label_positions
@@ -51,7 +51,7 @@ from .runtime import (
 )
 from .signals import Interrupted, StopRequest, resume_command
 from .tasks import Task, collate
-from .tokenized_cache import cached_encode
+from .tokenized_cache import cached_encode, tokenizer_fingerprint
 
 
 @dataclass
@@ -208,14 +208,19 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
             before_count = len(train_examples)
             train_examples = reg.augment_examples(train_examples, task)
             console.print(f"{name}: {before_count} -> {len(train_examples)} training examples")
-    train_examples = apply_overlong(train_examples, task, tokenizer, t.max_length, t.overlong, "train", console)
-    test_examples = apply_overlong(splits["test"], task, tokenizer, t.max_length, t.overlong, "test", console)
-    encoded = {}
-    for split, examples in (("train", train_examples), ("test", test_examples)):
-        encoded[split], hit = cached_encode(examples, task, tokenizer, t.max_length, split, enabled=t.cache_tokenized,
-                                            encode=lambda e=examples, s=split: encode_split(e, task, tokenizer, t.max_length, s))
+    # Each split is tokenized once, training.overlong applied on the way (core/datacheck.py), or
+    # read from the cache with the same outcome; the tokenizer is fingerprinted once per run.
+    fingerprint = tokenizer_fingerprint(tokenizer) if t.cache_tokenized else None
+    encoded, hits = {}, []
+    for split, examples in (("train", train_examples), ("test", splits["test"])):
+        prepared, hit = cached_encode(
+            examples, task, tokenizer, t.max_length, split, fingerprint=fingerprint, overlong=t.overlong,
+            enabled=t.cache_tokenized, encode=lambda e=examples, s=split: prepare_split(e, task, tokenizer, t.max_length, t.overlong, s))
+        encoded[split] = report_overlong(prepared, t.max_length, split, console)
         if hit:
-            console.print(f"{split}: tokenized rows from the cache")
+            hits.append(split)
+    for split in hits:
+        console.print(f"{split}: tokenized rows from the cache")
     (train_rows, train_cut), (test_rows, test_cut) = encoded["train"], encoded["test"]
     if t.max_eval_examples:
         test_rows = test_rows[: t.max_eval_examples]

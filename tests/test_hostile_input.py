@@ -257,6 +257,29 @@ def test_data_rows_longer_than_the_model_context_refused(tmp_path, tiny_bert, ti
                      "raise training.max_length, or set training.overlong to truncate or drop")]
 
 
+def test_data_rows_longer_than_the_model_context_refused_again_from_the_cache(tmp_path, tmp_path_factory, tiny_bert,
+                                                                               tiny_data, capsys, monkeypatch):
+    """The refusal is part of the cached split: a rerun tokenizes nothing and refuses with
+    the same line, exit code and nothing written."""
+    import plugtune.tasks
+
+    home = tmp_path_factory.mktemp("home")  # outside the folder that must stay unchanged
+    monkeypatch.setenv("PLUGTUNE_HOME", str(home))
+    encodes = []
+    real = plugtune.tasks.Task.encode
+    monkeypatch.setattr(plugtune.tasks.Task, "encode", lambda *a, **k: encodes.append(1) or real(*a, **k))
+    long_rows(tmp_path)
+    path = table_recipe(tmp_path, tiny_bert, tiny_data, "train.csv", "test.csv", classification=True,
+                        max_length=512, overlong="refuse")
+    expected = [("error: train split: 2 row(s) are longer than 128 tokens (the longest: 202); "
+                 "raise training.max_length, or set training.overlong to truncate or drop")]
+    for tokenized in (8, 0):  # the train split's rows, then none: the cache hit
+        encodes.clear()
+        code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+        assert (code, lines, len(encodes)) == (3, expected, tokenized)
+    assert len(list((home / "tokenized").glob("*.pkl"))) == 1
+
+
 @pytest.mark.parametrize("policy", ["truncate", "drop"])
 def test_data_rows_longer_than_the_model_context_truncated_or_dropped_with_a_count(
         tmp_path, tiny_bert, tiny_data, capsys, policy):

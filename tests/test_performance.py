@@ -13,7 +13,7 @@ import plugtune
 import pytest
 import torch
 import yaml
-from plugtune.adapters import WEIGHTS_FILE
+from plugtune.adapters import MANIFEST_FILE, WEIGHTS_FILE
 from plugtune.batching import epoch_batches, shard
 from plugtune.evaluation import encode_split
 from plugtune.loss import (
@@ -219,6 +219,100 @@ def test_a_second_run_of_a_recipe_reads_its_tokenized_splits_from_the_cache(make
         outputs.append(buffer.getvalue())
     assert "tokenized rows from the cache" not in outputs[0]
     assert "train: tokenized rows from the cache" in outputs[1] and "test: tokenized rows from the cache" in outputs[1]
+
+
+def _count_calls(monkeypatch, owner, name: str, counter: list) -> None:
+    """Replace ``owner.name`` by a wrapper that appends to ``counter`` on each call."""
+    real = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        counter.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+
+
+def _sft_with_long_rows(folder: Path, tiny_data: Path) -> Path:
+    """The tiny SFT data with every fifth question too long for max_length 48."""
+    rows = [json.loads(line) for line in (tiny_data / "sft.jsonl").read_text().splitlines()]
+    rows = [{**r, "question": r["question"] + " very" * 60} if i % 5 == 0 else r for i, r in enumerate(rows)]
+    path = folder / "sft-long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_overlong_drop_tokenizes_each_row_once_and_a_cache_hit_tokenizes_nothing(make_recipe, tiny_data, monkeypatch, tmp_path):
+    """``training.overlong: drop`` encodes every row once (its full length decides, and a row
+    that fits keeps that encoding); a rerun reads the outcome from the cache: no tokenizer
+    call, the same dropped counts printed, the same rows (the same adapter, byte for byte),
+    all as a run without the cache. The tokenizer is fingerprinted once per run."""
+    from io import StringIO
+
+    import plugtune.tasks
+    import plugtune.tokenized_cache
+    import plugtune.train
+    from rich.console import Console
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    monkeypatch.setenv("PLUGTUNE_HOME", str(tmp_path / "home"))
+    encodes, tokenizer_calls, fingerprints = [], [], []
+    _count_calls(monkeypatch, plugtune.tasks.Task, "encode", encodes)
+    _count_calls(monkeypatch, PreTrainedTokenizerBase, "__call__", tokenizer_calls)
+    _count_calls(monkeypatch, plugtune.tokenized_cache, "tokenizer_fingerprint", fingerprints)  # where the key is made
+    monkeypatch.setattr(plugtune.train, "tokenizer_fingerprint", plugtune.tokenized_cache.tokenizer_fingerprint, raising=False)
+    data = {"loader": "table", "options": {"path": str(_sft_with_long_rows(tmp_path, tiny_data)), "test_size": 0.25}}
+    training = {"max_steps": 2, "batch_size": 8, "device": "cpu", "eval_before": False, "overlong": "drop", "max_length": 48}
+    runs = []
+    for cache in (True, True, False):
+        encodes.clear(), tokenizer_calls.clear(), fingerprints.clear()
+        buffer = StringIO()
+        recipe = plugtune.load_recipe(make_recipe(data=data, training={**training, "cache_tokenized": cache}))
+        result = plugtune.run(recipe, console=Console(file=buffer, width=200), show_progress=False, overwrite=True)
+        manifest = json.loads((Path(result.adapter_dir) / MANIFEST_FILE).read_text())["training"]
+        runs.append({"encodes": len(encodes), "tokenizer_calls": len(tokenizer_calls), "fingerprints": len(fingerprints),
+                     "out": buffer.getvalue(), "rows": (manifest["train_rows"], manifest["test_rows"]),
+                     "adapter": (Path(result.adapter_dir) / WEIGHTS_FILE).read_bytes()})
+    first, hit, uncached = runs
+    assert first["encodes"] == uncached["encodes"] == 256  # every row of both splits, once
+    assert first["fingerprints"] == 1 and uncached["fingerprints"] == 0
+    assert hit["encodes"] == hit["tokenizer_calls"] == 0 and hit["fingerprints"] == 1
+    assert "train: tokenized rows from the cache" in hit["out"] and "test: tokenized rows from the cache" in hit["out"]
+    dropped = [[line for line in run["out"].splitlines() if line.startswith("dropped ")] for run in runs]
+    assert dropped[0] == dropped[1] == dropped[2] == [
+        "dropped 38 train row(s) longer than 48 tokens (training.overlong: drop)",
+        "dropped 14 test row(s) longer than 48 tokens (training.overlong: drop)"]
+    assert first["rows"] == hit["rows"] == uncached["rows"] == (192 - 38, 64 - 14)
+    assert first["adapter"] == hit["adapter"] == uncached["adapter"]
+
+
+@pytest.mark.parametrize("classification", [False, True], ids=["causal-lm", "classification"])
+def test_overlong_drop_keeps_exactly_the_rows_and_encodings_of_a_separate_length_check(tiny_llama, tiny_bert, tiny_data,
+                                                                                      classification):
+    """What the one-pass ``prepare_split`` replaces: measure every row at full length, leave
+    out the long ones, encode the rest at max_length. Same rows, same ids, same counts; a
+    classifier's truncation (which keeps [SEP]) never applies to a row that fits."""
+    from plugtune.datacheck import UNLIMITED, prepare_split
+    from plugtune.tasks import Task
+
+    if classification:
+        task = Task("sequence-classification", text="{text}", labels=["negative", "positive"])
+        tokenizer = load_base(str(tiny_bert), task).tokenizer
+        rows = [{"text": " ".join(["the film was great"] * (i % 7) * 4) + f" film {i}", "label": ["negative", "positive"][i % 2]}
+                for i in range(30)]
+    else:
+        task = Task("causal-lm", prompt="question : {question} answer :", response=" {answer}")
+        tokenizer = load_base(str(tiny_llama), task).tokenizer
+        rows = [json.loads(line) for line in (tiny_data / "sft.jsonl").read_text().splitlines()][:30]
+        rows = [{**r, "question": r["question"] + " very" * (i % 7) * 4} for i, r in enumerate(rows)]
+    max_length = 30
+    fits = [r for r in rows if len(task.encode(r, tokenizer, UNLIMITED)["input_ids"]) <= max_length]
+    assert 0 < len(fits) < len(rows)
+    expected_rows, expected_cut = encode_split(fits, task, tokenizer, max_length, "train")
+    prepared = prepare_split(rows, task, tokenizer, max_length, "drop", "train")
+    assert (prepared.rows, prepared.cut, prepared.dropped, prepared.error) == (expected_rows, expected_cut, len(rows) - len(fits), None)
+    refused = prepare_split(rows, task, tokenizer, max_length, "refuse", "train")
+    assert refused.rows == [] and refused.error.startswith(f"train split: {len(rows) - len(fits)} row(s) are longer than 30 tokens")
+    assert prepare_split(fits, task, tokenizer, max_length, "refuse", "train").rows == expected_rows
 
 
 # -- hardware defaults -------------------------------------------------------------------
