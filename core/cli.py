@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise RecipeError([f"--nproc: {args.nproc} is not a process count; use 1 or more"])
     if args.nproc > 1 and not in_distributed_run():
-        flags = [f for f, on in (("--overwrite", args.overwrite), ("--quiet", args.quiet)) if on]
+        flags = [f for f, on in (("--overwrite", args.overwrite), ("--quiet", args.quiet), ("--resume", args.resume)) if on]
         return launch(args.nproc, ["run", args.recipe, *args.overrides, *flags])
     console = _console(stderr=True)
     result = run(recipe, console=console, overwrite=args.overwrite or None, show_progress=not args.quiet, resume=args.resume)
