@@ -5,7 +5,9 @@ A checkpoint is a folder ``<output>/checkpoints/step-N/``::
     trainable.safetensors   every trainable parameter of the prepared model, by name
     best.safetensors        the weights a regularizer (early stopping) marked best, if any
     training_state.pt       optimizer and scheduler state, torch/python/numpy(/CUDA) RNG
-                            states, each regularizer's state (read back with weights_only)
+                            states, each regularizer's state (read back with weights_only);
+                            in a data-parallel run these last two for every process
+                            (``processes``, by rank), since each draws its own random numbers
     checkpoint.json         step, data position (epoch, next batch), the recipe it was
                             made from, the length of metrics.jsonl, metrics before training,
                             the best-so-far step and metrics, seconds trained, step history
@@ -19,7 +21,7 @@ Resume needs only the contract of :func:`plugtune.batching.epoch_batches` (the b
 a pure function of seed and epoch): the run rebuilds the model as an uninterrupted run would,
 loads these states over it, restores the RNGs last, and skips the batches of the current
 epoch the checkpoint had consumed. On the CPU the result is bit-identical to an uninterrupted
-run (tests/test_checkpoints.py checks it with a SIGKILL).
+run, with one process or several (tests/test_checkpoints.py checks both with a SIGKILL).
 """
 
 from __future__ import annotations
@@ -274,17 +276,24 @@ def interrupted_run_message(output_dir: Path) -> str | None:
 class Checkpointer:
     """Saves and restores the training loop's state; the loop calls :meth:`save` at the
     cadence (and on Ctrl-C) and :meth:`restore` once before its first step when resuming.
-    Only the main process of a multi-process run writes."""
+
+    In a data-parallel run (``world`` > 1) every process calls :meth:`save` at the same steps:
+    the processes share the weights, optimizer and data position, but each draws its own
+    random numbers (LoRA dropout masks, augmentation) for rows of its own shapes, so their RNG
+    and regularizer states drift apart. :meth:`save` gathers them to the main process, which
+    alone writes; on resume each process restores its own (:meth:`own_state`)."""
 
     def __init__(self, output_dir: Path, recipe_raw: dict[str, Any], *, every: int, keep: int, model: Any,
                  optimizer: Any, scheduler: Any, regularizers: list[tuple[str, Any]], unwrap: Any,
-                 is_main: bool) -> None:
+                 rank: int = 0, world: int = 1) -> None:
         self.output_dir = Path(output_dir)
         self.recipe_raw = recipe_raw
         self.every, self.keep = every, keep
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.regularizers = regularizers
-        self.unwrap, self.is_main = unwrap, is_main
+        self.unwrap = unwrap
+        self.rank, self.world = rank, world
+        self.is_main = rank == 0
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -292,17 +301,38 @@ class Checkpointer:
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.unwrap(self.model).named_parameters() if p.requires_grad}
 
+    def _process_state(self) -> dict[str, Any]:
+        """What differs from process to process: the RNGs and the regularizers' states."""
+        return {"rng": rng_state(),
+                "regularizers": {f"{i}:{name}": component_state(reg) for i, (name, reg) in enumerate(self.regularizers)}}
+
+    def _gather(self, value: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Every process's ``value`` in rank order on the main process, None on the others.
+        A collective: every process must call it at the same step (the cadence is the same
+        for all, and the loop agrees on a Ctrl-C before calling :meth:`save`)."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] | None = [None] * self.world if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
     def save(self, state: Any, *, best: dict[str, Any], before: dict[str, float], train_seconds: float,
-             metrics_log: Path, train_rows: int) -> Path | None:
-        """Write a checkpoint of ``state.step``; returns its folder (None off the main process)."""
+             metrics_log: Path, train_rows: int) -> Path:
+        """Write a checkpoint of ``state.step``; returns its folder (the one the main process
+        wrote, on every process). Called by every process of a data-parallel run (see the
+        class docstring)."""
+        processes = self._gather(self._process_state())
         if not self.is_main:
-            return None
+            return checkpoints_dir(self.output_dir) / f"step-{state.step}"
         training_state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
-            "regularizers": {f"{i}:{name}": component_state(reg) for i, (name, reg) in enumerate(self.regularizers)},
+            **processes[0],  # "rng" and "regularizers": the main process's, as single-process checkpoints hold them
         }
+        if self.world > 1:
+            training_state["processes"] = processes
         meta = {
             "step": state.step, "epoch": state.epoch, "batch": state.batch,
             "recipe": self.recipe_raw, "train_rows": train_rows,
@@ -313,10 +343,25 @@ class Checkpointer:
         return write_checkpoint(self.output_dir, state.step, trainable=self._trainable(),
                                 best=best.get("state"), training_state=training_state, meta=meta, keep=self.keep)
 
-    def restore(self, checkpoint: Checkpoint, state: Any, best: dict[str, Any], train_rows: int) -> None:
+    def own_state(self, checkpoint: Checkpoint) -> tuple[dict[str, Any], str | None]:
+        """This process's RNG and regularizer states in ``checkpoint``, and a note when they
+        are not its own: a checkpoint of a single-process run (or one written before states
+        were kept per process) resumed by several processes, or one made by another number
+        of processes. Then every process takes the main process's states: the run continues
+        correctly, but its random draws differ from those of an uninterrupted run."""
+        saved = checkpoint.training_state
+        processes = saved.get("processes") or [{"rng": saved["rng"], "regularizers": saved.get("regularizers", {})}]
+        if len(processes) == self.world:
+            return processes[self.rank], None
+        return processes[0], (f"{checkpoint.path} holds the random state of {len(processes)} process(es) and this "
+                              f"run has {self.world}: every process continues from the main process's random state, "
+                              f"so random draws (dropout, augmentation) differ from an uninterrupted run")
+
+    def restore(self, checkpoint: Checkpoint, state: Any, best: dict[str, Any], train_rows: int) -> str | None:
         """Load a checkpoint over the freshly prepared model, optimizer, scheduler and
-        regularizers, and set the loop's counters. RNGs are left to :func:`restore_rng`, to be
-        called last, just before the first resumed step."""
+        regularizers, and set the loop's counters. RNGs are left to :func:`restore_rng` (with
+        :meth:`own_state`), to be called last, just before the first resumed step. Returns the
+        note of :meth:`own_state`, if any, for the console."""
         meta = checkpoint.meta
         if meta.get("train_rows") != train_rows:
             raise TrainingError(f"--resume: the training data changed since {checkpoint.path} "
@@ -330,14 +375,15 @@ class Checkpointer:
                 param.copy_(checkpoint.trainable[name])
         self.optimizer.load_state_dict(checkpoint.training_state["optimizer"])
         self.scheduler.load_state_dict(checkpoint.training_state["scheduler"])
-        saved_regs = checkpoint.training_state.get("regularizers", {})
+        own, note = self.own_state(checkpoint)
         for i, (name, reg) in enumerate(self.regularizers):
-            load_component_state(reg, saved_regs.get(f"{i}:{name}", {}))
+            load_component_state(reg, own["regularizers"].get(f"{i}:{name}", {}))
         state.step, state.epoch, state.batch = int(meta["step"]), int(meta["epoch"]), int(meta["batch"])
         state.history[:] = meta.get("history", [])
         best.clear()
         if meta.get("best"):
             best.update(meta["best"], state=dict(checkpoint.best))
+        return note
 
 
 def truncate_log(metrics_log: Path, length: int) -> None:

@@ -38,6 +38,19 @@ def launch_command(nproc: int, cli_args: list[str]) -> list[str]:
 
 def launch(nproc: int, cli_args: list[str]) -> int:
     """Run ``plugtune <cli_args>`` in ``nproc`` processes; returns the launcher's exit code
-    (non-zero when any process failed)."""
+    (non-zero when any process failed).
+
+    Ctrl-C reaches the launcher too (same process group), which forwards it to the workers
+    (they run in sessions of their own): they agree to stop, save a checkpoint and exit. So
+    this process keeps waiting for the launcher rather than killing it, which would leave
+    the workers finishing on their own after the prompt has come back."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(launch_command(nproc, cli_args), env=env, check=False).returncode
+    process = subprocess.Popen(launch_command(nproc, cli_args), env=env)
+    interrupted = False
+    while True:
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            interrupted = True
+            continue
+        return 130 if interrupted and code else code  # torchrun exits 1 after forwarding a signal

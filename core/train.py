@@ -279,10 +279,12 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     best: dict[str, Any] = {}  # the weights a regularizer (early stopping) marked best, and their metrics
     checkpointer = Checkpointer(out, recipe.raw, every=t.checkpoint_every, keep=t.checkpoint_keep, model=model,
                                 optimizer=optimizer, scheduler=scheduler, regularizers=regularizers,
-                                unwrap=accelerator.unwrap_model, is_main=accelerator.is_main_process)
+                                unwrap=accelerator.unwrap_model, rank=rank, world=world)
     if resuming:
-        checkpointer.restore(resuming, state, best, len(train_rows))
+        note = checkpointer.restore(resuming, state, best, len(train_rows))
         console.print(f"resuming from {resuming.path} (step {state.step} of {total_steps})")
+        if note:
+            console.print(f"[yellow]{note}[/]")
     plugins.call_lifecycle("on_train_start", run=state)
 
     def log_eval(tag: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -334,7 +336,7 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
     window_cpu = time.process_time()  # CPU seconds of all threads: the step's work, whatever else shares the cores
     if resuming:
-        restore_rng(resuming.training_state["rng"])  # last: everything before drew from the RNGs as the first run did
+        restore_rng(checkpointer.own_state(resuming)[0]["rng"])  # last: everything before drew from the RNGs as the first run did
     with progress, StopRequest() as interrupt:
         while state.step < total_steps:
             order = epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=state.epoch, lengths=lengths)
@@ -400,10 +402,15 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
                 plugins.call_lifecycle("on_step_end", run=state, step=state.step, metrics=record)
                 if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
                     run_eval("during")
-                if (checkpointer.due(state.step) and state.step < total_steps and not stop) or interrupt.requested:
+                stopping = interrupt.requested
+                if world > 1:
+                    # Ctrl-C (forwarded by the launcher) may reach the processes at different steps;
+                    # all must agree before the checkpoint, a collective, or one would wait forever.
+                    stopping = bool(accelerator.reduce(torch.tensor([int(stopping)], device=device), reduction="sum").item())
+                if (checkpointer.due(state.step) and state.step < total_steps and not stop) or stopping:
                     saved = checkpointer.save(state, best=best, before=before, metrics_log=metrics_log, train_rows=len(train_rows),
                                               train_seconds=earlier_seconds + time.perf_counter() - started)
-                    if interrupt.requested:
+                    if stopping:
                         raise Interrupted(f"stopped at step {state.step} of {total_steps}; checkpoint saved to {saved}; "
                                           f"continue with: {resume_command(recipe)}")
                 if state.step >= total_steps or stop:

@@ -39,10 +39,15 @@ from plugtune import hookimpl
 
 @hookimpl
 def on_step_end(run, step, metrics):
-    """Hold the run after step PLUGTUNE_GATE_STEP until PLUGTUNE_GATE_OPEN exists."""
+    """Hold the run after step PLUGTUNE_GATE_STEP until PLUGTUNE_GATE_OPEN exists. Each process
+    of a data-parallel run writes its pid to PLUGTUNE_GATE_REACHED-rank<R> (a test kills them)."""
     if str(step) != os.environ.get("PLUGTUNE_GATE_STEP"):
         return
-    open(os.environ["PLUGTUNE_GATE_REACHED"], "w").close()
+    reached = os.environ["PLUGTUNE_GATE_REACHED"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        reached += "-rank" + os.environ["RANK"]
+    with open(reached, "w") as fh:
+        fh.write(str(os.getpid()))
     deadline = time.monotonic() + 600
     while not os.path.exists(os.environ["PLUGTUNE_GATE_OPEN"]) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -81,7 +86,7 @@ def write_recipe(folder: Path, tiny_llama: Path, tiny_data: Path, out: Path, **t
 
 
 def start(recipe: Path, gate_path: Path, *extra: str, gate_step: int | None = None, gate_dir: Path | None = None,
-          stderr_file: Path | None = None) -> subprocess.Popen:
+          stderr_file: Path | None = None, start_new_session: bool = False) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="1000",
                PYTHONPATH=os.pathsep.join(filter(None, [str(gate_path), os.environ.get("PYTHONPATH")])))
     env.pop("PLUGTUNE_GATE_STEP", None)
@@ -91,7 +96,7 @@ def start(recipe: Path, gate_path: Path, *extra: str, gate_step: int | None = No
                    PLUGTUNE_GATE_OPEN=str(gate_dir / "open"))
     stderr = open(stderr_file, "w") if stderr_file else subprocess.PIPE  # noqa: SIM115 - the child holds it
     return subprocess.Popen([sys.executable, "-m", "plugtune.cli", "run", str(recipe), "--quiet", *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=start_new_session)
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
@@ -181,6 +186,63 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny
     assert code == 0, err
     assert f"resuming from {out / 'checkpoints' / 'step-10'} (step 10 of {TOTAL_STEPS})" in err
     assert_same_adapter(out, reference)
+
+
+def test_sigkilled_two_process_run_resumes_to_the_uninterrupted_two_process_adapter(tmp_path, tiny_llama, tiny_data,
+                                                                                      gate_path):
+    """``--nproc 2`` (DDP over gloo): both processes are seeded alike, but their RNG states drift
+    apart as soon as their shards differ in length (a dropout mask draws one number per
+    element), so a checkpoint must hold every process's states and each process restore its
+    own. The all-reduce of two ranks' gradients is a single commutative sum, so the resumed
+    adapter is bit-identical too. The rows here vary in length and are not grouped by length
+    (with equal shapes the two processes would draw alike and their states never differ)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in (tiny_data / "sft.jsonl").read_text().splitlines()]
+    (data / "sft.jsonl").write_text("".join(
+        json.dumps({**row, "question": row["question"].replace("what is", "what is" + " really" * (i % 5))}) + "\n"
+        for i, row in enumerate(rows)))
+
+    def recipe_in(folder: Path) -> Path:
+        return write_recipe(folder, tiny_llama, data, folder / "adapter", eval_before=False, group_by_length=False)
+
+    reference = tmp_path / "reference"
+    code, _, err = finish(start(recipe_in(reference), gate_path, "--nproc", "2"))
+    assert code == 0, err[-3000:]
+
+    run = tmp_path / "run"
+    recipe = recipe_in(run)
+    # Hold both processes at step 13 (past the checkpoint of step 10 and the epoch boundary at
+    # 12), then SIGKILL the launcher's session and the two workers (torchrun starts each worker
+    # in a session of its own). The launcher goes first, so nothing reacts to the workers dying.
+    launcher = start(recipe, gate_path, "--nproc", "2", gate_step=13, gate_dir=run, start_new_session=True)
+    for rank in (0, 1):
+        wait_for(run / f"reached-rank{rank}", launcher)
+    workers = [int((run / f"reached-rank{rank}").read_text()) for rank in (0, 1)]
+    assert latest_checkpoint(run / "adapter").name == "step-10"
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait(timeout=60)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    for pid in workers:  # gone (not children of this process, so poll rather than wait)
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
+            assert time.monotonic() < deadline, f"worker {pid} survived SIGKILL"
+            time.sleep(0.05)
+    assert [r["step"] for r in train_records(run / "adapter") if r["event"] == "train"][-1] == 13
+
+    code, _, err = finish(start(recipe, gate_path, "--nproc", "2", "--resume"))
+    assert code == 0, err[-3000:]
+    assert f"resuming from {run / 'adapter' / 'checkpoints' / 'step-10'} (step 10 of {TOTAL_STEPS})" in err
+    assert "random state" not in err  # each process had its own state to restore
+    assert_same_adapter(run / "adapter", reference / "adapter")
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "Z"
 
 
 def test_first_ctrl_c_saves_a_checkpoint_and_exits_130_then_resume_matches(tmp_path, tiny_llama, tiny_data, gate_path, reference):
