@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .adapters import save_adapter
+from .adapters import WEIGHTS_FILE, save_adapter
 from .batching import epoch_batches, shard
 from .checkpoints import Checkpointer, clear_checkpoints, interrupted_run_message, restore_rng, resume_point, truncate_log
 from .components import Decision
@@ -107,9 +107,19 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
         raise RecipeError([f"output.dir: cannot write to {path} ({ancestor} is not a folder)"])
 
 
+PREVIOUS_LOG = "metrics.previous.jsonl"
+
+
 def prepare_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
     """Create the output folder and check it is writable; a fresh run starts a new log and
-    drops the checkpoints of an earlier one (``--overwrite``)."""
+    drops the checkpoints of an earlier one (``--overwrite``).
+
+    The adapter already in the folder stays until the new one replaces it, and so does its
+    log: ``metrics.jsonl`` is renamed to ``metrics.previous.jsonl``, which the run deletes
+    once its adapter is saved. If the new run fails, the folder still holds the old adapter
+    with its log beside it. While ``metrics.previous.jsonl`` exists it is the adapter's log
+    (an earlier overwrite failed), so the ``metrics.jsonl`` of that failed run is dropped
+    instead of replacing it."""
     check_output_dir(path, overwrite, resume)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -119,7 +129,14 @@ def prepare_output_dir(path: Path, overwrite: bool, resume: bool = False) -> Non
     except OSError as exc:
         raise RecipeError([f"output.dir: cannot write to {path} ({exc.strerror or exc})"]) from None
     if not resume:
-        (path / "metrics.jsonl").unlink(missing_ok=True)
+        log, previous = path / "metrics.jsonl", path / PREVIOUS_LOG
+        if not (path / WEIGHTS_FILE).exists():  # no adapter: no log to keep for it
+            previous.unlink(missing_ok=True)
+            log.unlink(missing_ok=True)
+        elif previous.exists():
+            log.unlink(missing_ok=True)
+        elif log.exists():
+            log.rename(previous)
         clear_checkpoints(path)
 
 
@@ -457,6 +474,7 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     if main:
         save_adapter(out, state=adapter_state, config=method.adapter_config(unwrapped_model), manifest=manifest)
         clear_checkpoints(out)  # the adapter is whole: the run is finished
+        (out / PREVIOUS_LOG).unlink(missing_ok=True)  # the replaced adapter's log (--overwrite)
     accelerator.wait_for_everyone()
     plugins.call_lifecycle("on_train_end", run=state, adapter_dir=str(out), metrics=after)
     return RunResult(out, before, after, state.step, train_seconds, trainable, total, train_metrics)

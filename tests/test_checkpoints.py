@@ -362,3 +362,32 @@ def test_the_resume_hint_names_overrides_only_when_there_are_some(tmp_path, tiny
     assert resume_command(load_recipe(recipe)) == f"plugtune run {recipe} --resume"
     assert resume_command(load_recipe(recipe, ["training.seed=3"])) == (
         f"plugtune run {recipe} --resume with the same key=value overrides")
+
+
+def test_a_failing_overwrite_run_keeps_the_previous_adapter_and_its_log(tmp_path, tiny_llama, tiny_data, capsys):
+    """``--overwrite`` keeps the old log (as metrics.previous.jsonl) until the new adapter
+    replaces the old one: a run that fails (here a loss that overflows) leaves both byte for
+    byte, a second failing run does not replace that log with the first failure's, and a
+    run that succeeds drops it."""
+    from plugtune.cli import main
+    from plugtune.testing import recipe_dict
+
+    out = tmp_path / "adapter"
+    raw = recipe_dict(tiny_llama, tiny_data, output={"dir": str(out)})
+    raw["training"].update(max_steps=2, eval_before=False)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    adapter = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+    old_log = (out / "metrics.jsonl").read_bytes()
+
+    for _ in range(2):
+        assert main(["run", str(recipe), "training.learning_rate=1e30", "training.max_steps=6", "--quiet", "--overwrite"]) == 7
+        assert "loss became" in capsys.readouterr().err
+        assert {name: (out / name).read_bytes() for name in adapter} == adapter
+        assert (out / "metrics.previous.jsonl").read_bytes() == old_log
+        assert (out / "metrics.jsonl").read_bytes() != old_log  # the failed run's own log
+
+    assert main(["run", str(recipe), "training.seed=1", "--quiet", "--overwrite"]) == 0
+    assert not (out / "metrics.previous.jsonl").exists()
+    assert (out / "metrics.jsonl").read_bytes() != old_log

@@ -616,8 +616,9 @@ def test_nan_loss_names_the_step_and_keeps_the_checkpoint_and_the_previous_adapt
     assert value in {"nan", "inf", "-inf"}
     step = int(step)
     assert lines[0] == f"error: loss became {value} at step {step}; lower training.learning_rate or check the data"
+    # the previous adapter, and its log kept as metrics.previous.jsonl (metrics.jsonl is the failed run's)
     assert {k: v for k, v in snapshot(out).items() if not k.startswith("checkpoints/") and k != "metrics.jsonl"} == \
-        {k: v for k, v in previous.items() if k != "metrics.jsonl"}
+        {("metrics.previous.jsonl" if k == "metrics.jsonl" else k): v for k, v in previous.items()}
     from plugtune.checkpoints import latest_checkpoint, read_checkpoint
 
     last = latest_checkpoint(out)
