@@ -30,14 +30,16 @@ class Interrupted(PlugtuneError):
     exit_code = 130
 
 
-def resume_command(recipe: Any) -> str:
+def resume_command(recipe: Any, nproc: int = 1) -> str:
     """The command that resumes ``recipe``'s run; names the overrides when the recipe in
-    memory is not the file as written (a resume must repeat them, or it is refused)."""
+    memory is not the file as written (a resume must repeat them, or it is refused), and
+    ``--nproc`` for a data-parallel run (each process restores its own RNG state)."""
     from .recipe import read_recipe_file
 
+    processes = f" --nproc {nproc}" if nproc > 1 else ""
     if recipe.source is None:
-        return "plugtune run RECIPE --resume"
-    command = f"plugtune run {recipe.source} --resume"
+        return f"plugtune run RECIPE --resume{processes}"
+    command = f"plugtune run {recipe.source} --resume{processes}"
     try:
         overridden = read_recipe_file(recipe.source) != recipe.raw
     except PlugtuneError:

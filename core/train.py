@@ -429,7 +429,7 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
                                               train_seconds=earlier_seconds + time.perf_counter() - started)
                     if stopping:
                         raise Interrupted(f"stopped at step {state.step} of {total_steps}; checkpoint saved to {saved}; "
-                                          f"continue with: {resume_command(recipe)}")
+                                          f"continue with: {resume_command(recipe, world)}")
                 if state.step >= total_steps or stop:
                     break
             else:

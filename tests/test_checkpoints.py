@@ -354,7 +354,7 @@ def test_half_written_checkpoints_are_never_picked(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-12", "step-9"]
 
 
-def test_the_resume_hint_names_overrides_only_when_there_are_some(tmp_path, tiny_llama, tiny_data):
+def test_the_resume_hint_names_overrides_only_when_there_are_some_and_the_process_count(tmp_path, tiny_llama, tiny_data):
     from plugtune.recipe import load_recipe
     from plugtune.signals import resume_command
 
@@ -362,6 +362,7 @@ def test_the_resume_hint_names_overrides_only_when_there_are_some(tmp_path, tiny
     assert resume_command(load_recipe(recipe)) == f"plugtune run {recipe} --resume"
     assert resume_command(load_recipe(recipe, ["training.seed=3"])) == (
         f"plugtune run {recipe} --resume with the same key=value overrides")
+    assert resume_command(load_recipe(recipe), nproc=2) == f"plugtune run {recipe} --resume --nproc 2"
 
 
 def test_a_failing_overwrite_run_keeps_the_previous_adapter_and_its_log(tmp_path, tiny_llama, tiny_data, capsys):
