@@ -96,6 +96,21 @@ def sse_events(response: httpx.Response) -> list:
     return [json.loads(d) for d in data[:-1]]
 
 
+def run_as_one_batch(service: Service, calls: list, timeout: float = 120) -> None:
+    """Start ``calls`` (each in a thread) while the worker is held, so that it takes the first
+    request and the others queue behind it; they then run as one batch. Waits for all."""
+    worker = service.worker
+    with worker.lock:
+        threads = [threading.Thread(target=call) for call in calls]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + timeout
+        while worker.waiting < len(calls) - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(timeout)
+
+
 def assert_error(response: httpx.Response, status: int, match: str) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -243,16 +258,7 @@ def test_a_client_that_leaves_takes_its_row_out_of_the_batch(url, service, host)
 
     handle = host.base.model.register_forward_pre_hook(slow, with_kwargs=True)
     try:
-        worker = service.worker
-        with worker.lock:  # both requests run as one batch
-            threads = [threading.Thread(target=ask_and_stay), threading.Thread(target=ask_and_leave)]
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 60
-            while worker.waiting < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-        for t in threads:
-            t.join(120)
+        run_as_one_batch(service, [ask_and_stay, ask_and_leave])
     finally:
         handle.remove()
     assert results[0]["choices"][0]["text"] == text
@@ -327,15 +333,7 @@ def test_concurrent_clients_on_different_adapters_share_one_batch(url, service, 
 
     worker = service.worker
     batches = worker.batches
-    with worker.lock:  # the worker takes the first request and waits here; the rest queue up
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(cases))]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while worker.waiting < len(cases) - 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for t in threads:
-        t.join(120)
+    run_as_one_batch(service, [lambda i=i: ask(i) for i in range(len(cases))])
     assert worker.batches == batches + 1 and worker.largest_batch >= len(cases)
     for body, (text, reason, prompt_tokens, completion_tokens) in zip(results, expected):
         assert body["choices"][0]["text"] == text
@@ -377,18 +375,9 @@ def test_one_batch_with_different_budgets_and_stop_strings_answers_each_as_alone
         with httpx.Client(base_url=url, timeout=120) as c:
             results[i] = answer(c, requests[i])
 
-    worker = service.worker
-    batches = worker.batches
-    with worker.lock:  # the worker takes the first request and waits here; the other queues up
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while worker.waiting < len(requests) - 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for t in threads:
-        t.join(120)
-    assert worker.batches == batches + 1
+    batches = service.worker.batches
+    run_as_one_batch(service, [lambda i=i: ask(i) for i in range(len(requests))])
+    assert service.worker.batches == batches + 1
     assert results == served_alone
 
 
@@ -605,14 +594,6 @@ def test_smollm2_server_with_its_chat_template_and_a_mixed_batch(tmp_path):
                                                               "temperature": 0}).json()["choices"][0]["text"]
 
         batches = service.worker.batches
-        with service.worker.lock:
-            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(cases))]
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 120
-            while service.worker.waiting < len(cases) - 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-        for t in threads:
-            t.join(300)
+        run_as_one_batch(service, [lambda i=i: ask(i) for i in range(len(cases))], timeout=300)
         assert service.worker.batches == batches + 1
     assert results == expected
