@@ -186,7 +186,7 @@ class TrainingBlock(_Strict):
     malloc_mmap_threshold: int | None = Field(
         None, ge=0, le=32 << 20,
         description="opt-in memory saver for CPU runs on Linux: tensors of at least this many bytes get their own memory "
-                    "mapping, given back to the OS when freed (1048576: about 6-11% lower peak RSS, steps 2-6% slower on "
+                    "mapping, given back to the OS when freed (1048576: about 7-12% lower peak RSS, steps 3-6% slower on "
                     "the benchmark); null or 0: glibc's default")
 
 

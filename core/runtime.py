@@ -16,8 +16,8 @@
   with malloc, and glibc raises its mmap threshold to the largest block freed so far (up to
   32 MiB); activations are then carved from the heap, batches of other lengths fragment it,
   and freed memory stays in the process. A fixed threshold (1 MiB, say) keeps large tensors
-  in their own mappings, returned when freed: on the SST-2 LoRA benchmark about 6-11% lower
-  peak RSS for 2-6% slower steps (BENCHMARKS.md), so it is not the default.
+  in their own mappings, returned when freed: on the SST-2 LoRA benchmark about 7-12% lower
+  peak RSS for 3-6% slower steps (BENCHMARKS.md), so it is not the default.
 """
 
 from __future__ import annotations
