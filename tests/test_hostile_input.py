@@ -64,6 +64,14 @@ def tiny_raw(tiny_llama: Path, tiny_data: Path, tmp_path: Path, **sections) -> d
     return raw
 
 
+def run_refused(capsys, tmp_path: Path, raw: dict) -> tuple[Path, int, list[str]]:
+    """Write ``raw`` as ``tmp_path/recipe.yaml`` and ``plugtune run`` it, with ``refused``'s
+    checks; returns the recipe's path (error lines name it), the exit code and the lines."""
+    path = write_yaml(tmp_path / "recipe.yaml", raw)
+    code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+    return path, code, lines
+
+
 def installed(kind: str) -> str:
     return ", ".join(get_plugin_system().names(kind))
 
@@ -82,16 +90,14 @@ def test_recipe_malformed_yaml(tmp_path, capsys):
 def test_recipe_unknown_key(tmp_path, tiny_llama, tiny_data, capsys):
     raw = tiny_raw(tiny_llama, tiny_data, tmp_path)
     raw["training"]["batchsize"] = 4
-    path = write_yaml(tmp_path / "recipe.yaml", raw)
-    code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+    path, code, lines = run_refused(capsys, tmp_path, raw)
     assert code == 2
     assert lines == [f"error: {path}: training.batchsize: unknown key; did you mean 'batch_size'?"]
 
 
 def test_recipe_unknown_plugin_name(tmp_path, tiny_llama, tiny_data, capsys):
     raw = tiny_raw(tiny_llama, tiny_data, tmp_path, regularizers=[{"name": "wieght_decay"}])
-    path = write_yaml(tmp_path / "recipe.yaml", raw)
-    code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+    path, code, lines = run_refused(capsys, tmp_path, raw)
     assert code == 2
     assert lines == [(f"error: {path}: regularizers[0].name: unknown regularizer 'wieght_decay'; "
                      f"did you mean 'weight_decay'? (installed: {installed('regularizer')})")]
@@ -101,8 +107,7 @@ def test_recipe_wrong_types(tmp_path, tiny_llama, tiny_data, capsys):
     raw = tiny_raw(tiny_llama, tiny_data, tmp_path)
     raw["training"]["eval_before"] = "maybe"
     raw["method"]["options"]["alpha"] = [16]
-    path = write_yaml(tmp_path / "recipe.yaml", raw)
-    code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+    path, code, lines = run_refused(capsys, tmp_path, raw)
     assert code == 2
     assert lines == [
         f"error: {path}: 2 problems",
@@ -115,8 +120,7 @@ def test_recipe_negative_and_zero_sizes(tmp_path, tiny_llama, tiny_data, capsys)
     raw = tiny_raw(tiny_llama, tiny_data, tmp_path)
     raw["training"].update(batch_size=0, max_length=-5, checkpoint_every=-1)
     raw["method"]["options"]["r"] = 0
-    path = write_yaml(tmp_path / "recipe.yaml", raw)
-    code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+    path, code, lines = run_refused(capsys, tmp_path, raw)
     assert code == 2
     assert lines == [
         f"error: {path}: 4 problems",
@@ -130,8 +134,7 @@ def test_recipe_negative_and_zero_sizes(tmp_path, tiny_llama, tiny_data, capsys)
 def test_recipe_learning_rate_as_text(tmp_path, tiny_llama, tiny_data, capsys):
     raw = tiny_raw(tiny_llama, tiny_data, tmp_path)
     raw["training"]["learning_rate"] = "fast"
-    path = write_yaml(tmp_path / "recipe.yaml", raw)
-    code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+    path, code, lines = run_refused(capsys, tmp_path, raw)
     assert code == 2
     assert lines == [(f"error: {path}: training.learning_rate: Input should be a valid number, "
                      f"unable to parse string as a number (got 'fast')")]
@@ -140,8 +143,7 @@ def test_recipe_learning_rate_as_text(tmp_path, tiny_llama, tiny_data, capsys):
 def test_recipe_broken_template(tmp_path, tiny_llama, tiny_data, capsys):
     raw = tiny_raw(tiny_llama, tiny_data, tmp_path)
     raw["task"]["prompt"] = "Question: {question"
-    path = write_yaml(tmp_path / "recipe.yaml", raw)
-    code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+    path, code, lines = run_refused(capsys, tmp_path, raw)
     assert code == 2
     assert lines == [(f"error: {path}: task.prompt: not a valid template (expected '}}' before end of string); "
                       "write a literal brace as {{ or }}, and name columns as {column}")]
@@ -153,8 +155,7 @@ def test_recipe_output_dir_holds_another_run(tmp_path, tiny_llama, tiny_data, ca
     (out / MANIFEST_FILE).write_text('{"name": "earlier"}')
     (out / WEIGHTS_FILE).write_bytes(bytes(range(256)))
     (out / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
-    path = write_yaml(tmp_path / "recipe.yaml", tiny_raw(tiny_llama, tiny_data, tmp_path))
-    code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+    path, code, lines = run_refused(capsys, tmp_path, tiny_raw(tiny_llama, tiny_data, tmp_path))
     assert code == 2
     assert lines == [f"error: output.dir: {out} already holds a run; pass --overwrite or set output.overwrite: true"]
 
@@ -165,8 +166,7 @@ def test_recipe_output_dir_unwritable(tmp_path, tiny_llama, tiny_data, capsys):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file")
     out = blocker / "adapters" / "tiny"
-    path = write_yaml(tmp_path / "recipe.yaml", tiny_raw(tiny_llama, tiny_data, tmp_path, output={"dir": str(out)}))
-    code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
+    path, code, lines = run_refused(capsys, tmp_path, tiny_raw(tiny_llama, tiny_data, tmp_path, output={"dir": str(out)}))
     assert code == 2
     assert lines == [f"error: output.dir: cannot write to {out} ({blocker} is not a folder)"]
 
