@@ -10,8 +10,9 @@
   models that have it). ``attention: eager`` is there for models whose SDPA path misbehaves.
 * Grouped-query attention (CPU runs, ``attention: auto``): keys and values go to torch's SDPA
   with their own, fewer heads (``enable_gqa``) instead of being copied to every query head
-  first; the copies were saved for backward in every layer (about 70 MB at the benchmark's
-  peak, same loss). ``attention: sdpa`` keeps transformers' path as it is.
+  first; the copies were saved for backward in every layer (about 60 MB of the benchmark's
+  peak in BENCHMARKS.md's ablation, up to 190 MB in other runs; same loss). ``attention:
+  sdpa`` keeps transformers' path as it is.
 * Host memory, opt-in (``malloc_mmap_threshold``, Linux/glibc): torch allocates CPU tensors
   with malloc, and glibc raises its mmap threshold to the largest block freed so far (up to
   32 MiB); activations are then carved from the heap, batches of other lengths fragment it,
@@ -39,6 +40,13 @@ def physical_cores() -> int:
     except ImportError:
         count = None
     return count or os.cpu_count() or 1
+
+
+def uses_cuda(device: str) -> bool:
+    """Whether a run with ``training.device`` trains on a CUDA GPU (auto: when one is there)."""
+    import torch
+
+    return device != "cpu" and torch.cuda.is_available()
 
 
 def choose_threads(requested: int | None, *, physical: int | None = None, local_processes: int = 1) -> int:

@@ -48,6 +48,7 @@ from .runtime import (
     choose_threads,
     grouped_query_sdpa,
     set_mmap_threshold,
+    uses_cuda,
 )
 from .signals import Interrupted, StopRequest, resume_command
 from .tasks import Task, collate
@@ -153,8 +154,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     ``resume``: continue the run in the recipe's output folder from its last checkpoint
     (refused when there is none or the recipe changed in a way that changes training)."""
     t = recipe.training
-    on_cpu = not (t.device != "cpu" and torch.cuda.is_available())
-    with grouped_query_sdpa(on_cpu and t.attention == "auto"):
+    with grouped_query_sdpa(not uses_cuda(t.device) and t.attention == "auto"):
         return _run(recipe, plugins=plugins, console=console, overwrite=overwrite, show_progress=show_progress, resume=resume)
 
 
@@ -173,7 +173,7 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     overwrite = (recipe.spec.output.overwrite if overwrite is None else overwrite) and not resume
     check_output_dir(out, overwrite, resume)  # nothing is written before the data and model load
     resuming = resume_point(out, recipe.raw, str(recipe.source or "the recipe")) if resume else None
-    on_cuda = t.device != "cpu" and torch.cuda.is_available()
+    on_cuda = uses_cuda(t.device)
     if not on_cuda:
         torch.set_num_threads(choose_threads(t.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     set_mmap_threshold(t.malloc_mmap_threshold)  # opt-in; before the model and activations are allocated
