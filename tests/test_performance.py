@@ -398,7 +398,7 @@ start = rss_mb()
 big, small = [], []
 for _ in range(100):  # 200 MiB of 2 MiB activations, small tensors allocated between them
     big.append(torch.ones(512 * 1024))
-    small.append(torch.ones(64))
+    small.append(torch.ones(16 * 1024))  # 64 KiB: too big for glibc's tcache, so it comes from the heap's top
 peak = rss_mb()
 del big
 print(applied, peak - start, rss_mb() - start)
@@ -416,8 +416,11 @@ def test_the_mmap_threshold_gives_freed_activations_back_to_the_os():
         applied, grown, kept = done.stdout.split()
         return applied, float(grown), float(kept)
 
-    applied, grown, kept = probe(0)
-    assert applied == "False" and grown > 190 and kept > 150  # the heap kept the freed blocks
+    # glibc's heap usually keeps the freed blocks; not always (when brk cannot grow in place,
+    # the heap continues in separate mappings that can be given back): one of three must keep them
+    defaults = [probe(0) for _ in range(3)]
+    assert all(applied == "False" and grown > 190 for applied, grown, _ in defaults)
+    assert any(kept > 150 for _, _, kept in defaults), defaults  # the heap kept the freed blocks
     applied, grown, kept = probe(1 << 20)
     assert applied == "True" and grown > 190 and kept < 20  # unmapped on free
 
