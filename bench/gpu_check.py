@@ -32,7 +32,7 @@ COMMON = ["training.max_steps=30", "training.batch_size=16", "training.max_eval_
 
 def main() -> int:
     import plugtune
-    from plugtune.host import AdapterHost
+    from plugtune.serving.host import AdapterHost
 
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible to torch", file=sys.stderr)

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from methods import write_section
 
-from plugtune.host import AdapterHost
-from plugtune.synthetic import random_lora_adapter
-from plugtune.tasks import Task
+from plugtune.serving.host import AdapterHost
+from plugtune.artifacts.synthetic import random_lora_adapter
+from plugtune.data.tasks import Task
 
 OUT = ROOT / "bench" / "out" / "hosting"
 BASE = "smollm2-135m"

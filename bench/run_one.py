@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import plugtune
-from plugtune.adapters import WEIGHTS_FILE
+from plugtune.artifacts.adapters import WEIGHTS_FILE
 
 
 def main(argv: list[str]) -> None:

@@ -48,10 +48,10 @@ MAX_TOKENS = 16
 
 def make_adapters(count: int) -> list[Path]:
     """``count`` random-init rank-8 LoRA adapters (q/v) for SmolLM2-135M with the quickstart
-    task, written as ordinary plugtune adapters (``plugtune.synthetic``)."""
-    from plugtune.models import load_base
-    from plugtune.synthetic import random_lora_adapter
-    from plugtune.tasks import Task
+    task, written as ordinary plugtune adapters (``plugtune.artifacts.synthetic``)."""
+    from plugtune.artifacts.models import load_base
+    from plugtune.artifacts.synthetic import random_lora_adapter
+    from plugtune.data.tasks import Task
 
     task = Task(type="causal-lm", prompt=PROMPT, response=" {label}")
     base = load_base("smollm2-135m", task, dtype=torch.float32)

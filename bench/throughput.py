@@ -85,7 +85,7 @@ def peer_main(train: str, dev: str) -> None:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model
-    from plugtune.models import gguf_to_hf
+    from plugtune.artifacts.models import gguf_to_hf
     from plugtune.plugins.models.builtin import SMOLLM2
     from transformers import (
         AutoModelForCausalLM,
@@ -151,7 +151,7 @@ def peer_main(train: str, dev: str) -> None:
 def held_out_loss(model, rows: list[dict], collator) -> float:
     """Mean cross-entropy over the dev rows' response tokens (plugtune's ``loss`` metric)."""
     import torch
-    from plugtune.loss import full_logits_token_losses
+    from plugtune.training.loss import full_logits_token_losses
 
     model.eval()
     total, count = 0.0, 0
@@ -211,15 +211,15 @@ def parity_main(train: str) -> None:
     import plugtune
     import torch
     from peft import LoraConfig, get_peft_model
-    from plugtune.batching import epoch_batches
-    from plugtune.evaluation import encode_split
-    from plugtune.loss import (
+    from plugtune.data.batching import epoch_batches
+    from plugtune.data.encoding import encode_split
+    from plugtune.training.loss import (
         full_logits_token_losses,
         label_token_losses,
         per_example_loss,
     )
-    from plugtune.models import load_base
-    from plugtune.tasks import collate
+    from plugtune.artifacts.models import load_base
+    from plugtune.data.tasks import collate
 
     recipe = plugtune.load_recipe(str(OUT / "throughput-sst2.yaml"))
     base = load_base("smollm2-135m", recipe.task)
@@ -256,7 +256,7 @@ def load_times_main() -> None:
     """Base-model load: straight from the GGUF (what every run would pay without the cache)
     vs plugtune's cached safetensors conversion."""
     import torch
-    from plugtune.models import gguf_to_hf
+    from plugtune.artifacts.models import gguf_to_hf
     from plugtune.plugins.models.builtin import SMOLLM2
     from transformers import AutoModelForCausalLM
 

@@ -1,6 +1,6 @@
 """The ``plugtune`` command.
 
-User errors (:class:`~plugtune.errors.PlugtuneError`) print ``error: ...`` without a
+User errors (:class:`~plugtune.kernel.errors.PlugtuneError`) print ``error: ...`` without a
 traceback and exit with the error's code; Ctrl-C exits 130. Plugins are loaded only by the
 subcommands that need them, so ``plugtune --help`` works even when a plugin is broken.
 """
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import PlugtuneError
+from plugtune import __version__
+from plugtune.kernel.errors import PlugtuneError
 
 EPILOG = "Recipes: recipes/*.yaml. Docs: README.md. Set PLUGTUNE_STRICT_PLUGINS=1 to fail on broken plugins."
 
@@ -30,7 +30,7 @@ def _console(stderr: bool = False) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
+    from plugtune.training.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     console = _console()
@@ -42,10 +42,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .errors import RecipeError
-    from .launch import in_distributed_run, is_main_process, launch
-    from .recipe import load_recipe
-    from .train import comparison_table, run
+    from plugtune.kernel.errors import RecipeError
+    from plugtune.training.launch import in_distributed_run, is_main_process, launch
+    from plugtune.training.recipe import load_recipe
+    from plugtune.training.train import comparison_table, run
 
     recipe = load_recipe(args.recipe, args.overrides)  # errors show once, before any process starts
     if args.nproc < 1:
@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .registry import KIND_LABELS, get_plugin_system
+    from plugtune.kernel.registry import KIND_LABELS, get_plugin_system
 
     system = get_plugin_system()
     rows = []
@@ -97,7 +97,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_adapters(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .adapters import WEIGHTS_FILE, list_adapters, read_manifest
+    from plugtune.artifacts.adapters import WEIGHTS_FILE, list_adapters, read_manifest
 
     found = list_adapters(args.dir)
     records = []
@@ -141,11 +141,12 @@ def _size(n: int) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     import copy
 
-    from .adapters import read_manifest
-    from .evaluation import encode_split, evaluate
-    from .host import AdapterHost
-    from .recipe import load_recipe
-    from .train import comparison_table
+    from plugtune.artifacts.adapters import read_manifest
+    from plugtune.data.encoding import encode_split
+    from plugtune.training.evaluation import evaluate
+    from plugtune.serving.host import AdapterHost
+    from plugtune.training.recipe import load_recipe
+    from plugtune.training.train import comparison_table
 
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
     manifests = [read_manifest(a) for a in args.adapters]
@@ -179,8 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _host_for(args: argparse.Namespace, classification: bool) -> tuple[Any, list[str | None]]:
-    from .host import AdapterHost
-    from .tasks import Task
+    from plugtune.serving.host import AdapterHost
+    from plugtune.data.tasks import Task
 
     if not args.adapter and not args.base:
         raise PlugtuneError("give --adapter DIR (repeatable) or --base MODEL")
@@ -227,7 +228,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from .models import gguf_to_hf, resolve
+    from plugtune.artifacts.models import gguf_to_hf, resolve
 
     for name in args.models:
         path = resolve(name)
@@ -241,7 +242,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from plugtune.serving.server import serve
 
     serve(args.adapters, base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
           max_batch=args.max_batch, allow_pickle=args.allow_pickle, log_level=args.log_level, threads=args.threads,
@@ -269,7 +270,7 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
-    from .combine import combine_adapters
+    from plugtune.artifacts.combine import combine_adapters
 
     weights = args.weights or [1.0] * len(args.adapters)
     out = combine_adapters(args.out, args.adapters, weights, method=args.method, density=args.density,
@@ -279,9 +280,9 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .adapters import read_manifest
-    from .models import load_base
-    from .tasks import Task
+    from plugtune.artifacts.adapters import read_manifest
+    from plugtune.artifacts.models import load_base
+    from plugtune.data.tasks import Task
 
     manifest = read_manifest(args.adapter)
     base = load_base(str(args.adapter), Task.from_dict(manifest.task))  # an adapter folder: its base, merged
@@ -293,7 +294,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def add_adapter_tool_parsers(sub: Any) -> None:
-    from .combine import METHODS
+    from plugtune.artifacts.combine import METHODS
 
     p = sub.add_parser("combine", help="combine LoRA adapters into a new one (weighted sum, TIES, DARE via peft)")
     p.add_argument("out", metavar="OUT_DIR")

@@ -175,7 +175,7 @@ def make_recipe(tmp_path: Path, tiny_llama: Path, tiny_bert: Path, tiny_data: Pa
 
 @pytest.fixture
 def plugin_system() -> Iterator[Any]:
-    from .registry import build_plugin_system, set_plugin_system
+    from plugtune.kernel.registry import build_plugin_system, set_plugin_system
 
     system = build_plugin_system()
     set_plugin_system(system)

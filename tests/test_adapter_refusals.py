@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import torch
 
-from plugtune.adapters import MANIFEST_FILE, WEIGHTS_FILE, read_adapter, save_adapter
+from plugtune.artifacts.adapters import MANIFEST_FILE, WEIGHTS_FILE, read_adapter, save_adapter
 from plugtune.cli import main
-from plugtune.errors import AdapterError
-from plugtune.host import AdapterHost
+from plugtune.kernel.errors import AdapterError
+from plugtune.serving.host import AdapterHost
 from plugtune.plugins.methods.lora_hosting import UNSUPPORTED
-from plugtune.synthetic import random_lora_adapter
-from plugtune.tasks import Task
+from plugtune.artifacts.synthetic import random_lora_adapter
+from plugtune.data.tasks import Task
 from plugtune.testing import build_tiny_llama
 
 TASK = Task(type="causal-lm", prompt="{q}", response=" {a}")

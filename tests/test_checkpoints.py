@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from plugtune.adapters import WEIGHTS_FILE
-from plugtune.checkpoints import latest_checkpoint, list_checkpoints
+from plugtune.artifacts.adapters import WEIGHTS_FILE
+from plugtune.training.checkpoints import latest_checkpoint, list_checkpoints
 from plugtune.testing import recipe_dict
 from safetensors.torch import load_file
 
@@ -73,7 +73,9 @@ def write_recipe(folder: Path, tiny_llama: Path, tiny_data: Path, out: Path, **t
     raw["method"]["options"]["dropout"] = 0.1  # LoRA dropout: torch's global RNG
     raw["regularizers"] = [
         {"name": "word_dropout", "options": {"p": 0.2, "seed": 3}},  # its own torch.Generator
-        {"name": "early_stopping", "options": {"metric": "loss", "patience": 50}},  # keeps a best-weights copy
+        # keeps a best-weights copy: with this min_delta only the first evaluation (step 4) counts as an
+        # improvement, whatever this CPU's arithmetic makes of the later losses, and patience never runs out
+        {"name": "early_stopping", "options": {"metric": "loss", "patience": 50, "min_delta": 100}},
     ]
     raw["evaluators"] = ["loss"]
     raw["training"].update({"max_steps": TOTAL_STEPS, "grad_accum": 2, "eval_every": 4, "checkpoint_every": 5,
@@ -306,7 +308,7 @@ class FailingStepHook:
 def test_resume_refuses_a_missing_checkpoint_and_a_changed_recipe(tmp_path, tiny_llama, tiny_data, capsys):
     import plugtune
     from plugtune.cli import main
-    from plugtune.registry import build_plugin_system, set_plugin_system
+    from plugtune.kernel.registry import build_plugin_system, set_plugin_system
 
     out = tmp_path / "adapter"
     recipe = write_recipe(tmp_path, tiny_llama, tiny_data, out)
@@ -338,7 +340,7 @@ def test_resume_refuses_a_missing_checkpoint_and_a_changed_recipe(tmp_path, tiny
 def test_half_written_checkpoints_are_never_picked(tmp_path):
     """Only renamed ``step-N`` folders count: a staging folder left by a killed writer, or a
     folder without its manifest, is ignored, and the next write clears the leftovers."""
-    from plugtune.checkpoints import write_checkpoint
+    from plugtune.training.checkpoints import write_checkpoint
 
     out = tmp_path / "run"
     state = {"optimizer": {}, "scheduler": {}, "rng": {}, "regularizers": {}}
@@ -355,8 +357,8 @@ def test_half_written_checkpoints_are_never_picked(tmp_path):
 
 
 def test_the_resume_hint_names_overrides_only_when_there_are_some_and_the_process_count(tmp_path, tiny_llama, tiny_data):
-    from plugtune.recipe import load_recipe
-    from plugtune.signals import resume_command
+    from plugtune.training.recipe import load_recipe
+    from plugtune.training.signals import resume_command
 
     recipe = write_recipe(tmp_path, tiny_llama, tiny_data, tmp_path / "out")
     assert resume_command(load_recipe(recipe)) == f"plugtune run {recipe} --resume"

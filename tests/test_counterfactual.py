@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 import plugtune
-from plugtune.components import EvalBatch, EvalContext
-from plugtune.errors import RecipeError
+from plugtune.kernel.components import EvalBatch, EvalContext
+from plugtune.kernel.errors import RecipeError
 from plugtune.plugins.evaluators.counterfactual import (
     CounterfactualAugmentation,
     CounterfactualAugmentationOptions,
@@ -25,7 +25,7 @@ from plugtune.plugins.evaluators.counterfactual import (
     TermSwapper,
     default_pairs,
 )
-from plugtune.tasks import Task
+from plugtune.data.tasks import Task
 from plugtune.testing import FILLER, SPECIALS, WORDS_NEG, WORDS_POS, recipe_dict
 
 CLS = Task(type="sequence-classification", text="{text}", label="label", labels=["negative", "positive"])

@@ -10,8 +10,8 @@ import math
 import pytest
 
 import plugtune
-from plugtune.components import EvalBatch
-from plugtune.errors import RecipeError
+from plugtune.kernel.components import EvalBatch
+from plugtune.kernel.errors import RecipeError
 from plugtune.plugins.evaluators.classification import (
     Accuracy,
     ConfusionMatrix,
@@ -22,7 +22,7 @@ from plugtune.plugins.evaluators.classification import (
     PerClassOptions,
 )
 from plugtune.plugins.evaluators.text import Bleu, BleuOptions, ExactMatch, ExactMatchOptions, Rouge, RougeOptions, normalize_answer
-from plugtune.tasks import Task
+from plugtune.data.tasks import Task
 
 CLS = Task(type="sequence-classification", text="{text}", labels=["negative", "positive"])
 LM = Task(type="causal-lm", prompt="question : {question} answer :", response=" {answer}")

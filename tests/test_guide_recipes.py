@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import plugtune
-from plugtune.adapters import read_manifest
-from plugtune.recipe import load_recipe
+from plugtune.artifacts.adapters import read_manifest
+from plugtune.training.recipe import load_recipe
 from plugtune.testing import _tokenizer, build_tiny_llama, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

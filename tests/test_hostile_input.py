@@ -18,9 +18,9 @@ import plugtune
 import pytest
 import torch
 import yaml
-from plugtune.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+from plugtune.artifacts.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from plugtune.cli import main
-from plugtune.registry import build_plugin_system, get_plugin_system, set_plugin_system
+from plugtune.kernel.registry import build_plugin_system, get_plugin_system, set_plugin_system
 from plugtune.testing import recipe_dict
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -261,13 +261,13 @@ def test_data_rows_longer_than_the_model_context_refused_again_from_the_cache(tm
                                                                                tiny_data, capsys, monkeypatch):
     """The refusal is part of the cached split: a rerun tokenizes nothing and refuses with
     the same line, exit code and nothing written."""
-    import plugtune.tasks
+    import plugtune.data.tasks
 
     home = tmp_path_factory.mktemp("home")  # outside the folder that must stay unchanged
     monkeypatch.setenv("PLUGTUNE_HOME", str(home))
     encodes = []
-    real = plugtune.tasks.Task.encode
-    monkeypatch.setattr(plugtune.tasks.Task, "encode", lambda *a, **k: encodes.append(1) or real(*a, **k))
+    real = plugtune.data.tasks.Task.encode
+    monkeypatch.setattr(plugtune.data.tasks.Task, "encode", lambda *a, **k: encodes.append(1) or real(*a, **k))
     long_rows(tmp_path)
     path = table_recipe(tmp_path, tiny_bert, tiny_data, "train.csv", "test.csv", classification=True,
                         max_length=512, overlong="refuse")
@@ -430,7 +430,7 @@ def test_adapter_pickle_bin_refused(trained, tmp_path, capsys):
 
 
 def test_adapter_pickle_bin_loads_only_when_the_user_opts_in(trained, tmp_path):
-    from plugtune.adapters import read_adapter
+    from plugtune.artifacts.adapters import read_adapter
 
     adapter = adapter_copy(trained, tmp_path)
     state = tensors_of(adapter)
@@ -453,8 +453,8 @@ def test_adapter_method_plugin_missing(trained, tmp_path, capsys):
 
 def test_adapter_path_traversal_through_the_server(trained, tmp_path):
     """Names and paths sent to the server's load endpoint cannot leave its adapters root."""
-    from plugtune.host import AdapterHost
-    from plugtune.server import Service, create_app
+    from plugtune.serving.host import AdapterHost
+    from plugtune.serving.server import Service, create_app
     from starlette.testclient import TestClient
 
     root = tmp_path / "served"
@@ -580,7 +580,7 @@ def test_plugin_raising_in_a_lifecycle_hook_during_training(tmp_path, tiny_llama
     assert code == 6
     assert lines == [f"error: {HOSTILE} failed in hook on_step_end: RuntimeError: step hook exploded"]
     out = tmp_path / "out"
-    from plugtune.checkpoints import latest_checkpoint, read_checkpoint
+    from plugtune.training.checkpoints import latest_checkpoint, read_checkpoint
 
     assert latest_checkpoint(out).name == "step-2"
     assert read_checkpoint(latest_checkpoint(out)).step == 2  # the last checkpoint is whole
@@ -619,7 +619,7 @@ def test_nan_loss_names_the_step_and_keeps_the_checkpoint_and_the_previous_adapt
     # the previous adapter, and its log kept as metrics.previous.jsonl (metrics.jsonl is the failed run's)
     assert {k: v for k, v in snapshot(out).items() if not k.startswith("checkpoints/") and k != "metrics.jsonl"} == \
         {("metrics.previous.jsonl" if k == "metrics.jsonl" else k): v for k, v in previous.items()}
-    from plugtune.checkpoints import latest_checkpoint, read_checkpoint
+    from plugtune.training.checkpoints import latest_checkpoint, read_checkpoint
 
     last = latest_checkpoint(out)
     assert last is not None and last.name == f"step-{step - 1}"

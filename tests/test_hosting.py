@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import plugtune
-from plugtune.adapters import MANIFEST_FILE, WEIGHTS_FILE, read_adapter, save_adapter
+from plugtune.artifacts.adapters import MANIFEST_FILE, WEIGHTS_FILE, read_adapter, save_adapter
 from plugtune.cli import main
-from plugtune.combine import combine_adapters
-from plugtune.errors import AdapterError
-from plugtune.host import AdapterHost
-from plugtune.synthetic import random_lora_adapter
-from plugtune.tasks import Task
+from plugtune.artifacts.combine import combine_adapters
+from plugtune.kernel.errors import AdapterError
+from plugtune.serving.host import AdapterHost
+from plugtune.artifacts.synthetic import random_lora_adapter
+from plugtune.data.tasks import Task
 
 TASK = Task(type="causal-lm", prompt="question : {q} answer :", response=" {a}")
 TEXTS = ["question : what is the colour of the sky ? answer : blue", "the film was great",

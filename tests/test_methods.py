@@ -11,9 +11,9 @@ import torch
 
 import plugtune
 from plugtune import hookimpl
-from plugtune.adapters import CONFIG_FILE, MANIFEST_FILE, read_adapter
-from plugtune.host import AdapterHost
-from plugtune.registry import build_plugin_system, set_plugin_system
+from plugtune.artifacts.adapters import CONFIG_FILE, MANIFEST_FILE, read_adapter
+from plugtune.serving.host import AdapterHost
+from plugtune.kernel.registry import build_plugin_system, set_plugin_system
 
 TEXTS = ["question : what is the colour of the sky ? answer : blue", "the film was great and fun"]
 CLS_TEXTS = ["the film was great wonderful fun", "the plot was awful dull tedious"]

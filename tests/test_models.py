@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugtune.errors import ModelError
-from plugtune.models import PackagedModel, fingerprint, load_base, resolve
-from plugtune.tasks import Task
+from plugtune.kernel.errors import ModelError
+from plugtune.artifacts.models import PackagedModel, fingerprint, load_base, resolve
+from plugtune.data.tasks import Task
 from plugtune.testing import build_tiny_llama
 
 CAUSAL = Task(type="causal-lm", prompt="{q}", response="{a}")

@@ -13,26 +13,26 @@ import plugtune
 import pytest
 import torch
 import yaml
-from plugtune.adapters import MANIFEST_FILE, WEIGHTS_FILE
-from plugtune.batching import epoch_batches, shard
-from plugtune.evaluation import encode_split
-from plugtune.loss import (
+from plugtune.artifacts.adapters import MANIFEST_FILE, WEIGHTS_FILE
+from plugtune.data.batching import epoch_batches, shard
+from plugtune.data.encoding import encode_split
+from plugtune.training.loss import (
     LabelPositions,
     full_logits_token_losses,
     label_token_losses,
     per_example_loss,
     supports_label_positions,
 )
-from plugtune.models import load_base
-from plugtune.runtime import (
+from plugtune.artifacts.models import load_base
+from plugtune.training.runtime import (
     FORCE_GQA,
     choose_attention,
     choose_precision,
     choose_threads,
     grouped_query_sdpa,
 )
-from plugtune.tasks import collate
-from plugtune.tokenized_cache import cached_encode
+from plugtune.data.tasks import collate
+from plugtune.data.tokenized_cache import cached_encode
 from safetensors.torch import load_file
 
 # -- batch order -------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def test_shards_of_a_global_batch_partition_it():
 
 def _rows(tiny_llama: Path, tiny_data: Path, make_recipe, method: dict | None = None):
     recipe = plugtune.load_recipe(make_recipe(**({"method": method} if method else {})))
-    from plugtune.tasks import Task
+    from plugtune.data.tasks import Task
 
     task: Task = recipe.task
     base = load_base(str(tiny_llama), task)
@@ -138,16 +138,16 @@ def test_label_smoothing_keeps_full_logits():
 
 
 def test_training_with_label_position_logits_matches_the_plain_path(make_recipe, tmp_path, monkeypatch):
-    import plugtune.train
+    import plugtune.training.train
 
     calls = {True: 0, False: 0}
-    real = plugtune.train.label_token_losses
+    real = plugtune.training.train.label_token_losses
 
     def counting(*args, **kwargs):
         calls[current] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(plugtune.train, "label_token_losses", counting)
+    monkeypatch.setattr(plugtune.training.train, "label_token_losses", counting)
     adapters = {}
     for label_only in (True, False):
         current = label_only
@@ -248,18 +248,18 @@ def test_overlong_drop_tokenizes_each_row_once_and_a_cache_hit_tokenizes_nothing
     all as a run without the cache. The tokenizer is fingerprinted once per run."""
     from io import StringIO
 
-    import plugtune.tasks
-    import plugtune.tokenized_cache
-    import plugtune.train
+    import plugtune.data.tasks
+    import plugtune.data.tokenized_cache
+    import plugtune.training.train
     from rich.console import Console
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
     monkeypatch.setenv("PLUGTUNE_HOME", str(tmp_path / "home"))
     encodes, tokenizer_calls, fingerprints = [], [], []
-    _count_calls(monkeypatch, plugtune.tasks.Task, "encode", encodes)
+    _count_calls(monkeypatch, plugtune.data.tasks.Task, "encode", encodes)
     _count_calls(monkeypatch, PreTrainedTokenizerBase, "__call__", tokenizer_calls)
-    _count_calls(monkeypatch, plugtune.tokenized_cache, "tokenizer_fingerprint", fingerprints)  # where the key is made
-    monkeypatch.setattr(plugtune.train, "tokenizer_fingerprint", plugtune.tokenized_cache.tokenizer_fingerprint, raising=False)
+    _count_calls(monkeypatch, plugtune.data.tokenized_cache, "tokenizer_fingerprint", fingerprints)  # where the key is made
+    monkeypatch.setattr(plugtune.training.train, "tokenizer_fingerprint", plugtune.data.tokenized_cache.tokenizer_fingerprint, raising=False)
     data = {"loader": "table", "options": {"path": str(_sft_with_long_rows(tmp_path, tiny_data)), "test_size": 0.25}}
     training = {"max_steps": 2, "batch_size": 8, "device": "cpu", "eval_before": False, "overlong": "drop", "max_length": 48}
     runs = []
@@ -291,8 +291,8 @@ def test_overlong_drop_keeps_exactly_the_rows_and_encodings_of_a_separate_length
     """What the one-pass ``prepare_split`` replaces: measure every row at full length, leave
     out the long ones, encode the rest at max_length. Same rows, same ids, same counts; a
     classifier's truncation (which keeps [SEP]) never applies to a row that fits."""
-    from plugtune.datacheck import UNLIMITED, prepare_split
-    from plugtune.tasks import Task
+    from plugtune.data.datacheck import UNLIMITED, prepare_split
+    from plugtune.data.tasks import Task
 
     if classification:
         task = Task("sequence-classification", text="{text}", labels=["negative", "positive"])
@@ -371,10 +371,10 @@ def test_grouped_query_sdpa_gives_the_same_loss_and_gradients_and_saves_less(tin
 def test_cpu_runs_use_grouped_query_sdpa_and_leave_the_environment_as_it_was(make_recipe, monkeypatch):
     seen: list[str | None] = []
     monkeypatch.delenv(FORCE_GQA, raising=False)
-    import plugtune.train
+    import plugtune.training.train
 
-    original = plugtune.train.epoch_batches
-    monkeypatch.setattr("plugtune.train.epoch_batches", lambda *a, **k: seen.append(os.environ.get(FORCE_GQA)) or original(*a, **k))
+    original = plugtune.training.train.epoch_batches
+    monkeypatch.setattr("plugtune.training.train.epoch_batches", lambda *a, **k: seen.append(os.environ.get(FORCE_GQA)) or original(*a, **k))
     training = {"max_steps": 1, "device": "cpu", "eval_before": False}
     plugtune.run(plugtune.load_recipe(make_recipe(training=training)), show_progress=False)
     assert seen == ["1"] and FORCE_GQA not in os.environ
@@ -388,7 +388,7 @@ def test_cpu_runs_use_grouped_query_sdpa_and_leave_the_environment_as_it_was(mak
 
 _FREED_MEMORY_PROBE = """
 import sys, torch
-from plugtune.runtime import set_mmap_threshold
+from plugtune.training.runtime import set_mmap_threshold
 def rss_mb():
     with open("/proc/self/status") as fh:
         return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024
@@ -427,7 +427,7 @@ def test_the_mmap_threshold_gives_freed_activations_back_to_the_os():
 
 def test_a_run_applies_the_recipe_mmap_threshold(make_recipe, monkeypatch):
     applied: list[int | None] = []
-    monkeypatch.setattr("plugtune.train.set_mmap_threshold", applied.append)
+    monkeypatch.setattr("plugtune.training.train.set_mmap_threshold", applied.append)
     training = {"max_steps": 1, "device": "cpu", "eval_before": False}
     plugtune.run(plugtune.load_recipe(make_recipe(training=training)), show_progress=False)
     plugtune.run(plugtune.load_recipe(make_recipe(training={**training, "malloc_mmap_threshold": 1 << 20})), show_progress=False, overwrite=True)
@@ -488,8 +488,8 @@ def test_nproc_must_be_a_process_count(make_recipe, capsys):
 
 @pytest.mark.parametrize("method", [None, {"name": "prefix", "options": {"num_virtual_tokens": 4}}], ids=["lora", "prefix"])
 def test_evaluation_with_label_position_logits_gives_the_same_batches_and_metrics(tiny_llama, tiny_data, make_recipe, method):
-    from plugtune.evaluation import evaluate
-    from plugtune.loss import eval_batch_at_labels, output_head
+    from plugtune.training.evaluation import evaluate
+    from plugtune.training.loss import eval_batch_at_labels, output_head
 
     model, rows, pad = _rows(tiny_llama, tiny_data, make_recipe, method)
     recipe = plugtune.load_recipe(make_recipe())

@@ -13,9 +13,9 @@ from pydantic import Field
 
 import plugtune
 from plugtune import hookimpl
-from plugtune.components import ComponentOptions, NoOptions
-from plugtune.host import AdapterHost
-from plugtune.registry import build_plugin_system, set_plugin_system
+from plugtune.kernel.components import ComponentOptions, NoOptions
+from plugtune.serving.host import AdapterHost
+from plugtune.kernel.registry import build_plugin_system, set_plugin_system
 from plugtune.testing import FILLER, WORDS_NEG, WORDS_POS
 
 

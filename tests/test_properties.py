@@ -15,9 +15,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from plugtune.adapters import MANIFEST_FILE, Manifest, read_manifest
-from plugtune.errors import AdapterError, PlugtuneError
-from plugtune.recipe import Recipe, apply_overrides, load_recipe
+from plugtune.artifacts.adapters import MANIFEST_FILE, Manifest, read_manifest
+from plugtune.kernel.errors import AdapterError, PlugtuneError
+from plugtune.training.recipe import Recipe, apply_overrides, load_recipe
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                             HealthCheck.too_slow])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import plugtune
-from plugtune.host import AdapterHost
+from plugtune.serving.host import AdapterHost
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def test_smollm2_lora_adapter_loads_in_plain_peft_with_identical_logits(quicksta
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from plugtune.models import gguf_to_hf, resolve
+    from plugtune.artifacts.models import gguf_to_hf, resolve
 
     adapter = quickstart_adapters[0].adapter_dir
     folder = gguf_to_hf(resolve("smollm2-135m"))  # the cached safetensors copy of the GGUF

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from plugtune.errors import DataError, RecipeError
+from plugtune.kernel.errors import DataError, RecipeError
 from plugtune.plugins.loaders.table import TableLoader, TableOptions
-from plugtune.recipe import load_recipe, parse_overrides, read_recipe_file
+from plugtune.training.recipe import load_recipe, parse_overrides, read_recipe_file
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(REPO.glob("recipes/*.yaml"))
@@ -26,7 +26,7 @@ QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 @pytest.fixture(autouse=True)
 def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     """Validation must never resolve, fetch or load a base model."""
-    import plugtune.models as models
+    import plugtune.artifacts.models as models
 
     def forbidden(*args, **kwargs):
         raise AssertionError("recipe validation tried to resolve or load a base model")

@@ -14,8 +14,8 @@ import pytest
 
 from plugtune import PluginError, hookimpl
 from plugtune import registry as reg
-from plugtune.components import NoOptions
-from plugtune.registry import build_plugin_system, did_you_mean, unknown_name_message
+from plugtune.kernel.components import NoOptions
+from plugtune.kernel.registry import build_plugin_system, did_you_mean, unknown_name_message
 
 # Distributions that tests/test_third_party_plugins.py installs for the length of its module.
 # They are disabled here so that these tests see the same plugins however the suite is run.

@@ -15,16 +15,16 @@ from safetensors.torch import load_file
 
 import plugtune
 from plugtune import hookimpl
-from plugtune.adapters import WEIGHTS_FILE
-from plugtune.components import NoOptions
-from plugtune.errors import TrainingError
+from plugtune.artifacts.adapters import WEIGHTS_FILE
+from plugtune.kernel.components import NoOptions
+from plugtune.kernel.errors import TrainingError
 from plugtune.plugins.regularizers.augmentation import SpanMask, SpanMaskOptions, WordDropout, WordDropoutOptions
 from plugtune.plugins.regularizers.training import (
     EarlyStopping, EarlyStoppingOptions, L2SP, L2SPOptions, LabelSmoothing, LabelSmoothingOptions, NEFTune, NEFTuneOptions,
 )
-from plugtune.registry import build_plugin_system, set_plugin_system
-from plugtune.tasks import Task, collate
-from plugtune.train import RunResult
+from plugtune.kernel.registry import build_plugin_system, set_plugin_system
+from plugtune.data.tasks import Task, collate
+from plugtune.training.train import RunResult
 
 
 def _records(adapter_dir: Path) -> list[dict]:

@@ -16,9 +16,9 @@ import httpx
 import plugtune
 import pytest
 import yaml
-from plugtune.adapters import MANIFEST_FILE, WEIGHTS_FILE
-from plugtune.host import AdapterHost
-from plugtune.server import ChatMessage, Service, create_app, running
+from plugtune.artifacts.adapters import MANIFEST_FILE, WEIGHTS_FILE
+from plugtune.serving.host import AdapterHost
+from plugtune.serving.server import ChatMessage, Service, create_app, running
 from plugtune.testing import recipe_dict
 
 SKY = "question : what is the colour of the sky ? answer :"
@@ -568,8 +568,8 @@ def test_smollm2_server_with_its_chat_template_and_a_mixed_batch(tmp_path):
     """SmolLM2-135M-Instruct: chat on the base goes through its own chat template, and three
     concurrent clients (two random LoRA adapters and the base) batched together each get
     what their adapter gives alone."""
-    from plugtune.synthetic import random_lora_adapter
-    from plugtune.tasks import Task
+    from plugtune.artifacts.synthetic import random_lora_adapter
+    from plugtune.data.tasks import Task
 
     task = Task(type="causal-lm", prompt="Message: {text}\nDepartment:", response=" {label}")
     host = AdapterHost.from_base("smollm2-135m", task)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import plugtune
-from plugtune.errors import ModelError
-from plugtune.host import AdapterHost
-from plugtune.models import load_base
-from plugtune.tasks import Task
+from plugtune.kernel.errors import ModelError
+from plugtune.serving.host import AdapterHost
+from plugtune.artifacts.models import load_base
+from plugtune.data.tasks import Task
 
 TEXTS = ["question : what is the colour of the sea ? answer : blue"]
 

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 import plugtune
-from plugtune.adapters import read_manifest
-from plugtune.errors import DataError, RecipeError
+from plugtune.artifacts.adapters import read_manifest
+from plugtune.kernel.errors import DataError, RecipeError
 from plugtune.plugins.loaders.text import TextLoader, TextOptions, chunk
-from plugtune.recipe import load_recipe
+from plugtune.training.recipe import load_recipe
 
 CORPUS = (
     "The first paragraph has one line.\n"

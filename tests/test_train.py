@@ -10,10 +10,10 @@ import torch
 
 import plugtune
 from plugtune import hookimpl
-from plugtune.adapters import WEIGHTS_FILE
-from plugtune.components import ComponentOptions
-from plugtune.errors import TrainingError
-from plugtune.registry import build_plugin_system, set_plugin_system
+from plugtune.artifacts.adapters import WEIGHTS_FILE
+from plugtune.kernel.components import ComponentOptions
+from plugtune.kernel.errors import TrainingError
+from plugtune.kernel.registry import build_plugin_system, set_plugin_system
 
 
 def _train_losses(adapter_dir):

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 from plugtune import hookimpl
-from plugtune.components import ComponentOptions, EvalBatch, NoOptions
+from plugtune.kernel.components import ComponentOptions, EvalBatch, NoOptions
 
 OTHER = "<other>"
 
@@ -57,7 +57,7 @@ class _ClassNames:
         task = self.task
         if task is None or task.is_classification or task.response is None or not batch.examples:
             return
-        from plugtune.tasks import fill
+        from plugtune.data.tasks import fill
 
         for ref, example in zip(batch.references, batch.examples):
             if ref not in self.seen:

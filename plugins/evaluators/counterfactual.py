@@ -59,10 +59,10 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from plugtune import hookimpl
-from plugtune.components import ComponentOptions, EvalBatch, EvalContext
-from plugtune.errors import RecipeError
-from plugtune.recipe import DataPath
-from plugtune.tasks import template_fields
+from plugtune.kernel.components import ComponentOptions, EvalBatch, EvalContext
+from plugtune.kernel.errors import RecipeError
+from plugtune.training.recipe import DataPath
+from plugtune.data.tasks import template_fields
 
 DEFAULT_PAIRS_FILE = "gendered_terms.tsv"
 

@@ -6,7 +6,7 @@ These evaluators set ``needs_generation = True``: for a causal-LM task with ``pr
 beside ``EvalBatch.reference_texts`` (the filled response template). They compare the two
 strings. Any other task (sequence classification, or a causal LM on raw text without a
 response) has nothing to generate, and building one of these evaluators for it raises a
-:class:`~plugtune.errors.RecipeError` saying so.
+:class:`~plugtune.kernel.errors.RecipeError` saying so.
 
 ``rouge_score`` and ``sacrebleu`` are imported when an evaluator is built, not when the
 plugin loads.
@@ -21,8 +21,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.components import ComponentOptions, EvalBatch
-from plugtune.errors import RecipeError
+from plugtune.kernel.components import ComponentOptions, EvalBatch
+from plugtune.kernel.errors import RecipeError
 
 
 class _Generative:

@@ -33,7 +33,7 @@ from plugtune.plugins.methods.lora import LoraMethod, LoraOptions
 if TYPE_CHECKING:
     import torch
 
-    from plugtune.tasks import Task
+    from plugtune.data.tasks import Task
 
 
 class Int8Options(LoraOptions):

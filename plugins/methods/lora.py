@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from plugtune import hookimpl
-from plugtune.components import ComponentOptions
-from plugtune.errors import RecipeError
-from plugtune.tasks import Task
+from plugtune.kernel.components import ComponentOptions
+from plugtune.kernel.errors import RecipeError
+from plugtune.data.tasks import Task
 
 if TYPE_CHECKING:
     import torch

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugtune.errors import AdapterError
+from plugtune.kernel.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
 UNSUPPORTED = {

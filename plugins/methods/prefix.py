@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.components import ComponentOptions
-from plugtune.errors import AdapterError
+from plugtune.kernel.components import ComponentOptions
+from plugtune.kernel.errors import AdapterError
 
 if TYPE_CHECKING:
     import torch
 
-    from plugtune.tasks import Task
+    from plugtune.data.tasks import Task
 
 
 class PrefixOptions(ComponentOptions):

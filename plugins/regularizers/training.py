@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.components import ComponentOptions, Decision
+from plugtune.kernel.components import ComponentOptions, Decision
 
 if TYPE_CHECKING:
     import torch
@@ -357,7 +357,7 @@ class EarlyStopping:
         return value > self.best + self.options.min_delta
 
     def after_evaluate(self, metrics: dict[str, float], step: int) -> Decision | None:
-        from plugtune.errors import TrainingError
+        from plugtune.kernel.errors import TrainingError
 
         if self.stopped:
             return None

@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 from plugtune import hookimpl
-from plugtune.components import EvalBatch, NoOptions
+from plugtune.kernel.components import EvalBatch, NoOptions
 
 LOG_ENV = "PLUGTUNE_EXAMPLE_LOG"
 

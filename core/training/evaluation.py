@@ -1,67 +1,26 @@
 """Evaluation: one pass over a split feeds every evaluator.
 
 For each batch the core runs one forward pass and hands every evaluator an
-:class:`~plugtune.components.EvalBatch` (per-example predictions, references, scores and the
+:class:`~plugtune.kernel.components.EvalBatch` (per-example predictions, references, scores and the
 summed loss). Two optional extras, computed only when an evaluator asks for them:
 
 * ``needs_generation = True`` on an evaluator class: for causal-LM tasks the core also
   generates greedily from each prompt and fills ``EvalBatch.generated`` and
   ``EvalBatch.reference_texts`` (summarization, QA, translation metrics).
 * ``compute_with(context)`` on an evaluator: called after the pass with an
-  :class:`~plugtune.components.EvalContext` whose ``predict(examples)`` runs the model on
+  :class:`~plugtune.kernel.components.EvalContext` whose ``predict(examples)`` runs the model on
   any examples the evaluator makes up (counterfactual rewrites, for instance).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from .components import EvalBatch, EvalContext
-from .errors import DataError
-from .tasks import Task, collate, fill
-
-Row = dict[str, Any]  # an encoded example: input_ids, labels, and the raw "example"
-
-
-def encode_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str, *,
-                 encoded: list[dict[str, list[int]] | Exception] | None = None) -> tuple[list[Row], int]:
-    """Encode a split; returns the encoded rows (each keeps its raw ``example``) and how many
-    were truncated (rows whose whole response was cut off are dropped).
-
-    ``encoded``: the rows' token ids when the caller already has them, so nothing is
-    tokenized twice (core/datacheck.py encodes every row at full length to check it fits, and
-    a row that fits encodes the same at ``max_length``); an exception in it stands for a row
-    that could not be encoded and is raised here, as encoding it would."""
-    out, truncated = [], 0
-    for i, row in enumerate(rows):
-        try:
-            ids = encoded[i] if encoded is not None else task.encode(row, tokenizer, max_length)
-            if isinstance(ids, Exception):
-                raise ids
-            item: Row = dict(ids)
-        except KeyError as exc:
-            if task.is_classification:
-                raise DataError(f"{split} row {i + 1}: label {exc.args[0]!r} never appears in the training data "
-                                f"(labels: {', '.join(task.labels or [])})") from None
-            raise DataError(f"{split} row {i + 1}: missing field {exc.args[0]!r}") from None
-        if not task.is_classification and all(label == -100 for label in item["labels"][1:]):
-            truncated += 1  # the whole response was cut off: nothing to learn from this row
-            continue
-        if len(item["input_ids"]) >= max_length:
-            truncated += 1
-        item["example"] = row
-        out.append(item)
-    return out, truncated
-
-
-def batches(rows: list[Row], batch_size: int, pad_id: int, classification: bool) -> Iterator[tuple[list[Row], dict[str, torch.Tensor]]]:
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        yield chunk, collate(chunk, pad_id, classification)
-
+from plugtune.kernel.components import EvalBatch, EvalContext
+from plugtune.data.encoding import Row, batches, encode_split
+from plugtune.data.tasks import Task, fill
 
 @torch.no_grad()
 def generate_responses(model: torch.nn.Module, examples: list[dict[str, Any]], task: Task, tokenizer: Any,
@@ -84,7 +43,7 @@ def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: li
     """Run every evaluator over ``rows``; returns the merged metrics. With
     ``logits_on_labels_only`` a causal LM's head runs at the label positions only
     (core/loss.py); the metrics are the same."""
-    from .loss import eval_batch_at_labels, output_head
+    from plugtune.training.loss import eval_batch_at_labels, output_head
 
     was_training = model.training
     model.eval()

@@ -23,31 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .components import EvalBatch
-from .tasks import IGNORE_INDEX
-
-
-@dataclass
-class LabelPositions:
-    """Where the labels of a right-padded ``(B, T)`` batch are predicted from."""
-
-    rows: torch.Tensor  # (N,) batch row of each label token
-    columns: torch.Tensor  # (N,) position whose logits predict it (label position - 1)
-    targets: torch.Tensor  # (N,) the label token ids
-    batch_size: int
-    width: int  # T, the labels' width
-
-    @classmethod
-    def of(cls, labels: torch.Tensor) -> LabelPositions:
-        """Label positions of ``labels`` (B, T), -100 where no loss is taken."""
-        shifted = labels[:, 1:]  # (B, T-1): the token position t predicts
-        rows, columns = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
-        return cls(rows, columns, shifted[rows, columns], labels.size(0), labels.size(1))
+from plugtune.data.labels import LabelPositions, eval_batch_from_label_logits, per_example_loss
+from plugtune.data.tasks import IGNORE_INDEX
+from plugtune.kernel.components import EvalBatch
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -123,37 +105,9 @@ def full_logits_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torc
         logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
 
 
-def per_example_loss(token_losses: torch.Tensor, positions: LabelPositions) -> torch.Tensor:
-    """Mean loss of each example ``(B,)`` from label-token losses ``(N,)``."""
-    sums = torch.zeros(positions.batch_size, dtype=token_losses.dtype, device=token_losses.device)
-    counts = torch.zeros_like(sums)
-    sums.index_add_(0, positions.rows, token_losses)
-    counts.index_add_(0, positions.rows, torch.ones_like(token_losses))
-    return sums / counts.clamp(min=1)
-
-
-def eval_batch_from_label_logits(logits: torch.Tensor, positions: LabelPositions) -> EvalBatch:
-    """The causal-LM :class:`EvalBatch` from the logits ``(N, V)`` at ``positions``: per
-    example, the greedy tokens where the reference is (predictions), the reference tokens,
-    the mean log-prob of the greedy tokens (scores) and the mean reference cross-entropy
-    (losses). The one place these rows are built: :meth:`plugtune.tasks.Task.eval_batch`
-    gathers its full logits at the label positions and comes here, and so does
-    :func:`eval_batch_at_labels`, so both paths give the same batches."""
-    logits = logits.float()
-    token_losses = torch.nn.functional.cross_entropy(logits, positions.targets, reduction="none")  # (N,)
-    greedy_logprob, greedy = logits.log_softmax(-1).max(-1)  # (N,)
-    # positions are row-major (nonzero's order): each example's tokens are one run, in order
-    counts = torch.bincount(positions.rows, minlength=positions.batch_size).tolist()
-    predictions = [tuple(part.tolist()) for part in greedy.split(counts)]
-    references = [tuple(part.tolist()) for part in positions.targets.split(counts)]
-    scores = [float(part.mean()) if part.numel() else 0.0 for part in greedy_logprob.split(counts)]
-    return EvalBatch(predictions, references, float(token_losses.sum()), int(token_losses.numel()),
-                     scores=scores, losses=per_example_loss(token_losses, positions).tolist())
-
-
 @torch.no_grad()
 def eval_batch_at_labels(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> EvalBatch:
-    """:meth:`plugtune.tasks.Task.eval_batch` for a causal LM with logits at the label
+    """:meth:`plugtune.data.tasks.Task.eval_batch` for a causal LM with logits at the label
     positions only: the same per-example predictions, references, scores and losses,
     without the LM head over the positions no metric reads."""
     return eval_batch_from_label_logits(*label_position_logits(model, batch, head))

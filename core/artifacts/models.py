@@ -29,20 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ModelError
-from .registry import PluginSystem, get_plugin_system, unknown_name_message
-from .tasks import Task
+from plugtune.kernel.errors import ModelError
+from plugtune.kernel.paths import plugtune_home
+from plugtune.kernel.registry import PluginSystem, get_plugin_system, unknown_name_message
+from plugtune.data.tasks import Task
 
 if TYPE_CHECKING:
     import torch
 
 FINGERPRINT_SAMPLES = 4096  # values sampled from each tensor for the fingerprint
-
-
-def plugtune_home() -> Path:
-    """Where plugtune caches fetched and converted models (``$PLUGTUNE_HOME``, default
-    ``~/.cache/plugtune``)."""
-    return Path(os.environ.get("PLUGTUNE_HOME") or Path.home() / ".cache" / "plugtune")
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +223,7 @@ def load_base(
     # plugtune itself says what it loads.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    from .adapters import is_adapter_dir
+    from plugtune.artifacts.adapters import is_adapter_dir
 
     location = resolve(base_model, plugins)
     if isinstance(location, Path) and is_adapter_dir(location):
@@ -280,7 +275,7 @@ def load_base(
 def _load_merged(base_model: str, folder: Path, task: Task, *, dtype: Any, plugins: PluginSystem | None, seed: int) -> LoadedBase:
     """Load the base an adapter was trained on, merge the adapter into it, and fingerprint
     the result as a base of its own."""
-    from .adapters import read_adapter
+    from plugtune.artifacts.adapters import read_adapter
 
     plugins = plugins or get_plugin_system()
     adapter = read_adapter(folder)

@@ -7,7 +7,7 @@ Validation happens in three passes, all before any model is loaded:
    ``options`` block bound to the component's ``Options``;
 3. the data source opened cheaply (a header, a schema) to check the columns the task uses.
 
-Problems from all passes are collected into one :class:`~plugtune.errors.RecipeError`, one
+Problems from all passes are collected into one :class:`~plugtune.kernel.errors.RecipeError`, one
 line per problem, each starting with its field path (``training.batch_size: ...``).
 
 Relative paths inside a recipe (data files) are resolved against the recipe file's folder,
@@ -36,35 +36,10 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import DataError, RecipeError
-from .registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
-from .tasks import TASK_TYPES, Task, template_fields
-
-
-# --------------------------------------------------------------------------------------------
-# Types components use in their Options
-# --------------------------------------------------------------------------------------------
-
-
-def _path_exists(path: Path) -> bool:
-    """``path.exists()``, but a name the OS cannot even look up (too long, a NUL byte) is
-    simply not there rather than an exception."""
-    try:
-        return path.exists()
-    except (OSError, ValueError):
-        return False
-
-
-def _existing_path(value: Path, info: ValidationInfo) -> Path:
-    base = Path((info.context or {}).get("base_dir", "."))
-    path = value if value.is_absolute() else base / value
-    if not _path_exists(path):
-        raise ValueError(f"file not found: {path} (paths are relative to the recipe's folder)")
-    return path
-
-
-DataPath = Annotated[Path, AfterValidator(_existing_path)]
-"""A path option that must exist; relative paths resolve against the recipe's folder."""
+from plugtune.kernel.components import DataPath, _path_exists
+from plugtune.kernel.errors import DataError, RecipeError
+from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
+from plugtune.data.tasks import TASK_TYPES, Task, template_fields
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The protocols a component of each kind follows.
 
-Components are plain classes registered by name (see :mod:`plugtune.hookspecs`). Each has an
+Components are plain classes registered by name (see :mod:`plugtune.kernel.hookspecs`). Each has an
 ``Options`` class, a pydantic model with ``extra="forbid"`` describing the recipe block it
 accepts; the core validates that block before anything heavy is loaded and passes the bound
 options to the constructor. Derive ``Options`` from :class:`ComponentOptions` to get the
@@ -15,15 +15,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .tasks import Task
+    from plugtune.data.tasks import Task
 
 
 class ComponentOptions(BaseModel):
@@ -38,6 +38,27 @@ class NoOptions(ComponentOptions):
 
 
 Example = Mapping[str, Any]
+
+
+def _path_exists(path: Path) -> bool:
+    """``path.exists()``, but a name the OS cannot even look up (too long, a NUL byte) is
+    simply not there rather than an exception."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _existing_path(value: Path, info: ValidationInfo) -> Path:
+    base = Path((info.context or {}).get("base_dir", "."))
+    path = value if value.is_absolute() else base / value
+    if not _path_exists(path):
+        raise ValueError(f"file not found: {path} (paths are relative to the recipe's folder)")
+    return path
+
+
+DataPath = Annotated[Path, AfterValidator(_existing_path)]
+"""A path option that must exist; relative paths resolve against the recipe's folder."""
 
 
 @runtime_checkable
@@ -104,7 +125,7 @@ class TuningMethod(Protocol):
     ) -> nn.Module:
         """Attach a saved adapter under ``name`` without activating it; return the module
         that runs it (``model`` itself, or a wrapper around it). Must be strict: missing or
-        unexpected tensors, or wrong shapes, raise :class:`plugtune.errors.AdapterError`."""
+        unexpected tensors, or wrong shapes, raise :class:`plugtune.kernel.errors.AdapterError`."""
         ...
 
     def activate(self, model: nn.Module, name: str | None) -> None:
@@ -217,6 +238,6 @@ class BaseModelAlias(Protocol):
 
     def locate(self) -> Path:
         """Return a local directory (or ``.gguf`` file) holding the model, fetching it
-        first if this alias knows how to. Raise :class:`plugtune.errors.ModelError` with a
+        first if this alias knows how to. Raise :class:`plugtune.kernel.errors.ModelError` with a
         fix when it cannot."""
         ...

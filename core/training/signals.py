@@ -21,7 +21,7 @@ from typing import Any
 
 from typing_extensions import Self
 
-from .errors import PlugtuneError
+from plugtune.kernel.errors import PlugtuneError
 
 
 class Interrupted(PlugtuneError):
@@ -34,7 +34,7 @@ def resume_command(recipe: Any, nproc: int = 1) -> str:
     """The command that resumes ``recipe``'s run; names the overrides when the recipe in
     memory is not the file as written (a resume must repeat them, or it is refused), and
     ``--nproc`` for a data-parallel run (each process restores its own RNG state)."""
-    from .recipe import read_recipe_file
+    from plugtune.training.recipe import read_recipe_file
 
     processes = f" --nproc {nproc}" if nproc > 1 else ""
     if recipe.source is None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .adapters import save_adapter
-from .models import LoadedBase
-from .tasks import Task
+from plugtune.artifacts.adapters import save_adapter
+from plugtune.artifacts.models import LoadedBase
+from plugtune.data.tasks import Task
 
 
 def random_lora_adapter(directory: str | Path, base: LoadedBase, task: Task, *, name: str | None = None, r: int = 8,

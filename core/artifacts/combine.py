@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .adapters import WEIGHTS_FILE, Adapter, read_adapter, save_adapter
-from .errors import AdapterError
-from .tasks import Task
+from plugtune.artifacts.adapters import WEIGHTS_FILE, Adapter, read_adapter, save_adapter
+from plugtune.kernel.errors import AdapterError
+from plugtune.data.tasks import Task
 
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
            "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
@@ -58,7 +58,7 @@ def combine_adapters(out: str | Path, parents: Sequence[str | Path], weights: Se
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
-    from .models import load_base
+    from plugtune.artifacts.models import load_base
 
     if method not in METHODS:
         raise AdapterError(f"unknown combination method {method!r}; choose one of {', '.join(METHODS)}")

@@ -3,8 +3,8 @@
 Lifecycle hooks are already called through :meth:`PluginSystem.call_lifecycle`, which names
 the failing plugin. Components (regularizers, evaluators) are objects whose methods the core
 calls directly; :func:`guarded` wraps one so that any exception other than a
-:class:`~plugtune.errors.PlugtuneError` from one of its methods becomes a
-:class:`~plugtune.errors.PluginError` like ``plugin 'x' (distribution d 1.0) failed in
+:class:`~plugtune.kernel.errors.PlugtuneError` from one of its methods becomes a
+:class:`~plugtune.kernel.errors.PluginError` like ``plugin 'x' (distribution d 1.0) failed in
 regularizer 'noisy' (transform_batch): RuntimeError: ...``. The wrapper exposes exactly the
 attributes the component has, so ``hasattr(reg, "loss_term")`` checks keep working.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import PluginError, PlugtuneError
-from .registry import KIND_LABELS, Component
+from plugtune.kernel.errors import PluginError, PlugtuneError
+from plugtune.kernel.registry import KIND_LABELS, Component
 
 
 class GuardedComponent:

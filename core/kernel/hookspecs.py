@@ -15,7 +15,7 @@ Two families:
   it rejects duplicate names, records which plugin and distribution supplied each component,
   and recipes refer to components by these names only. A component is a class with an
   ``Options`` pydantic model (the recipe block it accepts) and the protocol of its kind in
-  :mod:`plugtune.components`.
+  :mod:`plugtune.kernel.components`.
 * **Lifecycle hooks** (``on_*``) run during ``plugtune run`` for cross-cutting plugins:
   metric loggers, notifications, custom checkpoints. Their return values are ignored. An
   exception in one stops the run with an error naming the plugin and the hook.
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from .train import RunState
+    from plugtune.training.train import RunState
 
 PROJECT = "plugtune"  # the hook marker name, the entry-point group and the import package
 
@@ -49,7 +49,7 @@ def register_tuning_methods(register: Register) -> None:
 
     Called once, when the registry is built. A tuning method turns a base model into a
     trainable one and back into a saved adapter, and attaches saved adapters to a resident
-    base for inference (see :class:`plugtune.components.TuningMethod`). Returns nothing.
+    base for inference (see :class:`plugtune.kernel.components.TuningMethod`). Returns nothing.
     """
 
 
@@ -59,7 +59,7 @@ def register_data_loaders(register: Register) -> None:
 
     Called once, when the registry is built. A loader reads a source named in a recipe's
     ``data`` block and yields plain example dicts per split (see
-    :class:`plugtune.components.DataLoader`). Returns nothing.
+    :class:`plugtune.kernel.components.DataLoader`). Returns nothing.
     """
 
 
@@ -69,7 +69,7 @@ def register_regularizers(register: Register) -> None:
 
     Called once, when the registry is built. A regularizer may act on the optimizer's
     parameter groups, on each training batch, on the loss and on the gradients, and reports
-    what it did each step (see :class:`plugtune.components.Regularizer`). Returns nothing.
+    what it did each step (see :class:`plugtune.kernel.components.Regularizer`). Returns nothing.
     """
 
 
@@ -79,7 +79,7 @@ def register_evaluators(register: Register) -> None:
 
     Called once, when the registry is built. An evaluator accumulates over the evaluation
     batches of a split and returns named metrics (see
-    :class:`plugtune.components.Evaluator`). Returns nothing.
+    :class:`plugtune.kernel.components.Evaluator`). Returns nothing.
     """
 
 
@@ -89,7 +89,7 @@ def register_base_models(register: Register) -> None:
 
     Called once, when the registry is built. An alias lets a recipe say ``base_model:
     smollm2-135m`` instead of a path; the component knows how to find (and, if needed,
-    fetch and cache) the weights offline (see :class:`plugtune.components.BaseModelAlias`).
+    fetch and cache) the weights offline (see :class:`plugtune.kernel.components.BaseModelAlias`).
     Returns nothing.
     """
 

@@ -35,12 +35,12 @@ from typing import Any
 
 import torch
 
-from .adapters import Manifest, read_adapter, read_manifest
-from .decoding import DecodeGroup, TextStream, no_prefix
-from .errors import AdapterError
-from .models import LoadedBase, load_base
-from .registry import PluginSystem, get_plugin_system
-from .tasks import Task, fill, template_fields
+from plugtune.artifacts.adapters import Manifest, read_adapter, read_manifest
+from plugtune.serving.decoding import DecodeGroup, TextStream, no_prefix
+from plugtune.kernel.errors import AdapterError
+from plugtune.artifacts.models import LoadedBase, load_base
+from plugtune.kernel.registry import PluginSystem, get_plugin_system
+from plugtune.data.tasks import Task, fill, template_fields
 
 
 class _Active:
@@ -351,7 +351,7 @@ class AdapterHost:
         ``max_new_tokens`` is one budget or one per row; ``stop`` is one list of strings for
         every row or one list per row, so one batch can serve requests with other settings.
 
-        The returned :class:`~plugtune.decoding.TextStream` also tells, per row,
+        The returned :class:`~plugtune.serving.decoding.TextStream` also tells, per row,
         ``finish_reasons`` (``"stop"``, ``"length"`` or ``"cancelled"`` once finished, ``None``
         before), ``prompt_tokens`` and ``completion_tokens``; its ``cancel(i)`` takes a row out
         (a client gone). Rows are decoded with a KV cache; a row leaves its group's batch in

@@ -17,7 +17,7 @@ renamed to ``step-N`` and the parent fsynced; the oldest are removed (renamed aw
 so that the last ``keep`` stay. A ``step-N`` folder therefore is either complete or absent,
 whenever the process dies.
 
-Resume needs only the contract of :func:`plugtune.batching.epoch_batches` (the batch order is
+Resume needs only the contract of :func:`plugtune.data.batching.epoch_batches` (the batch order is
 a pure function of seed and epoch): the run rebuilds the model as an uninterrupted run would,
 loads these states over it, restores the RNGs last, and skips the batches of the current
 epoch the checkpoint had consumed. On the CPU the result is bit-identical to an uninterrupted
@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from .adapters import _fsync_dir, _fsync_write
-from .errors import RecipeError, TrainingError
+from plugtune.artifacts.adapters import _fsync_dir, _fsync_write
+from plugtune.kernel.errors import RecipeError, TrainingError
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"

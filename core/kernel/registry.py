@@ -26,8 +26,8 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginError
+from plugtune.kernel import hookspecs
+from plugtune.kernel.errors import PluginError
 
 KINDS: dict[str, str] = {
     # kind -> registration hook
@@ -161,7 +161,7 @@ def _entry_points() -> Iterator[tuple[str, Callable[[], ModuleType], str, str]]:
     """Yield (entry point name, loader, distribution, version), built-ins first."""
     eps = list(md.entry_points(group=hookspecs.PROJECT))
     if not any(ep.dist and ep.dist.name == "plugtune" for ep in eps):
-        from . import __version__
+        from plugtune import __version__
 
         for name, module in _BUILTIN_FALLBACK.items():
             yield name, (lambda m=module: importlib.import_module(m)), "plugtune", __version__

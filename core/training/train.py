@@ -29,20 +29,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__
-from .adapters import WEIGHTS_FILE, save_adapter
-from .batching import epoch_batches, shard
-from .checkpoints import Checkpointer, clear_checkpoints, interrupted_run_message, restore_rng, resume_point, truncate_log
-from .components import Decision
-from .datacheck import check_empty_fields, fit_to_context, prepare_split, report_overlong
-from .evaluation import evaluate
-from .errors import DataError, RecipeError, TrainingError
-from .faults import guarded
-from .loss import label_token_losses, output_head, supports_label_positions
-from .models import BaseInfo, load_base
-from .registry import PluginSystem, get_plugin_system
-from .recipe import Recipe
-from .runtime import (
+from plugtune import __version__
+from plugtune.artifacts.adapters import WEIGHTS_FILE, save_adapter
+from plugtune.data.batching import epoch_batches, shard
+from plugtune.training.checkpoints import Checkpointer, clear_checkpoints, interrupted_run_message, restore_rng, resume_point, truncate_log
+from plugtune.kernel.components import Decision
+from plugtune.data.datacheck import check_empty_fields, fit_to_context, prepare_split, report_overlong
+from plugtune.training.evaluation import evaluate
+from plugtune.kernel.errors import DataError, RecipeError, TrainingError
+from plugtune.kernel.faults import guarded
+from plugtune.training.loss import label_token_losses, output_head, supports_label_positions
+from plugtune.artifacts.models import BaseInfo, load_base
+from plugtune.kernel.registry import PluginSystem, get_plugin_system
+from plugtune.training.recipe import Recipe
+from plugtune.training.runtime import (
     choose_attention,
     choose_precision,
     choose_threads,
@@ -50,9 +50,9 @@ from .runtime import (
     set_mmap_threshold,
     uses_cuda,
 )
-from .signals import Interrupted, StopRequest, resume_command
-from .tasks import Task, collate
-from .tokenized_cache import cached_encode, tokenizer_fingerprint
+from plugtune.training.signals import Interrupted, StopRequest, resume_command
+from plugtune.data.tasks import Task, collate
+from plugtune.data.tokenized_cache import cached_encode, tokenizer_fingerprint
 
 
 @dataclass

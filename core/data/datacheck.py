@@ -22,9 +22,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DataError
-from .evaluation import encode_split
-from .tasks import Task
+from plugtune.kernel.errors import DataError
+from plugtune.data.encoding import encode_split
+from plugtune.data.tasks import Task
 
 UNLIMITED = 10**9
 
@@ -68,7 +68,7 @@ def fit_to_context(max_length: int, model: Any, console: Any) -> int:
 class PreparedSplit:
     """A split encoded under ``training.overlong``: what core/tokenized_cache.py keeps.
 
-    ``rows`` are :func:`~plugtune.evaluation.encode_split`'s rows and ``cut`` its count of
+    ``rows`` are :func:`~plugtune.training.evaluation.encode_split`'s rows and ``cut`` its count of
     truncated rows; ``dropped`` is how many rows ``drop`` left out for length; ``error`` is
     the one-line refusal (``refuse``, or ``drop`` with nothing left), raised by
     :func:`report_overlong` after any count is printed."""
@@ -81,7 +81,7 @@ class PreparedSplit:
 
 def _encode_full(row: dict[str, Any], task: Task, tokenizer: Any) -> dict[str, list[int]] | Exception:
     """``row``'s ids before any truncation, or the exception encoding it raised (the encoder
-    reports that with its own message, in :func:`~plugtune.evaluation.encode_split`)."""
+    reports that with its own message, in :func:`~plugtune.training.evaluation.encode_split`)."""
     try:
         return task.encode(row, tokenizer, UNLIMITED)
     except (KeyError, ValueError, TypeError) as exc:

@@ -3,7 +3,7 @@ together, one forward per step per *group* (rows that can share a forward: every
 every bare-base row form one group; each prefix or full-delta adapter is a group of its own),
 with the KV cache carried between steps (transformers' ``DynamicCache``).
 
-:class:`TextStream` is what :meth:`plugtune.host.AdapterHost.stream` returns: iterate it to
+:class:`TextStream` is what :meth:`plugtune.serving.host.AdapterHost.stream` returns: iterate it to
 get, per step, each row's new text; after (or during) iteration its ``finish_reasons`` says
 why each row stopped (``"stop"``: an end-of-sequence token or a stop string; ``"length"``:
 ``max_new_tokens`` reached; ``"cancelled"``: :meth:`TextStream.cancel`; ``None``: still
@@ -47,7 +47,7 @@ class DecodeGroup:
 
 def _as_list(value: Any, n: int, what: str, cast: Callable[[Any], Any] = float) -> list[Any]:
     """One value per row, from one value for all rows or one per row."""
-    from .errors import AdapterError
+    from plugtune.kernel.errors import AdapterError
 
     if isinstance(value, (int, float)):
         return [cast(value)] * n
@@ -60,7 +60,7 @@ def _as_list(value: Any, n: int, what: str, cast: Callable[[Any], Any] = float) 
 def _stops_per_row(stop: str | Sequence[str] | Sequence[Sequence[str] | None] | None, n: int) -> list[list[str]]:
     """One list of stop strings per row (empty strings dropped), from ``None``, one string or
     one list of strings for all rows, or one list (or ``None``) per row."""
-    from .errors import AdapterError
+    from plugtune.kernel.errors import AdapterError
 
     if stop is None:
         return [[] for _ in range(n)]

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .models import plugtune_home
-from .tasks import Task
+from plugtune.kernel.paths import plugtune_home
+from plugtune.data.tasks import Task
 
 CACHE_VERSION = 2  # bump when the entry's format changes (2: the overlong outcome, in the key and the entry)
 Encoded = TypeVar("Encoded")  # what the caller's encode() returns: a PreparedSplit in a run

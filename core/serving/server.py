@@ -44,9 +44,9 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import AdapterError, PlugtuneError
+from plugtune.kernel.errors import AdapterError, PlugtuneError
 
-log = logging.getLogger("plugtune.server")
+log = logging.getLogger("plugtune.serving.server")
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Names an adapter may be loaded under over HTTP: no slashes, no leading dot, at most 64."""
@@ -406,7 +406,7 @@ class Service:
     def load(self, request: LoadRequest) -> dict[str, Any]:
         """Load an adapter from inside the adapters root (in a worker thread: it waits for
         the running batch)."""
-        from .adapters import read_manifest
+        from plugtune.artifacts.adapters import read_manifest
 
         path = self.adapter_path(request.path)
         name = request.name
@@ -452,7 +452,7 @@ class Service:
         dropped: the adapter was trained on single prompts); otherwise the tokenizer's chat
         template renders the whole conversation; a tokenizer without one gets plain
         ``role: content`` lines ending in ``assistant:``."""
-        from .tasks import fill, template_fields
+        from plugtune.data.tasks import fill, template_fields
 
         template = self.host.adapters[adapter].task.prompt if adapter is not None else None
         fields = template_fields(template)
@@ -768,8 +768,8 @@ async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tup
 def build_host(adapter_dirs: Sequence[str | Path], base: str | None = None, *, allow_pickle: bool = False) -> Any:
     """The host ``plugtune serve`` holds: the base the first adapter names (or ``base``) and
     every adapter given, none of them active; with no adapters, ``base`` alone as a causal LM."""
-    from .host import AdapterHost
-    from .tasks import Task
+    from plugtune.serving.host import AdapterHost
+    from plugtune.data.tasks import Task
 
     if adapter_dirs:
         host = AdapterHost.from_adapters(*adapter_dirs, base_model=base, allow_pickle=allow_pickle)

@@ -22,7 +22,8 @@ import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .components import EvalBatch
+from plugtune.data.labels import IGNORE_INDEX
+from plugtune.kernel.components import EvalBatch
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 CAUSAL_LM = "causal-lm"
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 TASK_TYPES = (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
-IGNORE_INDEX = -100
 
 
 def template_fields(template: str | None) -> set[str]:
@@ -143,7 +143,7 @@ class Task:
             )
         # logits (B, T, V): position t predicts token t+1; the rows are built from the
         # logits at the label positions, as on the label-position path (core/loss.py)
-        from .loss import LabelPositions, eval_batch_from_label_logits
+        from plugtune.data.labels import LabelPositions, eval_batch_from_label_logits
 
         positions = LabelPositions.of(labels)
         logits = logits[:, logits.size(1) - labels.size(1):]  # leading virtual tokens, if any, predict no label

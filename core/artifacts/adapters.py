@@ -13,7 +13,7 @@ Writes are atomic: files go into a hidden sibling folder, are fsynced, and the f
 renamed into place; an existing adapter is replaced only after the new one is complete.
 Reads are strict: a missing file, a truncated or corrupt safetensors file, a hash that does
 not match the manifest, or a manifest without the fields plugtune needs is an
-:class:`~plugtune.errors.AdapterError`.
+:class:`~plugtune.kernel.errors.AdapterError`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import AdapterError
+from plugtune.kernel.errors import AdapterError
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
