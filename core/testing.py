@@ -20,6 +20,7 @@ Everything is built from configs with fixed seeds, in well under a second, offli
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import random
@@ -183,3 +184,580 @@ def plugin_system() -> Iterator[Any]:
         yield system
     finally:
         set_plugin_system(None)
+
+
+# == the conformance kit =====================================================================
+#
+# Checks a plugin author calls from their own tests, one entry per component kind. Each
+# check is a small named function that fails with an AssertionError saying which contract
+# was broken. Where a check must reach host or handler internals it goes through one of the
+# small functions right below, so there is one place to adapt when those internals change.
+
+
+def hosted_handler(host: Any, name: str) -> Any:
+    """The host-side handler serving adapter ``name`` on ``host``."""
+    return host.adapters[name].method
+
+
+def handler_supports_mixed_rows(handler: Any) -> bool:
+    """Whether a handler claims rows of one forward on different adapters."""
+    return bool(getattr(handler, "supports_mixed_batches", False)) and hasattr(handler, "mixed_rows")
+
+
+def handler_can_fold(handler: Any) -> bool:
+    """Whether a handler can fold an adapter into the base weights (merge/unmerge)."""
+    return hasattr(handler, "fold") and hasattr(handler, "unfold")
+
+
+def base_snapshot(host: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The bare base's tensors (cloned) and its module tree (path, class name)."""
+    model = host.base.model
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, [(n, type(m).__name__) for n, m in model.named_modules()]
+
+
+def assert_base_unchanged(host: Any, snapshot: tuple[dict[str, Any], list[tuple[str, str]]], when: str) -> None:
+    """The host's base is ``torch.equal`` to ``snapshot``: same modules, same tensors."""
+    import torch
+
+    state, modules = base_snapshot(host)
+    assert modules == snapshot[1], f"{when}: the base's modules changed (wrappers left behind or lost)"
+    assert state.keys() == snapshot[0].keys(), f"{when}: the base's tensors changed names: {sorted(state.keys() ^ snapshot[0].keys())[:4]}"
+    changed = [k for k in state if not torch.equal(state[k], snapshot[0][k])]
+    assert not changed, f"{when}: the base's weights changed: {changed[:4]}"
+
+
+PROBE_TEXTS = [
+    "question : what is the colour of the sky ? answer : blue",
+    "question : what is the colour of the sun ? answer :",
+    "the film was great",
+    "question : what is the colour of the grass ? answer : green and very fresh",
+]
+
+
+class _Probe:
+    """A lifecycle plugin: logits of the trained model, in memory, when training ends."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.logits: Any = None
+
+    from plugtune.kernel.hookspecs import hookimpl as _hookimpl
+
+    @_hookimpl
+    def on_train_end(self, run: Any, adapter_dir: str, metrics: dict[str, float]) -> None:
+        import torch
+
+        model = run.model
+        model.eval()
+        enc = run.tokenizer(self.texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+        with torch.no_grad():
+            self.logits = model(**enc).logits.detach().cpu()
+
+
+class _Crash:
+    """A lifecycle plugin that makes training die after step ``at_step`` (as a killed process
+    would, between checkpoints)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    from plugtune.kernel.hookspecs import hookimpl as _hookimpl
+
+    @_hookimpl
+    def on_step_end(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        if step == self.at_step:
+            raise RuntimeError(f"conformance kit: simulated kill after step {step}")
+
+
+@contextlib.contextmanager
+def plugin_system_with(extra_plugins: list[tuple[str, Any]] | None = None) -> Iterator[Any]:
+    """A fresh registry with ``extra_plugins`` installed for the block, reset after."""
+    from plugtune.kernel.registry import build_plugin_system, set_plugin_system
+
+    system = build_plugin_system(extra_plugins=list(extra_plugins or []))
+    set_plugin_system(system)
+    try:
+        yield system
+    finally:
+        set_plugin_system(None)
+
+
+def valid_positions(host: Any, texts: list[str]) -> Any:
+    """(batch, tokens) bool: the positions that are real tokens in a right-padded batch."""
+    return host.tokenizer(list(texts), return_tensors="pt", padding=True)["attention_mask"].bool()
+
+
+def _close(a: Any, b: Any, atol: float) -> float:
+    """Largest absolute difference between two tensors of one shape."""
+    assert a.shape == b.shape, f"logits of shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+class MethodKit:
+    """The conformance checks for a tuning method, sharing the adapters they train.
+
+    ``MethodKit(name, options, tmp_path=...)`` trains (on first need, once) two adapters of the
+    method (seeds 0 and 1) and one LoRA adapter on a tiny model; each ``check_*`` method is
+    one contract. ``extra_plugins`` registers plugins in code (``[("ia3", module)]``) for a
+    method that is not installed as a distribution. ``training`` updates the recipe's
+    training block (a method may need another learning rate to learn in a few steps).
+    """
+
+    CHECKS = ("loss_falls", "save_reload", "peft_format", "base_untouched", "composes_with_lora", "mixed_batch",
+              "fold_unfold", "kill_and_resume", "strict_attach")
+
+    def __init__(self, name: str, options: dict[str, Any] | None = None, *, tmp_path: Path,
+                 classification: bool = False, extra_plugins: list[tuple[str, Any]] | None = None,
+                 training: dict[str, Any] | None = None, base_model: Path | None = None,
+                 data_dir: Path | None = None, atol: float = 1e-5) -> None:
+        self.name, self.options, self.classification = name, dict(options or {}), classification
+        self.tmp = Path(tmp_path).resolve()
+        self.extra_plugins = list(extra_plugins or [])
+        self.training = {"max_steps": 6, "checkpoint_every": 2, **(training or {})}
+        self.atol = atol
+        self.base_model = base_model
+        self.data_dir = data_dir
+        self._trained: dict[str, tuple[Path, Any, Any]] = {}
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _base(self) -> Path:
+        if self.base_model is None:
+            build = build_tiny_bert if self.classification else build_tiny_llama
+            self.base_model = build(self.tmp / "base")
+        return self.base_model
+
+    def _data(self) -> Path:
+        if self.data_dir is None:
+            self.data_dir = write_tiny_data(self.tmp / "data")
+        return self.data_dir
+
+    def recipe(self, tag: str, *, method: str | None = None, options: dict[str, Any] | None = None, seed: int = 0) -> Path:
+        """Write the recipe of one kit run to ``tmp_path/<tag>.yaml`` and return its path."""
+        raw = recipe_dict(self._base(), self._data(), classification=self.classification, evaluators=["loss"],
+                          output={"dir": str(self.tmp / "adapters" / tag)})
+        if method is None:
+            raw["method"] = {"name": self.name, "options": self.options}
+        raw["training"].update(self.training, seed=seed)
+        raw["name"] = tag
+        path = self.tmp / f"{tag}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    def trained(self, tag: str) -> tuple[Path, Any, Any]:
+        """(adapter folder, RunResult, in-memory logits of the trained model on PROBE_TEXTS)
+        for ``tag``: ``a`` and ``b`` are this method (seeds 0, 1), ``lora`` a LoRA adapter."""
+        if tag not in self._trained:
+            import plugtune
+
+            recipe = self.recipe(tag, method="lora" if tag == "lora" else None, seed=1 if tag == "b" else 0)
+            probe = _Probe(self._probe_texts())
+            with plugin_system_with([*self.extra_plugins, ("plugtune-kit-probe", probe)]) as system:
+                result = plugtune.run(recipe, plugins=system, show_progress=False)
+            self._trained[tag] = (Path(result.adapter_dir), result, probe.logits)
+        return self._trained[tag]
+
+    def _probe_texts(self) -> list[str]:
+        return ["the film was great", "awful boring plot", "a very charming cast and a fresh story", "dull"] \
+            if self.classification else list(PROBE_TEXTS)
+
+    @contextlib.contextmanager
+    def host(self, *tags: str) -> Iterator[Any]:
+        """An ``AdapterHost`` on the tiny base with the adapters ``tags`` loaded (as their tags)."""
+        from plugtune.data.tasks import Task
+        from plugtune.artifacts.adapters import read_manifest
+        from plugtune.serving.host import AdapterHost
+
+        folders = [self.trained(t)[0] for t in tags]
+        with plugin_system_with(self.extra_plugins) as system:
+            task = Task.from_dict(read_manifest(folders[0] if folders else self.trained("a")[0]).task)
+            host = AdapterHost.from_base(str(self._base()), task, system, device="cpu")
+            for tag, folder in zip(tags, folders):
+                host.load(folder, tag)
+            yield host
+
+    # -- the checks -----------------------------------------------------------------------
+
+    def check_loss_falls(self) -> None:
+        """A short run from a recipe lowers the held-out loss."""
+        _, result, _ = self.trained("a")
+        before, after = result.before["loss"], result.after["loss"]
+        assert after < before, f"{self.name}: the held-out loss did not fall in {result.steps} steps ({before:.4f} -> {after:.4f})"
+
+    def check_save_reload(self) -> None:
+        """The saved adapter, loaded on an AdapterHost, gives the trained model's logits."""
+        _, _, trained = self.trained("a")
+        with self.host("a") as host:
+            got = host.logits(self._probe_texts(), "a")
+            mask = valid_positions(host, self._probe_texts())
+        diff = _close(got[mask], trained[mask], self.atol)
+        assert diff <= self.atol, f"{self.name}: save then reload changed the logits (max |diff| {diff:.2e} > {self.atol:g})"
+
+    def check_peft_format(self) -> None:
+        """Where adapter_config.json has a ``peft_type``, plain ``PeftModel.from_pretrained``
+        gives the host's logits (returns without checking when the adapter is not in peft's format)."""
+        import torch
+        from peft import PeftModel
+
+        folder, _, _ = self.trained("a")
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if "peft_type" not in config:
+            return
+        texts = self._probe_texts()
+        with self.host("a") as host:
+            hosted = host.logits(texts, "a")
+            mask = valid_positions(host, texts)
+        with self.host() as fresh:
+            model = PeftModel.from_pretrained(fresh.base.model, str(folder)).eval()
+            enc = fresh.tokenizer(texts, return_tensors="pt", padding=True)
+            with torch.no_grad():
+                plain = model(**enc).logits
+        diff = _close(plain[mask], hosted[mask], self.atol)
+        assert diff <= self.atol, f"{self.name}: plain peft and the host disagree on the adapter's logits (max |diff| {diff:.2e})"
+
+    def _attach_switch_unload(self, load: tuple[str, ...], unload: tuple[str, ...], when: str) -> None:
+        import torch
+
+        texts = self._probe_texts()
+        with self.host() as host:
+            fresh = base_snapshot(host)
+            bare = host.logits(texts, None)
+            alone = {}
+            for tag in load:
+                host.load(self.trained(tag)[0], tag)
+                assert torch.equal(host.logits(texts, None), bare), f"{self.name}: loading {tag!r} changed the bare base's logits ({when})"
+            for tag in (*load, load[0], None):
+                host.use(tag)
+                alone.setdefault(tag, host.logits(texts))
+            assert torch.equal(host.logits(texts, None), bare), f"{self.name}: the bare base gives other logits while adapters are resident ({when})"
+            for i, tag in enumerate(unload):
+                host.unload(tag)
+                for other in unload[i + 1:]:
+                    diff = _close(host.logits(texts, other), alone[other], 0.0)
+                    assert diff == 0.0, f"{self.name}: unloading {tag!r} changed adapter {other!r}'s logits ({when}; max |diff| {diff:.2e})"
+            assert_base_unchanged(host, fresh, f"{self.name}: after attach, switch and unload ({when})")
+            assert torch.equal(host.logits(texts, None), bare), f"{self.name}: the base gives other logits after unload ({when})"
+
+    def check_base_untouched(self) -> None:
+        """Attach, switch and unload (two adapters of the method, and a LoRA adapter loaded
+        before them) leave every other adapter as it was and the base ``torch.equal`` to a
+        fresh copy."""
+        self._attach_switch_unload(("lora", "a", "b"), ("a", "b", "lora"), "LoRA loaded first")
+
+    def check_composes_with_lora(self) -> None:
+        """The same with the LoRA adapter loaded after the method's adapters, and unloaded
+        in either order: the two methods' layer wrappers compose on one base."""
+        self._attach_switch_unload(("a", "b", "lora"), ("lora", "a", "b"), "LoRA loaded last, unloaded first")
+        self._attach_switch_unload(("lora", "a"), ("lora", "a"), "LoRA loaded first, unloaded first")
+
+    def check_mixed_batch(self) -> None:
+        """Rows on this adapter, another adapter of the method, the bare base and a LoRA
+        adapter, in one batch, each equal that row run alone (only when the handler claims
+        mixed rows; returns without checking otherwise)."""
+        texts = self._probe_texts()
+        names = ["a", "b", None, "lora"]
+        with self.host("lora", "a", "b") as host:
+            if not handler_supports_mixed_rows(hosted_handler(host, "a")):
+                return
+            mixed = host.logits(texts, names)
+            mask = valid_positions(host, texts)
+            for i, (text, name) in enumerate(zip(texts, names)):
+                alone = host.logits([text], name)[0]  # (tokens, vocab)
+                n = int(mask[i].sum())
+                diff = _close(mixed[i, :n], alone[:n], self.atol)
+                assert diff <= self.atol, (f"{self.name}: in a mixed batch, row {i} (adapter {name!r}) differs from the row "
+                                           f"run alone (max |diff| {diff:.2e}); the host or the handler mixes rows wrongly")
+
+    def check_fold_unfold(self) -> None:
+        """Merged logits equal unmerged ones, and unmerge restores the base bit for bit
+        (only when the handler can fold)."""
+        import torch
+
+        texts = self._probe_texts()
+        with self.host("a") as host:
+            if not handler_can_fold(hosted_handler(host, "a")):
+                return
+            host.use(None)
+            fresh = base_snapshot(host)
+            unmerged = host.logits(texts, "a")
+            host.merge("a")
+            merged = host.logits(texts, "a")
+            mask = valid_positions(host, texts)
+            diff = _close(merged[mask], unmerged[mask], self.atol)
+            assert diff <= self.atol, f"{self.name}: merged logits differ from unmerged ones (max |diff| {diff:.2e})"
+            host.unmerge()
+            assert torch.equal(host.logits(texts, "a"), unmerged), f"{self.name}: after unmerge the adapter gives other logits"
+            host.use(None)
+            assert_base_unchanged(host, fresh, f"{self.name}: after merge and unmerge")
+
+    def check_kill_and_resume(self) -> None:
+        """A run that dies after a checkpoint, resumed with ``resume=True``, saves the very
+        tensors of the uninterrupted run (bit-exact)."""
+        import plugtune
+        import torch
+        from plugtune.artifacts.adapters import read_adapter
+        from plugtune.kernel.errors import PluginError
+
+        every = int(self.training["checkpoint_every"])
+        assert every and self.training["max_steps"] > every + 1, "the kit's training block needs checkpoint_every < max_steps - 1"
+        reference, _, _ = self.trained("a")
+        recipe = self.recipe("resumed")
+        with plugin_system_with([*self.extra_plugins, ("plugtune-kit-crash", _Crash(every + 1))]) as system:
+            try:
+                plugtune.run(recipe, plugins=system, show_progress=False)
+            except PluginError:
+                pass
+            else:
+                raise AssertionError("conformance kit: the simulated kill did not stop the run")
+        with plugin_system_with(self.extra_plugins) as system:
+            result = plugtune.run(recipe, plugins=system, show_progress=False, resume=True)
+        got, want = read_adapter(result.adapter_dir).state, read_adapter(reference).state
+        assert got.keys() == want.keys(), f"{self.name}: the resumed run saved other tensors: {sorted(got.keys() ^ want.keys())[:4]}"
+        differ = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not differ, f"{self.name}: kill and resume is not bit-exact; these tensors differ: {differ[:4]}"
+
+    def broken_adapters(self) -> dict[str, Path]:
+        """Copies of adapter ``a`` with a wrong-shaped, a missing and an unexpected tensor."""
+        import torch
+        from plugtune.artifacts.adapters import read_adapter, save_adapter
+
+        adapter = read_adapter(self.trained("a")[0])
+        first = sorted(adapter.state)[0]
+        wrong = dict(adapter.state)
+        wrong[first] = torch.cat([wrong[first], wrong[first][:1]])  # one row too many
+        missing = {k: v for k, v in adapter.state.items() if k != first}
+        unexpected = {**adapter.state, first + ".unexpected": adapter.state[first].clone()}
+        out = {}
+        for label, state in {"wrong_shape": wrong, "missing": missing, "unexpected": unexpected}.items():
+            out[label] = save_adapter(self.tmp / "broken" / label, state=state, config=adapter.config,
+                                      manifest={**adapter.manifest.model_dump(), "name": label})
+        return out
+
+    def check_strict_attach(self) -> None:
+        """An adapter with a wrong-shaped, a missing or an unexpected tensor is refused with
+        AdapterError, and the host (its adapters, the base, the resident adapter's logits)
+        is left as it was."""
+        import torch
+        from plugtune.kernel.errors import AdapterError
+
+        texts = self._probe_texts()
+        broken = self.broken_adapters()
+        with self.host("a") as host:
+            host.use(None)
+            fresh = base_snapshot(host)
+            listed = host.list()
+            logits = host.logits(texts, "a")
+            for label, folder in broken.items():
+                try:
+                    host.load(folder, label)
+                except AdapterError:
+                    pass
+                else:
+                    raise AssertionError(f"{self.name}: an adapter with a {label.replace('_', ' ')} tensor was accepted")
+                assert host.list() == listed, f"{self.name}: a refused adapter ({label}) changed the host's list"
+                assert_base_unchanged(host, fresh, f"{self.name}: after refusing the {label} adapter")
+                assert torch.equal(host.logits(texts, "a"), logits), f"{self.name}: refusing the {label} adapter changed adapter a's logits"
+
+    def run_all(self, skip: tuple[str, ...] = ()) -> None:
+        """Every check but ``skip`` (names from :attr:`CHECKS`), in order."""
+        for check in self.CHECKS:
+            if check not in skip:
+                getattr(self, f"check_{check}")()
+
+
+def check_tuning_method(name: str, options: dict[str, Any] | None = None, *, tmp_path: Path, classification: bool = False,
+                        skip: tuple[str, ...] = (), **kit: Any) -> MethodKit:
+    """Run every tuning-method contract (see :class:`MethodKit`) on the tiny models; returns
+    the kit, whose adapters further tests may reuse. ``skip`` names checks to leave out."""
+    method_kit = MethodKit(name, options, tmp_path=tmp_path, classification=classification, **kit)
+    method_kit.run_all(skip)
+    return method_kit
+
+
+# -- data loaders, regularizers, evaluators ----------------------------------------------------
+
+
+def _component(kind: str, name_or_cls: Any, extra_plugins: list[tuple[str, Any]] | None = None) -> Any:
+    """A registered component class by name (or the class itself)."""
+    if not isinstance(name_or_cls, str):
+        return name_or_cls
+    with plugin_system_with(extra_plugins) as system:
+        return system.get(kind, name_or_cls).obj
+
+
+def _refused(cls: Any, options: dict[str, Any], base_dir: Path | None) -> bool:
+    from pydantic import ValidationError
+
+    from plugtune.kernel.errors import PlugtuneError
+
+    try:
+        cls.Options.model_validate(options, context={"base_dir": str(base_dir or ".")})
+    except (ValidationError, PlugtuneError):
+        return True
+    return False
+
+
+def check_data_loader(name_or_cls: Any, options: dict[str, Any], *, bad_options: list[dict[str, Any]] = (),
+                      base_dir: Path | None = None, seed: int = 0,
+                      extra_plugins: list[tuple[str, Any]] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """A data loader's contract: its options validate (relative paths against ``base_dir``)
+    and every dict in ``bad_options`` and an unknown key are refused; ``columns()`` equals the
+    keys of every loaded example; ``load(seed)`` returns ``train`` and ``test`` lists, the
+    same twice. Returns the splits."""
+    cls = _component("loader", name_or_cls, extra_plugins)
+    bound = cls.Options.model_validate(options, context={"base_dir": str(base_dir or ".")})
+    assert _refused(cls, {**options, "no_such_option_kit": 1}, base_dir), f"{cls.__name__}: an unknown option was accepted"
+    for bad in bad_options:
+        assert _refused(cls, bad, base_dir), f"{cls.__name__}: bad options {bad} were accepted at validation"
+    columns = cls(bound).columns()
+    assert isinstance(columns, list) and all(isinstance(c, str) for c in columns), f"{cls.__name__}: columns() must be a list of str"
+    splits = cls(bound).load(seed)
+    assert {"train", "test"} <= set(splits), f"{cls.__name__}: load() returned splits {sorted(splits)}, not train and test"
+    for split in ("train", "test"):
+        rows = splits[split]
+        assert isinstance(rows, list) and rows, f"{cls.__name__}: the {split} split is empty or not a list"
+        for i, row in enumerate(rows):
+            assert set(row) == set(columns), f"{cls.__name__}: {split}[{i}] has keys {sorted(row)}, columns() said {sorted(columns)}"
+    again = cls(bound).load(seed)
+    assert again == splits, f"{cls.__name__}: load({seed}) is not deterministic"
+    return splits
+
+
+REGULARIZER_HOOKS = ("param_groups", "transform_batch", "loss_term", "after_backward", "report", "setup",
+                     "augment_examples", "after_evaluate", "state_dict")
+
+
+def _spying(cls: Any, calls: dict[str, list[Any]]) -> type:
+    """A subclass of ``cls`` whose hooks record what they returned in ``calls``."""
+
+    def wrap(hook: str) -> Any:
+        def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = getattr(cls, hook)(self, *args, **kwargs)
+            calls.setdefault(hook, []).append(result)
+            if not calls.get("self") or calls["self"][-1] is not self:
+                calls.setdefault("self", []).append(self)
+            return result
+        return spy
+
+    return type(f"Spying{cls.__name__}", (cls,), {h: wrap(h) for h in REGULARIZER_HOOKS if hasattr(cls, h)})
+
+
+class _Registers:
+    """A plugin registering one regularizer under a name."""
+
+    def __init__(self, name: str, cls: Any) -> None:
+        self.name, self.cls = name, cls
+
+    from plugtune.kernel.hookspecs import hookimpl as _hookimpl
+
+    @_hookimpl
+    def register_regularizers(self, register: Any) -> None:
+        register(self.name, self.cls)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, looking into dicts, lists and tensors (``torch.equal``)."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def check_regularizer(name_or_cls: Any, options: dict[str, Any] | None = None, *, tmp_path: Path,
+                      classification: bool = False, expect: tuple[str, ...] | None = None,
+                      extra_plugins: list[tuple[str, Any]] | None = None) -> dict[str, list[Any]]:
+    """A regularizer's contract in a short real training run: every hook it defines (or those
+    in ``expect``) is called; ``report`` and ``after_backward`` give floats; a ``loss_term``
+    is a finite scalar tensor; ``state_dict`` round-trips through ``load_state_dict``.
+    Returns what each hook returned."""
+    import math
+
+    import plugtune
+    import torch
+
+    cls = _component("regularizer", name_or_cls, extra_plugins)
+    calls: dict[str, list[Any]] = {}
+    spy = _spying(cls, calls)
+    tmp = Path(tmp_path).resolve()
+    base = (build_tiny_bert if classification else build_tiny_llama)(tmp / "base")
+    raw = recipe_dict(base, write_tiny_data(tmp / "data"), classification=classification, evaluators=["loss"],
+                      regularizers=[{"name": "kit-spy", "options": dict(options or {})}], output={"dir": str(tmp / "adapter")})
+    raw["training"].update(max_steps=4, eval_every=2, checkpoint_every=2)
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with plugin_system_with([*(extra_plugins or []), ("plugtune-kit-spy", _Registers("kit-spy", spy))]) as system:
+        plugtune.run(recipe, plugins=system, show_progress=False)
+    wanted = expect if expect is not None else tuple(h for h in REGULARIZER_HOOKS if hasattr(cls, h) and h != "state_dict")
+    silent = [h for h in wanted if not calls.get(h)]
+    assert not silent, f"{cls.__name__}: hooks never called in a training run: {silent} (check their names and signatures)"
+    for hook in ("report", "after_backward"):
+        for values in calls.get(hook, []):
+            bad = {k: v for k, v in (values or {}).items() if not isinstance(v, float)}
+            assert not bad, f"{cls.__name__}.{hook} must report floats; got {bad}"
+    for term in calls.get("loss_term", []):
+        if term is not None:
+            assert isinstance(term, torch.Tensor) and term.dim() == 0 and math.isfinite(float(term.detach())), \
+                f"{cls.__name__}.loss_term must return a finite scalar tensor or None; got {term!r}"
+    if hasattr(cls, "state_dict"):
+        assert hasattr(cls, "load_state_dict"), f"{cls.__name__}: state_dict without load_state_dict"
+        state = calls["state_dict"][-1] if calls.get("state_dict") else None
+        assert state is not None, f"{cls.__name__}: state_dict was never called when a checkpoint was saved"
+        trained = calls["self"][-1]  # the instance that trained: set up, as a resumed run's is
+        trained.load_state_dict(state)
+        assert _same(cls.state_dict(trained), state), f"{cls.__name__}: state_dict does not round-trip through load_state_dict"
+    return calls
+
+
+def sample_eval_batches(task: Any) -> list[Any]:
+    """Three small evaluation batches fitting ``task`` (class indices for classification,
+    token-id tuples for causal LMs), with per-example scores and losses."""
+    from plugtune.kernel.components import EvalBatch
+
+    rng = random.Random(0)
+    batches = []
+    for _ in range(3):
+        if task.is_classification:
+            n_labels = len(task.labels or [0, 1])
+            refs = [rng.randrange(n_labels) for _ in range(6)]
+            preds = [r if rng.random() < 0.6 else rng.randrange(n_labels) for r in refs]
+        else:
+            refs = [tuple(rng.randrange(5, 20) for _ in range(3)) for _ in range(6)]
+            preds = [r if rng.random() < 0.5 else tuple(reversed(r)) for r in refs]
+        losses = [rng.uniform(0.5, 3.0) for _ in refs]
+        batches.append(EvalBatch(preds, refs, sum(losses) * 3, 3 * len(refs), scores=[rng.random() for _ in refs],
+                                 losses=losses, examples=[{"text": "a b c", "label": "x"} for _ in refs],
+                                 generated=["a b" for _ in refs], reference_texts=["a b c" for _ in refs]))
+    return batches
+
+
+def check_evaluator(name_or_cls: Any, options: dict[str, Any] | None = None, *, task: Any,
+                    batches: list[Any] | None = None, extra_plugins: list[tuple[str, Any]] | None = None) -> dict[str, float]:
+    """An evaluator's contract over ``batches`` (default :func:`sample_eval_batches`):
+    ``compute()`` after ``reset``/``update`` gives named floats; the same batches give the
+    same metrics; ``reset`` really resets (after it, the first batch alone gives what a fresh
+    instance gives for it). Returns the metrics over all batches."""
+    cls = _component("evaluator", name_or_cls, extra_plugins)
+    batches = batches if batches is not None else sample_eval_batches(task)
+    bound = cls.Options.model_validate(dict(options or {}))
+
+    def metrics(evaluator: Any, over: list[Any]) -> dict[str, float]:
+        evaluator.reset()
+        for batch in over:
+            evaluator.update(batch)
+        return evaluator.compute()
+
+    evaluator = cls(bound, task)
+    first = metrics(evaluator, batches)
+    assert isinstance(first, dict) and first, f"{cls.__name__}.compute() returned {first!r}, not a dict of metrics"
+    bad = {k: v for k, v in first.items() if not isinstance(k, str) or not isinstance(v, float)}
+    assert not bad, f"{cls.__name__}.compute() must give str -> float; got {bad}"
+    assert repr(metrics(cls(bound, task), batches)) == repr(first), f"{cls.__name__}: the same batches gave other metrics"
+    reused = metrics(evaluator, batches[:1])
+    assert repr(reused) == repr(metrics(cls(bound, task), batches[:1])), f"{cls.__name__}: reset() does not reset (earlier batches still count)"
+    return first

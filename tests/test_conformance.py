@@ -1,0 +1,73 @@
+"""The built-in plugins through the conformance kit plugin authors use (plugtune.testing).
+
+Each method's kit trains its adapters once (module-scoped) and every contract is its own
+test, so a failure names the method and the contract.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from plugtune.data.tasks import Task
+from plugtune.testing import (MethodKit, check_data_loader, check_evaluator, check_regularizer,
+                              write_tiny_data)
+
+METHODS = {
+    "lora": ({"r": 4, "alpha": 8, "target_modules": "all-linear"}, {}),
+    "full": ({}, {"learning_rate": 1e-3}),
+    "prefix": ({"num_virtual_tokens": 4}, {}),
+}
+# Contracts a built-in method does not meet on today's host (issue 12 item 3 lands them).
+KNOWN_GAPS = {
+    ("full", "strict_attach"): "full attaches any subset of its parameter deltas: nothing in the adapter says which "
+                               "tensors it must hold, so a missing delta goes unnoticed",
+}
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_data: Path) -> dict[str, MethodKit]:
+    return {name: MethodKit(name, options, tmp_path=tmp_path_factory.mktemp(f"kit-{name}"), training=training,
+                            base_model=tiny_llama, data_dir=tiny_data)
+            for name, (options, training) in METHODS.items()}
+
+
+@pytest.mark.parametrize("method, check", [
+    pytest.param(m, c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[m, c])) if (m, c) in KNOWN_GAPS else (m, c)
+    for m in METHODS for c in MethodKit.CHECKS
+])
+def test_builtin_method_meets_the_contract(kits: dict[str, MethodKit], method: str, check: str) -> None:
+    getattr(kits[method], f"check_{check}")()
+
+
+def test_table_loader_meets_the_contract(tiny_data: Path) -> None:
+    splits = check_data_loader("table", {"path": "sft.jsonl", "test_size": 0.25}, base_dir=tiny_data,
+                               bad_options=[{"path": "missing.csv"}, {"path": "sft.jsonl", "test_size": 1.5},
+                                            {"path": "sft.jsonl", "format": "xml"}])
+    assert len(splits["train"]) + len(splits["test"]) == 256
+
+
+def test_text_loader_meets_the_contract(tmp_path: Path) -> None:
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"paragraph {i} of the corpus" for i in range(20)))
+    check_data_loader("text", {"path": "corpus.txt", "test_size": 0.2}, base_dir=tmp_path,
+                      bad_options=[{"path": "corpus.txt", "unit": "sentence"}, {"path": "corpus.txt", "min_chars": 0}])
+
+
+@pytest.mark.parametrize("name, options, classification", [
+    ("word_dropout", {"p": 0.2, "seed": 3}, False),
+    ("early_stopping", {"metric": "loss", "patience": 5}, False),
+    ("label_smoothing", {"epsilon": 0.1}, True),
+])
+def test_builtin_regularizer_meets_the_contract(tmp_path: Path, name: str, options: dict, classification: bool) -> None:
+    check_regularizer(name, options, tmp_path=tmp_path, classification=classification)
+
+
+CLS = Task(type="sequence-classification", text="{text}", labels=["negative", "positive"])
+LM = Task(type="causal-lm", prompt="question : {question} answer :", response=" {answer}")
+
+
+@pytest.mark.parametrize("name, task", [("accuracy", CLS), ("f1", CLS), ("loss", LM), ("perplexity", LM), ("accuracy", LM)])
+def test_builtin_evaluator_meets_the_contract(name: str, task: Task) -> None:
+    metrics = check_evaluator(name, task=task)
+    assert metrics
