@@ -108,3 +108,43 @@ def test_a_method_whose_plugin_failed_to_import_is_named_as_such():
         "adapter 'a' was made by tuning method 'dora-x' from distribution plugtune-dora 9.9, whose plugin failed to load "
         "(plugin 'dora' (distribution plugtune-dora 9.9) failed to import: ModuleNotFoundError: No module named "
         "'dora_kernels'); fix or reinstall that plugin (see `plugtune plugins`)")
+
+
+class LegacyStepLora(LoraMethod):
+    """A third-party method written against the two-argument ``prepare``, with a per-step hook."""
+
+    steps: list[int] = []
+
+    def prepare(self, model: Any, task: Any) -> Any:
+        return super().prepare(model, task, PrepareContext())
+
+    def on_step(self, model: Any, step: int) -> None:
+        assert any(p.requires_grad for p in model.parameters())
+        type(self).steps.append(step)
+
+
+class LegacyPlugin:
+    from plugtune import hookimpl
+
+    @hookimpl
+    def register_tuning_methods(self, register):
+        register("legacy-lora", LegacyStepLora)
+
+
+def test_a_two_argument_method_trains_and_its_step_hook_runs_after_every_optimizer_step(make_recipe):
+    import plugtune
+    from plugtune.kernel.registry import set_plugin_system
+    from plugtune.serving.host import AdapterHost
+
+    LegacyStepLora.steps = []
+    plugins = build_plugin_system(extra_plugins=[("legacy", LegacyPlugin())])
+    set_plugin_system(plugins)
+    try:
+        path = make_recipe(name="legacy", method={"name": "legacy-lora", "options": {"r": 2}},
+                           training={"max_steps": 3, "batch_size": 4, "grad_accum": 2, "device": "cpu", "learning_rate": 1e-2})
+        result = plugtune.run(path, show_progress=False)
+        assert LegacyStepLora.steps == [1, 2, 3]  # once per optimizer step, not per micro-batch
+        host = AdapterHost.from_adapters(result.adapter_dir, plugins=plugins)
+        assert type(next(iter(host.handlers.values()))) is LoraHandler
+    finally:
+        set_plugin_system(None)
