@@ -203,7 +203,10 @@ class AdapterHandler(Protocol):
     Layer wrappers must compose with other handlers' wrappers, in any load order: a wrapper
     keeps the module it wraps as ``base_layer`` (peft's convention), finds the layer it
     adapts with :func:`original_module`, swaps modules with :func:`replace_module`, and when
-    it leaves, splices itself out of the stack with :func:`remove_wrapper`.
+    it leaves, splices itself out of the stack with :func:`remove_wrapper`. peft's tuner
+    layers follow the same convention, so a handler may build one around whatever sits at a
+    path (``peft.tuners.ia3.layer.Linear(model.get_submodule(path), name, config=...)``, even
+    over LoRA's hosted layer) and put it there with :func:`replace_module`.
     """
 
     Options: ClassVar[type[ComponentOptions]]
