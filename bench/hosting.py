@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from methods import write_section
 
 from plugtune.serving.host import AdapterHost
-from plugtune.artifacts.synthetic import random_lora_adapter
+from plugtune.plugins.methods.lora import random_lora_adapter
 from plugtune.data.tasks import Task
 
 OUT = ROOT / "bench" / "out" / "hosting"

@@ -48,9 +48,9 @@ MAX_TOKENS = 16
 
 def make_adapters(count: int) -> list[Path]:
     """``count`` random-init rank-8 LoRA adapters (q/v) for SmolLM2-135M with the quickstart
-    task, written as ordinary plugtune adapters (``plugtune.artifacts.synthetic``)."""
+    task, written as ordinary plugtune adapters (``plugtune.plugins.methods.lora.random_lora_adapter``)."""
     from plugtune.artifacts.models import load_base
-    from plugtune.artifacts.synthetic import random_lora_adapter
+    from plugtune.plugins.methods.lora import random_lora_adapter
     from plugtune.data.tasks import Task
 
     task = Task(type="causal-lm", prompt=PROMPT, response=" {label}")

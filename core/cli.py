@@ -294,13 +294,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def add_adapter_tool_parsers(sub: Any) -> None:
-    from plugtune.artifacts.combine import METHODS
-
-    p = sub.add_parser("combine", help="combine LoRA adapters into a new one (weighted sum, TIES, DARE via peft)")
+    p = sub.add_parser("combine", help="combine adapters into a new one (for LoRA: weighted sum, TIES, DARE via peft)")
     p.add_argument("out", metavar="OUT_DIR")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one per adapter (default: 1 each)")
-    p.add_argument("--method", default="linear", choices=METHODS)
+    p.add_argument("--method", default="linear",
+                   help="how to combine; the adapters' method checks it (LoRA: linear, cat, svd, ties, dare_linear, "
+                        "dare_ties, magnitude_prune and their _svd forms)")
     p.add_argument("--density", type=float, help="fraction of each update kept (ties, dare_*, magnitude_prune)")
     p.add_argument("--svd-rank", type=int, help="rank of the result for the *svd methods")
     p.add_argument("--name", help="the new adapter's name (default: the folder's)")

@@ -18,7 +18,7 @@ from plugtune.cli import main
 from plugtune.kernel.errors import AdapterError
 from plugtune.serving.host import AdapterHost
 from plugtune.plugins.methods.lora_hosting import UNSUPPORTED
-from plugtune.artifacts.synthetic import random_lora_adapter
+from plugtune.plugins.methods.lora import random_lora_adapter
 from plugtune.data.tasks import Task
 from plugtune.testing import build_tiny_llama
 

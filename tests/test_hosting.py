@@ -15,7 +15,7 @@ from plugtune.cli import main
 from plugtune.artifacts.combine import combine_adapters
 from plugtune.kernel.errors import AdapterError
 from plugtune.serving.host import AdapterHost
-from plugtune.artifacts.synthetic import random_lora_adapter
+from plugtune.plugins.methods.lora import random_lora_adapter
 from plugtune.data.tasks import Task
 
 TASK = Task(type="causal-lm", prompt="question : {q} answer :", response=" {a}")

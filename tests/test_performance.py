@@ -24,6 +24,7 @@ from plugtune.training.loss import (
     supports_label_positions,
 )
 from plugtune.artifacts.models import load_base
+from plugtune.kernel.components import PrepareContext, call_prepare
 from plugtune.training.runtime import (
     FORCE_GQA,
     choose_attention,
@@ -73,7 +74,7 @@ def _rows(tiny_llama: Path, tiny_data: Path, make_recipe, method: dict | None = 
     examples = [{**e, "question": e["question"] + " very" * (i % 5)} for i, e in enumerate(examples)]
     rows, _ = encode_split(examples, task, base.tokenizer, 48, "train")
     torch.manual_seed(0)
-    model = recipe.method.build().prepare(base.model, task)
+    model = call_prepare(recipe.method.build(), base.model, task, PrepareContext(new_parameters=base.new_parameters))
     with torch.no_grad():  # LoRA's B starts at zero: give every method non-trivial weights
         for p in model.parameters():
             if p.requires_grad:

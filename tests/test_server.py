@@ -568,7 +568,7 @@ def test_smollm2_server_with_its_chat_template_and_a_mixed_batch(tmp_path):
     """SmolLM2-135M-Instruct: chat on the base goes through its own chat template, and three
     concurrent clients (two random LoRA adapters and the base) batched together each get
     what their adapter gives alone."""
-    from plugtune.artifacts.synthetic import random_lora_adapter
+    from plugtune.plugins.methods.lora import random_lora_adapter
     from plugtune.data.tasks import Task
 
     task = Task(type="causal-lm", prompt="Message: {text}\nDepartment:", response=" {label}")

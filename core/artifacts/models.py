@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plugtune.kernel.errors import ModelError
+from plugtune.kernel.components import Merges
+from plugtune.kernel.errors import AdapterError, ModelError
 from plugtune.kernel.paths import plugtune_home
 from plugtune.kernel.registry import PluginSystem, get_plugin_system, unknown_name_message
 from plugtune.data.tasks import Task
@@ -141,9 +142,14 @@ class BaseInfo:
 
 @dataclass
 class LoadedBase:
+    """A loaded base model. ``new_parameters``: names of the parameters the loader freshly
+    initialised (a sequence-classification head) rather than read from the pretrained
+    weights; training passes them to the tuning method in its ``PrepareContext``."""
+
     model: torch.nn.Module
     tokenizer: Any
     info: BaseInfo
+    new_parameters: frozenset[str] = frozenset()
 
 
 def resolve(base_model: str, plugins: PluginSystem | None = None) -> Path | str:
@@ -259,23 +265,23 @@ def load_base(
         raise ModelError(f"base_model {base_model!r} cannot be used for task {task.type}: {exc}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    new = set(loading.get("missing_keys", ()))
-    # Tuning methods read this to save newly initialised weights (a classification head)
-    # by value: they are not part of the pretrained base the fingerprint identifies.
-    model.plugtune_new_parameters = frozenset(new)
+    # Newly initialised weights (a classification head) are not part of the pretrained base
+    # the fingerprint identifies; tuning methods get them in PrepareContext.new_parameters.
+    new = frozenset(loading.get("missing_keys", ()))
     info = BaseInfo(
         id=base_model,
         architecture=type(model).__name__,
         fingerprint=fingerprint(model, exclude=new),
         dtype=str(dtype).replace("torch.", ""),
     )
-    return LoadedBase(model=model, tokenizer=tokenizer, info=info)
+    return LoadedBase(model=model, tokenizer=tokenizer, info=info, new_parameters=new)
 
 
 def _load_merged(base_model: str, folder: Path, task: Task, *, dtype: Any, plugins: PluginSystem | None, seed: int) -> LoadedBase:
     """Load the base an adapter was trained on, merge the adapter into it, and fingerprint
     the result as a base of its own."""
     from plugtune.artifacts.adapters import read_adapter
+    from plugtune.artifacts.handlers import resolve_handler
 
     plugins = plugins or get_plugin_system()
     adapter = read_adapter(folder)
@@ -284,20 +290,16 @@ def _load_merged(base_model: str, folder: Path, task: Task, *, dtype: Any, plugi
     if parent.info.fingerprint != m.base_model.fingerprint:
         raise ModelError(f"base_model {base_model!r}: the adapter was trained on {m.base_model.id!r} "
                          f"({m.base_model.fingerprint}) but that now loads as {parent.info.fingerprint}")
-    component = plugins.find("method", m.method.name)
-    if component is None:
-        raise ModelError(f"base_model {base_model!r}: made by tuning method {m.method.name!r} "
-                         f"(distribution {m.method.distribution}), which is not installed")
-    handler_cls = getattr(component.obj, "hosted_by", component.obj)
-    fields = handler_cls.Options.model_fields
-    handler = handler_cls(handler_cls.Options.model_validate({k: v for k, v in m.method.options.items() if k in fields}))
-    if not hasattr(handler, "merge"):
+    try:
+        handler = resolve_handler(m, plugins, subject=f"base_model {base_model!r}: the adapter").build()
+    except AdapterError as exc:
+        raise ModelError(str(exc)) from None
+    if not isinstance(handler, Merges):
         raise ModelError(f"base_model {base_model!r}: {m.method.name} adapters cannot be merged into a base; "
                          f"serve it as an adapter instead (AdapterHost)")
-    new = getattr(parent.model, "plugtune_new_parameters", frozenset())
+    new = parent.new_parameters
     handler.attach(parent.model, m.name, adapter.state, adapter.config)
     model = handler.merge(parent.model, m.name)
-    model.plugtune_new_parameters = new
     info = BaseInfo(
         id=base_model,
         architecture=type(model).__name__,
@@ -305,7 +307,7 @@ def _load_merged(base_model: str, folder: Path, task: Task, *, dtype: Any, plugi
         dtype=parent.info.dtype,
         parent={"adapter": m.name, "method": m.method.name, "base": parent.info.to_dict()},
     )
-    return LoadedBase(model=model, tokenizer=parent.tokenizer, info=info)
+    return LoadedBase(model=model, tokenizer=parent.tokenizer, info=info, new_parameters=new)
 
 
 def _hub_message(base_model: str, exc: Exception) -> str:

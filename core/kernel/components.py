@@ -12,7 +12,8 @@ of a regularizer are looked up with ``getattr`` and skipped when absent.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, runtime_checkable
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from plugtune.artifacts.adapters import Adapter
     from plugtune.data.tasks import Task
 
 
@@ -81,61 +83,306 @@ class DataLoader(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class PrepareContext:
+    """What :meth:`TuningMethod.prepare` gets besides the model and the task, passed as an
+    argument (never as attributes set on the model).
+
+    ``new_parameters``: names of the parameters the loader freshly initialised rather than
+    read from the pretrained weights (a sequence-classification head); a method trains them
+    and saves them by value, since the base's fingerprint does not cover them. ``tokenizer``:
+    the base's tokenizer. ``seed``: the run's seed (already applied with ``set_seed``).
+    ``device``: where training will run (``"cpu"``, ``"cuda:0"``); the model may still be on
+    the CPU when ``prepare`` is called."""
+
+    new_parameters: frozenset[str] = frozenset()
+    tokenizer: Any = None
+    seed: int = 0
+    device: str | None = None
+
+
 @runtime_checkable
 class TuningMethod(Protocol):
-    """Turns a base model into a trainable one, saves what it trained as an adapter, and
-    attaches saved adapters to a resident base for inference.
+    """The training side of a tuning method: turns a base model into a trainable one and
+    saves what it trained as an adapter. Its host side is a separate :class:`AdapterHandler`
+    named by ``handler``.
 
     The adapter is always the pair (``adapter_state``, ``adapter_config``): a flat dict of
     tensors (saved as safetensors) and a JSON-able dict (saved as ``adapter_config.json``).
     Methods built on peft use peft's names for both, so plain peft loads their adapters.
+
+    Optional members (looked up with ``getattr``; absent means the default):
+
+    * ``handler: ClassVar[type[AdapterHandler]]`` -- the class that hosts this method's
+      adapters (several methods may share one: int8 training produces LoRA adapters, hosted
+      by LoRA's handler). Absent: the method class itself is the handler (the pre-split
+      layout, still accepted). ``hosted_by = OtherMethod`` is read as a deprecated alias:
+      the handler of ``OtherMethod``.
+    * ``trains_base_weights: ClassVar[bool] = False`` -- True keeps the base in fp32 on GPUs
+      (the default there is bf16 for a frozen base).
+    * ``preflight(self) -> str | None`` -- called while the recipe is validated, before any
+      model loads: a one-line reason the method cannot run on this machine, or None.
+    * ``optimizer(self, param_groups, lr) -> torch.optim.Optimizer`` -- called once after
+      ``prepare`` with the trainable parameters' groups; default torch's AdamW.
+    * ``on_step(self, model, step) -> None`` -- called by the training loop after every
+      optimizer step (``step`` counts from 1), with the model ``prepare`` returned (unwrapped
+      from any distributed wrapper): for methods that change their structure while training
+      (AdaLoRA's rank allocation).
     """
 
     Options: ClassVar[type[ComponentOptions]]
 
     def __init__(self, options: Any) -> None: ...
 
-    def prepare(self, model: nn.Module, task: Task) -> nn.Module:
-        """Freeze, inject and return the model to train (it may be a wrapper)."""
+    def prepare(self, model: nn.Module, task: Task, context: PrepareContext) -> nn.Module:
+        """Called once per run, after the base is loaded and the "before" evaluation ran:
+        freeze, inject, and return the model to train (it may be a wrapper). A method
+        written against the older ``prepare(model, task)`` still works: the core calls it
+        through :func:`call_prepare`, which looks at the signature."""
         ...
 
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The tensors that make up the trained adapter, on CPU."""
+        """Called after training (and for each checkpoint) with the model ``prepare``
+        returned: the tensors that make up the trained adapter, on CPU."""
         ...
 
     def adapter_config(self, model: nn.Module) -> dict[str, Any]:
-        """The JSON-able config written beside the tensors."""
+        """Called right after ``adapter_state``: the JSON-able config written beside the
+        tensors (``adapter_config.json``); the handler's ``attach`` receives it back."""
         ...
 
-    # Optional, training side:
-    #   optimizer(param_groups, lr) -> torch.optim.Optimizer   (default: torch AdamW)
-    #   preflight() -> str | None   called while the recipe is validated, before any model
-    #                               loads: a reason the method cannot run here, or None.
-    #   trains_base_weights = True  class attribute: keep the base in fp32 on GPUs (default
-    #                               there is bf16 for a frozen base).
-    #
-    # Host side. The adapter host makes one instance per method class (with the first
-    # adapter's options) and routes every adapter of that method through it, so the instance
-    # may keep state shared by those adapters (a peft wrapper, the base values it overwrote).
-    # A method whose adapters another method can host sets ``hosted_by = ThatMethod``.
-    # ``model`` is always the bare base model the host loaded.
+
+def call_prepare(method: Any, model: nn.Module, task: Task, context: PrepareContext) -> nn.Module:
+    """``method.prepare(model, task, context)``, or ``prepare(model, task)`` for a method
+    whose ``prepare`` takes two arguments (written before :class:`PrepareContext`)."""
+    import inspect
+
+    try:
+        params = inspect.signature(method.prepare).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: assume the current protocol
+        return method.prepare(model, task, context)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_more = any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 3
+    return method.prepare(model, task, context) if takes_more else method.prepare(model, task)
+
+
+def handler_class(method: type) -> type:
+    """The :class:`AdapterHandler` class that hosts adapters of tuning method ``method``:
+    its ``handler``, else (deprecated) the handler of its ``hosted_by``, else the method
+    class itself (methods written before the two sides were split)."""
+    seen: set[type] = set()
+    while method not in seen:
+        seen.add(method)
+        handler = getattr(method, "handler", None)
+        if handler is not None:
+            return handler
+        hosted_by = getattr(method, "hosted_by", None)
+        if hosted_by is None or hosted_by is method:
+            return method
+        method = hosted_by
+    return method
+
+
+@runtime_checkable
+class AdapterHandler(Protocol):
+    """The host side of a tuning method: attaches saved adapters to a resident base model
+    and switches between them (:class:`plugtune.serving.host.AdapterHost`, ``plugtune
+    merge``, a recipe whose ``base_model`` is an adapter folder, ``plugtune combine``).
+
+    A host makes **one instance per handler class** (built with the first adapter's method
+    options, validated against ``Options``) and routes every adapter of that handler through
+    it, so the instance may keep state shared by those adapters (a peft wrapper, the base
+    values a full-weight delta overwrote). ``model`` is always the bare base model the host
+    loaded (with any layer wrappers resident handlers installed in it).
+
+    What a handler may add is declared by the capabilities below, each documented once:
+    ``attach_reads_base_weights`` (a flag) and the protocols :class:`MixesRows`,
+    :class:`Folds`, :class:`Merges`, :class:`StartsDecoding`, :class:`ReportsResidentBytes`
+    and :class:`Combines`. The core asks ``isinstance(handler, Folds)``, never a name.
+
+    Layer wrappers must compose with other handlers' wrappers, in any load order: a wrapper
+    keeps the module it wraps as ``base_layer`` (peft's convention), finds the layer it
+    adapts with :func:`original_module`, swaps modules with :func:`replace_module`, and when
+    it leaves, splices itself out of the stack with :func:`remove_wrapper`. peft's tuner
+    layers follow the same convention, so a handler may build one around whatever sits at a
+    path (``peft.tuners.ia3.layer.Linear(model.get_submodule(path), name, config=...)``, even
+    over LoRA's hosted layer) and put it there with :func:`replace_module`.
+    """
+
+    Options: ClassVar[type[ComponentOptions]]
+
+    attach_reads_base_weights: ClassVar[bool] = True
+    """True (default): ``attach`` may read the base's weights, so the host takes the active
+    adapter off (``activate(model, None)`` on every handler) for the attach and restores it
+    afterwards, and refuses while an adapter is merged. False: ``attach`` only stores
+    tensors; the host attaches without switching."""
+
+    def __init__(self, options: Any) -> None: ...
 
     def attach(
         self, model: nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> nn.Module:
-        """Attach a saved adapter under ``name`` without activating it; return the module
-        that runs it (``model`` itself, or a wrapper around it). Must be strict: missing or
+        """Called by the host's ``load``: attach a saved adapter under ``name`` without
+        activating it; return the module that runs it (``model`` itself, or a wrapper around
+        it). Must be strict and check everything before touching the model: missing or
         unexpected tensors, or wrong shapes, raise :class:`plugtune.kernel.errors.AdapterError`."""
         ...
 
     def activate(self, model: nn.Module, name: str | None) -> None:
-        """Make ``name`` this method's active adapter, or (``None``) leave the base exactly
-        as loaded. The host calls ``activate(model, None)`` on every other method first."""
+        """Called on every switch: make ``name`` this handler's active adapter, or
+        (``None``) leave the base exactly as loaded. The host calls ``activate(model,
+        None)`` on every other handler first, so at most one adapter is active."""
         ...
 
     def detach(self, model: nn.Module, name: str) -> None:
-        """Remove adapter ``name`` (never the active one) and free its memory."""
+        """Called by the host's ``unload`` (never on the active adapter): remove adapter
+        ``name`` and free its memory; the last adapter off a layer takes its wrapper out."""
         ...
+
+
+@runtime_checkable
+class MixesRows(Protocol):
+    """Capability: rows of one forward may run different adapters of this handler.
+
+    The host builds one forward through the bare base for the rows of every mixing handler
+    (and rows on the bare base), and enters ``mixed_rows`` of each handler present, telling
+    each **only its own rows**: ``names[i]`` is this handler's adapter for row ``i`` or
+    ``None`` (the bare base as far as this handler is concerned, because another handler's
+    adapter or none runs that row). Each row must come out exactly as its adapter alone gives
+    it (the handlers' wrappers compose, and a wrapper adds nothing for a ``None`` row). A
+    handler may set ``supports_mixed_batches = False`` to opt out despite the method."""
+
+    def mixed_rows(self, model: nn.Module, names: list[str | None]) -> AbstractContextManager[None]:
+        """Route each row of the forwards run inside the context to its adapter."""
+        ...
+
+
+@runtime_checkable
+class Folds(Protocol):
+    """Capability: fold the active adapter into the base weights and back, exactly (host
+    ``merge``/``unmerge``: inference at the bare base's cost while one adapter serves)."""
+
+    def fold(self, model: nn.Module, name: str) -> None:
+        """Called with ``name`` active: write it into the base's weights, keeping what is
+        needed for :meth:`unfold`."""
+        ...
+
+    def unfold(self, model: nn.Module) -> None:
+        """Undo :meth:`fold` bit for bit (copy kept originals back, never subtract)."""
+        ...
+
+
+@runtime_checkable
+class Merges(Protocol):
+    """Capability: make an adapter part of the base for good (``plugtune merge``, a recipe
+    whose ``base_model`` is an adapter folder)."""
+
+    def merge(self, model: nn.Module, name: str) -> nn.Module:
+        """Called after ``attach(model, name, ...)``: fold the adapter in permanently, take
+        every wrapper of this handler out, and return the plain model."""
+        ...
+
+
+@runtime_checkable
+class StartsDecoding(Protocol):
+    """Capability: an adapter that decodes from a start of its own (prefix-like methods)
+    rather than through the wrapped base."""
+
+    def decode_parts(self, model: nn.Module, name: str) -> tuple[nn.Module, Any]:
+        """For the host's KV-cached decode loop: the module to decode with, and
+        ``start(batch_size) -> (initial cache, its length in tokens)``."""
+        ...
+
+
+@runtime_checkable
+class ReportsResidentBytes(Protocol):
+    """Capability: tell how much memory an attached adapter takes on the host."""
+
+    def resident_bytes(self, model: nn.Module, name: str) -> int:
+        """Bytes of device memory adapter ``name``'s tensors take (``AdapterHost.list``)."""
+        ...
+
+
+@dataclass
+class Combined:
+    """What :meth:`Combines.combine` returns: the new adapter's tensors and config, the
+    method options its manifest records, a JSON-able description of the combination, and
+    (optionally) the tuning method class the result counts as (default: the first parent's)."""
+
+    state: dict[str, Any]
+    config: dict[str, Any]
+    options: dict[str, Any]
+    record: dict[str, Any]
+    method: type | None = None
+
+
+@runtime_checkable
+class Combines(Protocol):
+    """Capability: combine several adapters of this handler into a new one (``plugtune
+    combine``). The core checks that the parents share base, task and handler, loads the
+    base once, and saves the result with a manifest recording every parent."""
+
+    def combine(self, model: nn.Module, parents: Sequence[Adapter], weights: Sequence[float],
+                options: Mapping[str, Any]) -> Combined:
+        """``model`` is the bare base (fp32); ``parents`` the adapters as read from disk;
+        ``options`` the combination's settings from the caller (``method``, ``density``,
+        ...), which the handler validates, raising :class:`AdapterError` with a fix."""
+        ...
+
+
+def mixes_rows(handler: Any) -> bool:
+    """Whether ``handler`` can run rows of different adapters in one forward."""
+    return isinstance(handler, MixesRows) and bool(getattr(handler, "supports_mixed_batches", True))
+
+
+def original_module(module: nn.Module) -> nn.Module:
+    """The module at the bottom of a stack of layer wrappers: follows ``base_layer`` (peft's
+    convention for wrapped layers) and ``original_module`` (peft's, for modules saved whole)
+    down to a module that wraps nothing. Check shapes and types on this, never on the top."""
+    while True:
+        inner = getattr(module, "base_layer", None)
+        if inner is None or not hasattr(inner, "forward"):
+            inner = getattr(module, "original_module", None)
+        if inner is None or not hasattr(inner, "forward") or inner is module:
+            return module
+        module = inner
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at dotted ``path`` of ``model`` (the top of whatever stack is there);
+    returns the module that was there."""
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def remove_wrapper(model: nn.Module, path: str, wrapper: nn.Module) -> None:
+    """Take ``wrapper`` out of the stack at ``path`` wherever it sits in it: at the top, the
+    module it wraps takes its place; in the middle, the wrapper above it wraps what it
+    wrapped. A wrapper not in the stack is left alone."""
+    inner = _inner(wrapper)
+    above: nn.Module | None = None
+    current = model.get_submodule(path)
+    while current is not None and current is not wrapper:
+        above, current = current, _inner(current)
+    if current is None or inner is None:
+        return
+    if above is None:
+        replace_module(model, path, inner)
+    else:
+        setattr(above, _inner_name(above), inner)
+
+
+def _inner_name(module: nn.Module) -> str:
+    inner = getattr(module, "base_layer", None)
+    return "base_layer" if inner is not None and hasattr(inner, "forward") else "original_module"
+
+
+def _inner(module: nn.Module) -> nn.Module | None:
+    inner = getattr(module, _inner_name(module), None)
+    return inner if inner is not None and hasattr(inner, "forward") and inner is not module else None
 
 
 @dataclass

@@ -48,8 +48,9 @@ def register_tuning_methods(register: Register) -> None:
     """Register tuning methods: ``register("lora", LoraMethod)``.
 
     Called once, when the registry is built. A tuning method turns a base model into a
-    trainable one and back into a saved adapter, and attaches saved adapters to a resident
-    base for inference (see :class:`plugtune.kernel.components.TuningMethod`). Returns nothing.
+    trainable one and back into a saved adapter (:class:`plugtune.kernel.components.TuningMethod`);
+    its ``handler`` attaches saved adapters to a resident base for inference
+    (:class:`plugtune.kernel.components.AdapterHandler`). Returns nothing.
     """
 
 

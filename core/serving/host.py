@@ -9,20 +9,20 @@
     host.merge("support"); ...; host.unmerge()   # fold into the base weights, and back exactly
     host.unload("support-r4")
 
-LoRA (and int8-trained LoRA) adapters live in shared routed layers (see
-``plugtune.plugins.methods.lora_hosting``): a switch is one attribute write, and rows naming
-different LoRA adapters (or none) share one forward. Prefix and full-delta adapters run as
-groups of their own.
+Each adapter is attached by its method's handler (one instance per handler class on a host;
+:func:`plugtune.artifacts.handlers.resolve_handler` finds it from the manifest). Rows of
+handlers that mix rows (LoRA's routed layers, and any handler declaring
+:class:`~plugtune.kernel.components.MixesRows`) share one forward, each handler told only
+its own rows, and every row gives exactly what its adapter gives alone; other adapters run
+as groups of their own.
 
 Loading is strict: an adapter made for another base (fingerprint or tensor shapes), another
 task, or by a method whose plugin is not installed, and a damaged or pickled weights file,
 are refused with an :class:`AdapterError` that says what was expected.
 
-A method's host-side handler needs ``attach``/``activate``/``detach``; it may also offer
-``supports_mixed_batches`` + ``mixed_rows(model, names)`` (rows of one forward with their own
-adapters), ``attach_reads_base_weights = False`` (attach without taking the active adapter
-off), ``fold``/``unfold`` (merge/unmerge) and ``decode_parts`` (a model and initial cache for
-the decode loop, as prefix tuning needs).
+What a handler must and may do (``attach``/``activate``/``detach``; mixing rows, folding,
+merging, a decode start, resident bytes, combining) is documented once, on
+:class:`plugtune.kernel.components.AdapterHandler` and its capability protocols.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from typing import Any
 import torch
 
 from plugtune.artifacts.adapters import Manifest, read_adapter, read_manifest
+from plugtune.artifacts.handlers import resolve_handler
 from plugtune.serving.decoding import DecodeGroup, TextStream, no_prefix
+from plugtune.kernel.components import Folds, ReportsResidentBytes, StartsDecoding, mixes_rows
 from plugtune.kernel.errors import AdapterError
 from plugtune.artifacts.models import LoadedBase, load_base
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
@@ -142,24 +144,12 @@ class AdapterHost:
                 f"adapter {name!r} is for task {task.type} (labels {task.labels}); this host serves "
                 f"{self.task.type} (labels {self.task.labels})"
             )
-        component = self.plugins.find("method", m.method.name)
-        if component is None:
-            dist = f" from distribution {m.method.distribution} {m.method.version}".rstrip() if m.method.distribution else ""
-            raise AdapterError(
-                f"adapter {name!r} was made by tuning method {m.method.name!r}{dist}, which is not installed; "
-                f"install that plugin (see `plugtune plugins`)"
-            )
-        # A method may hand its adapters to another method's handler (``hosted_by``): int8
-        # training produces LoRA adapters, hosted with every other LoRA adapter.
-        handler_cls = getattr(component.obj, "hosted_by", component.obj)
-        handler = self.handlers.get(handler_cls)
+        spec = resolve_handler(m, self.plugins, subject=f"adapter {name!r}")
+        # One handler per handler class: int8 training produces LoRA adapters, hosted with
+        # every other LoRA adapter by LoRA's handler.
+        handler = self.handlers.get(spec.cls)
         if handler is None:
-            fields = handler_cls.Options.model_fields
-            try:
-                options = handler_cls.Options.model_validate({k: v for k, v in m.method.options.items() if k in fields})
-            except Exception as exc:  # noqa: BLE001
-                raise AdapterError(f"adapter {name!r}: its {m.method.name} options are invalid ({exc})") from None
-            handler = self.handlers[handler_cls] = handler_cls(options)
+            handler = self.handlers[spec.cls] = spec.build()
         if getattr(handler, "attach_reads_base_weights", True):
             if self.merged is not None:
                 raise AdapterError(f"adapter {self.merged!r} is merged into the base; call unmerge() before loading {name!r}")
@@ -224,7 +214,7 @@ class AdapterHost:
         folder, and whether it is active or merged."""
         return [
             {"name": h.name, "method": h.manifest.method.name, "size_bytes": h.size_bytes,
-             "resident_bytes": h.method.resident_bytes(self.base.model, h.name) if hasattr(h.method, "resident_bytes") else None,
+             "resident_bytes": h.method.resident_bytes(self.base.model, h.name) if isinstance(h.method, ReportsResidentBytes) else None,
              "base_fingerprint": h.manifest.base_model.fingerprint, "task": h.manifest.task.get("type"),
              "labels": h.manifest.task.get("labels"), "path": str(h.path), "active": h.name == self.active,
              "merged": h.name == self.merged}
@@ -241,7 +231,7 @@ class AdapterHost:
         hosted = self._get(name)
         if self.merged is not None:
             raise AdapterError(f"adapter {self.merged!r} is already merged into the base; call unmerge() first")
-        if not hasattr(hosted.method, "fold"):
+        if not isinstance(hosted.method, Folds):
             raise AdapterError(f"adapter {name!r}: {hosted.manifest.method.name} adapters cannot be merged into the base weights")
         self.use(name)
         hosted.method.fold(self.base.model, name)
@@ -289,23 +279,36 @@ class AdapterHost:
         return list(adapters)
 
     def _mixable(self, name: str | None) -> bool:
-        return name is None or getattr(self.adapters[name].method, "supports_mixed_batches", False)
+        """Whether row ``name`` can share the forward through the bare base with rows of
+        other adapters: its handler mixes rows and runs it through the base itself."""
+        if name is None:
+            return True
+        hosted = self.adapters[name]
+        return mixes_rows(hosted.method) and hosted.runner is self.base.model
 
     @contextlib.contextmanager
     def _routed(self, names: list[str | None]) -> Iterator[None]:
-        """Rows of the next forwards through the bare base, each with its own LoRA adapter."""
-        handler = next((self.adapters[n].method for n in names if n is not None), None)
-        with self.using(None):
-            if handler is None:
-                yield
-            else:
-                with handler.mixed_rows(self.base.model, names):
-                    yield
+        """Rows of the next forwards through the bare base, each with its own adapter: every
+        mixing handler present is told only its own rows (``None`` for the others), and
+        their layer wrappers compose, so each row runs exactly its adapter."""
+        owners: dict[int, tuple[Any, list[str | None]]] = {}
+        for i, name in enumerate(names):
+            if name is None:
+                continue
+            handler = self.adapters[name].method
+            _, rows = owners.setdefault(id(handler), (handler, [None] * len(names)))
+            rows[i] = name
+        with self.using(None), contextlib.ExitStack() as stack:
+            for handler, rows in owners.values():
+                stack.enter_context(handler.mixed_rows(self.base.model, rows))
+            yield
 
     def _groups(self, names: list[str | None], decoding: bool = False) -> list[DecodeGroup]:
-        """Rows that share a forward: all LoRA and bare-base rows together, then one group
-        per adapter of any other method. ``decoding``: models and starts for the KV-cached
-        decode loop (a prefix adapter decodes through the bare base from its prefix cache)."""
+        """Rows that share a forward: every row of a mixing handler (LoRA's, and any other
+        that declares :class:`~plugtune.kernel.components.MixesRows`) and every bare-base
+        row together, then one group per adapter of any other handler. ``decoding``: models
+        and starts for the KV-cached decode loop (a prefix adapter decodes through the bare
+        base from its prefix cache)."""
         for name in names:
             if name is not None:
                 self._get(name)
@@ -319,8 +322,8 @@ class AdapterHost:
         for name in dict.fromkeys(n for n in names if not self._mixable(n)):
             hosted = self.adapters[name]
             rows = [i for i, n in enumerate(names) if n == name]
-            parts = getattr(hosted.method, "decode_parts", None) if decoding else None
-            model, start = parts(self.base.model, name) if parts else (hosted.runner, no_prefix)
+            starts = decoding and isinstance(hosted.method, StartsDecoding)
+            model, start = hosted.method.decode_parts(self.base.model, name) if starts else (hosted.runner, no_prefix)
             groups.append(DecodeGroup(rows, model, lambda _, name=name: self.using(name), start))
         return groups
 

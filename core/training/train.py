@@ -33,7 +33,7 @@ from plugtune import __version__
 from plugtune.artifacts.adapters import WEIGHTS_FILE, save_adapter
 from plugtune.data.batching import epoch_batches, shard
 from plugtune.training.checkpoints import Checkpointer, clear_checkpoints, interrupted_run_message, restore_rng, resume_point, truncate_log
-from plugtune.kernel.components import Decision
+from plugtune.kernel.components import Decision, PrepareContext, call_prepare
 from plugtune.data.datacheck import check_empty_fields, fit_to_context, prepare_split, report_overlong
 from plugtune.training.evaluation import evaluate
 from plugtune.kernel.errors import DataError, RecipeError, TrainingError
@@ -267,7 +267,8 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
 
     set_seed(t.seed)
     method = recipe.method.build()
-    model = method.prepare(base.model, task)
+    context = PrepareContext(new_parameters=base.new_parameters, tokenizer=tokenizer, seed=t.seed, device=str(accelerator.device))
+    model = call_prepare(method, base.model, task, context)
     trainable, total = count_parameters(model)
     for _, reg in regularizers:
         if hasattr(reg, "setup"):
@@ -393,6 +394,8 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
+                    if accelerator.sync_gradients and hasattr(method, "on_step"):
+                        method.on_step(unwrapped_model, state.step + 1)
                 window_tokens += batch_tokens
                 window_loss += float(outputs.loss.detach())
                 window_micro += 1

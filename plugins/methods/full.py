@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from plugtune.data.tasks import Task
+    from plugtune.kernel.components import PrepareContext
 
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)")
@@ -68,88 +69,21 @@ def base_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return params
 
 
-class FullMethod:
-    """Full fine-tuning of the selected parameters; the adapter is their delta."""
+class FullHandler:
+    """The host side of ``full``: applying an adapter writes ``pretrained + delta`` into the
+    base's own parameters; switching away copies the pretrained values back from a copy kept
+    when the first adapter touching them was attached (bit for bit).
+
+    Capabilities: folds/unfolds (an applied adapter already is in the weights), merges.
+    Rows of other adapters cannot share its forward (it changes the base's weights)."""
 
     Options = FullOptions
-    trains_base_weights = True  # keep fp32 master weights on GPUs too
 
     def __init__(self, options: FullOptions) -> None:
         self.options = options
-        self._initial: dict[str, torch.Tensor] = {}
-        self._new: frozenset[str] = frozenset()
-        self._errors: dict[str, float] = {}
-        # host side
         self._stored: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
         self._pretrained: dict[str, torch.Tensor] = {}
         self._applied: str | None = None
-
-    # -- training -----------------------------------------------------------------------
-
-    def _selected(self, name: str, last_layer: int) -> bool:
-        o = self.options
-        if name in self._new:
-            return True  # a new head is always trained
-        if o.train == "biases" and not name.endswith(".bias"):
-            return False
-        if o.freeze_embeddings and EMBEDDING.search(name):
-            return False
-        if o.include is not None and not re.fullmatch(o.include, name):
-            return False
-        if o.top_layers is not None:
-            match = LAYER_INDEX.search(name)
-            if match is None:
-                return not EMBEDDING.search(name)  # final norm, pooler, head: yes; embeddings: no
-            return int(match.group(1)) > last_layer - o.top_layers
-        return True
-
-    def prepare(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
-        self._new = frozenset(getattr(model, "plugtune_new_parameters", frozenset()))
-        indices = [int(m.group(1)) for n, _ in model.named_parameters() if (m := LAYER_INDEX.search(n))]
-        last_layer = max(indices, default=-1)
-        chosen = 0
-        for name, param in model.named_parameters():
-            keep = self._selected(name, last_layer)
-            param.requires_grad_(keep)
-            if keep:
-                chosen += 1
-                if name not in self._new:
-                    self._initial[name] = param.detach().to("cpu", copy=True).float()
-        if not chosen:
-            raise RecipeError(["method.options: the selection trains no parameter of this model"])
-        return model
-
-    def adapter_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        import torch
-
-        state: dict[str, torch.Tensor] = {}
-        self._errors = {}
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            current = param.detach().to("cpu").float()
-            if name in self._new:
-                state[f"value.{name}"] = current.clone()
-                continue
-            delta = current - self._initial[name]
-            if not torch.any(delta):
-                continue  # untouched (e.g. tied weights counted once)
-            if self.options.delta_rank is not None and delta.ndim == 2 and min(delta.shape) > self.options.delta_rank:
-                a, b, error = low_rank(delta, self.options.delta_rank)
-                state[f"delta_a.{name}"], state[f"delta_b.{name}"] = a, b
-                self._errors[name] = error
-            else:
-                state[f"delta.{name}"] = delta
-        return state
-
-    def adapter_config(self, model: torch.nn.Module) -> dict[str, Any]:
-        config: dict[str, Any] = {"method": "full", "delta_rank": self.options.delta_rank}
-        if self._errors:
-            config["lowrank_relative_error"] = self._errors
-            config["lowrank_relative_error_max"] = max(self._errors.values())
-        return config
-
-    # -- host ---------------------------------------------------------------------------
 
     def attach(self, model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.nn.Module:
         params = base_parameters(model)
@@ -219,6 +153,83 @@ class FullMethod:
             if pname not in still_needed:
                 del self._pretrained[pname]
 
+class FullMethod:
+    """Full fine-tuning of the selected parameters; the adapter is their delta."""
+
+    Options = FullOptions
+    handler = FullHandler
+    trains_base_weights = True  # keep fp32 master weights on GPUs too
+
+    def __init__(self, options: FullOptions) -> None:
+        self.options = options
+        self._initial: dict[str, torch.Tensor] = {}
+        self._new: frozenset[str] = frozenset()
+        self._errors: dict[str, float] = {}
+
+    # -- training -----------------------------------------------------------------------
+
+    def _selected(self, name: str, last_layer: int) -> bool:
+        o = self.options
+        if name in self._new:
+            return True  # a new head is always trained
+        if o.train == "biases" and not name.endswith(".bias"):
+            return False
+        if o.freeze_embeddings and EMBEDDING.search(name):
+            return False
+        if o.include is not None and not re.fullmatch(o.include, name):
+            return False
+        if o.top_layers is not None:
+            match = LAYER_INDEX.search(name)
+            if match is None:
+                return not EMBEDDING.search(name)  # final norm, pooler, head: yes; embeddings: no
+            return int(match.group(1)) > last_layer - o.top_layers
+        return True
+
+    def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
+        self._new = context.new_parameters
+        indices = [int(m.group(1)) for n, _ in model.named_parameters() if (m := LAYER_INDEX.search(n))]
+        last_layer = max(indices, default=-1)
+        chosen = 0
+        for name, param in model.named_parameters():
+            keep = self._selected(name, last_layer)
+            param.requires_grad_(keep)
+            if keep:
+                chosen += 1
+                if name not in self._new:
+                    self._initial[name] = param.detach().to("cpu", copy=True).float()
+        if not chosen:
+            raise RecipeError(["method.options: the selection trains no parameter of this model"])
+        return model
+
+    def adapter_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        import torch
+
+        state: dict[str, torch.Tensor] = {}
+        self._errors = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            current = param.detach().to("cpu").float()
+            if name in self._new:
+                state[f"value.{name}"] = current.clone()
+                continue
+            delta = current - self._initial[name]
+            if not torch.any(delta):
+                continue  # untouched (e.g. tied weights counted once)
+            if self.options.delta_rank is not None and delta.ndim == 2 and min(delta.shape) > self.options.delta_rank:
+                a, b, error = low_rank(delta, self.options.delta_rank)
+                state[f"delta_a.{name}"], state[f"delta_b.{name}"] = a, b
+                self._errors[name] = error
+            else:
+                state[f"delta.{name}"] = delta
+        return state
+
+    def adapter_config(self, model: torch.nn.Module) -> dict[str, Any]:
+        config: dict[str, Any] = {"method": "full", "delta_rank": self.options.delta_rank}
+        if self._errors:
+            config["lowrank_relative_error"] = self._errors
+            config["lowrank_relative_error_max"] = max(self._errors.values())
+        return config
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-``rank`` factors of ``delta`` (Eckart-Young, via SVD) and the relative

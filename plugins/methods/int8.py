@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from plugtune.data.tasks import Task
+    from plugtune.kernel.components import PrepareContext
 
 
 class Int8Options(LoraOptions):
@@ -65,13 +66,15 @@ def int8_unavailable_reason() -> str | None:
     return None
 
 
-def quantize_linear_layers(model: torch.nn.Module, threshold: float = 6.0) -> int:
+def quantize_linear_layers(model: torch.nn.Module, threshold: float = 6.0,
+                           new_parameters: frozenset[str] = frozenset()) -> int:
     """Replace the model's ``nn.Linear`` layers by 8-bit ones in place; returns how many. The
-    output head and newly initialised layers stay in full precision."""
+    output head and newly initialised layers (those owning ``new_parameters``, from
+    :class:`~plugtune.kernel.components.PrepareContext`) stay in full precision."""
     import bitsandbytes as bnb
     import torch
 
-    new = {n.rsplit(".", 1)[0] for n in getattr(model, "plugtune_new_parameters", ())}
+    new = {n.rsplit(".", 1)[0] for n in new_parameters}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     device = next(model.parameters()).device
     target = "cuda" if device.type == "cuda" or torch.cuda.is_available() else "cpu"
@@ -92,10 +95,10 @@ def quantize_linear_layers(model: torch.nn.Module, threshold: float = 6.0) -> in
 
 
 class Int8Method(LoraMethod):
-    """LoRA training on an 8-bit base; hosting is LoRA's."""
+    """LoRA training on an 8-bit base; hosting is LoRA's (``handler`` is inherited:
+    :class:`~plugtune.plugins.methods.lora.LoraHandler`)."""
 
     Options = Int8Options
-    hosted_by = LoraMethod
 
     def __init__(self, options: Int8Options) -> None:
         super().__init__(options)
@@ -104,9 +107,9 @@ class Int8Method(LoraMethod):
     def preflight(self) -> str | None:
         return int8_unavailable_reason()
 
-    def prepare(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
-        quantize_linear_layers(model, self.options.outlier_threshold)
-        return super().prepare(model, task)
+    def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
+        quantize_linear_layers(model, self.options.outlier_threshold, context.new_parameters)
+        return super().prepare(model, task, context)
 
     def optimizer(self, param_groups: list[dict[str, Any]], lr: float) -> Any:
         import torch

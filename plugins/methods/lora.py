@@ -16,20 +16,25 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions
-from plugtune.kernel.errors import RecipeError
+from plugtune.kernel.components import Combined, ComponentOptions, PrepareContext
+from plugtune.kernel.errors import AdapterError, RecipeError
 from plugtune.data.tasks import Task
 
 if TYPE_CHECKING:
     import torch
 
-    from plugtune.plugins.methods.lora_hosting import HostedLoras
     from peft import LoraConfig
+
+    from plugtune.artifacts.adapters import Adapter
+    from plugtune.artifacts.models import LoadedBase
+    from plugtune.plugins.methods.lora_hosting import HostedLoras
 
 # peft (and torch) are imported inside the methods: `plugtune validate` and `plugtune
 # plugins` stay fast because registering this plugin does not import them.
@@ -67,10 +72,100 @@ def _peft_task_type(task: Task) -> str:
     return "SEQ_CLS" if task.is_classification else "CAUSAL_LM"
 
 
+class LoraHandler:
+    """LoRA's host side: every LoRA adapter on a base lives in shared, routed layers (see
+    :mod:`plugtune.plugins.methods.lora_hosting`): a switch is one attribute write, a load a
+    dictionary insert per targeted layer, and rows of one batch may name different adapters.
+
+    Capabilities: mixes rows, folds/unfolds, merges, reports resident bytes, combines (peft's
+    ``add_weighted_adapter``)."""
+
+    Options = LoraOptions
+    attach_reads_base_weights = False  # attach stores tensors only, whatever is active
+
+    def __init__(self, options: LoraOptions) -> None:
+        self.options = options
+        self._host_state: HostedLoras | None = None
+
+    def _host(self, model: torch.nn.Module) -> HostedLoras:
+        from plugtune.plugins.methods.lora_hosting import HostedLoras
+
+        state = self._host_state
+        if state is None or state.model is not model:
+            state = self._host_state = HostedLoras(model)
+        return state
+
+    def attach(
+        self, model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]
+    ) -> torch.nn.Module:
+        """Put adapter ``name``'s tensors into the hosted layers (wrapping a layer the first
+        time any adapter targets it). Everything is checked before the model is touched."""
+        from plugtune.plugins.methods.lora_hosting import check_config, parse_state
+
+        host = self._host(model)
+        check_config(name, config)
+        parsed = parse_state(name, state, host.modules)
+        pairs = {path: host.check_pair(name, path, pair["A"], pair["B"], config) for path, pair in parsed.pairs.items()}
+        whole = {path: host.check_whole(name, path, params) for path, params in parsed.whole.items()}
+        for path, weights in pairs.items():
+            layer = host.layer(path)
+            layer.weights[name] = weights
+            layer.forget_stack()
+        for path, params in whole.items():
+            host.switched(path).values[name] = params
+        host.resident[name] = (list(pairs), list(whole))
+        return model
+
+    def activate(self, model: torch.nn.Module, name: str | None) -> None:
+        state = self._host_state
+        if state is not None:
+            merged = state.merged is not None and state.merged[0] == name
+            state.routing.active = None if merged else name  # a merged adapter is in the weights
+
+    def mixed_rows(self, model: torch.nn.Module, names: list[str | None]) -> contextlib.AbstractContextManager[None]:
+        """Route each row of the next forwards to its own adapter (``None``: the bare base)."""
+        return self._host(model).mixed_rows(names)
+
+    def fold(self, model: torch.nn.Module, name: str) -> None:
+        """Add adapter ``name`` into the base weights (keeping the originals of the touched
+        tensors for :meth:`unfold`); the hosted layers then add nothing."""
+        self._host(model).fold(name)
+
+    def unfold(self, model: torch.nn.Module) -> None:
+        """Undo :meth:`fold` by copying the kept original tensors back (bit for bit)."""
+        self._host(model).unfold()
+
+    def merge(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
+        """Fold adapter ``name`` into the base weights and take every hosted layer out;
+        returns the bare model (used when a recipe's base_model is an adapter folder)."""
+        host = self._host(model)
+        host.fold(name)
+        host.merged = None  # for good: the originals are dropped with the layers
+        for other in list(host.resident):
+            host.remove(other)
+        self._host_state = None
+        return model
+
+    def detach(self, model: torch.nn.Module, name: str) -> None:
+        state = self._host_state
+        if state is not None and name in state.resident:
+            state.remove(name)
+
+    def resident_bytes(self, model: torch.nn.Module, name: str) -> int:
+        """Memory the adapter's tensors take on this host."""
+        return self._host(model).resident_bytes(name)
+
+    def combine(self, model: torch.nn.Module, parents: Sequence[Adapter], weights: Sequence[float],
+                options: Mapping[str, Any]) -> Combined:
+        """peft's ``add_weighted_adapter`` over the parents (see :func:`combine_loras`)."""
+        return combine_loras(model, parents, weights, **dict(options))
+
+
 class LoraMethod:
     """LoRA through peft. Adapters are peft-native: ``PeftModel.from_pretrained`` loads them."""
 
     Options = LoraOptions
+    handler: ClassVar[type] = LoraHandler
 
     def __init__(self, options: LoraOptions) -> None:
         self.options = options
@@ -107,7 +202,7 @@ class LoraMethod:
             bias="none",
         )
 
-    def prepare(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
         from peft import get_peft_model
 
         return get_peft_model(model, self._config(model, task))
@@ -123,80 +218,89 @@ class LoraMethod:
         data["inference_mode"] = True
         return data
 
-    # -- host: one handler per host keeps every LoRA adapter in shared, routed layers -------
-    # (see plugtune.plugins.methods.lora_hosting: a switch is one attribute write, a load a
-    # dictionary insert per targeted layer, and rows of one batch may name different adapters)
 
-    supports_mixed_batches = True  # rows of one forward may name different LoRA adapters
-    attach_reads_base_weights = False  # attach stores tensors only, whatever is active
 
-    def _host(self, model: torch.nn.Module) -> HostedLoras:
-        from plugtune.plugins.methods.lora_hosting import HostedLoras
+# -- combining (LoraHandler.combine) ------------------------------------------------------
 
-        state = getattr(self, "_host_state", None)
-        if state is None or state.model is not model:
-            state = self._host_state = HostedLoras(model)
-        return state
+COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+NEEDS_DENSITY = {m for m in COMBINATIONS if m.startswith(("ties", "dare", "magnitude"))}
 
-    def attach(
-        self, model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]
-    ) -> torch.nn.Module:
-        """Put adapter ``name``'s tensors into the hosted layers (wrapping a layer the first
-        time any adapter targets it). Everything is checked before the model is touched."""
-        from plugtune.plugins.methods.lora_hosting import check_config, parse_state
 
-        host = self._host(model)
-        check_config(name, config)
-        parsed = parse_state(name, state, host.modules)
-        pairs = {path: host.check_pair(name, path, pair["A"], pair["B"], config) for path, pair in parsed.pairs.items()}
-        whole = {path: host.check_whole(name, path, params) for path, params in parsed.whole.items()}
-        for path, weights in pairs.items():
-            layer = host.layer(path)
-            layer.weights[name] = weights
-            layer.forget_stack()
-        for path, params in whole.items():
-            host.switched(path).values[name] = params
-        host.resident[name] = (list(pairs), list(whole))
-        return model
+def combine_loras(model: torch.nn.Module, parents: Sequence[Adapter], weights: Sequence[float], *,
+                  method: str = "linear", density: float | None = None, svd_rank: int | None = None,
+                  majority_sign_method: str = "total") -> Combined:
+    """Combine LoRA adapters with peft's ``add_weighted_adapter`` on ``model`` (the bare base).
 
-    def activate(self, model: torch.nn.Module, name: str | None) -> None:
-        state = getattr(self, "_host_state", None)
-        if state is not None:
-            merged = state.merged is not None and state.merged[0] == name
-            state.routing.active = None if merged else name  # a merged adapter is in the weights
+    ``method`` is peft's: ``linear`` (A and B weighted separately; the parents must share a
+    rank; weights [1, 0] give the first parent exactly), ``cat`` (ranks concatenated: the
+    exact weighted sum of the parents' updates), ``svd`` (the weighted sum re-factored at
+    ``svd_rank``), ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` (with
+    ``density``: the fraction of each update kept) and their ``_svd`` forms."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
 
-    def mixed_rows(self, model: torch.nn.Module, names: list[str | None]) -> contextlib.AbstractContextManager[None]:
-        """Route each row of the next forwards to its own adapter (``None``: the bare base)."""
-        return self._host(model).mixed_rows(names)
+    if method not in COMBINATIONS:
+        raise AdapterError(f"unknown combination method {method!r}; choose one of {', '.join(COMBINATIONS)}")
+    if method in NEEDS_DENSITY and density is None:
+        raise AdapterError(f"combination method {method!r} needs a density (the fraction of each update kept), e.g. --density 0.5")
+    if density is not None and not 0 < density <= 1:
+        raise AdapterError(f"density must be in (0, 1], got {density}")
+    slots = [f"parent{i}" for i in range(len(parents))]
+    peft_model = PeftModel.from_pretrained(model, str(parents[0].path), adapter_name=slots[0])
+    for slot, adapter in zip(slots[1:], parents[1:]):
+        peft_model.load_adapter(str(adapter.path), adapter_name=slot)
+    try:
+        peft_model.add_weighted_adapter(slots, list(weights), adapter_name="combined", combination_type=method,
+                                        density=density, svd_rank=svd_rank, majority_sign_method=majority_sign_method)
+    except (ValueError, TypeError) as exc:
+        raise AdapterError(f"peft cannot combine these adapters with {method!r}: {str(exc).splitlines()[0]}") from None
+    state = get_peft_model_state_dict(peft_model, adapter_name="combined")
+    config = peft_model.peft_config["combined"].to_dict()
+    config["inference_mode"] = True
+    targets = config["target_modules"]
+    return Combined(
+        state={k: v.detach().cpu() for k, v in state.items()},
+        config=config,
+        options={"r": config["r"], "alpha": config["lora_alpha"],
+                 "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets},
+        record={"method": method, "weights": list(weights), "density": density, "svd_rank": svd_rank,
+                "majority_sign_method": majority_sign_method, "peft": "add_weighted_adapter"},
+        method=LoraMethod,  # int8-trained parents combine into an ordinary LoRA adapter
+    )
 
-    def fold(self, model: torch.nn.Module, name: str) -> None:
-        """Add adapter ``name`` into the base weights (keeping the originals of the touched
-        tensors for :meth:`unfold`); the hosted layers then add nothing."""
-        self._host(model).fold(name)
 
-    def unfold(self, model: torch.nn.Module) -> None:
-        """Undo :meth:`fold` by copying the kept original tensors back (bit for bit)."""
-        self._host(model).unfold()
+# -- synthetic adapters ----------------------------------------------------------------------
 
-    def merge(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
-        """Fold adapter ``name`` into the base weights and take every hosted layer out;
-        returns the bare model (used when a recipe's base_model is an adapter folder)."""
-        host = self._host(model)
-        host.fold(name)
-        host.merged = None  # for good: the originals are dropped with the layers
-        for other in list(host.resident):
-            host.remove(other)
-        self._host_state = None
-        return model
 
-    def detach(self, model: torch.nn.Module, name: str) -> None:
-        state = getattr(self, "_host_state", None)
-        if state is not None and name in state.resident:
-            state.remove(name)
+def random_lora_adapter(directory: str | Path, base: LoadedBase, task: Task, *, name: str | None = None, r: int = 8,
+                        alpha: float = 16, targets: tuple[str, ...] = ("q_proj", "v_proj"), seed: int = 0,
+                        scale: float = 0.05) -> Path:
+    """Write a random rank-``r`` LoRA adapter (an ordinary plugtune adapter) on every linear
+    layer of ``base`` whose name ends in one of ``targets``; ``A`` ~ N(0, 1/in_features),
+    ``B`` ~ N(0, scale^2) (not peft's zero init, so each adapter really changes the output).
+    For benchmarks and tests that need many adapters without training any; the tensors
+    carry peft's names and the config is peft's ``LoraConfig``, so plain peft loads them."""
+    import torch
+    from peft import LoraConfig
 
-    def resident_bytes(self, model: torch.nn.Module, name: str) -> int:
-        """Memory the adapter's tensors take on this host."""
-        return self._host(model).resident_bytes(name)
+    from plugtune.artifacts.adapters import save_adapter
+
+    directory = Path(directory)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), task_type=_peft_task_type(task)).to_dict()
+    config["inference_mode"] = True
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for module_name, module in base.model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module_name.rsplit(".", 1)[-1] in targets:
+            state[f"base_model.model.{module_name}.lora_A.weight"] = (
+                torch.randn(r, module.in_features, generator=gen) / module.in_features ** 0.5)
+            state[f"base_model.model.{module_name}.lora_B.weight"] = torch.randn(module.out_features, r, generator=gen) * scale
+    manifest = {"name": name or directory.name,
+                "method": {"name": "lora", "options": {"r": r, "alpha": alpha, "target_modules": list(targets)},
+                           "plugin": "lora", "distribution": "plugtune"},
+                "base_model": base.info.to_dict(), "task": task.to_dict(), "training": {"synthetic": True, "seed": seed}}
+    return save_adapter(directory, state=state, config=config, manifest=manifest)
 
 
 @hookimpl

@@ -1,7 +1,7 @@
 """The adapter host's LoRA layers: many LoRA adapters on one resident base, without peft's
 per-adapter module injection.
 
-Each targeted ``nn.Linear`` of the base is wrapped once in a :class:`HostedLoraLinear` that
+Each targeted linear layer of the base is wrapped once in a :class:`HostedLoraLinear` that
 keeps every resident adapter's ``(A, B, scaling)`` as plain tensors; every wrapped layer
 reads the *same* :class:`Routing` object, so
 
@@ -14,6 +14,12 @@ reads the *same* :class:`Routing` object, so
   a zero slot for rows without one; cached while the same adapters keep coming), gathers one
   ``(A, B)`` per row and adds every row's update with two batched matmuls, so the cost does
   not grow with the number of adapters in the batch.
+
+Wrappers compose with other methods' layer wrappers in either order: a targeted layer may
+already be wrapped (``base_layer`` chains, see :func:`plugtune.kernel.components.original_module`);
+shapes are checked on the linear at the bottom of the stack, the hosted layer runs whatever it
+wraps and adds its update, and when it leaves it splices itself out of the stack wherever it
+sits (:func:`~plugtune.kernel.components.remove_wrapper`).
 
 The arithmetic is peft's (``base(x) + B(A(x)) * scaling``), so logits match plain peft.
 Modules a LoRA adapter saves whole (the classification head of a sequence-classification
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plugtune.kernel.components import original_module, remove_wrapper, replace_module
 from plugtune.kernel.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
@@ -70,15 +77,21 @@ class LoraWeights:
 
 
 class HostedLoraLinear(nn.Module):
-    """``base_layer(x)`` plus the routed adapter's ``B(A(x)) * scaling``."""
+    """``base_layer(x)`` plus the routed adapter's ``B(A(x)) * scaling``. ``base_layer`` is
+    the linear layer, or another method's wrapper of it."""
 
-    def __init__(self, base_layer: nn.Linear, routing: Routing) -> None:
+    def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.routing = routing
         self.weights: dict[str, LoraWeights] = {}
         self._stack: tuple[tuple[str, ...], torch.Tensor, torch.Tensor] | None = None
         self._per_row: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def linear(self) -> nn.Linear:
+        """The linear layer at the bottom of the wrapper stack (its weight is what folds)."""
+        return original_module(self.base_layer)  # type: ignore[return-value]
 
     def forget_stack(self) -> None:
         """Call when ``weights`` changes: the next mixed batch restacks."""
@@ -96,7 +109,7 @@ class HostedLoraLinear(nn.Module):
         """``A`` (slots+1, r, in) and ``B * scaling`` (slots+1, out, r) for the batch's adapters;
         the last slot, and the slot of an adapter that does not target this layer, are zero."""
         if self._stack is None or self._stack[0] != slots:
-            base = self.base_layer.weight
+            base = self.linear.weight
             present = [self.weights[n] for n in slots if n in self.weights]
             rank = max((w.A.shape[0] for w in present), default=0)
             a = base.new_zeros(len(slots) + 1, rank, base.shape[1])
@@ -229,11 +242,18 @@ class HostedLoras:
 
     # -- checks -----------------------------------------------------------------------------
 
+    def _current(self, path: str) -> nn.Module | None:
+        """The module at ``path`` now: the top of its wrapper stack."""
+        if path not in self.modules:
+            return None
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return None
+
     def _base_module(self, path: str) -> Any:
-        current = self.layers.get(path) or self.heads.get(path)
-        if current is not None:
-            return current.base_layer if path in self.layers else current.original_module
-        return self.modules.get(path)
+        current = self._current(path)
+        return None if current is None else original_module(current)
 
     def check_pair(self, name: str, path: str, a: torch.Tensor, b: torch.Tensor, config: dict[str, Any]) -> LoraWeights:
         base = self._base_module(path)
@@ -251,7 +271,11 @@ class HostedLoras:
                            scaling_for(config, path, a.shape[0]))
 
     def check_whole(self, name: str, path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        base = self._base_module(path)
+        current = self._current(path)
+        base = original_module(current)
+        if path not in self.heads and current is not base:
+            raise AdapterError(f"adapter {name!r} replaces {path} whole, but another method's adapter wraps that module; "
+                               f"unload that adapter first or serve them on separate hosts")
         own = dict(base.named_parameters())
         checked = {}
         for pname, value in params.items():
@@ -264,21 +288,25 @@ class HostedLoras:
 
     # -- wrapping -----------------------------------------------------------------------
 
-    def _replace(self, path: str, module: torch.nn.Module) -> None:
-        parent_name, _, child = path.rpartition(".")
-        setattr(self.modules[parent_name] if parent_name else self.model, child, module)
-        self.modules[path] = module
+    def _wrap(self, path: str, wrapper: HostedLoraLinear | SwitchedModule) -> None:
+        """Put ``wrapper`` on top of whatever stack is at ``path`` (it wraps that)."""
+        current = self.model.get_submodule(path)
+        if isinstance(wrapper, HostedLoraLinear):
+            wrapper.base_layer = current
+        else:
+            wrapper.original_module = current
+        replace_module(self.model, path, wrapper)
 
     def layer(self, path: str) -> HostedLoraLinear:
         if path not in self.layers:
-            self.layers[path] = HostedLoraLinear(self.modules[path], self.routing)
-            self._replace(path, self.layers[path])
+            self.layers[path] = HostedLoraLinear(self.model.get_submodule(path), self.routing)
+            replace_module(self.model, path, self.layers[path])
         return self.layers[path]
 
     def switched(self, path: str) -> SwitchedModule:
         if path not in self.heads:
-            self.heads[path] = SwitchedModule(self.modules[path], self.routing)
-            self._replace(path, self.heads[path])
+            self.heads[path] = SwitchedModule(self.model.get_submodule(path), self.routing)
+            replace_module(self.model, path, self.heads[path])
         return self.heads[path]
 
     def remove(self, name: str) -> None:
@@ -291,14 +319,14 @@ class HostedLoras:
             layer = self.layers[path]
             del layer.weights[name]
             layer.forget_stack()
-            if not layer.weights:  # the last adapter on this layer: the plain layer goes back
-                self._replace(path, layer.base_layer)
+            if not layer.weights:  # the last adapter on this layer: its wrapper leaves the stack
+                remove_wrapper(self.model, path, layer)
                 del self.layers[path]
         for path in whole:
             head = self.heads[path]
             del head.values[name]
             if not head.values:
-                self._replace(path, head.original_module)
+                remove_wrapper(self.model, path, head)
                 del self.heads[path]
 
     def resident_bytes(self, name: str) -> int:
@@ -337,7 +365,7 @@ class HostedLoras:
         with torch.no_grad():
             for path in pairs:
                 layer = self.layers[path]
-                weight = layer.base_layer.weight
+                weight = layer.linear.weight
                 kept.append((weight, weight.detach().clone()))
                 weight += layer.delta(name).to(weight.dtype)
             for path in whole:
@@ -348,8 +376,8 @@ class HostedLoras:
                     own[pname].copy_(value)
         self.merged = (name, kept)
         self.routing.active = None
-        for path, wrapper in [*self.layers.items(), *self.heads.items()]:  # merged: the plain modules, no overhead at all
-            self._replace(path, wrapper.base_layer if path in self.layers else wrapper.original_module)
+        for path, wrapper in [*self.layers.items(), *self.heads.items()]:  # merged: no wrapper of ours, no overhead at all
+            remove_wrapper(self.model, path, wrapper)
 
     def unfold(self) -> None:
         if self.merged is None:
@@ -359,4 +387,4 @@ class HostedLoras:
                 tensor.copy_(original)
         self.merged = None
         for path, wrapper in [*self.layers.items(), *self.heads.items()]:
-            self._replace(path, wrapper)
+            self._wrap(path, wrapper)

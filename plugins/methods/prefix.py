@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from plugtune.data.tasks import Task
+    from plugtune.kernel.components import PrepareContext
 
 
 class PrefixOptions(ComponentOptions):
@@ -79,35 +80,16 @@ def _enable_auxiliary_modules(model: torch.nn.Module, enabled: bool) -> None:
             module.enable_adapters(enabled)
 
 
-class PrefixMethod:
+class PrefixHandler:
+    """The host side of ``prefix``: one peft prompt-learning wrapper for all prefix adapters
+    on a base (the base's modules are never changed). Capabilities: a decode start (the
+    adapter's prefix as the initial KV cache); its rows run as a group of their own."""
+
     Options = PrefixOptions
 
     def __init__(self, options: PrefixOptions) -> None:
         self.options = options
         self._wrapper: Any = None
-
-    def prepare(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
-        from peft import PrefixTuningConfig
-
-        config = PrefixTuningConfig(
-            task_type="SEQ_CLS" if task.is_classification else "CAUSAL_LM",
-            num_virtual_tokens=self.options.num_virtual_tokens,
-            prefix_projection=self.options.projection,
-            encoder_hidden_size=self.options.projection_hidden,
-        )
-        return _peft_model(model, config)
-
-    def adapter_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-
-    def adapter_config(self, model: torch.nn.Module) -> dict[str, Any]:
-        data = model.peft_config[model.active_adapter].to_dict()
-        data["inference_mode"] = True  # the saved prefixes are already projected
-        return data
-
-    # -- host: one prompt-learning wrapper for all prefix adapters on a base ----------------
 
     def attach(self, model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.nn.Module:
         from peft import PeftConfig
@@ -170,6 +152,37 @@ class PrefixMethod:
         if wrapper.active_adapter == name:
             wrapper.set_adapter(next(n for n in wrapper.peft_config if n != name), inference_mode=True)
         wrapper.delete_adapter(name)
+
+
+class PrefixMethod:
+    """Prefix tuning through peft; hosted by :class:`PrefixHandler`."""
+
+    Options = PrefixOptions
+    handler = PrefixHandler
+
+    def __init__(self, options: PrefixOptions) -> None:
+        self.options = options
+
+    def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
+        from peft import PrefixTuningConfig
+
+        config = PrefixTuningConfig(
+            task_type="SEQ_CLS" if task.is_classification else "CAUSAL_LM",
+            num_virtual_tokens=self.options.num_virtual_tokens,
+            prefix_projection=self.options.projection,
+            encoder_hidden_size=self.options.projection_hidden,
+        )
+        return _peft_model(model, config)
+
+    def adapter_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+    def adapter_config(self, model: torch.nn.Module) -> dict[str, Any]:
+        data = model.peft_config[model.active_adapter].to_dict()
+        data["inference_mode"] = True  # the saved prefixes are already projected
+        return data
 
 
 @hookimpl
