@@ -569,9 +569,9 @@ def test_smollm2_server_with_its_chat_template_and_a_mixed_batch(tmp_path):
     concurrent clients (two random LoRA adapters and the base) batched together each get
     what their adapter gives alone."""
     from plugtune.artifacts.synthetic import random_lora_adapter
-    from plugtune.data.tasks import Task
+    from plugtune.data.tasks import build_task
 
-    task = Task(type="causal-lm", prompt="Message: {text}\nDepartment:", response=" {label}")
+    task = build_task(dict(type="causal-lm", prompt="Message: {text}\nDepartment:", response=" {label}"))
     host = AdapterHost.from_base("smollm2-135m", task)
     for i in range(2):
         host.load(random_lora_adapter(tmp_path / f"r{i}", host.base, task, seed=i, scale=0.5))

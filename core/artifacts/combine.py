@@ -22,7 +22,7 @@ from typing import Any
 
 from plugtune.artifacts.adapters import WEIGHTS_FILE, Adapter, read_adapter, save_adapter
 from plugtune.kernel.errors import AdapterError
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
            "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
@@ -69,7 +69,7 @@ def combine_adapters(out: str | Path, parents: Sequence[str | Path], weights: Se
     adapters = [read_adapter(p) for p in parents]
     _check_parents(adapters, weights)
     first = adapters[0].manifest
-    base = load_base(first.base_model.id, Task.from_dict(first.task))
+    base = load_base(first.base_model.id, build_task(first.task, where=f"adapter {parents[0].path}: task"))
     if base.info.fingerprint != first.base_model.fingerprint:
         raise AdapterError(f"base {first.base_model.id!r} now has fingerprint {base.info.fingerprint}, "
                            f"the adapters were trained on {first.base_model.fingerprint}")
