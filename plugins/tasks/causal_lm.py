@@ -113,6 +113,12 @@ class CausalLm(Task):
         fields = template_fields(self.prompt)
         return fill(self.prompt, {next(iter(fields)): text}) if self.prompt and len(fields) == 1 else None
 
+    def __eq__(self, other: object) -> bool:
+        """Same task: same class and same recorded fields (as the manifest would show)."""
+        return type(other) is type(self) and other.to_dict() == self.to_dict()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: setup() fills the labels
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, "prompt": self.prompt, "response": self.response, "text": self.text,
                 "label": self.label, "labels": self.labels, "label_words": self.label_words}
