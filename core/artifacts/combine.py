@@ -69,7 +69,7 @@ def combine_adapters(out: str | Path, parents: Sequence[str | Path], weights: Se
     adapters = [read_adapter(p) for p in parents]
     _check_parents(adapters, weights)
     first = adapters[0].manifest
-    base = load_base(first.base_model.id, build_task(first.task, where=f"adapter {parents[0].path}: task"))
+    base = load_base(first.base_model.id, build_task(first.task, where=f"adapter {adapters[0].path}: task"))
     if base.info.fingerprint != first.base_model.fingerprint:
         raise AdapterError(f"base {first.base_model.id!r} now has fingerprint {base.info.fingerprint}, "
                            f"the adapters were trained on {first.base_model.fingerprint}")
