@@ -490,7 +490,7 @@ def test_errors_are_openai_shaped_one_liners(client):
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "logprobs": 2}), 400, "logprobs are not supported")
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "echo": True}), 400, "echo")
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "max_tokens": 500}), 400, "context is 128 tokens")
-    assert_error(client.post("/v1/classify", json={"input": "x"}), 400, "causal-lm base")
+    assert_error(client.post("/v1/classify", json={"input": "x"}), 400, "language-model base")
     assert_error(client.post("/v1/completions", json={"prompt": ""}), 400, "the prompt is empty")
     assert_error(client.post("/v1/completions", json={"prompt": [SKY] * 65}), 400, "1 to 64 strings (got 65)")
     assert_error(client.post("/v1/completions", json={"prompt": []}), 400, "1 to 64 strings (got 0)")
