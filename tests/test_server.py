@@ -515,7 +515,7 @@ def test_classification_server(tmp_path, tiny_bert, tiny_data):
         single = c.post("/v1/classify", json={"model": "base", "input": texts[0]}).json()["data"]
         assert [{"label": d["label"], "scores": d["scores"]} for d in single] == base
         assert single[0]["scores"] != body["data"][0]["scores"]  # the adapter was applied, and only there
-        assert_error(c.post("/v1/completions", json={"model": "sentiment", "prompt": "x"}), 400, "sequence-classification")
+        assert_error(c.post("/v1/completions", json={"model": "sentiment", "prompt": "x"}), 400, "classifier base")
         assert_error(c.post("/v1/classify", json={"model": "sentiment", "input": []}), 422, "input")
 
 
