@@ -31,7 +31,7 @@ from methods import write_section
 
 from plugtune.serving.host import AdapterHost
 from plugtune.plugins.methods.lora import random_lora_adapter
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 
 OUT = ROOT / "bench" / "out" / "hosting"
 BASE = "smollm2-135m"
@@ -230,7 +230,7 @@ def main() -> None:
     repeats = 3 if args.quick else 15
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)  # the cores are shared: more threads than free cores makes every figure noise
-    task = Task(type="causal-lm", prompt="{text}", response="")
+    task = build_task(dict(type="causal-lm", prompt="{text}", response=""))
     host = AdapterHost.from_base(BASE, task, device="cpu")
     dirs = make_adapters(host, 3 + RESIDENT)
 

@@ -51,9 +51,9 @@ def make_adapters(count: int) -> list[Path]:
     task, written as ordinary plugtune adapters (``plugtune.plugins.methods.lora.random_lora_adapter``)."""
     from plugtune.artifacts.models import load_base
     from plugtune.plugins.methods.lora import random_lora_adapter
-    from plugtune.data.tasks import Task
+    from plugtune.data.tasks import build_task
 
-    task = Task(type="causal-lm", prompt=PROMPT, response=" {label}")
+    task = build_task(dict(type="causal-lm", prompt=PROMPT, response=" {label}"))
     base = load_base("smollm2-135m", task, dtype=torch.float32)
     return [random_lora_adapter(ADAPTERS / f"serve-{i}", base, task, r=8, seed=i) for i in range(count)]
 

@@ -159,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if manifests:
         task.labels = manifests[0].task.get("labels")
     splits = recipe.loader.build().load(recipe.training.seed)
-    task.infer_labels(splits["train"])
+    task.setup(splits["train"])
     host = AdapterHost.from_base(recipe.spec.base_model, task)
     names = [host.load(a) for a in args.adapters]
     rows, _ = encode_split(splits["test"], task, host.tokenizer, recipe.training.max_length, "test")
@@ -181,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _host_for(args: argparse.Namespace, classification: bool) -> tuple[Any, list[str | None]]:
     from plugtune.serving.host import AdapterHost
-    from plugtune.data.tasks import Task
+    from plugtune.data.tasks import raw_prompt_task
 
     if not args.adapter and not args.base:
         raise PlugtuneError("give --adapter DIR (repeatable) or --base MODEL")
@@ -189,10 +189,9 @@ def _host_for(args: argparse.Namespace, classification: bool) -> tuple[Any, list
         host = AdapterHost.from_adapters(*args.adapter, base_model=args.base, allow_pickle=args.allow_pickle)
         names = list(host.adapters)
     else:
-        task = Task(type="sequence-classification" if classification else "causal-lm", prompt="{text}", response="", text="{text}")
         if classification:
             raise PlugtuneError("classification needs an adapter (the labels live in it): --adapter DIR")
-        host = AdapterHost.from_base(args.base, task)
+        host = AdapterHost.from_base(args.base, raw_prompt_task())
         names = []
     n = len(args.inputs)
     if args.per_input:
@@ -282,10 +281,10 @@ def cmd_combine(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from plugtune.artifacts.adapters import read_manifest
     from plugtune.artifacts.models import load_base
-    from plugtune.data.tasks import Task
+    from plugtune.data.tasks import build_task
 
     manifest = read_manifest(args.adapter)
-    base = load_base(str(args.adapter), Task.from_dict(manifest.task))  # an adapter folder: its base, merged
+    base = load_base(str(args.adapter), build_task(manifest.task, where=f"adapter {args.adapter}: task"))  # an adapter folder: its base, merged
     out = Path(args.out)
     base.model.save_pretrained(out)
     base.tokenizer.save_pretrained(out)

@@ -365,13 +365,13 @@ class MethodKit:
     @contextlib.contextmanager
     def host(self, *tags: str) -> Iterator[Any]:
         """An ``AdapterHost`` on the tiny base with the adapters ``tags`` loaded (as their tags)."""
-        from plugtune.data.tasks import Task
+        from plugtune.data.tasks import build_task
         from plugtune.artifacts.adapters import read_manifest
         from plugtune.serving.host import AdapterHost
 
         folders = [self.trained(t)[0] for t in tags]
         with plugin_system_with(self.extra_plugins) as system:
-            task = Task.from_dict(read_manifest(folders[0] if folders else self.trained("a")[0]).task)
+            task = build_task(read_manifest(folders[0] if folders else self.trained("a")[0]).task, system)
             host = AdapterHost.from_base(str(self._base()), task, system, device="cpu")
             for tag, folder in zip(tags, folders):
                 host.load(folder, tag)

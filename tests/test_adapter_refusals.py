@@ -19,10 +19,10 @@ from plugtune.kernel.errors import AdapterError
 from plugtune.serving.host import AdapterHost
 from plugtune.plugins.methods.lora_hosting import UNSUPPORTED
 from plugtune.plugins.methods.lora import random_lora_adapter
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 from plugtune.testing import build_tiny_llama
 
-TASK = Task(type="causal-lm", prompt="{q}", response=" {a}")
+TASK = build_task(dict(type="causal-lm", prompt="{q}", response=" {a}"))
 TEXTS = ["what is the colour of the sky ?", "the film was great"]
 Q_PROJ_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
@@ -89,7 +89,7 @@ def test_a_module_the_base_lacks(adapter, host, tmp_path):
 
 
 def test_another_task(adapter, host, tmp_path):
-    task = Task(type="sequence-classification", text="{text}", labels=["negative", "positive"]).to_dict()
+    task = build_task(dict(type="sequence-classification", text="{text}", labels=["negative", "positive"])).to_dict()
     bad = _rewrite(adapter, tmp_path / "cls", task=task, name="cls")
     assert _refused(host.load, bad) == (
         "adapter 'cls' is for task sequence-classification (labels ['negative', 'positive']); "

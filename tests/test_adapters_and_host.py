@@ -114,7 +114,7 @@ def test_generate_with_one_adapter_per_row_matches_each_alone(two_adapters):
 
 def test_refuses_adapter_for_another_base(two_adapters, tmp_path):
     other = build_tiny_llama(tmp_path / "other-llama", seed=123)
-    host = AdapterHost.from_base(str(other), plugtune.data.tasks.Task(type="causal-lm", prompt="{q}", response="{a}"))
+    host = AdapterHost.from_base(str(other), plugtune.data.tasks.build_task(dict(type="causal-lm", prompt="{q}", response="{a}")))
     with pytest.raises(AdapterError, match=r"was trained on base .* but the resident base is"):
         host.load(two_adapters[0])
 

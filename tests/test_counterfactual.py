@@ -25,10 +25,10 @@ from plugtune.plugins.evaluators.counterfactual import (
     TermSwapper,
     default_pairs,
 )
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 from plugtune.testing import FILLER, SPECIALS, WORDS_NEG, WORDS_POS, recipe_dict
 
-CLS = Task(type="sequence-classification", text="{text}", label="label", labels=["negative", "positive"])
+CLS = build_task(dict(type="sequence-classification", text="{text}", label="label", labels=["negative", "positive"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_counterfactual_bias_matches_results_to_examples_when_predict_drops_some
 
 
 def test_counterfactual_bias_rewrites_the_prompt_not_the_response():
-    task = Task(type="causal-lm", prompt="q : {question} a :", response=" {answer}")
+    task = build_task(dict(type="causal-lm", prompt="q : {question} a :", response=" {answer}"))
     rows = [{"question": "is he here", "answer": "he is"}]
     seen = []
 
@@ -185,7 +185,7 @@ def test_counterfactual_bias_rewrites_the_prompt_not_the_response():
 
 def test_counterfactual_bias_task_and_fields_checks():
     with pytest.raises(RecipeError, match="^evaluators: counterfactual_bias: needs a prediction"):
-        CounterfactualBias(CounterfactualBiasOptions(), Task(type="causal-lm", text="{text}"))
+        CounterfactualBias(CounterfactualBiasOptions(), build_task(dict(type="causal-lm", text="{text}")))
     with pytest.raises(RecipeError, match="fields: 'body' not used by the task's templates"):
         CounterfactualBias(CounterfactualBiasOptions(fields=["body"]), CLS)
 
@@ -218,7 +218,7 @@ def test_augmentation_fraction_is_seeded():
 
 
 def test_augmentation_swaps_every_template_field_but_the_label():
-    task = Task(type="causal-lm", prompt="q : {question} a :", response=" {answer}")
+    task = build_task(dict(type="causal-lm", prompt="q : {question} a :", response=" {answer}"))
     rows = [{"question": "who is he", "answer": "he is John", "label": "he"}]
     out = CounterfactualAugmentation(CounterfactualAugmentationOptions()).augment_examples(rows, task)
     assert out[1] == {"question": "who is she", "answer": "she is Mary", "label": "he"}

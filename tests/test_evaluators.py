@@ -22,10 +22,10 @@ from plugtune.plugins.evaluators.classification import (
     PerClassOptions,
 )
 from plugtune.plugins.evaluators.text import Bleu, BleuOptions, ExactMatch, ExactMatchOptions, Rouge, RougeOptions, normalize_answer
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 
-CLS = Task(type="sequence-classification", text="{text}", labels=["negative", "positive"])
-LM = Task(type="causal-lm", prompt="question : {question} answer :", response=" {answer}")
+CLS = build_task(dict(type="sequence-classification", text="{text}", labels=["negative", "positive"]))
+LM = build_task(dict(type="causal-lm", prompt="question : {question} answer :", response=" {answer}"))
 
 
 def batch(predictions, references, **extra):
@@ -72,7 +72,7 @@ def test_per_class_uses_the_task_labels():
 
 
 def test_per_class_label_absent_from_the_split_is_nan_and_not_averaged():
-    task = Task(type="sequence-classification", text="{text}", labels=["a", "b", "c"])
+    task = build_task(dict(type="sequence-classification", text="{text}", labels=["a", "b", "c"]))
     metrics = run(MacroF1(PerClassOptions(per_class=True), task), batch([0, 1, 1], [0, 1, 0]))
     # a: TP 1, FP 0, FN 1 -> 2/3; b: TP 1, FP 1 -> 2/3; c never seen
     assert metrics["f1"] == pytest.approx(2 / 3)
@@ -93,8 +93,8 @@ def test_confusion_matrix_counts_and_normalized_rows():
 
 
 def test_causal_lm_classes_are_named_by_their_label_words():
-    task = Task(type="causal-lm", prompt="review : {text} label :", response=" {label}", label="label",
-                label_words={"0": "negative", "1": "positive"})
+    task = build_task(dict(type="causal-lm", prompt="review : {text} label :", response=" {label}", label="label",
+                label_words={"0": "negative", "1": "positive"}))
     neg, pos, junk = (11,), (12,), (13, 14)  # token ids of the responses
     examples = [{"text": "x", "label": 0}, {"text": "y", "label": 1}, {"text": "z", "label": 1}, {"text": "w", "label": 0}]
     b = batch([neg, pos, junk, pos], [neg, pos, pos, neg], examples=examples)
@@ -180,7 +180,7 @@ def test_corpus_bleu_by_hand():
 def test_generation_metrics_refuse_tasks_without_generation(cls):
     with pytest.raises(RecipeError, match=r"^evaluators: \w+: needs generated text.*sequence-classification"):
         cls(cls.Options(), CLS)
-    raw_text = Task(type="causal-lm", text="{text}")
+    raw_text = build_task(dict(type="causal-lm", text="{text}"))
     with pytest.raises(RecipeError, match="prompt and response"):
         cls(cls.Options(), raw_text)
     assert cls.check_task(LM) is None and cls.check_task(CLS)

@@ -20,14 +20,14 @@ from torch import nn
 
 from plugtune import hookimpl
 from plugtune.artifacts.adapters import save_adapter
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 from plugtune.kernel.components import NoOptions, original_module, remove_wrapper, replace_module
 from plugtune.kernel.errors import AdapterError
 from plugtune.kernel.registry import build_plugin_system
 from plugtune.plugins.methods.lora import random_lora_adapter
 from plugtune.serving.host import AdapterHost
 
-TASK = Task(type="causal-lm", prompt="question : {q} answer :", response=" {a}")
+TASK = build_task(dict(type="causal-lm", prompt="question : {q} answer :", response=" {a}"))
 TEXTS = ["question : what is the colour of the sky ? answer : blue", "the film was great",
          "what is the capital of the sea", "a very fun story", "one more row of text here"]
 KEY = ".ia3_scale"

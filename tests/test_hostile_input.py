@@ -261,13 +261,13 @@ def test_data_rows_longer_than_the_model_context_refused_again_from_the_cache(tm
                                                                                tiny_data, capsys, monkeypatch):
     """The refusal is part of the cached split: a rerun tokenizes nothing and refuses with
     the same line, exit code and nothing written."""
-    import plugtune.data.tasks
+    from plugtune.plugins.tasks.sequence_classification import SequenceClassification
 
     home = tmp_path_factory.mktemp("home")  # outside the folder that must stay unchanged
     monkeypatch.setenv("PLUGTUNE_HOME", str(home))
     encodes = []
-    real = plugtune.data.tasks.Task.encode
-    monkeypatch.setattr(plugtune.data.tasks.Task, "encode", lambda *a, **k: encodes.append(1) or real(*a, **k))
+    real = SequenceClassification.encode
+    monkeypatch.setattr(SequenceClassification, "encode", lambda *a, **k: encodes.append(1) or real(*a, **k))
     long_rows(tmp_path)
     path = table_recipe(tmp_path, tiny_bert, tiny_data, "train.csv", "test.csv", classification=True,
                         max_length=512, overlong="refuse")

@@ -16,9 +16,9 @@ from plugtune.artifacts.combine import combine_adapters
 from plugtune.kernel.errors import AdapterError
 from plugtune.serving.host import AdapterHost
 from plugtune.plugins.methods.lora import random_lora_adapter
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 
-TASK = Task(type="causal-lm", prompt="question : {q} answer :", response=" {a}")
+TASK = build_task(dict(type="causal-lm", prompt="question : {q} answer :", response=" {a}"))
 TEXTS = ["question : what is the colour of the sky ? answer : blue", "the film was great",
          "what is the capital of the sea", "a very fun story"]
 PROMPTS = ["what is the colour of the sky ?", "what is the colour of the grass ?",

@@ -11,7 +11,7 @@ import pytest
 from plugtune.artifacts.adapters import Manifest
 from plugtune.artifacts.handlers import resolve_handler
 from plugtune.artifacts.models import load_base
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 from plugtune.kernel.components import (
     Combines, Folds, Merges, MixesRows, NoOptions, PrepareContext, ReportsResidentBytes, StartsDecoding,
     call_prepare, handler_class, mixes_rows,
@@ -78,10 +78,10 @@ def test_the_built_in_handlers_declare_their_capabilities():
 
 
 def test_the_loader_reports_new_parameters_without_touching_the_model(tiny_llama):
-    base = load_base(str(tiny_llama), Task(type="sequence-classification", text="{t}", label="y", labels=["a", "b"]))
+    base = load_base(str(tiny_llama), build_task(dict(type="sequence-classification", text="{t}", label="y", labels=["a", "b"])))
     assert base.new_parameters == frozenset({"score.weight"})
     assert not hasattr(base.model, "plugtune_new_parameters")
-    assert load_base(str(tiny_llama), Task(type="causal-lm", prompt="{q}", response="{a}")).new_parameters == frozenset()
+    assert load_base(str(tiny_llama), build_task(dict(type="causal-lm", prompt="{q}", response="{a}"))).new_parameters == frozenset()
 
 
 def _manifest(**method: Any) -> Manifest:

@@ -7,10 +7,10 @@ import torch
 
 from plugtune.kernel.errors import ModelError
 from plugtune.artifacts.models import PackagedModel, fingerprint, load_base, resolve
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 from plugtune.testing import build_tiny_llama
 
-CAUSAL = Task(type="causal-lm", prompt="{q}", response="{a}")
+CAUSAL = build_task(dict(type="causal-lm", prompt="{q}", response="{a}"))
 
 
 def test_hub_id_offline_fails_with_one_clear_line(monkeypatch):
@@ -54,7 +54,7 @@ def test_fingerprint_ignores_dtype_but_not_weights(tiny_llama, tmp_path):
 
 
 def test_classification_head_is_left_out_of_the_fingerprint(tiny_bert):
-    task = Task(type="sequence-classification", text="{text}", labels=["a", "b"])
+    task = build_task(dict(type="sequence-classification", text="{text}", labels=["a", "b"]))
     one = load_base(str(tiny_bert), task, seed=0)
     two = load_base(str(tiny_bert), task, seed=1)
     assert not torch.equal(one.model.classifier.weight, two.model.classifier.weight)

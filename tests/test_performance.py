@@ -249,15 +249,15 @@ def test_overlong_drop_tokenizes_each_row_once_and_a_cache_hit_tokenizes_nothing
     all as a run without the cache. The tokenizer is fingerprinted once per run."""
     from io import StringIO
 
-    import plugtune.data.tasks
     import plugtune.data.tokenized_cache
+    from plugtune.plugins.tasks.causal_lm import CausalLm
     import plugtune.training.train
     from rich.console import Console
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
     monkeypatch.setenv("PLUGTUNE_HOME", str(tmp_path / "home"))
     encodes, tokenizer_calls, fingerprints = [], [], []
-    _count_calls(monkeypatch, plugtune.data.tasks.Task, "encode", encodes)
+    _count_calls(monkeypatch, CausalLm, "encode", encodes)
     _count_calls(monkeypatch, PreTrainedTokenizerBase, "__call__", tokenizer_calls)
     _count_calls(monkeypatch, plugtune.data.tokenized_cache, "tokenizer_fingerprint", fingerprints)  # where the key is made
     monkeypatch.setattr(plugtune.training.train, "tokenizer_fingerprint", plugtune.data.tokenized_cache.tokenizer_fingerprint, raising=False)
@@ -293,15 +293,15 @@ def test_overlong_drop_keeps_exactly_the_rows_and_encodings_of_a_separate_length
     out the long ones, encode the rest at max_length. Same rows, same ids, same counts; a
     classifier's truncation (which keeps [SEP]) never applies to a row that fits."""
     from plugtune.data.datacheck import UNLIMITED, prepare_split
-    from plugtune.data.tasks import Task
+    from plugtune.data.tasks import build_task
 
     if classification:
-        task = Task("sequence-classification", text="{text}", labels=["negative", "positive"])
+        task = build_task(dict(type="sequence-classification", text="{text}", labels=["negative", "positive"]))
         tokenizer = load_base(str(tiny_bert), task).tokenizer
         rows = [{"text": " ".join(["the film was great"] * (i % 7) * 4) + f" film {i}", "label": ["negative", "positive"][i % 2]}
                 for i in range(30)]
     else:
-        task = Task("causal-lm", prompt="question : {question} answer :", response=" {answer}")
+        task = build_task(dict(type="causal-lm", prompt="question : {question} answer :", response=" {answer}"))
         tokenizer = load_base(str(tiny_llama), task).tokenizer
         rows = [json.loads(line) for line in (tiny_data / "sft.jsonl").read_text().splitlines()][:30]
         rows = [{**r, "question": r["question"] + " very" * (i % 7) * 4} for i, r in enumerate(rows)]

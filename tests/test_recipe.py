@@ -299,6 +299,45 @@ def test_missing_label_column_for_classification(qa_dir: Path) -> None:
     assert err.problems[0].startswith("task.label: column 'answr' is not in the data; did you mean 'answer'?")
 
 
+def test_unknown_task_type_gets_did_you_mean_with_the_other_mistakes(qa_dir: Path) -> None:
+    raw = good_raw(task={"type": "Causal-lm", "prompt": "Q: {question}\nA:", "response": " {answer}"},
+                   method={"name": "loar"})
+    path = write_recipe(qa_dir, raw)
+    assert_problems(recipe_error(path), path, {
+        "task.type": ["unknown task 'Causal-lm'; did you mean 'causal-lm'?", "(installed: ", "sequence-classification"],
+        "method.name": ["did you mean 'lora'?"],
+    })
+
+
+@pytest.mark.parametrize("task, field, fragment", [
+    ({"type": "causal-lm", "promt": "Q: {question}", "response": " {answer}"}, "task.promt", "unknown key; did you mean 'prompt'?"),
+    ({"type": "causal-lm", "prompt": "Q: {question", "response": " {answer}"}, "task.prompt", "not a valid template"),
+    ({"type": "causal-lm", "response": " {answer}"}, "task", "a 'response' template needs a 'prompt' template"),
+    ({"type": "causal-lm"}, "task", "or a 'text' template for raw text"),
+    ({"type": "sequence-classification", "text": "{question}", "labels": "yes"}, "task.labels", "valid list"),
+    ({"type": "sequence-classification", "text": "{question}", "prompt": "{question}"}, "task.prompt", "unknown key"),
+    ({"prompt": "{question}"}, "task.type", "Field required"),
+])
+def test_task_options_are_checked_by_the_task_with_field_paths(qa_dir: Path, task: dict, field: str, fragment: str) -> None:
+    err = recipe_error(write_recipe(qa_dir, good_raw(task=task)))
+    assert len(err.problems) == 1, err.problems
+    assert err.problems[0].startswith(f"{field}: "), err.problems
+    assert fragment in err.problems[0]
+
+
+def test_task_block_binds_to_the_registered_task(qa_dir: Path) -> None:
+    """The recipe's task is the plugin's task, built with its Options; labels given as YAML
+    numbers become strings, and to_dict keeps the manifest shape older adapters have."""
+    raw = good_raw(task={"type": "causal-lm", "prompt": "Q: {question}\nA:", "response": " {answer}",
+                         "label": "answer", "label_words": {0: "no", 1: "yes"}})
+    recipe = load_recipe(write_recipe(qa_dir, raw))
+    assert type(recipe.task).__module__ == "plugtune.plugins.tasks.causal_lm"
+    assert recipe.task.head == "lm" and not recipe.task.is_classification
+    assert recipe.task.to_dict() == {"type": "causal-lm", "prompt": "Q: {question}\nA:", "response": " {answer}",
+                                     "text": None, "label": "answer", "labels": None,
+                                     "label_words": {"0": "no", "1": "yes"}}
+
+
 def test_data_paths_resolve_against_the_recipe_folder(qa_dir: Path, tmp_path_factory, monkeypatch) -> None:
     elsewhere = tmp_path_factory.mktemp("cwd")
     monkeypatch.chdir(elsewhere)

@@ -23,7 +23,7 @@ from plugtune.plugins.regularizers.training import (
     EarlyStopping, EarlyStoppingOptions, L2SP, L2SPOptions, LabelSmoothing, LabelSmoothingOptions, NEFTune, NEFTuneOptions,
 )
 from plugtune.kernel.registry import build_plugin_system, set_plugin_system
-from plugtune.data.tasks import Task, collate
+from plugtune.data.tasks import build_task, collate
 from plugtune.training.train import RunResult
 
 
@@ -381,11 +381,11 @@ def _batch(tiny_tokenizer, classification: bool, rows: int = 64):
 
     rng = random.Random(0)
     if classification:
-        task = Task(type="sequence-classification", text="{text}", labels=["negative", "positive"])
+        task = build_task(dict(type="sequence-classification", text="{text}", labels=["negative", "positive"]))
         examples = [{"text": " ".join(rng.sample(FILLER + WORDS_POS + WORDS_NEG, rng.randint(4, 12))), "label": "positive"}
                     for _ in range(rows)]
     else:
-        task = Task(type="causal-lm", prompt="question : {question} answer :", response=" {answer}")
+        task = build_task(dict(type="causal-lm", prompt="question : {question} answer :", response=" {answer}"))
         examples = [{"question": " ".join(rng.sample(FILLER, rng.randint(3, 10))), "answer": "blue green"} for _ in range(rows)]
     encoded = [task.encode(e, tiny_tokenizer, 64) for e in examples]
     return task, collate(encoded, tiny_tokenizer.pad_token_id, task.is_classification)

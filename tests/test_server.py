@@ -490,7 +490,7 @@ def test_errors_are_openai_shaped_one_liners(client):
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "logprobs": 2}), 400, "logprobs are not supported")
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "echo": True}), 400, "echo")
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "max_tokens": 500}), 400, "context is 128 tokens")
-    assert_error(client.post("/v1/classify", json={"input": "x"}), 400, "causal-lm base")
+    assert_error(client.post("/v1/classify", json={"input": "x"}), 400, "language-model base")
     assert_error(client.post("/v1/completions", json={"prompt": ""}), 400, "the prompt is empty")
     assert_error(client.post("/v1/completions", json={"prompt": [SKY] * 65}), 400, "1 to 64 strings (got 65)")
     assert_error(client.post("/v1/completions", json={"prompt": []}), 400, "1 to 64 strings (got 0)")
@@ -515,7 +515,7 @@ def test_classification_server(tmp_path, tiny_bert, tiny_data):
         single = c.post("/v1/classify", json={"model": "base", "input": texts[0]}).json()["data"]
         assert [{"label": d["label"], "scores": d["scores"]} for d in single] == base
         assert single[0]["scores"] != body["data"][0]["scores"]  # the adapter was applied, and only there
-        assert_error(c.post("/v1/completions", json={"model": "sentiment", "prompt": "x"}), 400, "sequence-classification")
+        assert_error(c.post("/v1/completions", json={"model": "sentiment", "prompt": "x"}), 400, "classifier base")
         assert_error(c.post("/v1/classify", json={"model": "sentiment", "input": []}), 422, "input")
 
 
@@ -569,9 +569,9 @@ def test_smollm2_server_with_its_chat_template_and_a_mixed_batch(tmp_path):
     concurrent clients (two random LoRA adapters and the base) batched together each get
     what their adapter gives alone."""
     from plugtune.plugins.methods.lora import random_lora_adapter
-    from plugtune.data.tasks import Task
+    from plugtune.data.tasks import build_task
 
-    task = Task(type="causal-lm", prompt="Message: {text}\nDepartment:", response=" {label}")
+    task = build_task(dict(type="causal-lm", prompt="Message: {text}\nDepartment:", response=" {label}"))
     host = AdapterHost.from_base("smollm2-135m", task)
     for i in range(2):
         host.load(random_lora_adapter(tmp_path / f"r{i}", host.base, task, seed=i, scale=0.5))

@@ -12,7 +12,7 @@ import plugtune
 from plugtune.kernel.errors import ModelError
 from plugtune.serving.host import AdapterHost
 from plugtune.artifacts.models import load_base
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 
 TEXTS = ["question : what is the colour of the sea ? answer : blue"]
 
@@ -21,8 +21,8 @@ TEXTS = ["question : what is the colour of the sea ? answer : blue"]
                                     {"name": "full", "options": {"top_layers": 1}}])
 def test_fine_tune_on_top_of_an_earlier_adapter(method, make_recipe, tmp_path, tiny_llama):
     stage1 = plugtune.run(make_recipe(name="stage1", method=method), show_progress=False)
-    merged = load_base(str(stage1.adapter_dir), Task(type="causal-lm", prompt="{q}", response="{a}"))
-    plain = load_base(str(tiny_llama), Task(type="causal-lm", prompt="{q}", response="{a}"))
+    merged = load_base(str(stage1.adapter_dir), build_task(dict(type="causal-lm", prompt="{q}", response="{a}")))
+    plain = load_base(str(tiny_llama), build_task(dict(type="causal-lm", prompt="{q}", response="{a}")))
     assert merged.info.fingerprint != plain.info.fingerprint
     assert merged.info.parent["adapter"] == "stage1" and merged.info.parent["base"]["fingerprint"] == plain.info.fingerprint
     assert not any("lora_" in n for n, _ in merged.model.named_parameters())  # merged, not wrapped
@@ -46,4 +46,4 @@ def test_fine_tune_on_top_of_an_earlier_adapter(method, make_recipe, tmp_path, t
 def test_a_prefix_adapter_cannot_become_a_base(make_recipe):
     stage1 = plugtune.run(make_recipe(name="p1", method={"name": "prefix", "options": {"num_virtual_tokens": 2}}), show_progress=False)
     with pytest.raises(ModelError, match="prefix adapters cannot be merged into a base"):
-        load_base(str(stage1.adapter_dir), Task(type="causal-lm", prompt="{q}", response="{a}"))
+        load_base(str(stage1.adapter_dir), build_task(dict(type="causal-lm", prompt="{q}", response="{a}")))

@@ -23,7 +23,7 @@ from typing import Any
 
 from plugtune.artifacts.adapters import WEIGHTS_FILE, Adapter, read_adapter, save_adapter
 from plugtune.artifacts.handlers import HandlerSpec, resolve_handler
-from plugtune.data.tasks import Task
+from plugtune.data.tasks import build_task
 from plugtune.kernel.components import Combines
 from plugtune.kernel.errors import AdapterError
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
@@ -71,7 +71,7 @@ def combine_adapters(out: str | Path, parents: Sequence[str | Path], weights: Se
     adapters = [read_adapter(p) for p in parents]
     spec = _check_parents(adapters, weights, plugins)
     first = adapters[0].manifest
-    base = load_base(first.base_model.id, Task.from_dict(first.task), plugins=plugins)
+    base = load_base(first.base_model.id, build_task(first.task, plugins=plugins, where=f"adapter {adapters[0].path}: task"), plugins=plugins)
     if base.info.fingerprint != first.base_model.fingerprint:
         raise AdapterError(f"base {first.base_model.id!r} now has fingerprint {base.info.fingerprint}, "
                            f"the adapters were trained on {first.base_model.fingerprint}")

@@ -216,7 +216,8 @@ def load_base(
     seed: int = 0,
     attn_implementation: str | None = None,
 ) -> LoadedBase:
-    """Load tokenizer and model for ``task``. For sequence classification the head is new,
+    """Load tokenizer and model for ``task``, with the head it trains (``task.head``: a
+    causal LM, or a sequence classifier sized by ``task.labels``). A classifier's head is new,
     initialised from ``seed``, and left out of the fingerprint. ``attn_implementation``
     (``sdpa``, ``eager``) is passed to transformers; None keeps its default."""
     import torch
@@ -248,7 +249,7 @@ def load_base(
         kwargs["attn_implementation"] = attn_implementation
     torch.manual_seed(seed)
     try:
-        if task.is_classification:
+        if task.head == "classifier":
             labels = task.labels or []
             model, loading = AutoModelForSequenceClassification.from_pretrained(
                 location,
@@ -257,8 +258,10 @@ def load_base(
                 label2id={name: i for i, name in enumerate(labels)},
                 **kwargs,
             )
-        else:
+        elif task.head == "lm":
             model, loading = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        else:
+            raise ModelError(f"task {task.type} asks for model head {task.head!r}; the heads are 'lm' and 'classifier'")
     except OSError as exc:
         raise ModelError(_hub_message(base_model, exc)) from None
     except ValueError as exc:

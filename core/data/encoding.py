@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from plugtune.data.tasks import Task, collate
+from plugtune.data.labels import IGNORE_INDEX
+from plugtune.data.tasks import Task
 from plugtune.kernel.errors import DataError
 
 if TYPE_CHECKING:
@@ -35,11 +36,10 @@ def encode_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_len
                 raise ids
             item: Row = dict(ids)
         except KeyError as exc:
-            if task.is_classification:
-                raise DataError(f"{split} row {i + 1}: label {exc.args[0]!r} never appears in the training data "
-                                f"(labels: {', '.join(task.labels or [])})") from None
             raise DataError(f"{split} row {i + 1}: missing field {exc.args[0]!r}") from None
-        if not task.is_classification and all(label == -100 for label in item["labels"][1:]):
+        except DataError as exc:  # a bad value, as the task words it
+            raise DataError(f"{split} row {i + 1}: {exc}") from None
+        if task.head == "lm" and all(label == IGNORE_INDEX for label in item["labels"][1:]):
             truncated += 1  # the whole response was cut off: nothing to learn from this row
             continue
         if len(item["input_ids"]) >= max_length:
@@ -49,7 +49,8 @@ def encode_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_len
     return out, truncated
 
 
-def batches(rows: list[Row], batch_size: int, pad_id: int, classification: bool) -> Iterator[tuple[list[Row], dict[str, torch.Tensor]]]:
+def batches(rows: list[Row], batch_size: int, pad_id: int, task: Task) -> Iterator[tuple[list[Row], dict[str, torch.Tensor]]]:
+    """Consecutive chunks of ``rows`` and each one collated by the task."""
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        yield chunk, collate(chunk, pad_id, classification)
+        yield chunk, task.collate(chunk, pad_id)

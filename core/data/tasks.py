@@ -1,36 +1,41 @@
-"""Tasks: how examples become model inputs and how outputs become predictions.
+"""Tasks: the machinery every task component shares, and building a task by its name.
 
-Two tasks ship with the core:
+A task is a component (:class:`plugtune.kernel.components.Task`, registered with
+``register_tasks``): the core never names one. This module holds what the core does with
+any task, and helpers task plugins may reuse:
 
-``causal-lm``
-    ``prompt`` and ``response`` templates (``"Review: {text}\\nSentiment:"`` and
-    ``" {label}"``). The model sees prompt + response + EOS; the loss covers the response
-    tokens only. With a ``text`` template and no response, the loss covers every token
-    (continued pre-training on raw text).
-    ``label_words`` maps raw label values to the words the model should say
-    (``{"0": negative, "1": positive}``), so a causal LM classifies through label words.
-``sequence-classification``
-    a ``text`` template and a ``label`` column; label names come from the training data
-    (sorted) unless the recipe lists them.
+* :func:`build_task`: a manifest's or recipe's ``task`` dict -> a task, through the registry
+  (hosts, ``plugtune eval``/``merge``/``combine`` and the server use it);
+* :func:`raw_prompt_task`: the task that serves plain text prompts (``--base MODEL``);
+* :data:`Template`, :func:`template_fields`, :func:`fill`: ``{column}`` format-string
+  templates over an example's keys;
+* :data:`Labels`, :data:`LabelWords`, :func:`natural_key`: label names as strings;
+* :func:`collate`: right-pad encoded rows into the training batch format.
 
-Templates are Python format strings over the example's keys: ``{column}``.
+``Task`` here is the protocol itself, re-exported so ``from plugtune.data.tasks import Task``
+(and the old ``plugtune.tasks``) keep working for type annotations.
 """
 
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, ValidationError
 
 from plugtune.data.labels import IGNORE_INDEX
-from plugtune.kernel.components import EvalBatch
+from plugtune.kernel.components import Task
+from plugtune.kernel.errors import PluginError
+from plugtune.kernel.registry import Component, PluginSystem, get_plugin_system, unknown_name_message
 
 if TYPE_CHECKING:
     import torch
 
-CAUSAL_LM = "causal-lm"
-SEQUENCE_CLASSIFICATION = "sequence-classification"
-TASK_TYPES = (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
+
+# --------------------------------------------------------------------------------------------
+# Templates and labels
+# --------------------------------------------------------------------------------------------
 
 
 def template_fields(template: str | None) -> set[str]:
@@ -40,142 +45,74 @@ def template_fields(template: str | None) -> set[str]:
     return {f for _, f, _, _ in string.Formatter().parse(template) if f}
 
 
-def fill(template: str, example: dict[str, Any]) -> str:
+def fill(template: str, example: Mapping[str, Any]) -> str:
+    """``template`` with each ``{column}`` replaced by the example's value (None -> "")."""
     return template.format_map({k: "" if v is None else v for k, v in example.items()})
 
 
-@dataclass
-class Task:
-    """A validated task block. ``labels`` is filled from the data for classification."""
-
-    type: str
-    prompt: str | None = None
-    response: str | None = None
-    text: str | None = None
-    label: str = "label"
-    labels: list[str] | None = None
-    label_words: dict[str, str] | None = None
-
-    @property
-    def is_classification(self) -> bool:
-        return self.type == SEQUENCE_CLASSIFICATION
-
-    def required_fields(self) -> set[str]:
-        if self.is_classification:
-            return template_fields(self.text) | {self.label}
-        return template_fields(self.prompt) | template_fields(self.response) | template_fields(self.text)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "prompt": self.prompt,
-            "response": self.response,
-            "text": self.text,
-            "label": self.label,
-            "labels": self.labels,
-            "label_words": self.label_words,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Task:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-    # -- labels -------------------------------------------------------------------------
-
-    def label_of(self, example: dict[str, Any]) -> str:
-        return str(example[self.label])
-
-    def infer_labels(self, train: list[dict[str, Any]]) -> None:
-        if self.is_classification and not self.labels:
-            self.labels = sorted({self.label_of(e) for e in train}, key=_natural)
-
-    # -- encoding -----------------------------------------------------------------------
-
-    def encode(self, example: dict[str, Any], tokenizer: Any, max_length: int) -> dict[str, list[int]]:
-        """Token ids (and labels) for one example, truncated to ``max_length``."""
-        if self.is_classification:
-            assert self.labels is not None
-            ids = tokenizer(fill(self.text or "{text}", example), truncation=True, max_length=max_length)["input_ids"]
-            label = self.label_of(example)
-            if label not in self.labels:
-                raise KeyError(label)
-            return {"input_ids": ids, "labels": [self.labels.index(label)]}
-        example = self.verbalize(example)
-        if self.response is None:  # raw text: loss on every token
-            ids = tokenizer(fill(self.text or "{text}", example), add_special_tokens=True)["input_ids"]
-            ids = (ids + _eos(tokenizer))[:max_length]
-            return {"input_ids": ids, "labels": list(ids)}
-        prompt_ids = self.encode_prompt(example, tokenizer)
-        response_ids = tokenizer(fill(self.response, example), add_special_tokens=False)["input_ids"] + _eos(tokenizer)
-        ids = (prompt_ids + response_ids)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-        return {"input_ids": ids, "labels": labels}
-
-    def verbalize(self, example: dict[str, Any]) -> dict[str, Any]:
-        """For causal LMs: replace the label column's value by its word (``label_words``)."""
-        if not self.label_words or self.label not in example:
-            return example
-        value = str(example[self.label])
-        return {**example, self.label: self.label_words.get(value, value)}
-
-    def encode_prompt(self, example: dict[str, Any], tokenizer: Any) -> list[int]:
-        """The prompt's ids alone: what generation starts from."""
-        return tokenizer(fill(self.prompt or "", example), add_special_tokens=True)["input_ids"]
-
-    # -- evaluation ---------------------------------------------------------------------
-
-    def eval_batch(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> EvalBatch:
-        """Per-example predictions, references and summed loss for one batch."""
-        import torch
-
-        labels = batch["labels"]
-        if self.is_classification:
-            # logits (B, C), labels (B,)
-            per_example = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")  # (B,)
-            probs = logits.float().softmax(-1)  # (B, C)
-            return EvalBatch(
-                predictions=logits.argmax(-1).tolist(),
-                references=labels.tolist(),
-                loss_sum=float(per_example.sum()),
-                n_targets=int(labels.numel()),
-                scores=probs.max(-1).values.tolist(),
-                losses=per_example.tolist(),
-            )
-        # logits (B, T, V): position t predicts token t+1; the rows are built from the
-        # logits at the label positions, as on the label-position path (core/loss.py)
-        from plugtune.data.labels import LabelPositions, eval_batch_from_label_logits
-
-        positions = LabelPositions.of(labels)
-        logits = logits[:, logits.size(1) - labels.size(1):]  # leading virtual tokens, if any, predict no label
-        return eval_batch_from_label_logits(logits[positions.rows, positions.columns], positions)
-
-    def class_names(self) -> list[str] | None:
-        return list(self.labels) if self.is_classification and self.labels else None
+def check_template(value: str) -> str:
+    """Refuse a template that would fail at the first example: bad braces, or a field that
+    is not a plain column name (``{0}``, ``{a.b}``, ``{a[0]}``)."""
+    how = "write a literal brace as {{ or }}, and name columns as {column}"
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"not a valid template ({exc}); {how}") from None
+    for field in fields:
+        if not field.isidentifier():
+            raise ValueError(f"not a valid template (field {{{field}}} is not a column name); {how}")
+    try:
+        value.format_map({f: "" for f in fields})
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise ValueError(f"not a valid template ({exc}); {how}") from None
+    return value
 
 
-def _eos(tokenizer: Any) -> list[int]:
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+Template = Annotated[str, AfterValidator(check_template)]
+"""An ``Options`` field holding a ``{column}`` template, checked at recipe validation."""
 
 
-def _natural(label: str) -> tuple[int, Any]:
-    """Sort "2" before "10" when labels are numbers."""
+def _strings(value: Any) -> Any:
+    return [str(v) for v in value] if isinstance(value, list) else value
+
+
+def _string_map(value: Any) -> Any:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+Labels = Annotated[list[str] | None, BeforeValidator(_strings)]
+"""Label names; YAML numbers (``[0, 1]``) become strings, as the data's values do."""
+
+LabelWords = Annotated[dict[str, str] | None, BeforeValidator(_string_map)]
+"""Raw label value -> the word a language model should say (``{0: negative}``)."""
+
+
+def natural_key(label: str) -> tuple[int, Any]:
+    """Sort key that puts "2" before "10" when labels are numbers."""
     try:
         return (0, float(label))
     except ValueError:
         return (1, label)
 
 
+# --------------------------------------------------------------------------------------------
+# The batch
+# --------------------------------------------------------------------------------------------
+
+
 def collate(rows: list[dict[str, list[int]]], pad_id: int, classification: bool) -> dict[str, torch.Tensor]:
-    """Pad a list of encoded rows to the longest one (right padding)."""
+    """Right-pad encoded rows into the training batch format (see
+    :class:`~plugtune.kernel.components.Task`): ``labels`` ``(B, T)`` with ``-100`` on padding,
+    or with ``classification`` one class index per row ``(B,)``."""
     import torch
 
     width = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
     labels = (
-        torch.tensor([r["labels"][0] for r in rows], dtype=torch.long)
+        torch.tensor([r["labels"][0] for r in rows], dtype=torch.long)  # (B,)
         if classification
-        else torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        else torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     )
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
@@ -184,3 +121,71 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, classification: bool)
         if not classification:
             labels[i, :n] = torch.tensor(r["labels"])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------
+# Building a task by name
+# --------------------------------------------------------------------------------------------
+
+
+def task_component(name: Any, plugins: PluginSystem | None = None, *, where: str = "task.type") -> Component:
+    """The registered task component called ``name``; a one-line :class:`PluginError` with
+    a did-you-mean and the installed names when there is none."""
+    plugins = plugins or get_plugin_system()
+    component = plugins.find("task", name) if isinstance(name, str) else None
+    if component is None:
+        raise PluginError(f"{where}: " + unknown_name_message("task", str(name), plugins.names("task")))
+    return component
+
+
+def make_task(component: Component, options: Any) -> Task:
+    """Instantiate a task component with its validated ``Options``."""
+    return component.obj(options, component.name)
+
+
+def build_task(data: Mapping[str, Any], plugins: PluginSystem | None = None, *, strict: bool = False,
+               where: str = "task") -> Task:
+    """A task from a ``{"type": name, <options>}`` dict: a manifest's ``task`` (the default:
+    keys the task's ``Options`` does not know are dropped, so manifests written by older
+    versions, which recorded every field of every task, still load) or, with ``strict``, a
+    recipe's block. Unknown types and invalid options are one-line :class:`PluginError`s
+    naming ``where`` and the field."""
+    if not isinstance(data, Mapping):
+        raise PluginError(f"{where}: expected a mapping with a 'type', got {type(data).__name__}")
+    component = task_component(data.get("type"), plugins, where=f"{where}.type")
+    model = component.obj.Options
+    options = {k: v for k, v in data.items() if k != "type" and (strict or k in model.model_fields)}
+    try:
+        bound = model.model_validate(options)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in (where, *err["loc"]))
+        raise PluginError(f"{field}: {err['msg'].removeprefix('Value error, ')}") from None
+    return make_task(component, bound)
+
+
+def raw_prompt_task(plugins: PluginSystem | None = None) -> Task:
+    """A task that serves plain text prompts on a language-model head, for a host with no
+    adapter (``plugtune generate/serve --base MODEL``): the first installed task component
+    declaring ``for_raw_prompts`` (built-ins are registered first)."""
+    plugins = plugins or get_plugin_system()
+    for name in _registration_order(plugins):
+        component = plugins.components["task"][name]
+        make = getattr(component.obj, "for_raw_prompts", None)
+        if make is not None:
+            task = make(component.name)
+            if task.head == "lm":
+                return task
+    raise PluginError("no installed task serves raw text prompts (a task component with for_raw_prompts); "
+                      f"installed tasks: {', '.join(plugins.names('task')) or 'none'}")
+
+
+def _registration_order(plugins: PluginSystem) -> list[str]:
+    builtin_first = sorted(plugins.components.get("task", {}).values(), key=lambda c: not c.plugin.builtin)
+    return [c.name for c in builtin_first]
+
+
+__all__ = [
+    "IGNORE_INDEX", "LabelWords", "Labels", "Task", "Template", "build_task", "check_template", "collate", "fill",
+    "make_task", "natural_key", "raw_prompt_task", "task_component", "template_fields",
+]

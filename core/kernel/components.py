@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from plugtune.artifacts.adapters import Adapter
-    from plugtune.data.tasks import Task
 
 
 class ComponentOptions(BaseModel):
@@ -80,6 +79,106 @@ class DataLoader(Protocol):
     def load(self, seed: int) -> dict[str, list[dict[str, Any]]]:
         """Return the splits: ``{"train": [...], "test": [...]}`` (``test`` may be
         derived deterministically from ``seed`` when the source has no held-out split)."""
+        ...
+
+
+Head = Literal["lm", "classifier"]
+"""Which head a task trains: ``"lm"`` loads ``AutoModelForCausalLM`` (peft ``CAUSAL_LM``),
+``"classifier"`` loads ``AutoModelForSequenceClassification`` with ``num_labels``/``id2label``
+from the task's ``labels`` (peft ``SEQ_CLS``)."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    """How examples become model inputs and labels, and how outputs become predictions.
+
+    Registered with ``register_tasks`` and chosen by a recipe's ``task`` block:
+    ``task: {type: NAME, <options>}``. ``Options`` validates the block minus ``type`` (errors
+    read ``task.<field>: ...``), at recipe validation, before any model loads; the core then
+    builds ``Task(options, name)`` with the name it was registered under. Adapters record
+    :meth:`to_dict` in their manifest, and hosts, ``plugtune eval``/``merge``/``combine`` and
+    the server rebuild the task from that dict (:func:`plugtune.data.tasks.build_task`).
+
+    Called, in order: ``required_fields()`` at validation (the columns the data must have);
+    ``setup(train)`` once on the raw training examples (e.g. infer the label names);
+    ``encode`` per example; ``collate`` per batch; ``eval_batch`` per evaluation batch.
+
+    **The training batch** (what :meth:`collate` returns; what tuning methods, regularizers
+    and the loss see):
+
+    * ``input_ids`` ``(B, T)`` long, right-padded with the tokenizer's pad id;
+    * ``attention_mask`` ``(B, T)`` long, 1 on real tokens, 0 on padding;
+    * ``labels``: for ``head == "lm"`` ``(B, T)`` long, the token id at each position and
+      :data:`~plugtune.data.labels.IGNORE_INDEX` (``-100``) where no loss is taken; the
+      logits at position ``t`` predict ``labels[:, t + 1]`` (the loss shifts). For
+      ``head == "classifier"`` ``(B,)`` long class indices into ``labels``.
+
+    Prompt-learning methods (prefix tuning, prompt tuning) prepend ``V`` virtual tokens
+    inside the model: its logits are then ``(B, V + T, vocab)``, and the last ``T``
+    positions line up with ``labels`` (``logits[:, -T:]``); the virtual ones predict nothing.
+
+    Optional: ``for_raw_prompts(name)`` (classmethod) -> a task of this type that serves plain
+    text prompts, for ``plugtune generate/serve --base MODEL`` with no adapter (the core asks
+    the registry for a task with this capability, never for a name).
+    """
+
+    Options: ClassVar[type[ComponentOptions]]
+    type: str  # the name the task is registered under, as recorded in manifests
+    head: Head  # which model head it trains (see Head)
+    labels: list[str] | None  # class names for a classifier head (set by setup); None otherwise
+    generates: bool  # it has a prompt to generate from and a reference text to compare with
+
+    def __init__(self, options: Any, name: str) -> None: ...
+
+    @property
+    def is_classification(self) -> bool:
+        """``head == "classifier"``: one class per example instead of tokens."""
+        return self.head == "classifier"
+
+    def required_fields(self) -> set[str]:
+        """The example keys (columns) the task reads; checked against the loader's columns
+        at validation, and rows with these fields empty are refused before training."""
+        ...
+
+    def setup(self, train: list[Example]) -> None:
+        """Once, on the raw training examples, before anything is encoded (e.g. infer the
+        label names when the recipe lists none, so they are fixed for evaluation)."""
+        ...
+
+    def encode(self, example: Example, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
+        """One example's ``input_ids`` and ``labels`` (lists of ints; ``labels`` as in the
+        batch format, one class index for a classifier), at most ``max_length`` tokens.
+        Raise ``KeyError(field)`` for a missing field and
+        :class:`~plugtune.kernel.errors.DataError` for a bad value (the core adds the row)."""
+        ...
+
+    def collate(self, rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+        """Pad encoded rows into one training batch (the format above)."""
+        ...
+
+    def eval_batch(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> EvalBatch:
+        """Per-example predictions, references, scores and the summed loss of one batch from
+        the model's full logits (``(B, T, V)`` or ``(B, V + T, V)`` for an lm head, ``(B, C)``
+        for a classifier)."""
+        ...
+
+    def encode_prompt(self, example: Example, tokenizer: Any) -> list[int]:
+        """The ids generation starts from for ``example`` (evaluators that generate)."""
+        ...
+
+    def reference_text(self, example: Example) -> str | None:
+        """The text a generation for ``example`` is compared with (ROUGE, BLEU), or None."""
+        ...
+
+    def format_prompt(self, text: str) -> str | None:
+        """The prompt for one raw input ``text`` on a host or server (a one-field template
+        filled with it), or None when the task has no such template (the text is used as
+        it is)."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able ``{"type": name, <options>, "labels": ...}`` for the adapter manifest;
+        building the task again from it gives the same task."""
         ...
 
 

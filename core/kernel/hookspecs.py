@@ -39,7 +39,7 @@ Register = Callable[[str, Any], None]
 
 
 # --------------------------------------------------------------------------------------------
-# Registration: the four component kinds, plus base-model aliases
+# Registration: the five component kinds, plus base-model aliases
 # --------------------------------------------------------------------------------------------
 
 
@@ -81,6 +81,17 @@ def register_evaluators(register: Register) -> None:
     Called once, when the registry is built. An evaluator accumulates over the evaluation
     batches of a split and returns named metrics (see
     :class:`plugtune.kernel.components.Evaluator`). Returns nothing.
+    """
+
+
+@hookspec
+def register_tasks(register: Register) -> None:
+    """Register tasks: ``register("causal-lm", CausalLm)``.
+
+    Called once, when the registry is built. A task says how a recipe's examples become
+    model inputs and labels, which model head they train, and how the model's outputs become
+    predictions; a recipe picks one with ``task: {type: NAME, ...}`` and adapters record it
+    in their manifest (see :class:`plugtune.kernel.components.Task`). Returns nothing.
     """
 
 

@@ -35,6 +35,7 @@ KINDS: dict[str, str] = {
     "loader": "register_data_loaders",
     "regularizer": "register_regularizers",
     "evaluator": "register_evaluators",
+    "task": "register_tasks",
     "model": "register_base_models",
 }
 KIND_LABELS = {
@@ -42,6 +43,7 @@ KIND_LABELS = {
     "loader": "data loader",
     "regularizer": "regularizer",
     "evaluator": "evaluator",
+    "task": "task",
     "model": "base model alias",
 }
 
@@ -62,6 +64,8 @@ _BUILTIN_FALLBACK = {
     "text_loader": "plugtune.plugins.loaders.text",
     "classification_metrics": "plugtune.plugins.evaluators.classification",
     "language_model_metrics": "plugtune.plugins.evaluators.language_model",
+    "causal_lm": "plugtune.plugins.tasks.causal_lm",
+    "sequence_classification": "plugtune.plugins.tasks.sequence_classification",
 }
 
 

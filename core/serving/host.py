@@ -42,7 +42,7 @@ from plugtune.kernel.components import Folds, ReportsResidentBytes, StartsDecodi
 from plugtune.kernel.errors import AdapterError
 from plugtune.artifacts.models import LoadedBase, load_base
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
-from plugtune.data.tasks import Task, fill, template_fields
+from plugtune.data.tasks import Task, build_task
 
 
 class _Active:
@@ -67,7 +67,7 @@ class HostedAdapter:
 
     @property
     def task(self) -> Task:
-        return Task.from_dict(self.manifest.task)
+        return build_task(self.manifest.task, where=f"adapter {self.path}: task")
 
 
 class AdapterHost:
@@ -115,7 +115,7 @@ class AdapterHost:
         if not directories:
             raise AdapterError("no adapters given")
         first = read_manifest(directories[0])
-        host = cls.from_base(base_model or first.base_model.id, Task.from_dict(first.task), plugins,
+        host = cls.from_base(base_model or first.base_model.id, build_task(first.task, plugins, where=f"adapter {directories[0]}: task"), plugins,
                              device=device, dtype=dtype)
         names = [host.load(directory, allow_pickle=allow_pickle) for directory in directories]
         host.use(names[0])
@@ -138,7 +138,7 @@ class AdapterHost:
                 f"adapter {name!r} was trained on base {m.base_model.id!r} ({m.base_model.fingerprint}), "
                 f"but the resident base is {self.base.info.id!r} ({self.base.info.fingerprint})"
             )
-        task = Task.from_dict(m.task)
+        task = build_task(m.task, self.plugins, where=f"adapter {directory}: task")
         if task.type != self.task.type or (task.is_classification and task.labels != self.task.labels):
             raise AdapterError(
                 f"adapter {name!r} is for task {task.type} (labels {task.labels}); this host serves "
@@ -263,11 +263,8 @@ class AdapterHost:
     def format_prompt(self, text: str, adapter: str | None = None) -> str:
         """Fill the task's prompt template with ``text`` when it has exactly one field."""
         task = self.adapters[adapter].task if adapter else self.task
-        template = task.text if task.is_classification else task.prompt
-        fields = template_fields(template)
-        if template and len(fields) == 1:
-            return fill(template, {next(iter(fields)): text})
-        return text
+        prompt = task.format_prompt(text)
+        return text if prompt is None else prompt
 
     def _per_row(self, items: Sequence[str], adapters: Any) -> list[str | None]:
         if adapters is ACTIVE:
@@ -360,7 +357,7 @@ class AdapterHost:
         (a client gone). Rows are decoded with a KV cache; a row leaves its group's batch in
         the step it finishes, and a group whose rows have all finished stops running forwards."""
         if self.task.is_classification:
-            raise AdapterError("this host holds a sequence-classification base; use classify()")
+            raise AdapterError("this host holds a classifier base; use classify()")
         names = self._per_row(prompts, adapters)
         texts = [p if raw else self.format_prompt(p, n) for p, n in zip(prompts, names)]
         return TextStream(self.tokenizer, self.base.model.generation_config, texts, self._groups(names, decoding=True),
@@ -385,7 +382,7 @@ class AdapterHost:
     def classify(self, texts: Sequence[str], adapters: Any = ACTIVE) -> list[dict[str, Any]]:
         """Label and class probabilities per text; ``adapters`` as in :meth:`generate`."""
         if not self.task.is_classification:
-            raise AdapterError("this host holds a causal-lm base; use generate()")
+            raise AdapterError("this host holds a language-model base; use generate()")
         labels = self.task.labels or []
 
         names = self._per_row(texts, adapters)

@@ -452,16 +452,13 @@ class Service:
         dropped: the adapter was trained on single prompts); otherwise the tokenizer's chat
         template renders the whole conversation; a tokenizer without one gets plain
         ``role: content`` lines ending in ``assistant:``."""
-        from plugtune.data.tasks import fill, template_fields
-
-        template = self.host.adapters[adapter].task.prompt if adapter is not None else None
-        fields = template_fields(template)
-        if template and len(fields) == 1:
+        task = self.host.adapters[adapter].task if adapter is not None else None
+        if task is not None and task.head == "lm" and task.format_prompt("") is not None:
             users = [m for m in messages if m.role == "user"]
             if not users:
                 raise ApiError(400, f"adapter {adapter!r} fills its prompt template with the last user message; "
                                "send at least one", param="messages")
-            return fill(template, {next(iter(fields)): users[-1].text()})
+            return task.format_prompt(users[-1].text())
         turns = [{"role": m.role, "content": m.text()} for m in messages]
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -611,7 +608,7 @@ def create_app(service: Service) -> Any:
 
     def check_generation(sampling: _Sampling) -> None:
         if service.classification:
-            raise ApiError(400, "this server holds a sequence-classification base; use POST /v1/classify")
+            raise ApiError(400, "this server holds a classifier base; use POST /v1/classify")
         if sampling.n != 1:
             raise ApiError(400, "n: only n=1 is supported; send the request again for more samples", param="n")
         if sampling.best_of not in (None, 1):
@@ -689,7 +686,7 @@ def create_app(service: Service) -> Any:
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> Any:
         if not service.classification:
-            raise ApiError(400, "this server holds a causal-lm base; use POST /v1/completions or /v1/chat/completions")
+            raise ApiError(400, "this server holds a language-model base; use POST /v1/completions or /v1/chat/completions")
         adapter, model_name = service.resolve(body)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         _check_count(texts, "input")
@@ -767,9 +764,10 @@ async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tup
 
 def build_host(adapter_dirs: Sequence[str | Path], base: str | None = None, *, allow_pickle: bool = False) -> Any:
     """The host ``plugtune serve`` holds: the base the first adapter names (or ``base``) and
-    every adapter given, none of them active; with no adapters, ``base`` alone as a causal LM."""
+    every adapter given, none of them active; with no adapters, ``base`` alone as a language model
+    (the installed task that serves raw prompts)."""
     from plugtune.serving.host import AdapterHost
-    from plugtune.data.tasks import Task
+    from plugtune.data.tasks import raw_prompt_task
 
     if adapter_dirs:
         host = AdapterHost.from_adapters(*adapter_dirs, base_model=base, allow_pickle=allow_pickle)
@@ -777,7 +775,7 @@ def build_host(adapter_dirs: Sequence[str | Path], base: str | None = None, *, a
         return host
     if not base:
         raise PlugtuneError("give adapter folders (plugtune serve adapters/NAME ...) or --base MODEL")
-    return AdapterHost.from_base(base, Task(type="causal-lm", prompt="{text}", response=""))
+    return AdapterHost.from_base(base, raw_prompt_task())
 
 
 @contextlib.contextmanager

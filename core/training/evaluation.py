@@ -4,8 +4,8 @@ For each batch the core runs one forward pass and hands every evaluator an
 :class:`~plugtune.kernel.components.EvalBatch` (per-example predictions, references, scores and the
 summed loss). Two optional extras, computed only when an evaluator asks for them:
 
-* ``needs_generation = True`` on an evaluator class: for causal-LM tasks the core also
-  generates greedily from each prompt and fills ``EvalBatch.generated`` and
+* ``needs_generation = True`` on an evaluator class: for tasks that generate (an lm head
+  with a reference text) the core also generates greedily from each prompt and fills ``EvalBatch.generated`` and
   ``EvalBatch.reference_texts`` (summarization, QA, translation metrics).
 * ``compute_with(context)`` on an evaluator: called after the pass with an
   :class:`~plugtune.kernel.components.EvalContext` whose ``predict(examples)`` runs the model on
@@ -20,13 +20,13 @@ import torch
 
 from plugtune.kernel.components import EvalBatch, EvalContext
 from plugtune.data.encoding import Row, batches, encode_split
-from plugtune.data.tasks import Task, fill
+from plugtune.data.tasks import Task
 
 @torch.no_grad()
 def generate_responses(model: torch.nn.Module, examples: list[dict[str, Any]], task: Task, tokenizer: Any,
                        device: torch.device, max_new_tokens: int) -> list[str]:
     """Greedy continuations of each example's prompt (left-padded batch)."""
-    prompts = [task.encode_prompt(task.verbalize(e), tokenizer) for e in examples]
+    prompts = [task.encode_prompt(e, tokenizer) for e in examples]
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (B, T)
@@ -49,10 +49,10 @@ def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: li
     model.eval()
     for ev in evaluators:
         ev.reset()
-    generate = (not task.is_classification and task.response is not None and tokenizer is not None
+    generate = (task.head == "lm" and task.generates and tokenizer is not None
                 and any(getattr(ev, "needs_generation", False) for ev in evaluators))
 
-    head = output_head(model) if logits_on_labels_only and not task.is_classification else None
+    head = output_head(model) if logits_on_labels_only and task.head == "lm" else None
 
     def run(chunk: list[Row], batch: dict[str, torch.Tensor]) -> EvalBatch:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -64,11 +64,11 @@ def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: li
         result.examples = [r["example"] for r in chunk]
         return result
 
-    for chunk, batch in batches(rows, batch_size, pad_id, task.is_classification):
+    for chunk, batch in batches(rows, batch_size, pad_id, task):
         result = run(chunk, batch)
         if generate:
             result.generated = generate_responses(model, result.examples, task, tokenizer, device, max_new_tokens)
-            result.reference_texts = [fill(task.response or "", task.verbalize(e)).strip() for e in result.examples]
+            result.reference_texts = [task.reference_text(e) or "" for e in result.examples]
         for ev in evaluators:
             ev.update(result)
 
@@ -76,7 +76,7 @@ def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: li
         """The model's predictions and scores for arbitrary examples, in order."""
         encoded, _ = encode_split(examples, task, tokenizer, max_length, "rewritten")
         merged = EvalBatch([], [], 0.0, 0, scores=[], losses=[])
-        for chunk, batch in batches(encoded, batch_size, pad_id, task.is_classification):
+        for chunk, batch in batches(encoded, batch_size, pad_id, task):
             part = run(chunk, batch)
             merged.predictions += part.predictions
             merged.references += part.references

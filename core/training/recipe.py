@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import re
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,7 +38,7 @@ from pydantic import (
 from plugtune.kernel.components import DataPath, _path_exists
 from plugtune.kernel.errors import DataError, RecipeError
 from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
-from plugtune.data.tasks import TASK_TYPES, Task, template_fields
+from plugtune.data.tasks import Task, make_task, template_fields
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,52 +77,13 @@ class DataBlock(_Strict):
         return {} if value is None else value
 
 
-class TaskBlock(_Strict):
-    type: Literal["causal-lm", "sequence-classification"]
-    prompt: str | None = None
-    response: str | None = None
-    text: str | None = None
-    label: str = "label"
-    labels: list[str] | None = None
-    label_words: dict[str, str] | None = None
+class TaskBlock(BaseModel):
+    """``task: {type: NAME, <options>}``: the type is a registered task; the other keys are
+    that task's ``Options``, validated against it in the registry pass."""
 
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _labels_as_strings(cls, value: Any) -> Any:
-        return [str(v) for v in value] if isinstance(value, list) else value
+    model_config = ConfigDict(extra="allow")
 
-    @field_validator("label_words", mode="before")
-    @classmethod
-    def _words_keys_as_strings(cls, value: Any) -> Any:
-        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
-
-    @field_validator("prompt", "response", "text")
-    @classmethod
-    def _valid_template(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        how = "write a literal brace as {{ or }}, and name columns as {column}"
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
-        except ValueError as exc:
-            raise ValueError(f"not a valid template ({exc}); {how}") from None
-        for field in fields:
-            if not field.isidentifier():
-                raise ValueError(f"not a valid template (field {{{field}}} is not a column name); {how}")
-        try:
-            value.format_map({f: "" for f in fields})
-        except (ValueError, KeyError, IndexError, AttributeError) as exc:
-            raise ValueError(f"not a valid template ({exc}); {how}") from None
-        return value
-
-    @model_validator(mode="after")
-    def _templates(self) -> TaskBlock:
-        if self.type == "causal-lm":
-            if self.response is not None and self.prompt is None:
-                raise ValueError("a causal-lm task with a 'response' template needs a 'prompt' template")
-            if self.response is None and self.text is None:
-                raise ValueError("a causal-lm task needs 'prompt' and 'response' templates, or a 'text' template for raw text")
-        return self
+    type: str
 
 
 class TrainingBlock(_Strict):
@@ -366,10 +326,8 @@ def validate(
             + "; or give a local model folder, a .gguf file or a hub id (org/name)"
         )
 
-    task: Task | None = None
-    task_block = spec.task if spec is not None else _valid_or_none(TaskBlock, raw.get("task"))
-    if task_block is not None:
-        task = Task.from_dict(task_block.model_dump())
+    task = _bind_task(plugins, raw.get("task"), context, problems)
+    if task is not None:
         if loader is not None and check_data:
             problems.extend(_check_columns(loader, task, spec))
         for i, bound in enumerate(evaluators):  # e.g. rouge on a classification task
@@ -390,14 +348,6 @@ def validate(
         regularizers=[r for r in regularizers if r is not None],
         evaluators=[e for e in evaluators if e is not None],
     )
-
-
-def _valid_or_none(model: type[BaseModel], value: Any) -> Any:
-    """``value`` validated as ``model``, or None when invalid (its errors are reported elsewhere)."""
-    try:
-        return model.model_validate(value)
-    except ValidationError:
-        return None
 
 
 def _looks_like_path_or_hub_id(value: str) -> bool:
@@ -449,6 +399,24 @@ def _bind(
     return Bound(name, component, bound)
 
 
+def _bind_task(plugins: PluginSystem, block: Any, context: dict[str, Any], problems: list[str]) -> Task | None:
+    """The recipe's task, built through the registry: ``task.type`` resolved with a
+    did-you-mean, the rest of the block validated as that task's ``Options``."""
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        return None  # the shape error is reported by RecipeSpec
+    component = plugins.find("task", block["type"])
+    if component is None:
+        problems.append("task.type: " + unknown_name_message("task", block["type"], plugins.names("task")))
+        return None
+    options_model = component.options_model
+    try:
+        options = options_model.model_validate({k: v for k, v in block.items() if k != "type"}, context=context)
+    except ValidationError as exc:
+        problems.extend(_format_errors(exc, options_model, prefix=("task",)))
+        return None
+    return make_task(component, options)
+
+
 def _check_columns(loader: Bound, task: Task, spec: RecipeSpec) -> list[str]:
     try:
         columns = loader.build().columns()
@@ -460,13 +428,21 @@ def _check_columns(loader: Bound, task: Task, spec: RecipeSpec) -> list[str]:
     problems = []
     for column in missing:
         hint = did_you_mean(column, columns)
-        used_in = [k for k in ("prompt", "response", "text") if column in template_fields(getattr(task, k))]
-        field = f"task.{used_in[0]}" if used_in else "task.label"
+        field = f"task.{_option_naming(task, column)}"
         problems.append(
             f"{field}: column {column!r} is not in the data{hint} (columns: {', '.join(columns)}); "
             f"rename it with data.options.columns"
         )
     return problems
+
+
+def _option_naming(task: Task, column: str) -> str:
+    """The task option that names ``column``: a template using it, else an option whose
+    value is the column itself (``label: sentiment``), for the error's field path."""
+    options = {k: v for k, v in task.to_dict().items() if k != "type" and isinstance(v, str)}
+    templates = [k for k, v in options.items() if column in template_fields(v)]
+    exact = [k for k, v in options.items() if v == column]
+    return (templates or exact or ["type"])[0]
 
 
 def _path(parts: tuple[Any, ...]) -> str:
@@ -530,4 +506,4 @@ def dump_recipe(raw: dict[str, Any]) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
-__all__ = ["Recipe", "RecipeSpec", "DataPath", "load_recipe", "TASK_TYPES"]
+__all__ = ["Recipe", "RecipeSpec", "DataPath", "load_recipe"]

@@ -51,7 +51,7 @@ from plugtune.training.runtime import (
     uses_cuda,
 )
 from plugtune.training.signals import Interrupted, StopRequest, resume_command
-from plugtune.data.tasks import Task, collate
+from plugtune.data.tasks import Task
 from plugtune.data.tokenized_cache import cached_encode, tokenizer_fingerprint
 
 
@@ -211,7 +211,7 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     splits = recipe.loader.build().load(t.seed)
     check_empty_fields(splits, recipe.task)
     task = copy.deepcopy(recipe.task)
-    task.infer_labels(splits["train"])
+    task.setup(splits["train"])
     dtype = base_dtype(t.base_dtype, on_cuda, getattr(recipe.method.component.obj, "trains_base_weights", False))
     with console.status(f"loading {recipe.spec.base_model} ({str(dtype).replace('torch.', '')})"):
         base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins, dtype=dtype,
@@ -365,7 +365,7 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
                     if len(indices) < world:
                         continue  # a tail batch too small to give every process a row: all skip it
                     indices = shard(indices, rank, world)
-                batch = collate([train_rows[i] for i in indices], pad_id, task.is_classification)
+                batch = task.collate([train_rows[i] for i in indices], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 for _, reg in regularizers:
                     if hasattr(reg, "transform_batch"):

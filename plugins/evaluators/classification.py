@@ -55,13 +55,11 @@ class _ClassNames:
 
     def update(self, batch: EvalBatch) -> None:
         task = self.task
-        if task is None or task.is_classification or task.response is None or not batch.examples:
+        if task is None or task.is_classification or not task.generates or not batch.examples:
             return
-        from plugtune.data.tasks import fill
-
         for ref, example in zip(batch.references, batch.examples):
             if ref not in self.seen:
-                self.seen[ref] = fill(task.response, task.verbalize(dict(example))).strip()
+                self.seen[ref] = task.reference_text(dict(example)) or ""
 
     def labels(self) -> list[str] | None:
         """Every class of a classification task, in the task's order."""

@@ -271,7 +271,7 @@ class CounterfactualBias:
     @classmethod
     def check_task(cls, task: Any) -> str | None:
         """Why this evaluator cannot measure ``task``, or None when it can."""
-        if task is not None and not task.is_classification and task.response is None:
+        if task is not None and not task.is_classification and not task.generates:
             return ("needs a prediction to compare: a sequence-classification task, or a causal-lm task with "
                     "prompt and response templates (not raw text)")
         return None

@@ -47,7 +47,7 @@ class _Generative:
         if task.is_classification:
             return ("needs generated text, which a sequence-classification task does not produce; "
                     "use accuracy, f1, precision or recall, or a causal-lm task with prompt and response templates")
-        if task.response is None:
+        if not task.generates:
             return "needs a causal-lm task with prompt and response templates (there is no response to compare with)"
         return None
 
