@@ -59,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     out = _console()
     out.print(comparison_table({"base": result.before, recipe.name: result.after},
-                               title=f"{recipe.name}: held-out metrics before and after training"))
+                               title=f"{recipe.name}: held-out metrics before and after training",
+                               directions=recipe.metric_directions()))
     out.print(f"adapter saved to [bold]{result.adapter_dir}[/] ({result.steps} steps in {result.train_seconds:.1f} s, "
               f"{result.trainable_parameters:,} of {result.total_parameters:,} parameters trained)")
     return 0
@@ -173,7 +174,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 host.model, rows, task, evaluators, batch_size=recipe.training.batch_size * 2,
                 pad_id=host.tokenizer.pad_token_id, device=host._device(), tokenizer=host.tokenizer,
                 max_new_tokens=recipe.training.max_new_tokens, max_length=recipe.training.max_length)
-    _console().print(comparison_table(columns, title=f"{recipe.name}: {len(rows)} held-out rows"))
+    _console().print(comparison_table(columns, title=f"{recipe.name}: {len(rows)} held-out rows",
+                                      directions=recipe.metric_directions()))
     if args.json:
         Path(args.json).write_text(json.dumps(columns, indent=2))
     return 0

@@ -49,7 +49,7 @@ from plugtune.training.checkpoints import (
     resume_point,
     truncate_log,
 )
-from plugtune.kernel.components import Decision
+from plugtune.kernel.components import Decision, EvalMetrics, MetricDirections
 from plugtune.data.datacheck import check_empty_fields, fit_to_context, prepare_split, report_overlong
 from plugtune.training.evaluation import evaluate
 from plugtune.kernel.errors import DataError, PlugtuneError, RecipeError, TrainingError
@@ -314,6 +314,7 @@ class _Scoring:
     test_rows: list[Row]
     train_rows: list[Row]
     train_examples: int | None
+    directions: MetricDirections
 
     @classmethod
     def for_run(cls, recipe: Recipe, data: _Data, process: _Process, plugins: PluginSystem) -> _Scoring:
@@ -322,23 +323,26 @@ class _Scoring:
         kwargs = dict(batch_size=t.eval_batch_size or t.batch_size * 2, pad_id=data.tokenizer.pad_token_id,
                       device=process.device, tokenizer=data.tokenizer, max_new_tokens=t.max_new_tokens,
                       max_length=t.max_length, logits_on_labels_only=t.logits_on_labels_only)
-        return cls(process, plugins, data.task, evaluators, kwargs, data.test_rows, data.train_rows, t.eval_train_examples)
+        return cls(process, plugins, data.task, evaluators, kwargs, data.test_rows, data.train_rows, t.eval_train_examples,
+                   recipe.metric_directions())
 
     def score(self, model: torch.nn.Module, rows: list[Row]) -> dict[str, float]:
         """The evaluators' metrics of ``model`` on ``rows`` (computed on the main process)."""
         return self.score_lazily(lambda: model, rows)
 
-    def score_lazily(self, model: Any, rows: list[Row]) -> dict[str, float]:
+    def score_lazily(self, model: Any, rows: list[Row]) -> EvalMetrics:
         """:meth:`score` of the module ``model()`` returns, called on the main process only."""
         with self.process.accelerator.autocast():
-            return self.process.on_main(lambda: evaluate(model(), rows, self.task, self.evaluators, **self.kwargs))
+            metrics = self.process.on_main(lambda: evaluate(model(), rows, self.task, self.evaluators, **self.kwargs))
+        return EvalMetrics(metrics, self.directions)
 
-    def log_test(self, state: RunState, tag: str, metrics: dict[str, float]) -> dict[str, float]:
+    def log_test(self, state: RunState, tag: str, metrics: dict[str, float]) -> EvalMetrics:
+        metrics = metrics if isinstance(metrics, EvalMetrics) else EvalMetrics(metrics, self.directions)
         self.process.log({"event": "eval", "split": "test", "step": state.step, "when": tag, **metrics})
         self.plugins.call_lifecycle("on_evaluate", run=state, split="test", step=state.step, metrics=metrics)
         return metrics
 
-    def test(self, state: RunState, model: torch.nn.Module, tag: str) -> dict[str, float]:
+    def test(self, state: RunState, model: torch.nn.Module, tag: str) -> EvalMetrics:
         with self.process.accelerator.autocast():
             return self.log_test(state, tag, self.score(model, self.test_rows))
 
@@ -716,14 +720,13 @@ def _label_position_loss(model: torch.nn.Module, head: torch.nn.Module | None, b
     return loss, SimpleNamespace(loss=torch.tensor(global_sum / max(label_tokens, 1.0)), logits=None), int(real_tokens)
 
 
-def lower_is_better(metric: str) -> bool:
-    """Losses, perplexities and bias measures improve downwards; everything else upwards."""
-    return metric.split("/")[-1] in {"loss", "perplexity"} or metric.startswith("counterfactual/")
-
-
-def comparison_table(columns: dict[str, dict[str, float]], title: str = "") -> Table:
+def comparison_table(columns: dict[str, dict[str, float]], title: str = "",
+                     directions: MetricDirections | None = None) -> Table:
     """A rich table with one row per metric and one column per model/adapter; with exactly
-    two columns a third shows the change."""
+    two columns a third shows the change, green when it is an improvement and red when not,
+    by the direction the metric's evaluator declares (``directions``); uncoloured for a
+    metric without a declared direction."""
+    directions = directions or MetricDirections()
     table = Table(title=title or None)
     table.add_column("metric")
     for name in columns:
@@ -737,8 +740,8 @@ def comparison_table(columns: dict[str, dict[str, float]], title: str = "") -> T
         cells = [f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in values]
         if len(names) == 2 and all(isinstance(v, (int, float)) for v in values):
             delta = values[1] - values[0]
-            better = delta < 0 if lower_is_better(metric) else delta > 0
-            colour = "green" if better else ("red" if delta else "")
+            better = directions.improved(metric, values[1], values[0])
+            colour = "" if better is None or not delta else ("green" if better else "red")
             cells.append(f"[{colour}]{delta:+.4f}[/]" if colour else f"{delta:+.4f}")
         table.add_row(metric, *cells)
     return table
