@@ -460,7 +460,7 @@ def _bind(
     name = block["name"]
     component = plugins.find(kind, name)
     if component is None:
-        problems.append(f"{_path(path + (name_key,))}: " + unknown_name_message(kind, name, plugins.names(kind)))
+        problems.append(f"{_path(path + (name_key,))}: " + plugins.unknown_message(kind, name))
         return None
     options_model = component.options_model
     options = block.get("options") or {}
