@@ -59,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     out = _console()
     out.print(comparison_table({"base": result.before, recipe.name: result.after},
-                               title=f"{recipe.name}: held-out metrics before and after training"))
+                               title=f"{recipe.name}: held-out metrics before and after training",
+                               directions=recipe.metric_directions()))
     out.print(f"adapter saved to [bold]{result.adapter_dir}[/] ({result.steps} steps in {result.train_seconds:.1f} s, "
               f"{result.trainable_parameters:,} of {result.total_parameters:,} parameters trained)")
     return 0
@@ -173,7 +174,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 host.model, rows, task, evaluators, batch_size=recipe.training.batch_size * 2,
                 pad_id=host.tokenizer.pad_token_id, device=host._device(), tokenizer=host.tokenizer,
                 max_new_tokens=recipe.training.max_new_tokens, max_length=recipe.training.max_length)
-    _console().print(comparison_table(columns, title=f"{recipe.name}: {len(rows)} held-out rows"))
+    _console().print(comparison_table(columns, title=f"{recipe.name}: {len(rows)} held-out rows",
+                                      directions=recipe.metric_directions()))
     if args.json:
         Path(args.json).write_text(json.dumps(columns, indent=2))
     return 0
@@ -321,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train a recipe and save its adapter")
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in the output folder from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -331,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe without loading any model")
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plugins", help="list plugins, their distributions and components")
@@ -345,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate the base and adapters side by side on a recipe's held-out data")
     p.add_argument("recipe", nargs="?", help="recipe giving data and evaluators (default: the first adapter's)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="DIR")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
+    p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="DIR",
+                   help="an adapter to evaluate beside the base; repeatable, all share one base")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -354,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("classify", cmd_classify, "classify texts with classification adapters")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("inputs", nargs="+", metavar="TEXT")
-        p.add_argument("--adapter", action="append", default=[], metavar="DIR", help="repeatable; all share one base")
+        p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                       help="an adapter to use; repeatable, all share one base")
         p.add_argument("--base", help="base model (default: the one the adapters name)")
         p.add_argument("--per-input", action="store_true", help="the i-th adapter handles the i-th input")
         p.add_argument("--allow-pickle", action="store_true", help="accept pickled adapter weights (read with torch.load(weights_only=True))")
@@ -372,9 +376,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDES_HELP = "key.sub=value overrides of the recipe, anywhere after it (between flags too)"
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, with ``key=value`` overrides accepted anywhere after the recipe,
+    in any order with flags (``run R --quiet training.max_steps=3 --overwrite method.options.r=4``).
+
+    argparse takes the positional ``overrides`` only where they follow the recipe directly;
+    the rest come back unrecognised and join them here, in command-line order (a later value
+    of the same key wins). ``eval``'s recipe is optional, so an override in its place moves
+    to the overrides."""
+    args, extras = parser.parse_known_args(argv)
+    if not hasattr(args, "overrides"):
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return args
+    unknown = [e for e in extras if not _is_override(e)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    recipe = getattr(args, "recipe", None)
+    if args.command == "eval" and isinstance(recipe, str) and _is_override(recipe) and not Path(recipe).exists():
+        args.recipe, args.overrides = None, [recipe, *args.overrides]
+    args.overrides = [*args.overrides, *extras]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -391,3 +391,58 @@ def test_registry_get_raises_with_did_you_mean() -> None:
     with pytest.raises(PluginError, match=r"unknown evaluator 'perplexty'; did you mean 'perplexity'\?"):
         system.get("evaluator", "perplexty")
     assert system.find("evaluator", "perplexty") is None
+
+
+# -- names that ignore case, plugins that failed to import, no second list of built-ins --------
+
+
+def test_did_you_mean_ignores_case() -> None:
+    assert did_you_mean("IA3", ["ia3", "lora"]) == "; did you mean 'ia3'?"
+    assert did_you_mean("LoRA", ["full", "lora"]) == "; did you mean 'lora'?"
+    assert build_plugin_system().unknown_message("method", "LoRA").startswith("unknown tuning method 'LoRA'; did you mean 'lora'?")
+
+
+def _with_broken(monkeypatch: pytest.MonkeyPatch, name: str, dist: str) -> None:
+    original = reg._entry_points
+
+    def boom() -> Any:
+        raise ImportError("No module named 'torch_rdrop'")
+
+    def entry_points() -> Any:
+        yield from original()
+        yield name, boom, dist, "0.3"
+
+    monkeypatch.setattr(reg, "_entry_points", entry_points)
+
+
+def test_a_component_of_a_plugin_that_failed_to_import_is_reported_as_such(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from plugtune.kernel.errors import RecipeError
+    from plugtune.training.recipe import load_recipe
+
+    _with_broken(monkeypatch, "rdrop", "plugtune-rdrop")
+    system = build_plugin_system()
+    assert [(f.name, f.distribution) for f in system.failed] == [("rdrop", "plugtune-rdrop")]
+    (tmp_path / "d.csv").write_text("text,label\na,x\nb,y\n")
+    raw = {"name": "r", "base_model": "org/m", "task": {"type": "sequence-classification", "text": "{text}"},
+           "data": {"loader": "table", "options": {"path": "d.csv"}}, "method": "lora", "regularizers": ["rdrop"]}
+    with pytest.raises(RecipeError) as info:
+        load_recipe(raw=raw, base_dir=tmp_path, plugins=system)
+    assert info.value.problems == [
+        "regularizers[0].name: regularizer 'rdrop' comes from plugin 'rdrop' (distribution plugtune-rdrop 0.3), "
+        "which failed to import: ImportError: No module named 'torch_rdrop'; fix or reinstall that distribution"]
+    # an unknown name while some plugin is broken: no misleading did-you-mean alone, the broken plugin is named
+    message = system.unknown_message("regularizer", "dropot")
+    assert "did you mean 'dropout'" in message and "plugin 'rdrop' (distribution plugtune-rdrop 0.3)" in message
+    # what the host calls for an adapter whose manifest names the plugin and its distribution
+    assert system.failed_plugin_message("method", "rd", plugin="other", distribution="plugtune-rdrop").startswith(
+        "tuning method 'rd' comes from plugin 'rdrop' (distribution plugtune-rdrop 0.3), which failed to import")
+    assert system.failed_plugin_message("method", "lora", plugin="lora", distribution="plugtune") is None
+
+
+def test_without_an_installed_plugtune_distribution_it_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-ins come only from the installed distribution's entry points: no fallback list."""
+    assert not hasattr(reg, "_BUILTIN_FALLBACK")
+    monkeypatch.setattr(reg, "_entry_points", lambda: iter(()))
+    system = build_plugin_system()
+    assert system.names("method") == [] and system.problems == [reg.NOT_INSTALLED]
+    assert "pip install -e ." in reg.NOT_INSTALLED

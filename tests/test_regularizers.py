@@ -361,13 +361,20 @@ def test_best_weights_are_saved_when_training_runs_to_the_end(make_recipe, tiny_
 
 
 def test_early_stopping_decisions():
+    from plugtune.kernel.components import EvalMetrics, MetricDirections
+    from plugtune.plugins.evaluators.classification import Accuracy
+
+    directions = MetricDirections.of([Accuracy])
     reg = EarlyStopping(EarlyStoppingOptions(metric="accuracy", patience=2, min_delta=0.01, restore_best=False))
-    assert reg.mode == "max" and EarlyStopping(EarlyStoppingOptions(metric="perplexity")).mode == "min"
-    decisions = [reg.after_evaluate({"accuracy": a}, step) for step, a in enumerate([0.5, 0.6, 0.605, 0.7, 0.69, 0.65, 0.9])]
+    decisions = [reg.after_evaluate(EvalMetrics({"accuracy": a}, directions), step)
+                 for step, a in enumerate([0.5, 0.6, 0.605, 0.7, 0.69, 0.65, 0.9])]
+    assert reg.mode == "max"  # as Accuracy declares
     assert [(d.best, d.stop) if d else None for d in decisions] == [
         (True, False), (True, False), None, (True, False), None, (False, True), None]  # stopped: nothing after
     with pytest.raises(TrainingError, match="metric 'bleu' is not among"):
         EarlyStopping(EarlyStoppingOptions(metric="bleu")).after_evaluate({"loss": 1.0}, 1)
+    with pytest.raises(TrainingError, match="no evaluator declares which way 'loss' improves"):
+        EarlyStopping(EarlyStoppingOptions(metric="loss")).after_evaluate(EvalMetrics({"loss": 1.0}), 1)
 
 
 # -- augmentation --------------------------------------------------------------------------

@@ -131,3 +131,60 @@ def test_nan_loss_stops_with_step_and_leaves_no_adapter(make_recipe, tmp_path):
     finally:
         set_plugin_system(None)
     assert not (tmp_path / "adapters" / "tiny" / WEIGHTS_FILE).exists()
+
+
+# -- saving the adapter fails after training: the weights survive ----------------------------
+
+
+class FragileLora:
+    """The built-in LoRA method whose ``adapter_state`` raises while ``broken`` is set, as a
+    plugin bug (or a full disk) at the very end of a run would."""
+
+    broken = True
+
+    @hookimpl
+    def register_tuning_methods(self, register):
+        from plugtune.plugins.methods.lora import LoraMethod
+
+        outer = self
+
+        class Fragile(LoraMethod):
+            def adapter_state(self, model):
+                if outer.broken:
+                    raise KeyError("lora_A")
+                return super().adapter_state(model)
+
+        register("fragile", Fragile)
+
+
+def test_a_failed_adapter_save_keeps_the_weights_and_resume_saves_them(make_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    fragile = FragileLora()
+    set_plugin_system(build_plugin_system(extra_plugins=[("fragile_plugin", fragile)]))
+    training = {"max_steps": 4, "batch_size": 4, "device": "cpu", "checkpoint_every": 0}
+    try:
+        recipe = make_recipe(method={"name": "fragile", "options": {"r": 4}}, training=training)
+        with pytest.raises(TrainingError) as info:
+            plugtune.run(recipe, show_progress=False)
+        message = str(info.value)
+        out = tmp_path / "adapters" / "tiny"
+        assert "\n" not in message
+        assert "plugin 'fragile_plugin' (distribution (registered in code)) failed in tuning method 'fragile' (adapter_state): KeyError" in message
+        assert f"the trained weights are kept in {out / 'checkpoints' / 'step-4'}" in message
+        assert message.endswith(f"save them with: plugtune run {recipe} --resume")
+        assert not (out / WEIGHTS_FILE).exists()
+
+        fragile.broken = False  # the plugin fixed: --resume evaluates and saves, without training again
+        resumed = plugtune.run(recipe, show_progress=False, resume=True)
+        again = plugtune.run(make_recipe(method={"name": "fragile", "options": {"r": 4}}, training=training,
+                                         output={"dir": str(tmp_path / "uninterrupted")}), show_progress=False)
+    finally:
+        set_plugin_system(None)
+    assert resumed.steps == 4 and resumed.after == again.after
+    saved, expected = load_file(out / WEIGHTS_FILE), load_file(again.adapter_dir / WEIGHTS_FILE)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["when"] for r in records if r["event"] == "eval"] == ["before", "after"]  # the final evaluation once
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4]
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())

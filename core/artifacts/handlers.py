@@ -41,10 +41,10 @@ def resolve_handler(manifest: Manifest, plugins: PluginSystem, *, subject: str) 
     component = plugins.find("method", record.name)
     if component is None:
         dist = f" from distribution {record.distribution} {record.version}".rstrip() if record.distribution else ""
-        failure = _import_failure(plugins, record.plugin or record.name, record.distribution)
+        failure = plugins.failed_plugin_message("method", record.name, plugin=record.plugin or None,
+                                                distribution=record.distribution or None)
         if failure:
-            raise AdapterError(f"{subject} was made by tuning method {record.name!r}{dist}, whose plugin failed to load "
-                               f"({failure}); fix or reinstall that plugin (see `plugtune plugins`)")
+            raise AdapterError(f"{subject}: {failure}")
         raise AdapterError(f"{subject} was made by tuning method {record.name!r}{dist}, which is not installed; "
                            f"install that plugin (see `plugtune plugins`)")
     cls = handler_class(component.obj)
@@ -55,17 +55,3 @@ def resolve_handler(manifest: Manifest, plugins: PluginSystem, *, subject: str) 
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise AdapterError(f"{subject}: its {record.name} options are invalid ({first})") from None
     return HandlerSpec(component, cls, options)
-
-
-def _import_failure(plugins: PluginSystem, plugin: str, distribution: str) -> str | None:
-    """The recorded problem of a plugin that failed to import, if ``plugin`` (or a plugin of
-    ``distribution``) is among them."""
-    failed = getattr(plugins, "failed", None)  # a structured record, where the registry keeps one
-    if isinstance(failed, dict):
-        for key, value in failed.items():
-            if key == plugin or (distribution and distribution in str(value)):
-                return str(value)
-    for problem in plugins.problems:
-        if f"{plugin!r}" in problem or (distribution and f"distribution {distribution} " in problem):
-            return problem
-    return None

@@ -12,7 +12,8 @@ of a regularizer are looked up with ``getattr`` and skipped when absent.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -525,25 +526,98 @@ class Decision:
     best: bool = False
 
 
+Direction = Literal["min", "max"]
+"""Which way a metric improves: ``"min"`` (losses, error rates, bias gaps) or ``"max"``."""
+
+
+class MetricDirections:
+    """Which way each metric improves, as the recipe's evaluators declare it.
+
+    Built from evaluator classes (or instances) with :meth:`of`; each evaluator's
+    ``directions`` maps metric names or :mod:`fnmatch` patterns (``"f1/*"``) to a
+    :data:`Direction`, the first evaluator and pattern that match win. A metric no evaluator
+    declares has no direction (:meth:`direction` returns None): the before/after table shows
+    its change uncoloured, and selecting weights on it (early stopping) is refused at
+    validation unless the recipe gives the direction itself. That is a deliberate choice over
+    a default: a guessed direction is how ``counterfactual/flip_rate`` came to be maximised.
+    """
+
+    def __init__(self, declared: Iterable[tuple[str, Direction]] = ()) -> None:
+        self.declared: list[tuple[str, Direction]] = list(declared)
+
+    @classmethod
+    def of(cls, evaluators: Iterable[Any]) -> MetricDirections:
+        """The directions every evaluator in ``evaluators`` declares, in order."""
+        declared: list[tuple[str, Direction]] = []
+        for evaluator in evaluators:
+            for pattern, direction in (getattr(evaluator, "directions", None) or {}).items():
+                if direction not in ("min", "max"):
+                    raise ValueError(f"{type(evaluator).__name__}.directions[{pattern!r}] is {direction!r}; "
+                                     f"use 'min' or 'max'")
+                declared.append((pattern, direction))
+        return cls(declared)
+
+    def direction(self, metric: str) -> Direction | None:
+        """``"min"``, ``"max"``, or None when no evaluator declares ``metric``."""
+        for pattern, direction in self.declared:
+            if pattern == metric or fnmatch.fnmatchcase(metric, pattern):
+                return direction
+        return None
+
+    def improved(self, metric: str, new: float, old: float) -> bool | None:
+        """Whether ``new`` is better than ``old`` for ``metric`` (None: no declared direction)."""
+        direction = self.direction(metric)
+        if direction is None or new == old:
+            return None if direction is None else False
+        return new < old if direction == "min" else new > old
+
+
+class EvalMetrics(dict[str, float]):
+    """One evaluation's metrics (a plain ``dict`` of name -> value) that also knows which
+    way each improves. Regularizers' ``after_evaluate`` and the ``on_evaluate`` hook receive
+    one; ``metrics.direction(name)`` reads the declared :data:`Direction` (or None)."""
+
+    def __init__(self, metrics: Mapping[str, float], directions: MetricDirections | None = None) -> None:
+        super().__init__(metrics)
+        self.directions = directions or MetricDirections()
+
+    def direction(self, metric: str) -> Direction | None:
+        return self.directions.direction(metric)
+
+
 @runtime_checkable
 class Evaluator(Protocol):
     """Accumulates over a split's evaluation batches and returns named metrics.
 
-    Optional: ``needs_generation = True`` (class attribute) to receive greedy generations in
-    ``EvalBatch.generated``; ``compute_with(context: EvalContext) -> dict`` to run the model
-    on examples of its own after the pass; ``check_task(task) -> str | None`` (classmethod),
-    called at validation: a reason the evaluator cannot serve this task.
+    ``directions`` (class attribute): which way each metric it returns improves, keyed by
+    metric name or :mod:`fnmatch` pattern (``{"loss": "min"}``, ``{"f1": "max", "f1/*":
+    "max"}``). Early stopping, the best-weights selection and the before/after table read
+    these and never guess from a name (see :class:`MetricDirections` for undeclared metrics).
+
+    Optional: ``default = True`` (class attribute) to be used when a recipe lists no
+    ``evaluators``; ``needs_generation = True``
+    (class attribute) to receive greedy generations in ``EvalBatch.generated``;
+    ``compute_with(context: EvalContext) -> dict`` to run the model on examples of its own
+    after the pass; ``check_task(task) -> str | None`` (classmethod), called at validation:
+    a reason the evaluator cannot serve this task.
     """
 
     Options: ClassVar[type[ComponentOptions]]
+    directions: ClassVar[Mapping[str, Direction]]
 
     def __init__(self, options: Any, task: Task) -> None: ...
 
-    def reset(self) -> None: ...
+    def reset(self) -> None:
+        """Called before each evaluation pass: forget the previous pass."""
+        ...
 
-    def update(self, batch: EvalBatch) -> None: ...
+    def update(self, batch: EvalBatch) -> None:
+        """Called once per evaluation batch of the pass."""
+        ...
 
-    def compute(self) -> dict[str, float]: ...
+    def compute(self) -> dict[str, float]:
+        """Called after the pass: the metrics, by name (each covered by ``directions``)."""
+        ...
 
 
 class Regularizer(Protocol):
@@ -566,6 +640,12 @@ class Regularizer(Protocol):
       tokenization (never on evaluation data).
     * ``after_evaluate(metrics, step) -> Decision | None``: after every evaluation during and
       after training; may stop training and/or mark the current weights as the best.
+      ``metrics`` is an :class:`EvalMetrics`: ``metrics.direction(name)`` says which way a
+      metric improves, as its evaluator declares.
+    * ``check_metrics(options, directions) -> list[str]`` (classmethod): at validation, with
+      the :class:`MetricDirections` of the recipe's evaluators; problems such as a metric no
+      evaluator declares, each starting with its field path inside the block
+      (``options.metric: ...``).
     * ``state_dict() -> dict`` / ``load_state_dict(state)``: state that changes while training
       (random generators, counters, kept weights), saved in checkpoints so ``--resume``
       continues exactly. Without them, the states of any ``torch.Generator`` attributes are

@@ -11,6 +11,7 @@ attributes the component has, so ``hasattr(reg, "loss_term")`` checks keep worki
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from plugtune.kernel.errors import PluginError, PlugtuneError
@@ -30,6 +31,7 @@ class GuardedComponent:
             return value
         registered = self._registered
 
+        @functools.wraps(value)  # keeps the member's signature for callers that inspect it (call_prepare)
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 return value(*args, **kwargs)

@@ -7,6 +7,14 @@ entry point and its distribution, and every other plugin keeps working. Set
 ``PLUGTUNE_STRICT_PLUGINS=1`` to make such failures errors, and
 ``PLUGTUNE_DISABLE_PLUGINS=name,name`` to skip entry points (or distributions) by name.
 
+Entry points are the only road: the built-ins too are read from the installed ``plugtune``
+distribution's metadata. A source tree that was never installed has none, and says so
+(``pip install -e .``) instead of quietly working from a second list.
+
+A plugin that failed to import is remembered (:class:`FailedPlugin`), so that a recipe or an
+adapter naming one of its components hears that its plugin is broken, not that the name is
+unknown (:meth:`PluginSystem.failed_plugin_message`).
+
 Registration hooks are called one implementation at a time (not through a single pluggy
 call) so that a plugin that raises while registering, or registers a name someone else
 already has, is identified and skipped without losing the others.
@@ -15,7 +23,6 @@ already has, is identified and skipped without losing the others.
 from __future__ import annotations
 
 import difflib
-import importlib
 import importlib.metadata as md
 import os
 import sys
@@ -47,28 +54,6 @@ KIND_LABELS = {
     "model": "base model alias",
 }
 
-# Used only when plugtune runs from a source tree that was never installed, so that no entry
-# point metadata exists. Mirrors [project.entry-points.plugtune] in pyproject.toml.
-_BUILTIN_FALLBACK = {
-    "builtin_models": "plugtune.plugins.models.builtin",
-    "lora": "plugtune.plugins.methods.lora",
-    "full": "plugtune.plugins.methods.full",
-    "int8": "plugtune.plugins.methods.int8",
-    "prefix": "plugtune.plugins.methods.prefix",
-    "table": "plugtune.plugins.loaders.table",
-    "weight_decay": "plugtune.plugins.regularizers.weight_decay",
-    "training_regularizers": "plugtune.plugins.regularizers.training",
-    "augmentation": "plugtune.plugins.regularizers.augmentation",
-    "counterfactual": "plugtune.plugins.evaluators.counterfactual",
-    "text_metrics": "plugtune.plugins.evaluators.text",
-    "text_loader": "plugtune.plugins.loaders.text",
-    "classification_metrics": "plugtune.plugins.evaluators.classification",
-    "language_model_metrics": "plugtune.plugins.evaluators.language_model",
-    "causal_lm": "plugtune.plugins.tasks.causal_lm",
-    "sequence_classification": "plugtune.plugins.tasks.sequence_classification",
-}
-
-
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -82,6 +67,21 @@ class PluginInfo:
     distribution: str
     version: str
     builtin: bool
+
+
+@dataclass(frozen=True)
+class FailedPlugin:
+    """An entry point that could not be imported: what it is and why it failed. Its
+    components are unknown (they register only once the module imports); its entry-point
+    name and distribution are what a recipe or an adapter manifest can be matched against."""
+
+    name: str
+    distribution: str
+    version: str
+    error: str
+
+    def describe(self) -> str:
+        return f"plugin {self.name!r} (distribution {f'{self.distribution} {self.version}'.strip()})"
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class PluginSystem:
     components: dict[str, dict[str, Component]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     strict: bool = False
+    failed: list[FailedPlugin] = field(default_factory=list)
 
     # -- lookup -------------------------------------------------------------------------
 
@@ -117,7 +118,34 @@ class PluginSystem:
         try:
             return self.components[kind][name]
         except KeyError:
-            raise PluginError(unknown_name_message(kind, name, self.names(kind))) from None
+            raise PluginError(self.unknown_message(kind, name)) from None
+
+    def unknown_message(self, kind: str, name: str) -> str:
+        """Why ``name`` is not a registered ``kind``: its plugin failed to import (when a
+        failed entry point has that name), else unknown with a did-you-mean, naming any
+        plugin that failed to import and so may have provided it."""
+        failed = self.failed_plugin_message(kind, name, plugin=name)
+        if failed:
+            return failed
+        message = unknown_name_message(kind, name, self.names(kind))
+        if self.failed:
+            broken = ", ".join(f"{f.describe()}: {f.error}" for f in self.failed)
+            message += f"; plugins that failed to import and may provide it: {broken}"
+        return message
+
+    def failed_plugin_message(self, kind: str, name: str, *, plugin: str | None = None,
+                              distribution: str | None = None) -> str | None:
+        """A one-line message when ``name`` (a ``kind``) would have come from a plugin that
+        failed to import, matched by entry-point name ``plugin`` or by ``distribution`` (an
+        adapter manifest records both: ``method.plugin``, ``method.distribution``); None when
+        no failed plugin matches. For the host's adapter load and for recipes."""
+        for failed in self.failed:
+            if (plugin is not None and failed.name.lower() == plugin.lower()) or \
+                    (distribution is not None and failed.distribution.lower() == distribution.lower()):
+                label = KIND_LABELS.get(kind, kind)
+                return (f"{label} {name!r} comes from {failed.describe()}, which failed to import: {failed.error}; "
+                        f"fix or reinstall that distribution")
+        return None
 
     def find(self, kind: str, name: str) -> Component | None:
         return self.components.get(kind, {}).get(name)
@@ -153,22 +181,27 @@ def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
 
 
 def did_you_mean(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """``"; did you mean 'x'?"`` for the closest of ``known``, ignoring case (``IA3`` finds
+    ``ia3``), or an empty string."""
+    by_lower: dict[str, str] = {}
+    for k in known:
+        by_lower.setdefault(str(k).lower(), k)
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def _describe(info: PluginInfo) -> str:
     return f"{info.name!r} (distribution {f'{info.distribution} {info.version}'.strip()})"
 
 
+NOT_INSTALLED = ("plugtune's built-in plugins were not found: no installed 'plugtune' distribution declares "
+                 "entry points in the 'plugtune' group (running from a source tree that was never installed?); "
+                 "install it with: pip install -e .")
+
+
 def _entry_points() -> Iterator[tuple[str, Callable[[], ModuleType], str, str]]:
     """Yield (entry point name, loader, distribution, version), built-ins first."""
     eps = list(md.entry_points(group=hookspecs.PROJECT))
-    if not any(ep.dist and ep.dist.name == "plugtune" for ep in eps):
-        from plugtune import __version__
-
-        for name, module in _BUILTIN_FALLBACK.items():
-            yield name, (lambda m=module: importlib.import_module(m)), "plugtune", __version__
     eps.sort(key=lambda ep: (ep.dist is None or ep.dist.name != "plugtune", ep.name))
     for ep in eps:
         dist = ep.dist.name if ep.dist else "unknown"
@@ -185,7 +218,10 @@ def build_plugin_system(extra_plugins: list[tuple[str, Any]] | None = None) -> P
     disabled = {s.strip() for s in os.environ.get("PLUGTUNE_DISABLE_PLUGINS", "").split(",") if s.strip()}
 
     candidates: list[tuple[PluginInfo, Callable[[], Any]]] = []
-    for name, load, dist, version in _entry_points():
+    entry_points = list(_entry_points())
+    if not any(dist == "plugtune" for _, _, dist, _ in entry_points):
+        system._problem(NOT_INSTALLED)
+    for name, load, dist, version in entry_points:
         if name in disabled or dist in disabled:
             continue
         info = PluginInfo(name=name, module="", distribution=dist, version=version, builtin=dist == "plugtune")
@@ -198,6 +234,7 @@ def build_plugin_system(extra_plugins: list[tuple[str, Any]] | None = None) -> P
         try:
             plugin = load()
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the tool
+            system.failed.append(FailedPlugin(info.name, info.distribution, info.version, f"{type(exc).__name__}: {exc}"))
             system._problem(
                 f"plugin {_describe(info)} failed to import: {type(exc).__name__}: {exc}"
             )

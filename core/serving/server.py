@@ -638,21 +638,14 @@ def create_app(service: Service) -> Any:
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts_out, finish, completion = ["" for _ in jobs], ["" for _ in jobs], [0 for _ in jobs]
-        pending = {job.index for job in jobs}
-        backlog = collections.deque(early)
-        try:
-            while pending:
-                index, kind, payload = backlog.popleft() if backlog else await events.get()
+        async with contextlib.aclosing(job_events(events, jobs, early)) as stream:
+            async for index, kind, payload in stream:
                 if kind == "delta":
                     texts_out[index] += payload
                 elif kind == "done":
                     finish[index], completion[index] = payload
-                    pending.discard(index)
                 elif kind == "error":
                     raise payload
-        finally:
-            for job in jobs:
-                job.cancelled = True
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                         "finish_reason": f} for i, (t, f) in enumerate(zip(texts_out, finish))]
@@ -691,15 +684,7 @@ def create_app(service: Service) -> Any:
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         _check_count(texts, "input")
         events, jobs = submit("classify", texts, adapter)
-        results: list[Any] = [None] * len(jobs)
-        pending = {job.index for job in jobs}
-        while pending:
-            index, kind, payload = await events.get()
-            if kind == "error":
-                raise payload
-            if kind == "result":
-                results[index] = payload
-                pending.discard(index)
+        results = await classification_results(events, jobs)
         tokens = sum(service.count_tokens(t) for t in texts)
         data = [{"object": "classification", "index": i, "label": r["label"], "scores": r["scores"]}
                 for i, r in enumerate(results)]
@@ -719,6 +704,43 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+async def job_events(events: asyncio.Queue, jobs: list[Job],
+                     early: Sequence[tuple[int, str, Any]] = ()) -> AsyncIterator[tuple[int, str, Any]]:
+    """The events of one request's ``jobs`` as ``(index, kind, payload)``, ``early`` ones
+    first, until every job has ended (``done`` or ``result``) or one failed (the ``error``
+    event is the last one yielded). Completions, chat, their streams and classify all drain
+    their jobs through it (use it inside ``contextlib.aclosing``).
+
+    However it ends, every job is then marked cancelled: after the last event that changes
+    nothing; on an error the other rows stop; and when the client disconnects (the request's
+    task is cancelled while waiting here) the worker drops the rows nobody will read."""
+    pending = {job.index for job in jobs}
+    backlog = collections.deque(early)
+    try:
+        while pending:
+            index, kind, payload = backlog.popleft() if backlog else await events.get()
+            if kind in ("done", "result"):
+                pending.discard(index)
+            yield index, kind, payload
+            if kind == "error":
+                return
+    finally:
+        for job in jobs:
+            job.cancelled = True
+
+
+async def classification_results(events: asyncio.Queue, jobs: list[Job]) -> list[Any]:
+    """Each classify job's result, in order; raises the first error (see :func:`job_events`)."""
+    results: list[Any] = [None] * len(jobs)
+    async with contextlib.aclosing(job_events(events, jobs)) as stream:
+        async for index, kind, payload in stream:
+            if kind == "error":
+                raise payload
+            if kind == "result":
+                results[index] = payload
+    return results
+
+
 async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tuple[int, str, Any]],
                          head: dict[str, Any], chat: bool, prompt_tokens: list[int],
                          include_usage: bool) -> AsyncIterator[str]:
@@ -733,29 +755,27 @@ async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tup
             choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         return {**head, "choices": [choice]}
 
-    pending = {job.index for job in jobs}
     completion = [0 for _ in jobs]
-    backlog = collections.deque(early)
+    failed = False
     try:
         if chat:
             for job in jobs:
                 yield _sse(chunk(job.index, None, None, role=True))
-        while pending:
-            index, kind, payload = backlog.popleft() if backlog else await events.get()
-            if kind == "delta":
-                yield _sse(chunk(index, payload, None))
-            elif kind == "done":
-                reason, completion[index] = payload
-                pending.discard(index)
-                yield _sse(chunk(index, None if chat else "", reason))
-            elif kind == "error":
-                yield _sse(payload.body())
-                break
-        if include_usage and not pending:
+        async with contextlib.aclosing(job_events(events, jobs, early)) as stream:
+            async for index, kind, payload in stream:
+                if kind == "delta":
+                    yield _sse(chunk(index, payload, None))
+                elif kind == "done":
+                    reason, completion[index] = payload
+                    yield _sse(chunk(index, None if chat else "", reason))
+                elif kind == "error":
+                    failed = True
+                    yield _sse(payload.body())
+        if include_usage and not failed:
             yield _sse({**head, "choices": [], "usage": _usage(sum(prompt_tokens), sum(completion))})
         yield _sse("[DONE]")
     finally:
-        for job in jobs:
+        for job in jobs:  # the stream closed before job_events started (the role chunks)
             job.cancelled = True
 
 

@@ -32,7 +32,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,32 @@ def interrupted_run_message(output_dir: Path) -> str | None:
             f"pass --resume to continue it or --overwrite to start over")
 
 
+@dataclass
+class BestWeights:
+    """The weights a regularizer (early stopping) marked best, kept while training goes on:
+    the step they are from, the evaluation that made them best, the method's adapter tensors
+    (a copy, on the CPU) and their score on training rows (``training.eval_train_examples``,
+    else empty). The run saves these instead of the last weights when they differ."""
+
+    step: int
+    metrics: dict[str, float]
+    state: dict[str, torch.Tensor]
+    train: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What a checkpoint's meta keeps of them (the tensors go to ``best.safetensors``)."""
+        return {"step": self.step, "metrics": self.metrics, "train": self.train}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint) -> BestWeights | None:
+        """The best weights a checkpoint holds, or None when no evaluation was marked best."""
+        summary = checkpoint.meta.get("best")
+        if not summary:
+            return None
+        return cls(step=int(summary["step"]), metrics=dict(summary["metrics"]), state=dict(checkpoint.best),
+                   train=dict(summary.get("train") or {}))
+
+
 class Checkpointer:
     """Saves and restores the training loop's state; the loop calls :meth:`save` at the
     cadence (and on Ctrl-C) and :meth:`restore` once before its first step when resuming.
@@ -318,11 +344,14 @@ class Checkpointer:
         dist.gather_object(value, gathered, dst=0)
         return gathered
 
-    def save(self, state: Any, *, best: dict[str, Any], before: dict[str, float], train_seconds: float,
-             metrics_log: Path, train_rows: int) -> Path:
-        """Write a checkpoint of ``state.step``; returns its folder (the one the main process
-        wrote, on every process). Called by every process of a data-parallel run (see the
-        class docstring)."""
+    def save(self, state: Any, *, before: dict[str, float], train_seconds: float,
+             metrics_log: Path, train_rows: int, metrics_bytes: int | None = None, finished: bool = False) -> Path:
+        """Write a checkpoint of ``state.step`` (with ``state.best``, the :class:`BestWeights`
+        or None); returns its folder (the one the main process wrote, on every process).
+        Called by every process of a data-parallel run (see the class docstring).
+        ``metrics_bytes``: the length of the log a resume cuts it back to (default: all of it).
+        ``finished``: training is over (saving the adapter failed); a resume only evaluates and
+        saves."""
         processes = self._gather(self._process_state())
         if not self.is_main:
             return checkpoints_dir(self.output_dir) / f"step-{state.step}"
@@ -336,12 +365,14 @@ class Checkpointer:
         meta = {
             "step": state.step, "epoch": state.epoch, "batch": state.batch,
             "recipe": self.recipe_raw, "train_rows": train_rows,
-            "metrics_bytes": metrics_log.stat().st_size if metrics_log.exists() else 0,
+            "metrics_bytes": metrics_bytes if metrics_bytes is not None else (metrics_log.stat().st_size if metrics_log.exists() else 0),
             "before": before, "train_seconds": train_seconds, "history": state.history,
-            "best": {k: v for k, v in best.items() if k != "state"},
+            "best": state.best.summary() if state.best else {},
+            **({"finished": True} if finished else {}),
         }
         return write_checkpoint(self.output_dir, state.step, trainable=self._trainable(),
-                                best=best.get("state"), training_state=training_state, meta=meta, keep=self.keep)
+                                best=state.best.state if state.best else None, training_state=training_state,
+                                meta=meta, keep=self.keep)
 
     def own_state(self, checkpoint: Checkpoint) -> tuple[dict[str, Any], str | None]:
         """This process's RNG and regularizer states in ``checkpoint``, and a note when they
@@ -357,9 +388,9 @@ class Checkpointer:
                               f"run has {self.world}: every process continues from the main process's random state, "
                               f"so random draws (dropout, augmentation) differ from an uninterrupted run")
 
-    def restore(self, checkpoint: Checkpoint, state: Any, best: dict[str, Any], train_rows: int) -> str | None:
+    def restore(self, checkpoint: Checkpoint, state: Any, train_rows: int) -> str | None:
         """Load a checkpoint over the freshly prepared model, optimizer, scheduler and
-        regularizers, and set the loop's counters. RNGs are left to :func:`restore_rng` (with
+        regularizers, and set the loop's counters and ``state.best``. RNGs are left to :func:`restore_rng` (with
         :meth:`own_state`), to be called last, just before the first resumed step. Returns the
         note of :meth:`own_state`, if any, for the console."""
         meta = checkpoint.meta
@@ -380,9 +411,7 @@ class Checkpointer:
             load_component_state(reg, own["regularizers"].get(f"{i}:{name}", {}))
         state.step, state.epoch, state.batch = int(meta["step"]), int(meta["epoch"]), int(meta["batch"])
         state.history[:] = meta.get("history", [])
-        best.clear()
-        if meta.get("best"):
-            best.update(meta["best"], state=dict(checkpoint.best))
+        state.best = BestWeights.from_checkpoint(checkpoint)
         return note
 
 
@@ -397,7 +426,7 @@ def truncate_log(metrics_log: Path, length: int) -> None:
 
 
 __all__ = [
-    "Checkpoint", "Checkpointer", "checkpoints_dir", "clear_checkpoints", "component_state",
+    "BestWeights", "Checkpoint", "Checkpointer", "checkpoints_dir", "clear_checkpoints", "component_state",
     "interrupted_run_message", "latest_checkpoint", "list_checkpoints", "load_component_state", "read_checkpoint",
     "recipe_differences", "restore_rng", "resume_point", "rng_state", "truncate_log", "write_checkpoint",
 ]

@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from plugtune.kernel.components import DataPath, _path_exists
+from plugtune.kernel.components import DataPath, MetricDirections, _path_exists
 from plugtune.kernel.errors import DataError, RecipeError
 from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
 from plugtune.data.tasks import Task, make_task, template_fields
@@ -140,7 +140,8 @@ class RecipeSpec(_Strict):
     data: DataBlock
     method: ComponentBlock
     regularizers: list[ComponentBlock] = Field(default_factory=list)
-    evaluators: list[ComponentBlock] = Field(default_factory=lambda: [ComponentBlock(name="loss")])
+    evaluators: list[ComponentBlock] | None = Field(
+        None, description="default: every installed evaluator that declares itself a default (see default_evaluators)")
     training: TrainingBlock = Field(default_factory=TrainingBlock)
     output: OutputBlock = Field(default_factory=OutputBlock)
 
@@ -190,6 +191,10 @@ class Recipe:
     @property
     def output_dir(self) -> Path:
         return Path(self.spec.output.dir or f"adapters/{self.spec.name}")
+
+    def metric_directions(self) -> MetricDirections:
+        """Which way each metric of this recipe's evaluators improves, as they declare."""
+        return MetricDirections.of(b.component.obj for b in self.evaluators)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +315,7 @@ def validate(
         _bind(plugins, "regularizer", block, ("regularizers", i), context, problems)
         for i, block in enumerate(_as_list(raw.get("regularizers")))
     ]
-    evaluator_blocks = raw.get("evaluators", ["loss"])
+    evaluator_blocks = raw["evaluators"] if raw.get("evaluators") is not None else default_evaluators(plugins)
     evaluators = [
         _bind(plugins, "evaluator", block, ("evaluators", i), context, problems)
         for i, block in enumerate(_as_list(evaluator_blocks))
@@ -335,6 +340,7 @@ def validate(
             reason = check(task) if check else None
             if reason:
                 problems.append(f"evaluators[{i}].name: {reason}")
+    problems.extend(_check_metric_directions(regularizers, evaluators))
     if problems or spec is None or task is None or method is None or loader is None:
         raise RecipeError(problems or ["invalid recipe"], where)
     return Recipe(
@@ -348,6 +354,36 @@ def validate(
         regularizers=[r for r in regularizers if r is not None],
         evaluators=[e for e in evaluators if e is not None],
     )
+
+
+def default_evaluators(plugins: PluginSystem) -> list[str]:
+    """The evaluators of a recipe that lists none: every registered evaluator whose class
+    declares ``default = True`` (the built-in ``loss`` does). The core names none itself, so a
+    plugin may add to the defaults or a distribution without the built-ins provide its own."""
+    return [name for name in plugins.names("evaluator") if getattr(plugins.get("evaluator", name).obj, "default", False) is True]
+
+
+def _check_metric_directions(regularizers: list[Bound | None], evaluators: list[Bound | None]) -> list[str]:
+    """Regularizers that select on a metric (``check_metrics``) against the directions the
+    recipe's evaluators declare; a problem is reported under ``regularizers[i].``."""
+    try:
+        directions = MetricDirections.of(b.component.obj for b in evaluators if b is not None)
+    except ValueError as exc:  # an evaluator declared something other than min/max
+        return [f"evaluators: {exc}"]
+    problems = []
+    for i, bound in enumerate(regularizers):
+        check = getattr(bound.component.obj, "check_metrics", None) if bound is not None else None
+        for problem in (check(bound.options, directions) if check else None) or []:
+            problems.append(f"regularizers[{i}].{problem}")
+    return problems
+
+
+def _valid_or_none(model: type[BaseModel], value: Any) -> Any:
+    """``value`` validated as ``model``, or None when invalid (its errors are reported elsewhere)."""
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        return None
 
 
 def _looks_like_path_or_hub_id(value: str) -> bool:
@@ -382,7 +418,7 @@ def _bind(
     name = block["name"]
     component = plugins.find(kind, name)
     if component is None:
-        problems.append(f"{_path(path + (name_key,))}: " + unknown_name_message(kind, name, plugins.names(kind)))
+        problems.append(f"{_path(path + (name_key,))}: " + plugins.unknown_message(kind, name))
         return None
     options_model = component.options_model
     options = block.get("options") or {}

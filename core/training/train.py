@@ -1,12 +1,19 @@
 """``plugtune run``: the training loop.
 
-One flat loop, readable top to bottom::
+:func:`_run` is a table of contents over named phases, each returning typed state the next
+ones read (``_Process``, ``_Data``, ``_Trainee``, :class:`RunState` with its
+:class:`~plugtune.training.checkpoints.BestWeights`)::
 
-    data -> base model -> method.prepare -> evaluate (before)
-    for each step: batch -> regularizers.transform_batch -> forward -> loss + loss terms
-                   -> backward -> regularizers.after_backward -> optimizer/scheduler step
-                   -> log (JSONL + progress bar) -> on_step_end -> evaluate at the cadence
-    evaluate (after) -> save the adapter (atomically) -> on_train_end
+    process   threads, allocator, accelerate
+    data      splits -> base model + tokenizer -> augment -> tokenize        (_Data)
+    output    the folder, the log (cut back to the checkpoint when resuming)
+    before    the evaluators on the base model
+    model     method.prepare -> regularizers.setup -> optimizer, schedule   (_Trainee)
+    loop      for each step: batch -> regularizers.transform_batch -> forward -> loss + loss terms
+              -> backward -> regularizers.after_backward -> optimizer/scheduler step
+              -> log (JSONL + progress bar) -> on_step_end -> evaluate at the cadence
+    after     evaluate; regularizers may mark the weights best
+    artifact  save the adapter (atomically; on failure the weights go to a checkpoint) -> on_train_end
 
 Devices and mixed precision go through accelerate: the CPU in fp32 by default (bf16 is slow
 on CPUs without AVX-512/AMX), a CUDA GPU in bf16 autocast when one is present.
@@ -30,18 +37,28 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from plugtune import __version__
-from plugtune.artifacts.adapters import WEIGHTS_FILE, save_adapter
+from plugtune.artifacts.adapters import WEIGHTS_FILE, BaseRecord, Manifest, MethodRecord, save_adapter
 from plugtune.data.batching import epoch_batches, shard
-from plugtune.training.checkpoints import Checkpointer, clear_checkpoints, interrupted_run_message, restore_rng, resume_point, truncate_log
-from plugtune.kernel.components import Decision, PrepareContext, call_prepare
+from plugtune.training.checkpoints import (
+    BestWeights,
+    Checkpoint,
+    Checkpointer,
+    clear_checkpoints,
+    interrupted_run_message,
+    restore_rng,
+    resume_point,
+    truncate_log,
+)
+from plugtune.kernel.components import Decision, EvalMetrics, MetricDirections, PrepareContext, call_prepare
 from plugtune.data.datacheck import check_empty_fields, fit_to_context, prepare_split, report_overlong
 from plugtune.training.evaluation import evaluate
-from plugtune.kernel.errors import DataError, RecipeError, TrainingError
+from plugtune.kernel.errors import DataError, PlugtuneError, RecipeError, TrainingError
 from plugtune.kernel.faults import guarded
 from plugtune.training.loss import label_token_losses, output_head, supports_label_positions
-from plugtune.artifacts.models import BaseInfo, load_base
+from plugtune.artifacts.models import BaseInfo, LoadedBase, load_base
+from plugtune.data.encoding import Row
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
-from plugtune.training.recipe import Recipe
+from plugtune.training.recipe import Recipe, TrainingBlock
 from plugtune.training.runtime import (
     choose_attention,
     choose_precision,
@@ -70,6 +87,7 @@ class RunState:
     epoch: int = 0  # with the step, where the batch order (core/batching.py) stands
     batch: int = 0  # index of the next batch of this epoch's order (a resumed run skips those before)
     history: list[dict[str, Any]] = field(default_factory=list)
+    best: BestWeights | None = None  # the weights a regularizer (early stopping) marked best so far
 
 
 @dataclass
@@ -160,25 +178,197 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
 
 def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | None, overwrite: bool | None,
          show_progress: bool, resume: bool) -> RunResult:
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from transformers import get_scheduler
-
+    """The run as a table of contents: each phase below takes what the earlier ones made."""
     plugins = plugins or get_plugin_system()
-    console = console or Console(stderr=True)
-    t = recipe.training
     out = recipe.output_dir
     if resume and overwrite:
         raise RecipeError(["--resume continues the run in output.dir and --overwrite replaces it; pass one of them"])
     overwrite = (recipe.spec.output.overwrite if overwrite is None else overwrite) and not resume
     check_output_dir(out, overwrite, resume)  # nothing is written before the data and model load
     resuming = resume_point(out, recipe.raw, str(recipe.source or "the recipe")) if resume else None
+    process = _start_process(recipe, console or Console(stderr=True), show_progress)
+    data = _data_phase(recipe, plugins, process)
+    _open_output(process, out, overwrite, resuming)
+    scoring = _Scoring.for_run(recipe, data, process, plugins)
+    before = _score_base(recipe, data, scoring, resuming)
+    trainee = _model_phase(recipe, data, process)
+    state = RunState(recipe, data.task, trainee.model, data.tokenizer, data.base.info, out, trainee.total_steps)
+    checkpointer = Checkpointer(out, recipe.raw, every=data.training.checkpoint_every, keep=data.training.checkpoint_keep,
+                                model=trainee.model, optimizer=trainee.optimizer, scheduler=trainee.scheduler,
+                                regularizers=data.regularizers, unwrap=process.accelerator.unwrap_model,
+                                rank=process.rank, world=process.world)
+    if resuming:
+        note = checkpointer.restore(resuming, state, len(data.train_rows))
+        process.console.print(f"resuming from {resuming.path} (step {state.step} of {trainee.total_steps})")
+        if note:
+            process.console.print(f"[yellow]{note}[/]")
+    plugins.call_lifecycle("on_train_start", run=state)
+    if data.training.eval_before and not resuming:
+        scoring.log_test(state, "before", before)
+    if resuming and resuming.meta.get("finished"):  # trained to the end; saving the adapter failed (_rescue)
+        train_seconds = float(resuming.meta["train_seconds"])
+        restore_rng(checkpointer.own_state(resuming)[0]["rng"])
+    else:
+        train_seconds = _loop_phase(recipe, data, process, trainee, scoring, state, checkpointer, before, resuming)
+    log_bytes = process.log_size()  # a rescue checkpoint resumes from here: the final evaluation runs again
+    with process.console.status("evaluating the adapter"):
+        after, _ = _evaluate_and_decide("after", state, scoring, trainee, data.regularizers, process.console)
+    return _artifact_phase(recipe, data, process, trainee, scoring, state, checkpointer,
+                           before=before, after=after, train_seconds=train_seconds, log_bytes=log_bytes)
+
+
+# -- the phases' typed state --------------------------------------------------------------
+
+
+@dataclass
+class _Process:
+    """This process's place in the run (in a data-parallel run, started by ``plugtune run
+    --nproc``, accelerate launch or torchrun, every process runs :func:`_run`; only the main
+    one writes, logs, evaluates and checkpoints, see core/training/launch.py)."""
+
+    accelerator: Any
+    console: Console
+    show_progress: bool
+    metrics_log: Path
+
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    @property
+    def world(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record to ``metrics.jsonl`` (main process only)."""
+        if not self.main:
+            return
+        with open(self.metrics_log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def log_size(self) -> int:
+        return self.metrics_log.stat().st_size if self.main and self.metrics_log.exists() else 0
+
+    def on_main(self, compute: Any) -> Any:
+        """``compute()`` on the main process, its result shared with the others."""
+        if self.world == 1:
+            return compute()
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([compute() if self.main else None], from_process=0)[0]
+
+
+@dataclass
+class _Data:
+    """What the data phase made: the task (labels inferred), the base model and tokenizer,
+    the built regularizers, the encoded splits, and the training block with ``max_length``
+    fitted to the model's context."""
+
+    task: Task
+    base: LoadedBase
+    training: TrainingBlock
+    regularizers: list[tuple[str, Any]]
+    train_rows: list[Row]
+    test_rows: list[Row]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.base.tokenizer
+
+
+@dataclass
+class _Trainee:
+    """What the model phase made: the prepared model (accelerate-wrapped, and unwrapped for
+    evaluation outside DDP), its optimizer and schedule, and how the loss is computed."""
+
+    method: Any
+    model: torch.nn.Module
+    unwrapped: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    trainable: int
+    total: int
+    total_steps: int
+    head: torch.nn.Module | None
+    label_only: bool
+    lengths: list[int] | None
+
+
+@dataclass
+class _Scoring:
+    """The recipe's evaluators over the test rows (or the first training rows), logged."""
+
+    process: _Process
+    plugins: PluginSystem
+    task: Task
+    evaluators: list[Any]
+    kwargs: dict[str, Any]
+    test_rows: list[Row]
+    train_rows: list[Row]
+    train_examples: int | None
+    directions: MetricDirections
+
+    @classmethod
+    def for_run(cls, recipe: Recipe, data: _Data, process: _Process, plugins: PluginSystem) -> _Scoring:
+        t = data.training
+        evaluators = [guarded(b.build(data.task), b.component) for b in recipe.evaluators]
+        kwargs = dict(batch_size=t.eval_batch_size or t.batch_size * 2, pad_id=data.tokenizer.pad_token_id,
+                      device=process.device, tokenizer=data.tokenizer, max_new_tokens=t.max_new_tokens,
+                      max_length=t.max_length, logits_on_labels_only=t.logits_on_labels_only)
+        return cls(process, plugins, data.task, evaluators, kwargs, data.test_rows, data.train_rows, t.eval_train_examples,
+                   recipe.metric_directions())
+
+    def score(self, model: torch.nn.Module, rows: list[Row]) -> dict[str, float]:
+        """The evaluators' metrics of ``model`` on ``rows`` (computed on the main process)."""
+        return self.score_lazily(lambda: model, rows)
+
+    def score_lazily(self, model: Any, rows: list[Row]) -> EvalMetrics:
+        """:meth:`score` of the module ``model()`` returns, called on the main process only."""
+        with self.process.accelerator.autocast():
+            metrics = self.process.on_main(lambda: evaluate(model(), rows, self.task, self.evaluators, **self.kwargs))
+        return EvalMetrics(metrics, self.directions)
+
+    def log_test(self, state: RunState, tag: str, metrics: dict[str, float]) -> EvalMetrics:
+        metrics = metrics if isinstance(metrics, EvalMetrics) else EvalMetrics(metrics, self.directions)
+        self.process.log({"event": "eval", "split": "test", "step": state.step, "when": tag, **metrics})
+        self.plugins.call_lifecycle("on_evaluate", run=state, split="test", step=state.step, metrics=metrics)
+        return metrics
+
+    def test(self, state: RunState, model: torch.nn.Module, tag: str) -> EvalMetrics:
+        with self.process.accelerator.autocast():
+            return self.log_test(state, tag, self.score(model, self.test_rows))
+
+    def train(self, state: RunState, model: torch.nn.Module, tag: str = "after") -> dict[str, float]:
+        """The evaluators on the first ``eval_train_examples`` training rows (train-dev gap)."""
+        if not self.train_examples:
+            return {}
+        with self.process.console.status("evaluating on training rows"):
+            metrics = self.score(model, self.train_rows[: self.train_examples])
+        self.process.log({"event": "eval", "split": "train", "step": state.step, "when": tag, **metrics})
+        return metrics
+
+
+# -- the phases ----------------------------------------------------------------------------
+
+
+def _start_process(recipe: Recipe, console: Console, show_progress: bool) -> _Process:
+    """Threads, allocator and accelerate for this process, before anything is allocated."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    t = recipe.training
     on_cuda = uses_cuda(t.device)
     if not on_cuda:
         torch.set_num_threads(choose_threads(t.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     set_mmap_threshold(t.malloc_mmap_threshold)  # opt-in; before the model and activations are allocated
-    # In a data-parallel run (plugtune run --nproc, accelerate launch, torchrun) every process
-    # runs this function; only the main one writes, logs, evaluates and checkpoints (see core/launch.py).
     accelerator = Accelerator(
         cpu=not on_cuda,
         mixed_precision=choose_precision(t.precision, on_cuda),
@@ -186,27 +376,17 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
         # batch_size is the global batch, split among the processes: the scheduler steps once per step
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
-    main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if not main:
+    if not accelerator.is_main_process:
         console, show_progress = Console(quiet=True), False
-    metrics_log = out / "metrics.jsonl"
+    return _Process(accelerator, console, show_progress, recipe.output_dir / "metrics.jsonl")
 
-    def log(record: dict[str, Any]) -> None:
-        if not main:
-            return
-        with open(metrics_log, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
 
-    def on_main(compute: Any) -> Any:
-        """``compute()`` on the main process, its result shared with the others."""
-        if world == 1:
-            return compute()
-        from accelerate.utils import broadcast_object_list
+def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Data:
+    """Load the splits, the base model and tokenizer; augment and tokenize the splits."""
+    from accelerate.utils import set_seed
 
-        return broadcast_object_list([compute() if main else None], from_process=0)[0]
-
-    # -- data and model ---------------------------------------------------------------
+    t, console = recipe.training, process.console
+    on_cuda = uses_cuda(t.device)
     set_seed(t.seed)
     splits = recipe.loader.build().load(t.seed)
     check_empty_fields(splits, recipe.task)
@@ -245,34 +425,46 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
         raise DataError("no training rows left after encoding (check the templates and training.max_length)")
     if train_cut or test_cut:
         console.print(f"[yellow]{train_cut} train and {test_cut} test rows exceed max_length={t.max_length} and were truncated or dropped[/]")
-    if main:
-        prepare_output_dir(out, overwrite, resume)  # the first write of the run
+    return _Data(task, base, t, regularizers, train_rows, test_rows)
+
+
+def _open_output(process: _Process, out: Path, overwrite: bool, resuming: Checkpoint | None) -> None:
+    """The run's first write: the output folder, and the log cut back to the checkpoint's."""
+    if process.main:
+        prepare_output_dir(out, overwrite, resuming is not None)
         if resuming:
-            truncate_log(metrics_log, int(resuming.meta["metrics_bytes"]))
-    accelerator.wait_for_everyone()
+            truncate_log(process.metrics_log, int(resuming.meta["metrics_bytes"]))
+    process.accelerator.wait_for_everyone()
 
-    device = accelerator.device
-    pad_id = tokenizer.pad_token_id
-    eval_bs = t.eval_batch_size or t.batch_size * 2
-    evaluators = [guarded(b.build(task), b.component) for b in recipe.evaluators]
-    eval_kwargs = dict(batch_size=eval_bs, pad_id=pad_id, device=device, tokenizer=tokenizer,
-                       max_new_tokens=t.max_new_tokens, max_length=t.max_length, logits_on_labels_only=t.logits_on_labels_only)
 
-    # "before" is the base model itself, evaluated before the method touches it (a prefix or
-    # a new head starts random; that is not the base's score).
-    before: dict[str, float] = dict(resuming.meta["before"]) if resuming else {}
-    if t.eval_before and not resuming:
-        with console.status("evaluating the base model"), accelerator.autocast():
-            before = on_main(lambda: evaluate(base.model.to(device), test_rows, task, evaluators, **eval_kwargs))
+def _score_base(recipe: Recipe, data: _Data, scoring: _Scoring, resuming: Checkpoint | None) -> dict[str, float]:
+    """"before" is the base model itself, evaluated before the method touches it (a prefix or
+    a new head starts random; that is not the base's score). A resumed run keeps its own."""
+    if resuming:
+        return dict(resuming.meta["before"])
+    if not data.training.eval_before:
+        return {}
+    device = scoring.process.device
+    with scoring.process.console.status("evaluating the base model"):
+        return scoring.score_lazily(lambda: data.base.model.to(device), data.test_rows)
 
+
+def _model_phase(recipe: Recipe, data: _Data, process: _Process) -> _Trainee:
+    """The method prepares the base; regularizers set up; optimizer and schedule are built
+    and everything goes through ``accelerator.prepare``."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    t, task, regularizers = data.training, data.task, data.regularizers
     set_seed(t.seed)
-    method = recipe.method.build()
-    context = PrepareContext(new_parameters=base.new_parameters, tokenizer=tokenizer, seed=t.seed, device=str(accelerator.device))
-    model = call_prepare(method, base.model, task, context)
+    method = guarded(recipe.method.build(), recipe.method.component)
+    context = PrepareContext(new_parameters=data.base.new_parameters, tokenizer=data.tokenizer, seed=t.seed,
+                             device=str(process.accelerator.device))
+    model = call_prepare(method, data.base.model, task, context)
     trainable, total = count_parameters(model)
     for _, reg in regularizers:
         if hasattr(reg, "setup"):
-            reg.setup(model, task, tokenizer)
+            reg.setup(model, task, data.tokenizer)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [{"params": [p for _, p in named]}]
     for _, reg in regularizers:
@@ -282,70 +474,52 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
         group.setdefault("weight_decay", 0.0)
     make_optimizer = getattr(method, "optimizer", None)
     optimizer = make_optimizer(groups, t.learning_rate) if make_optimizer else torch.optim.AdamW(groups, lr=t.learning_rate)
-    batches_per_epoch = math.ceil(len(train_rows) / t.batch_size)  # what epoch_batches cuts, grouped or not
+    batches_per_epoch = math.ceil(len(data.train_rows) / t.batch_size)  # what epoch_batches cuts, grouped or not
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    unwrapped_model = accelerator.unwrap_model(model)  # evaluation runs on the main process, outside DDP
-    lengths = [len(r["input_ids"]) for r in train_rows] if t.group_by_length else None
-    head = output_head(unwrapped_model)
+    model, optimizer, scheduler = process.accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = process.accelerator.unwrap_model(model)  # evaluation runs on the main process, outside DDP
+    lengths = [len(r["input_ids"]) for r in data.train_rows] if t.group_by_length else None
     label_only = (t.logits_on_labels_only and not task.is_classification
-                  and supports_label_positions(unwrapped_model, [reg for _, reg in regularizers]))
+                  and supports_label_positions(unwrapped, [reg for _, reg in regularizers]))
+    return _Trainee(method, model, unwrapped, optimizer, scheduler, trainable, total, total_steps,
+                    output_head(unwrapped), label_only, lengths)
 
-    state = RunState(recipe, task, model, tokenizer, base.info, out, total_steps)
-    best: dict[str, Any] = {}  # the weights a regularizer (early stopping) marked best, and their metrics
-    checkpointer = Checkpointer(out, recipe.raw, every=t.checkpoint_every, keep=t.checkpoint_keep, model=model,
-                                optimizer=optimizer, scheduler=scheduler, regularizers=regularizers,
-                                unwrap=accelerator.unwrap_model, rank=rank, world=world)
-    if resuming:
-        note = checkpointer.restore(resuming, state, best, len(train_rows))
-        console.print(f"resuming from {resuming.path} (step {state.step} of {total_steps})")
-        if note:
-            console.print(f"[yellow]{note}[/]")
-    plugins.call_lifecycle("on_train_start", run=state)
 
-    def log_eval(tag: str, metrics: dict[str, float]) -> dict[str, float]:
-        log({"event": "eval", "split": "test", "step": state.step, "when": tag, **metrics})
-        plugins.call_lifecycle("on_evaluate", run=state, split="test", step=state.step, metrics=metrics)
-        return metrics
-
+def _evaluate_and_decide(tag: str, state: RunState, scoring: _Scoring, trainee: _Trainee,
+                         regularizers: list[tuple[str, Any]], console: Console) -> tuple[dict[str, float], bool]:
+    """Evaluate on the test rows and let regularizers decide (``after_evaluate``): the
+    weights marked best become ``state.best``; returns the metrics and whether to stop."""
+    metrics = scoring.test(state, trainee.unwrapped, tag)
     stop = False
+    for name, reg in regularizers:
+        decision: Decision | None = reg.after_evaluate(metrics, state.step) if hasattr(reg, "after_evaluate") else None
+        if decision is None:
+            continue
+        if decision.best:  # a copy: on the CPU adapter_state's tensors share the live weights' storage
+            state.best = BestWeights(step=state.step, metrics=dict(metrics),
+                                     state={k: v.clone() for k, v in trainee.method.adapter_state(trainee.unwrapped).items()},
+                                     train=scoring.train(state, trainee.unwrapped, "best"))  # scored now: these weights may not be the last
+        if decision.stop:
+            stop = True
+            console.print(f"{name}: stopping at step {state.step}")
+    return metrics, stop
 
-    def score_train(tag: str = "after") -> dict[str, float]:
-        """The evaluators on the first ``eval_train_examples`` training rows (train-dev gap)."""
-        if not t.eval_train_examples:
-            return {}
-        with console.status("evaluating on training rows"), accelerator.autocast():
-            metrics = on_main(lambda: evaluate(unwrapped_model, train_rows[: t.eval_train_examples], task, evaluators, **eval_kwargs))
-        log({"event": "eval", "split": "train", "step": state.step, "when": tag, **metrics})
-        return metrics
 
-    def run_eval(tag: str) -> dict[str, float]:
-        nonlocal stop
-        with accelerator.autocast():
-            metrics = log_eval(tag, on_main(lambda: evaluate(unwrapped_model, test_rows, task, evaluators, **eval_kwargs)))
-        for name, reg in regularizers:
-            decision: Decision | None = reg.after_evaluate(metrics, state.step) if hasattr(reg, "after_evaluate") else None
-            if decision is None:
-                continue
-            if decision.best:  # a copy: on the CPU adapter_state's tensors share the live weights' storage
-                best.update(step=state.step, metrics=dict(metrics),
-                            state={k: v.clone() for k, v in method.adapter_state(unwrapped_model).items()},
-                            train=score_train("best"))  # scored now: these weights may not be the last
-            if decision.stop:
-                stop = True
-                console.print(f"{name}: stopping at step {state.step}")
-        return metrics
-
-    if t.eval_before and not resuming:
-        log_eval("before", before)
-
-    # -- the loop -----------------------------------------------------------------------
+def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Trainee, scoring: _Scoring,
+                state: RunState, checkpointer: Checkpointer, before: dict[str, float],
+                resuming: Checkpoint | None) -> float:
+    """The training loop, up to the last step or a regularizer's stop; checkpoints at the
+    cadence and on Ctrl-C. Returns the seconds trained (with those before a resume)."""
+    t, accelerator, device, world = data.training, process.accelerator, process.device, process.world
+    model, optimizer, scheduler, regularizers = trainee.model, trainee.optimizer, trainee.scheduler, data.regularizers
+    train_rows, total_steps = data.train_rows, trainee.total_steps
+    pad_id = data.tokenizer.pad_token_id
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not show_progress,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=process.console, disable=not process.show_progress,
     )
     bar = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"), lr=t.learning_rate, tps=0.0)
     model.train()
@@ -355,47 +529,24 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     window_cpu = time.process_time()  # CPU seconds of all threads: the step's work, whatever else shares the cores
     if resuming:
         restore_rng(checkpointer.own_state(resuming)[0]["rng"])  # last: everything before drew from the RNGs as the first run did
+    stop = False
     with progress, StopRequest() as interrupt:
         while state.step < total_steps:
-            order = epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=state.epoch, lengths=lengths)
+            order = epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=state.epoch, lengths=trainee.lengths)
             for batch_index, indices in enumerate(order):
                 if batch_index < state.batch:  # consumed before the checkpoint this run resumed from
                     continue
                 if world > 1:  # t.batch_size is the global batch; each process takes its rows of it
                     if len(indices) < world:
                         continue  # a tail batch too small to give every process a row: all skip it
-                    indices = shard(indices, rank, world)
-                batch = task.collate([train_rows[i] for i in indices], pad_id)
+                    indices = shard(indices, process.rank, world)
+                batch = data.task.collate([train_rows[i] for i in indices], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 for _, reg in regularizers:
                     if hasattr(reg, "transform_batch"):
                         batch = reg.transform_batch(batch, state.step)
                 with accelerator.accumulate(model):
-                    if label_only:
-                        loss, outputs, batch_tokens = _label_position_loss(model, head, batch, accelerator)
-                    else:
-                        outputs = model(**batch)
-                        loss, batch_tokens = outputs.loss, int(batch["attention_mask"].sum()) * world
-                    terms: dict[str, float] = {}
-                    for name, reg in regularizers:
-                        term = reg.loss_term(model, batch, outputs, state.step) if hasattr(reg, "loss_term") else None
-                        if term is not None:
-                            loss = loss + term
-                            terms[f"{name}/loss"] = float(term.detach())
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"loss became {float(loss.detach())} at step {state.step + 1}; lower training.learning_rate or check the data")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if t.max_grad_norm:
-                            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                        for name, reg in regularizers:
-                            if hasattr(reg, "after_backward"):
-                                terms.update({f"{name}/{k}": v for k, v in (reg.after_backward(model, state.step) or {}).items()})
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                    if accelerator.sync_gradients and hasattr(method, "on_step"):
-                        method.on_step(unwrapped_model, state.step + 1)
+                    outputs, batch_tokens, terms = _micro_step(model, trainee, batch, regularizers, state, accelerator, t)
                 window_tokens += batch_tokens
                 window_loss += float(outputs.loss.detach())
                 window_micro += 1
@@ -417,18 +568,18 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
                 window_cpu = time.process_time()
                 state.history.append(record)
                 if state.step % t.log_every == 0 or state.step == total_steps:
-                    log(record)
+                    process.log(record)
                 progress.update(bar, advance=1, loss=record["loss"], lr=record["lr"], tps=record["tokens_per_s"])
-                plugins.call_lifecycle("on_step_end", run=state, step=state.step, metrics=record)
+                scoring.plugins.call_lifecycle("on_step_end", run=state, step=state.step, metrics=record)
                 if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
-                    run_eval("during")
+                    stop = _evaluate_and_decide("during", state, scoring, trainee, regularizers, process.console)[1] or stop
                 stopping = interrupt.requested
                 if world > 1:
                     # Ctrl-C (forwarded by the launcher) may reach the processes at different steps;
                     # all must agree before the checkpoint, a collective, or one would wait forever.
                     stopping = bool(accelerator.reduce(torch.tensor([int(stopping)], device=device), reduction="sum").item())
                 if (checkpointer.due(state.step) and state.step < total_steps and not stop) or stopping:
-                    saved = checkpointer.save(state, best=best, before=before, metrics_log=metrics_log, train_rows=len(train_rows),
+                    saved = checkpointer.save(state, before=before, metrics_log=process.metrics_log, train_rows=len(train_rows),
                                               train_seconds=earlier_seconds + time.perf_counter() - started)
                     if stopping:
                         raise Interrupted(f"stopped at step {state.step} of {total_steps}; checkpoint saved to {saved}; "
@@ -440,47 +591,116 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
                 state.batch = 0
             if stop:
                 break
-    train_seconds = earlier_seconds + time.perf_counter() - started
+    return earlier_seconds + time.perf_counter() - started
 
-    with console.status("evaluating the adapter"):
-        after = run_eval("after")
 
-    # -- the artifact -------------------------------------------------------------------
-    if best and best["step"] != state.step:
-        console.print(f"keeping the best weights, from step {best['step']}")
-        adapter_state, after, train_metrics = best["state"], best["metrics"], best["train"]
-        log({"event": "best", "step": best["step"], **after})
+def _micro_step(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torch.Tensor],
+                regularizers: list[tuple[str, Any]], state: RunState, accelerator: Any,
+                t: TrainingBlock) -> tuple[Any, int, dict[str, float]]:
+    """One micro-batch inside ``accelerator.accumulate``: forward, loss terms, backward, and
+    (on a sync step) clipping, ``after_backward`` and the optimizer/scheduler step. Returns
+    the outputs, the global batch's real tokens and the regularizers' logged terms."""
+    world = accelerator.num_processes
+    if trainee.label_only:
+        loss, outputs, batch_tokens = _label_position_loss(model, trainee.head, batch, accelerator)
     else:
-        adapter_state, train_metrics = method.adapter_state(unwrapped_model), best.get("train") or score_train()
+        outputs = model(**batch)
+        loss, batch_tokens = outputs.loss, int(batch["attention_mask"].sum()) * world
+    terms: dict[str, float] = {}
+    for name, reg in regularizers:
+        term = reg.loss_term(model, batch, outputs, state.step) if hasattr(reg, "loss_term") else None
+        if term is not None:
+            loss = loss + term
+            terms[f"{name}/loss"] = float(term.detach())
+    if not torch.isfinite(loss):
+        raise TrainingError(f"loss became {float(loss.detach())} at step {state.step + 1}; lower training.learning_rate or check the data")
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        if t.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        for name, reg in regularizers:
+            if hasattr(reg, "after_backward"):
+                terms.update({f"{name}/{k}": v for k, v in (reg.after_backward(model, state.step) or {}).items()})
+    trainee.optimizer.step()
+    trainee.scheduler.step()
+    trainee.optimizer.zero_grad()
+    if accelerator.sync_gradients and hasattr(trainee.method, "on_step"):
+        trainee.method.on_step(trainee.unwrapped, state.step + 1)  # the step this optimizer update completes
+    return outputs, batch_tokens, terms
+
+
+def _artifact_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Trainee, scoring: _Scoring,
+                    state: RunState, checkpointer: Checkpointer, *, before: dict[str, float], after: dict[str, float],
+                    train_seconds: float, log_bytes: int) -> RunResult:
+    """Save the adapter (the best weights when a regularizer kept earlier ones), then finish
+    the run. When saving fails the trained weights are kept in a checkpoint first
+    (:func:`_rescue`), so ``--resume`` re-saves them without training again."""
+    best = state.best
+    try:
+        if best and best.step != state.step:
+            process.console.print(f"keeping the best weights, from step {best.step}")
+            adapter_state, after, train_metrics = best.state, best.metrics, best.train
+            process.log({"event": "best", "step": best.step, **after})
+        else:
+            adapter_state = trainee.method.adapter_state(trainee.unwrapped)
+            train_metrics = (best.train if best else {}) or scoring.train(state, trainee.unwrapped)
+        manifest = _manifest(recipe, data, trainee, state, before=before, after=after, train_metrics=train_metrics,
+                             train_seconds=train_seconds)
+        if process.main:
+            save_adapter(recipe.output_dir, state=adapter_state, config=trainee.method.adapter_config(trainee.unwrapped),
+                         manifest=manifest.model_dump(mode="json", exclude_unset=True))
+    except PlugtuneError as exc:
+        raise _rescue(recipe, process, state, checkpointer, exc, before=before, train_seconds=train_seconds,
+                      train_rows=len(data.train_rows), log_bytes=log_bytes) from exc
+    if process.main:
+        clear_checkpoints(recipe.output_dir)  # the adapter is whole: the run is finished
+        (recipe.output_dir / PREVIOUS_LOG).unlink(missing_ok=True)  # the replaced adapter's log (--overwrite)
+    process.accelerator.wait_for_everyone()
+    scoring.plugins.call_lifecycle("on_train_end", run=state, adapter_dir=str(recipe.output_dir), metrics=after)
+    return RunResult(recipe.output_dir, before, after, state.step, train_seconds, trainee.trainable, trainee.total, train_metrics)
+
+
+def _manifest(recipe: Recipe, data: _Data, trainee: _Trainee, state: RunState, *, before: dict[str, float],
+              after: dict[str, float], train_metrics: dict[str, float], train_seconds: float) -> Manifest:
+    """The adapter's ``plugtune.json``, typed; ``save_adapter`` adds the format, the time
+    and the file hashes."""
     component = recipe.method.component
-    manifest = {
-        "name": recipe.name,
-        "plugtune_version": __version__,
-        "method": {
-            "name": recipe.method.name,
-            "options": recipe.method.options_dict(),
-            "plugin": component.plugin.name,
-            "distribution": component.plugin.distribution,
-            "version": component.plugin.version,
+    return Manifest(
+        name=recipe.name,
+        plugtune_version=__version__,
+        method=MethodRecord(name=recipe.method.name, options=recipe.method.options_dict(), plugin=component.plugin.name,
+                            distribution=component.plugin.distribution, version=component.plugin.version),
+        base_model=BaseRecord.model_validate(data.base.info.to_dict()),
+        task=data.task.to_dict(),
+        recipe=recipe.raw,
+        recipe_dir=str(recipe.base_dir.resolve()),  # relative data paths in the recipe resolve here
+        metrics={"before": before, "after": after, **({"train": train_metrics} if train_metrics else {})},
+        training={
+            "steps": state.step, "train_seconds": round(train_seconds, 2),
+            "best_step": state.best.step if state.best else state.step,
+            "trainable_parameters": trainee.trainable, "total_parameters": trainee.total,
+            "train_rows": len(data.train_rows), "test_rows": len(data.test_rows),
         },
-        "base_model": base.info.to_dict(),
-        "task": task.to_dict(),
-        "recipe": recipe.raw,
-        "recipe_dir": str(recipe.base_dir.resolve()),  # relative data paths in the recipe resolve here
-        "metrics": {"before": before, "after": after, **({"train": train_metrics} if train_metrics else {})},
-        "training": {
-            "steps": state.step, "train_seconds": round(train_seconds, 2), "best_step": best.get("step", state.step),
-            "trainable_parameters": trainable, "total_parameters": total,
-            "train_rows": len(train_rows), "test_rows": len(test_rows),
-        },
-    }
-    if main:
-        save_adapter(out, state=adapter_state, config=method.adapter_config(unwrapped_model), manifest=manifest)
-        clear_checkpoints(out)  # the adapter is whole: the run is finished
-        (out / PREVIOUS_LOG).unlink(missing_ok=True)  # the replaced adapter's log (--overwrite)
-    accelerator.wait_for_everyone()
-    plugins.call_lifecycle("on_train_end", run=state, adapter_dir=str(out), metrics=after)
-    return RunResult(out, before, after, state.step, train_seconds, trainable, total, train_metrics)
+    )
+
+
+def _rescue(recipe: Recipe, process: _Process, state: RunState, checkpointer: Checkpointer, error: PlugtuneError, *,
+            before: dict[str, float], train_seconds: float, train_rows: int, log_bytes: int) -> TrainingError:
+    """Saving the adapter failed after training: keep the trained weights in a checkpoint of
+    the last step and say how to save them again. The checkpoint's log length is the one
+    before the final evaluation, so ``--resume`` evaluates and saves as the run would have."""
+    reason = str(error)
+    if process.world > 1:  # a checkpoint is a collective, and only the main process saw the failure
+        return TrainingError(f"saving the adapter failed: {reason}; the trained weights were not kept "
+                             f"(data-parallel run); the last checkpoint, if any, continues with: {resume_command(recipe, process.world)}")
+    try:
+        saved = checkpointer.save(state, before=before, metrics_log=process.metrics_log, train_rows=train_rows,
+                                  train_seconds=train_seconds, metrics_bytes=log_bytes, finished=True)
+    except Exception as exc:  # noqa: BLE001 - the disk may be what failed; say so rather than hide the first error
+        return TrainingError(f"saving the adapter failed: {reason}; keeping the trained weights in a checkpoint "
+                             f"failed too ({type(exc).__name__}: {exc}); free space or fix the cause and train again")
+    return TrainingError(f"saving the adapter failed: {reason}; the trained weights are kept in {saved}; "
+                         f"fix the cause, then save them with: {resume_command(recipe)}")
 
 
 def _label_position_loss(model: torch.nn.Module, head: torch.nn.Module | None, batch: dict[str, torch.Tensor],
@@ -504,14 +724,13 @@ def _label_position_loss(model: torch.nn.Module, head: torch.nn.Module | None, b
     return loss, SimpleNamespace(loss=torch.tensor(global_sum / max(label_tokens, 1.0)), logits=None), int(real_tokens)
 
 
-def lower_is_better(metric: str) -> bool:
-    """Losses, perplexities and bias measures improve downwards; everything else upwards."""
-    return metric.split("/")[-1] in {"loss", "perplexity"} or metric.startswith("counterfactual/")
-
-
-def comparison_table(columns: dict[str, dict[str, float]], title: str = "") -> Table:
+def comparison_table(columns: dict[str, dict[str, float]], title: str = "",
+                     directions: MetricDirections | None = None) -> Table:
     """A rich table with one row per metric and one column per model/adapter; with exactly
-    two columns a third shows the change."""
+    two columns a third shows the change, green when it is an improvement and red when not,
+    by the direction the metric's evaluator declares (``directions``); uncoloured for a
+    metric without a declared direction."""
+    directions = directions or MetricDirections()
     table = Table(title=title or None)
     table.add_column("metric")
     for name in columns:
@@ -525,8 +744,8 @@ def comparison_table(columns: dict[str, dict[str, float]], title: str = "") -> T
         cells = [f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in values]
         if len(names) == 2 and all(isinstance(v, (int, float)) for v in values):
             delta = values[1] - values[0]
-            better = delta < 0 if lower_is_better(metric) else delta > 0
-            colour = "green" if better else ("red" if delta else "")
+            better = directions.improved(metric, values[1], values[0])
+            colour = "" if better is None or not delta else ("green" if better else "red")
             cells.append(f"[{colour}]{delta:+.4f}[/]" if colour else f"{delta:+.4f}")
         table.add_row(metric, *cells)
     return table

@@ -27,6 +27,7 @@ class Accuracy:
     """Fraction of examples whose prediction equals the reference."""
 
     Options = NoOptions
+    directions = {"accuracy": "max"}
 
     def __init__(self, options: Any = None, task: Any = None) -> None:
         self.reset()
@@ -153,6 +154,7 @@ class MacroF1(_MacroMetric):
     harmonic mean of precision and recall."""
 
     key = "f1"
+    directions = {"f1": "max", "f1/*": "max"}
 
     @staticmethod
     def score(tp: int, fp: int, fn: int) -> float:
@@ -165,6 +167,7 @@ class MacroPrecision(_MacroMetric):
     predicted as a class, the fraction that are that class."""
 
     key = "precision"
+    directions = {"precision": "max", "precision/*": "max"}
 
     @staticmethod
     def score(tp: int, fp: int, fn: int) -> float:
@@ -176,6 +179,7 @@ class MacroRecall(_MacroMetric):
     class, the fraction predicted as that class (balanced accuracy)."""
 
     key = "recall"
+    directions = {"recall": "max", "recall/*": "max"}
 
     @staticmethod
     def score(tp: int, fp: int, fn: int) -> float:
@@ -193,9 +197,13 @@ class ConfusionMatrix:
     of examples of class ``<true>`` predicted as ``<predicted>``. For sequence classification
     every pair of the task's labels is reported, zeros included; for a causal LM, every pair
     of reference classes seen in the split, plus ``<other>`` as a predicted class when some
-    prediction matched no reference."""
+    prediction matched no reference.
+
+    Its cells declare no direction (more is better on the diagonal, worse off it): they are
+    shown, never selected on."""
 
     Options = ConfusionOptions
+    directions: dict[str, str] = {}
 
     def __init__(self, options: ConfusionOptions | None = None, task: Any = None) -> None:
         self.options = options or ConfusionOptions()

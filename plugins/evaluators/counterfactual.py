@@ -253,10 +253,12 @@ class CounterfactualBias:
     """``counterfactual/flip_rate``, ``counterfactual/score_gap`` and
     ``counterfactual/examples``: how the model's predictions move when the pair terms in its
     input are swapped (see the module docstring). The work happens in ``compute_with``, after
-    the evaluation pass; ``compute`` reports nothing."""
+    the evaluation pass; ``compute`` reports nothing. Both measures of bias improve
+    downwards; ``examples`` is a count and has no direction."""
 
     Options = CounterfactualBiasOptions
     name = "counterfactual_bias"
+    directions = {"counterfactual/flip_rate": "min", "counterfactual/score_gap": "min"}
 
     def __init__(self, options: CounterfactualBiasOptions | None = None, task: Any = None) -> None:
         self.options = options or CounterfactualBiasOptions()

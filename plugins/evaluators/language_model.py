@@ -29,11 +29,21 @@ class _MeanLoss:
 
 
 class Loss(_MeanLoss):
+    """Mean cross-entropy over the split's target tokens (or examples). The evaluator a
+    recipe without ``evaluators`` gets (``default``)."""
+
+    directions = {"loss": "min"}
+    default = True
+
     def compute(self) -> dict[str, float]:
         return {"loss": self.mean()}
 
 
 class Perplexity(_MeanLoss):
+    """``exp`` of the mean cross-entropy."""
+
+    directions = {"perplexity": "min"}
+
     def compute(self) -> dict[str, float]:
         mean = self.mean()
         return {"perplexity": math.exp(min(mean, 700.0)) if mean == mean else float("nan")}

@@ -92,6 +92,7 @@ class ExactMatch(_Generative):
 
     Options = ExactMatchOptions
     name = "exact_match"
+    directions = {"exact_match": "max"}
 
     def __init__(self, options: ExactMatchOptions | None = None, task: Any = None) -> None:
         super().__init__(options or ExactMatchOptions(), task)
@@ -145,6 +146,7 @@ class Rouge(_Generative):
     Options = RougeOptions
     name = "rouge"
     TYPES = ("rouge1", "rouge2", "rougeL")
+    directions = dict.fromkeys(TYPES, "max")
 
     def __init__(self, options: RougeOptions | None = None, task: Any = None) -> None:
         super().__init__(options or RougeOptions(), task)
@@ -186,6 +188,7 @@ class Bleu(_Generative):
 
     Options = BleuOptions
     name = "bleu"
+    directions = {"bleu": "max"}
 
     def __init__(self, options: BleuOptions | None = None, task: Any = None) -> None:
         super().__init__(options or BleuOptions(), task)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions, Decision
+from plugtune.kernel.components import ComponentOptions, Decision, EvalMetrics, MetricDirections
 
 if TYPE_CHECKING:
     import torch
@@ -315,7 +315,7 @@ def _uniform_noise(tensor: torch.Tensor, scale: float) -> torch.Tensor:
 
 class EarlyStoppingOptions(ComponentOptions):
     metric: str = Field("loss", description="an evaluation metric (a key of metrics.after)")
-    mode: Literal["min", "max"] | None = Field(None, description="min or max; default min for loss/perplexity, else max")
+    mode: Literal["min", "max"] | None = Field(None, description="min or max; default: the direction the metric's evaluator declares")
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
     restore_best: bool = Field(True, description="when stopping, put the best weights back into the model so the "
@@ -337,14 +337,21 @@ class EarlyStopping:
 
     def __init__(self, options: EarlyStoppingOptions) -> None:
         self.options = options
-        self.mode = options.mode or ("min" if options.metric.lower() in {"loss", "perplexity"} or
-                                     options.metric.lower().endswith("loss") else "max")
+        self.mode: str | None = options.mode  # else the evaluator's declared direction, read at the first evaluation
         self.best: float | None = None
         self.best_step: int | None = None
         self.bad = 0
         self.stopped = False
         self.model: Any = None
         self.snapshot: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    @classmethod
+    def check_metrics(cls, options: EarlyStoppingOptions, directions: MetricDirections) -> list[str]:
+        """At validation: the metric needs a direction, the recipe's (``mode``) or its evaluator's."""
+        if options.mode is not None or directions.direction(options.metric) is not None:
+            return []
+        return [f"options.metric: no evaluator of the recipe declares which way {options.metric!r} improves; "
+                f"add the evaluator that reports it, or set options.mode to min or max"]
 
     def setup(self, model: torch.nn.Module, task: Any, tokenizer: Any) -> None:
         self.model = model
@@ -365,6 +372,11 @@ class EarlyStopping:
         if name not in metrics:
             raise TrainingError(f"early_stopping: metric {name!r} is not among the evaluation's metrics "
                                 f"({', '.join(sorted(metrics)) or 'none'}); add its evaluator or set metric")
+        if self.mode is None:
+            self.mode = metrics.direction(name) if isinstance(metrics, EvalMetrics) else None
+            if self.mode is None:
+                raise TrainingError(f"early_stopping: no evaluator declares which way {name!r} improves; "
+                                    f"set options.mode to min or max")
         value = float(metrics[name])
         if math.isnan(value):
             improved = False
