@@ -17,7 +17,7 @@ from plugtune.kernel.components import (
     call_prepare, handler_class, mixes_rows,
 )
 from plugtune.kernel.errors import AdapterError
-from plugtune.kernel.registry import build_plugin_system
+from plugtune.kernel.registry import FailedPlugin, build_plugin_system
 from plugtune.plugins.methods.full import FullHandler, FullMethod
 from plugtune.plugins.methods.int8 import Int8Method
 from plugtune.plugins.methods.lora import LoraHandler, LoraMethod
@@ -99,15 +99,13 @@ def test_resolve_handler_validates_the_recorded_options_against_the_handler():
 
 def test_a_method_whose_plugin_failed_to_import_is_named_as_such():
     plugins = build_plugin_system()
-    plugins.problems.append("plugin 'dora' (distribution plugtune-dora 9.9) failed to import: "
-                            "ModuleNotFoundError: No module named 'dora_kernels'")
+    plugins.failed.append(FailedPlugin("dora", "plugtune-dora", "9.9", "ModuleNotFoundError: No module named 'dora_kernels'"))
     manifest = _manifest(name="dora-x", plugin="dora", distribution="plugtune-dora", version="9.9")
     with pytest.raises(AdapterError) as err:
         resolve_handler(manifest, plugins, subject="adapter 'a'")
     assert str(err.value) == (
-        "adapter 'a' was made by tuning method 'dora-x' from distribution plugtune-dora 9.9, whose plugin failed to load "
-        "(plugin 'dora' (distribution plugtune-dora 9.9) failed to import: ModuleNotFoundError: No module named "
-        "'dora_kernels'); fix or reinstall that plugin (see `plugtune plugins`)")
+        "adapter 'a': tuning method 'dora-x' comes from plugin 'dora' (distribution plugtune-dora 9.9), which failed "
+        "to import: ModuleNotFoundError: No module named 'dora_kernels'; fix or reinstall that distribution")
 
 
 class LegacyStepLora(LoraMethod):
