@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
+    from plugtune.kernel.components import BaseModelAlias, DataLoader, Evaluator, Regularizer, Task, TuningMethod
     from plugtune.training.train import RunState
 
 PROJECT = "plugtune"  # the hook marker name, the entry-point group and the import package
@@ -36,6 +37,15 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 Register = Callable[[str, Any], None]
+"""``register(name, component)``: what every registration hook receives. Typed per kind below:
+each kind registers a class (its protocol in :mod:`plugtune.kernel.components`), aliases an
+object with ``locate()``."""
+RegisterMethods = Callable[[str, "type[TuningMethod]"], None]
+RegisterLoaders = Callable[[str, "type[DataLoader]"], None]
+RegisterRegularizers = Callable[[str, "type[Regularizer]"], None]
+RegisterEvaluators = Callable[[str, "type[Evaluator]"], None]
+RegisterTasks = Callable[[str, "type[Task]"], None]
+RegisterAliases = Callable[[str, "BaseModelAlias"], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +54,7 @@ Register = Callable[[str, Any], None]
 
 
 @hookspec
-def register_tuning_methods(register: Register) -> None:
+def register_tuning_methods(register: RegisterMethods) -> None:
     """Register tuning methods: ``register("lora", LoraMethod)``.
 
     Called once, when the registry is built. A tuning method turns a base model into a
@@ -55,7 +65,7 @@ def register_tuning_methods(register: Register) -> None:
 
 
 @hookspec
-def register_data_loaders(register: Register) -> None:
+def register_data_loaders(register: RegisterLoaders) -> None:
     """Register data loaders: ``register("table", TableLoader)``.
 
     Called once, when the registry is built. A loader reads a source named in a recipe's
@@ -65,7 +75,7 @@ def register_data_loaders(register: Register) -> None:
 
 
 @hookspec
-def register_regularizers(register: Register) -> None:
+def register_regularizers(register: RegisterRegularizers) -> None:
     """Register regularizers: ``register("weight_decay", WeightDecay)``.
 
     Called once, when the registry is built. A regularizer may act on the optimizer's
@@ -75,7 +85,7 @@ def register_regularizers(register: Register) -> None:
 
 
 @hookspec
-def register_evaluators(register: Register) -> None:
+def register_evaluators(register: RegisterEvaluators) -> None:
     """Register evaluators: ``register("accuracy", Accuracy)``.
 
     Called once, when the registry is built. An evaluator accumulates over the evaluation
@@ -85,7 +95,7 @@ def register_evaluators(register: Register) -> None:
 
 
 @hookspec
-def register_tasks(register: Register) -> None:
+def register_tasks(register: RegisterTasks) -> None:
     """Register tasks: ``register("causal-lm", CausalLm)``.
 
     Called once, when the registry is built. A task says how a recipe's examples become
@@ -96,7 +106,7 @@ def register_tasks(register: Register) -> None:
 
 
 @hookspec
-def register_base_models(register: Register) -> None:
+def register_base_models(register: RegisterAliases) -> None:
     """Register base-model aliases: ``register("smollm2-135m", BaseModelAlias(...))``.
 
     Called once, when the registry is built. An alias lets a recipe say ``base_model:

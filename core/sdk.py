@@ -1,0 +1,148 @@
+"""The plugin SDK: the one module a plugin imports.
+
+    from plugtune.sdk import hookimpl, ComponentOptions, TuningMethod, AdapterHandler, ...
+
+Everything a component of any kind receives, returns or may declare is here: the hook
+marker, every protocol and optional capability (:mod:`plugtune.kernel.components`), the
+``Task`` a component receives and the helpers task plugins share, the training batch format
+(``IGNORE_INDEX``, label positions), the evaluation records, ``DataPath`` for path options,
+``PackagedModel`` for base-model aliases, the adapter read from disk (for ``combine``), the
+layer-wrapper helpers a host handler uses, and the user-facing errors. ``docs/plugins.md``
+explains each; a test keeps that guide and this contract in step.
+
+Importing this module is cheap (no torch): names from the heavier layers are loaded on
+first use, so registering plugins and ``plugtune validate`` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from plugtune.kernel.components import (
+    AdapterHandler,
+    BaseModelAlias,
+    Combined,
+    Combines,
+    ComponentOptions,
+    DataLoader,
+    DataPath,
+    Decision,
+    Direction,
+    EvalBatch,
+    EvalContext,
+    EvalMetrics,
+    Evaluator,
+    Example,
+    Folds,
+    Head,
+    Merges,
+    MetricDirections,
+    MixesRows,
+    NoOptions,
+    PrepareContext,
+    Regularizer,
+    ReportsResidentBytes,
+    StartsDecoding,
+    Task,
+    TuningMethod,
+    mixes_rows,
+    original_module,
+    remove_wrapper,
+    replace_module,
+)
+from plugtune.kernel.errors import (
+    AdapterError,
+    DataError,
+    ModelError,
+    PluginError,
+    PlugtuneError,
+    RecipeError,
+    TrainingError,
+)
+from plugtune.kernel.hookspecs import (
+    Register,
+    RegisterAliases,
+    RegisterEvaluators,
+    RegisterLoaders,
+    RegisterMethods,
+    RegisterRegularizers,
+    RegisterTasks,
+    hookimpl,
+)
+
+# name -> module, imported when the name is first used (these modules import torch or
+# transformers, or sit in layers above the kernel)
+_LAZY = {
+    # helpers task plugins share (core/data/tasks.py, core/data/labels.py)
+    "IGNORE_INDEX": "plugtune.data.labels",
+    "LabelPositions": "plugtune.data.labels",
+    "eval_batch_from_label_logits": "plugtune.data.labels",
+    "per_example_loss": "plugtune.data.labels",
+    "Template": "plugtune.data.tasks",
+    "Labels": "plugtune.data.tasks",
+    "LabelWords": "plugtune.data.tasks",
+    "check_template": "plugtune.data.tasks",
+    "collate": "plugtune.data.tasks",
+    "fill": "plugtune.data.tasks",
+    "natural_key": "plugtune.data.tasks",
+    "template_fields": "plugtune.data.tasks",
+    "build_task": "plugtune.data.tasks",
+    # artifacts
+    "Adapter": "plugtune.artifacts.adapters",
+    "PackagedModel": "plugtune.artifacts.models",
+    # what lifecycle hooks receive
+    "RunState": "plugtune.training.train",
+}
+
+if TYPE_CHECKING:
+    from plugtune.artifacts.adapters import Adapter
+    from plugtune.artifacts.models import PackagedModel
+    from plugtune.data.labels import IGNORE_INDEX, LabelPositions, eval_batch_from_label_logits, per_example_loss
+    from plugtune.data.tasks import (
+        LabelWords,
+        Labels,
+        Template,
+        build_task,
+        check_template,
+        collate,
+        fill,
+        natural_key,
+        template_fields,
+    )
+    from plugtune.training.train import RunState
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'plugtune.sdk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    # hooks and registration
+    "hookimpl", "Register", "RegisterMethods", "RegisterLoaders", "RegisterRegularizers", "RegisterEvaluators",
+    "RegisterTasks", "RegisterAliases",
+    # options
+    "ComponentOptions", "NoOptions", "DataPath",
+    # the kinds
+    "DataLoader", "Task", "Head", "TuningMethod", "PrepareContext", "Regularizer", "Evaluator", "BaseModelAlias",
+    "PackagedModel",
+    # the host side of a tuning method and its capabilities
+    "AdapterHandler", "MixesRows", "Folds", "Merges", "StartsDecoding", "ReportsResidentBytes", "Combines",
+    "Combined", "Adapter", "mixes_rows", "original_module", "replace_module", "remove_wrapper",
+    # records the core hands components
+    "Example", "EvalBatch", "EvalContext", "EvalMetrics", "Decision", "Direction", "MetricDirections", "RunState",
+    # the batch format and the helpers task plugins share
+    "IGNORE_INDEX", "LabelPositions", "eval_batch_from_label_logits", "per_example_loss", "Template", "Labels",
+    "LabelWords", "check_template", "collate", "fill", "natural_key", "template_fields", "build_task",
+    # errors
+    "PlugtuneError", "RecipeError", "DataError", "ModelError", "AdapterError", "PluginError", "TrainingError",
+]
