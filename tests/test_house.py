@@ -130,7 +130,6 @@ def _string_constants(path: Path) -> list[tuple[int, str]]:
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in keys]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 in progress: combine, synthetic, the registry fallback and metric directions still name built-ins")
 def test_the_core_names_no_built_in_component(plugin_system) -> None:
     """Every name a built-in plugin registers as a tuning method, task or evaluator is absent
     from the core's code; the conformance kit (testing.py) may name them in its example

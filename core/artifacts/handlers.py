@@ -15,7 +15,8 @@ from typing import Any
 
 from plugtune.artifacts.adapters import Manifest
 from plugtune.kernel.components import ComponentOptions, handler_class
-from plugtune.kernel.errors import AdapterError
+from plugtune.kernel.errors import AdapterError, PluginError, PlugtuneError
+from plugtune.kernel.faults import guarded
 from plugtune.kernel.registry import Component, PluginSystem
 
 
@@ -28,8 +29,18 @@ class HandlerSpec:
     options: ComponentOptions
 
     def build(self) -> Any:
-        """A fresh handler instance (a host keeps one per ``cls``)."""
-        return self.cls(self.options)
+        """A fresh handler instance (a host keeps one per ``cls``), its members guarded so a
+        failure inside one names the plugin, its distribution and the member."""
+        try:
+            handler = self.cls(self.options)
+        except PlugtuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin failure becomes a named error
+            info = self.method.plugin
+            raise PluginError(f"plugin {info.name!r} (distribution {f'{info.distribution} {info.version}'.strip()}) "
+                              f"failed building the handler of tuning method {self.method.name!r}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        return guarded(handler, self.method)
 
 
 def resolve_handler(manifest: Manifest, plugins: PluginSystem, *, subject: str) -> HandlerSpec:

@@ -154,7 +154,7 @@ def component_state(component: Any) -> dict[str, Any]:
     ``torch.Generator`` attributes it holds (so a third-party augmenter resumes exactly)."""
     if hasattr(component, "state_dict"):
         return {"state_dict": component.state_dict()}
-    generators = {k: v.get_state() for k, v in vars(_unwrapped(component)).items() if isinstance(v, torch.Generator)}
+    generators = {k: v.get_state() for k, v in vars(component).items() if isinstance(v, torch.Generator)}
     return {"generators": generators} if generators else {}
 
 
@@ -162,11 +162,7 @@ def load_component_state(component: Any, state: dict[str, Any]) -> None:
     if "state_dict" in state and hasattr(component, "load_state_dict"):
         component.load_state_dict(state["state_dict"])
     for name, value in state.get("generators", {}).items():
-        getattr(_unwrapped(component), name).set_state(value)
-
-
-def _unwrapped(component: Any) -> Any:
-    return getattr(component, "wrapped_component", component)
+        getattr(component, name).set_state(value)
 
 
 # -- writing ----------------------------------------------------------------------------------

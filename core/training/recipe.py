@@ -476,9 +476,18 @@ def _option_naming(task: Task, column: str) -> str:
     """The task option that names ``column``: a template using it, else an option whose
     value is the column itself (``label: sentiment``), for the error's field path."""
     options = {k: v for k, v in task.to_dict().items() if k != "type" and isinstance(v, str)}
-    templates = [k for k, v in options.items() if column in template_fields(v)]
     exact = [k for k, v in options.items() if v == column]
-    return (templates or exact or ["type"])[0]
+    templates = [k for k, v in options.items() if column in _fields_or_none(v)]
+    return (exact or templates or ["type"])[0]
+
+
+def _fields_or_none(value: str) -> set[str]:
+    """The fields of ``value`` read as a template; none when it is not one (an option naming
+    a column, such as ``label: "{"``, is a plain string)."""
+    try:
+        return template_fields(value)
+    except ValueError:
+        return set()
 
 
 def _path(parts: tuple[Any, ...]) -> str:

@@ -87,10 +87,13 @@ class FullHandler:
 
     def attach(self, model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.nn.Module:
         params = base_parameters(model)
+        _check_listed(name, state, config)
         targets: dict[str, tuple[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             kind, _, pname = key.partition(".")
             if kind == "delta_b":
+                if f"delta_a.{pname}" not in state:
+                    raise AdapterError(f"adapter {name!r}: {key!r} without its delta_a factor")
                 continue
             if kind not in {"delta", "delta_a", "value"} or pname not in params:
                 raise AdapterError(f"adapter {name!r}: tensor {key!r} has no matching parameter in this base")
@@ -165,6 +168,7 @@ class FullMethod:
         self._initial: dict[str, torch.Tensor] = {}
         self._new: frozenset[str] = frozenset()
         self._errors: dict[str, float] = {}
+        self._tensors: list[str] | None = None  # the names adapter_state last produced
 
     # -- training -----------------------------------------------------------------------
 
@@ -222,14 +226,29 @@ class FullMethod:
                 self._errors[name] = error
             else:
                 state[f"delta.{name}"] = delta
+        self._tensors = sorted(state)
         return state
 
     def adapter_config(self, model: torch.nn.Module) -> dict[str, Any]:
         config: dict[str, Any] = {"method": "full", "delta_rank": self.options.delta_rank}
+        if self._tensors is not None:
+            config["tensors"] = self._tensors  # what the weights file must hold: a host refuses a file missing any
         if self._errors:
             config["lowrank_relative_error"] = self._errors
             config["lowrank_relative_error_max"] = max(self._errors.values())
         return config
+
+def _check_listed(name: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """The weights file holds exactly the tensors the adapter's config lists (adapters saved
+    before configs listed them are checked tensor by tensor only)."""
+    listed = config.get("tensors")
+    if listed is None:
+        return
+    missing, unexpected = sorted(set(listed) - set(state)), sorted(set(state) - set(listed))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise AdapterError(f"adapter {name!r}: the weights file does not match its config ({what}); the file is damaged or replaced")
+
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-``rank`` factors of ``delta`` (Eckart-Young, via SVD) and the relative
