@@ -39,6 +39,7 @@ from pydantic import (
 
 from plugtune.kernel.components import DataPath, MetricDirections, _path_exists
 from plugtune.kernel.errors import DataError, RecipeError
+from plugtune.kernel.faults import guarded
 from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
 from plugtune.data.tasks import Task, make_task, template_fields
 
@@ -395,7 +396,8 @@ def _check_model(
     blocks = [("method", method, ())] if method is not None else []
     blocks += [(f"regularizers[{i}]", b, ()) for i, b in enumerate(regularizers) if b is not None]
     blocks += [(f"evaluators[{i}]", b, (task,)) for i, b in enumerate(evaluators) if b is not None]
-    checks = [(path, b.build(*args)) for path, b, args in blocks if hasattr(b.component.obj, "check_model")]
+    checks = [(path, guarded(b.build(*args), b.component)) for path, b, args in blocks
+              if hasattr(b.component.obj, "check_model")]  # a plugin's failure names the plugin
     if hasattr(task, "check_model"):
         checks.append(("task", task))
     if not checks:
