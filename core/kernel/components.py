@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from plugtune.artifacts.adapters import Adapter
+    from plugtune.artifacts.outline import ModelOutline
 
 
 class ComponentOptions(BaseModel):
@@ -657,8 +658,47 @@ class Regularizer(Protocol):
     def __init__(self, options: Any) -> None: ...
 
 
+# --------------------------------------------------------------------------------------------
+# Checking a recipe against the base model, before its weights load
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ChecksModel(Protocol):
+    """Optional on any component a recipe binds: a tuning method, regularizer, evaluator or
+    task. Lets ``plugtune validate`` refuse options that cannot fit the base model (a
+    ``target_modules`` that matches no layer) instead of failing after the weights loaded.
+
+    When: at recipe validation, after the component's block bound without problems, and
+    only when the base model's outline can be had offline (a local folder, a ``.gguf``
+    file, an alias whose weights are already here, an adapter folder whose base is local;
+    never a hub id). The core builds the component as training does (a method or
+    regularizer from its options, an evaluator from its options and the task; the task is
+    itself) and calls ``check_model(outline, task)``.
+
+    With: ``outline``, a :class:`~plugtune.artifacts.outline.ModelOutline`: ``config`` (the
+    transformers config, read from ``config.json`` or GGUF metadata) and, built on first use
+    on the ``meta`` device, ``module_names()``, ``linear_names()``, ``parameter_shapes()``
+    of the model class the task's head loads; no weights are read. ``task``: the recipe's
+    task (``head``, ``labels``).
+
+    Returns: problems, one line each, starting with a field path relative to the component's
+    block (``"options.target_modules: ..."``; a task's options sit at the top of its block:
+    ``"label: ..."``); the core prefixes the block's path (``method.``, ``regularizers[0].``,
+    ``evaluators[1].``, ``task.``). An empty list: nothing to say.
+    """
+
+    def check_model(self, outline: ModelOutline, task: Task) -> list[str]:
+        """Problems of this component's options on the base model ``outline`` describes."""
+        ...
+
+
 class BaseModelAlias(Protocol):
-    """A short name for a base model that can be found offline."""
+    """A short name for a base model that can be found offline.
+
+    Optional: ``local() -> Path | None``: where the model already is on this machine, or
+    None, never fetching; validation reads the model's outline (:class:`ChecksModel`) from
+    there. Without it, an alias's model is not checked before it loads."""
 
     description: str
 

@@ -1,11 +1,13 @@
 """Recipes: YAML -> a validated :class:`Recipe`, with every problem reported at once.
 
-Validation happens in three passes, all before any model is loaded:
+Validation happens in four passes, all before any model is loaded:
 
 1. the recipe's own shape (top-level keys, task, training, output) against pydantic models;
 2. every component name resolved in the plugin registry (with a did-you-mean) and its
    ``options`` block bound to the component's ``Options``;
-3. the data source opened cheaply (a header, a schema) to check the columns the task uses.
+3. the data source opened cheaply (a header, a schema) to check the columns the task uses;
+4. components that can (``check_model``) checked against the base model's outline: its
+   config and module names, read without weights, when the model is already local.
 
 Problems from all passes are collected into one :class:`~plugtune.kernel.errors.RecipeError`, one
 line per problem, each starting with its field path (``training.batch_size: ...``).
@@ -37,6 +39,7 @@ from pydantic import (
 
 from plugtune.kernel.components import DataPath, MetricDirections, _path_exists
 from plugtune.kernel.errors import DataError, RecipeError
+from plugtune.kernel.faults import guarded
 from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
 from plugtune.data.tasks import Task, make_task, template_fields
 
@@ -341,6 +344,7 @@ def validate(
             if reason:
                 problems.append(f"evaluators[{i}].name: {reason}")
     problems.extend(_check_metric_directions(regularizers, evaluators))
+    problems.extend(_check_model(plugins, raw.get("base_model"), task, method, regularizers, evaluators))
     if problems or spec is None or task is None or method is None or loader is None:
         raise RecipeError(problems or ["invalid recipe"], where)
     return Recipe(
@@ -376,6 +380,34 @@ def _check_metric_directions(regularizers: list[Bound | None], evaluators: list[
         for problem in (check(bound.options, directions) if check else None) or []:
             problems.append(f"regularizers[{i}].{problem}")
     return problems
+
+
+def _check_model(
+    plugins: PluginSystem, base_model: Any, task: Task | None, method: Bound | None,
+    regularizers: list[Bound | None], evaluators: list[Bound | None],
+) -> list[str]:
+    """Components against the base model's outline (config and module names, no weights;
+    see :class:`~plugtune.kernel.components.ChecksModel`): each bound component with a
+    ``check_model`` reports problems relative to its block, prefixed here with the block's
+    path. Skipped when no component checks, or when the model has no local outline (a hub
+    id, an alias not fetched yet): validation never fetches or loads weights."""
+    if task is None or not isinstance(base_model, str):
+        return []
+    blocks = [("method", method, ())] if method is not None else []
+    blocks += [(f"regularizers[{i}]", b, ()) for i, b in enumerate(regularizers) if b is not None]
+    blocks += [(f"evaluators[{i}]", b, (task,)) for i, b in enumerate(evaluators) if b is not None]
+    checks = [(path, guarded(b.build(*args), b.component)) for path, b, args in blocks
+              if hasattr(b.component.obj, "check_model")]  # a plugin's failure names the plugin
+    if hasattr(task, "check_model"):
+        checks.append(("task", task))
+    if not checks:
+        return []
+    from plugtune.artifacts.outline import outline_for
+
+    outline = outline_for(base_model, task, plugins)
+    if outline is None:
+        return []
+    return [f"{path}.{problem}" for path, component in checks for problem in component.check_model(outline, task) or []]
 
 
 def _valid_or_none(model: type[BaseModel], value: Any) -> Any:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from plugtune.artifacts.adapters import Adapter
     from plugtune.artifacts.models import LoadedBase
+    from plugtune.artifacts.outline import ModelOutline
     from plugtune.plugins.methods.lora_hosting import HostedLoras
 
 # peft (and torch) are imported inside the methods: `plugtune validate` and `plugtune
@@ -60,6 +61,37 @@ class LoraOptions(ComponentOptions):
             except re.error as exc:
                 raise ValueError(f"target_regex is not a valid regular expression: {exc}") from None
         return self
+
+
+def peft_targets(options: LoraOptions) -> str | list[str]:
+    """What peft's ``LoraConfig`` gets: the regex (peft full-matches a string), ``all-linear``,
+    or the list of suffixes."""
+    if options.target_regex is not None:
+        return options.target_regex
+    return "all-linear" if options.target_modules == "all-linear" else list(options.target_modules)
+
+
+def targeted(options: LoraOptions, linear: Sequence[str]) -> list[str]:
+    """The names in ``linear`` (dotted linear-layer names) the options target, by the rule in
+    the module docs: full-match ``target_regex``, ``all-linear``, or dotted-suffix match.
+    Used on the loaded model (``prepare``) and on its outline (``check_model``) alike."""
+    if options.target_regex is not None:
+        return [n for n in linear if re.fullmatch(options.target_regex, n)]
+    if options.target_modules == "all-linear":
+        return list(linear)
+    return [n for n in linear if any(n == t or n.endswith("." + t) for t in options.target_modules)]
+
+
+def unmatched_targets(options: LoraOptions, linear: Sequence[str]) -> str | None:
+    """``"<field>: ... matches no linear layer ..."`` (the field inside ``options``) when the
+    options target none of ``linear``, naming the suffixes the model's linear layers have;
+    None when they target at least one."""
+    if targeted(options, linear):
+        return None
+    field = "target_regex" if options.target_regex is not None else "target_modules"
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    return (f"{field}: {peft_targets(options)!r} matches no linear layer of this model "
+            f"(its linear layers end in: {', '.join(suffixes) or 'none'})")
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
@@ -176,21 +208,10 @@ class LoraMethod:
         from peft import LoraConfig
 
         o = self.options
-        linear = _linear_names(model)
-        if o.target_regex is not None:
-            targets: Any = o.target_regex
-            matched = [n for n in linear if re.fullmatch(o.target_regex, n)]
-        elif o.target_modules == "all-linear":
-            targets, matched = "all-linear", linear
-        else:
-            targets = list(o.target_modules)
-            matched = [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
-        if not matched:
-            suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
-            raise RecipeError(
-                [f"method.options.target_modules: {targets!r} matches no linear layer of this model "
-                 f"(its linear layers end in: {', '.join(suffixes)})"]
-            )
+        targets = peft_targets(o)
+        problem = unmatched_targets(o, _linear_names(model))
+        if problem:
+            raise RecipeError([f"method.options.{problem}"])
         return LoraConfig(
             r=o.r,
             lora_alpha=o.alpha,
@@ -201,6 +222,11 @@ class LoraMethod:
             task_type=_peft_task_type(task),
             bias="none",
         )
+
+    def check_model(self, outline: ModelOutline, task: Task) -> list[str]:
+        """At validation: the targets must select at least one linear layer of the base."""
+        problem = unmatched_targets(self.options, outline.linear_names())
+        return [f"options.{problem}"] if problem else []
 
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
         from peft import get_peft_model
