@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from plugtune.kernel.components import (
     AdapterHandler,
     BaseModelAlias,
+    ChecksModel,
     Combined,
     Combines,
     ComponentOptions,
@@ -91,6 +92,7 @@ _LAZY = {
     # artifacts
     "Adapter": "plugtune.artifacts.adapters",
     "PackagedModel": "plugtune.artifacts.models",
+    "ModelOutline": "plugtune.artifacts.outline",
     # what lifecycle hooks receive
     "RunState": "plugtune.training.train",
 }
@@ -98,6 +100,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from plugtune.artifacts.adapters import Adapter
     from plugtune.artifacts.models import PackagedModel
+    from plugtune.artifacts.outline import ModelOutline
     from plugtune.data.labels import IGNORE_INDEX, LabelPositions, eval_batch_from_label_logits, per_example_loss
     from plugtune.data.tasks import (
         LabelWords,
@@ -134,7 +137,7 @@ __all__ = [
     "ComponentOptions", "NoOptions", "DataPath",
     # the kinds
     "DataLoader", "Task", "Head", "TuningMethod", "PrepareContext", "Regularizer", "Evaluator", "BaseModelAlias",
-    "PackagedModel",
+    "PackagedModel", "ChecksModel", "ModelOutline",
     # the host side of a tuning method and its capabilities
     "AdapterHandler", "MixesRows", "Folds", "Merges", "StartsDecoding", "ReportsResidentBytes", "Combines",
     "Combined", "Adapter", "mixes_rows", "original_module", "replace_module", "remove_wrapper",
