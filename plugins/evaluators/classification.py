@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions, EvalBatch, NoOptions
+from plugtune.sdk import ComponentOptions, EvalBatch, NoOptions
 
 OTHER = "<other>"
 

@@ -59,10 +59,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions, EvalBatch, EvalContext
-from plugtune.kernel.errors import RecipeError
-from plugtune.training.recipe import DataPath
-from plugtune.data.tasks import template_fields
+from plugtune.sdk import ComponentOptions, DataPath, EvalBatch, EvalContext, RecipeError, template_fields
 
 DEFAULT_PAIRS_FILE = "gendered_terms.tsv"
 

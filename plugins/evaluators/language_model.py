@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from plugtune import hookimpl
-from plugtune.kernel.components import EvalBatch, NoOptions
+from plugtune.sdk import EvalBatch, NoOptions
 
 
 class _MeanLoss:

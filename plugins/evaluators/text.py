@@ -21,8 +21,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions, EvalBatch
-from plugtune.kernel.errors import RecipeError
+from plugtune.sdk import ComponentOptions, EvalBatch, RecipeError
 
 
 class _Generative:

@@ -30,9 +30,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions
-from plugtune.kernel.errors import DataError
-from plugtune.training.recipe import DataPath
+from plugtune.sdk import ComponentOptions, DataError, DataPath
 
 SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 

@@ -35,9 +35,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions
-from plugtune.kernel.errors import DataError
-from plugtune.training.recipe import DataPath
+from plugtune.sdk import ComponentOptions, DataError, DataPath
 
 PROBE_BYTES = 1 << 16  # read at validation to catch a wrong encoding early
 _BLANK_LINE = re.compile(r"\n[ \t\f\v]*\n")  # paragraphs: one or more blank lines between them

@@ -31,14 +31,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions
-from plugtune.kernel.errors import AdapterError, RecipeError
+from plugtune.sdk import AdapterError, ComponentOptions, RecipeError
 
 if TYPE_CHECKING:
     import torch
 
-    from plugtune.data.tasks import Task
-    from plugtune.kernel.components import PrepareContext
+    from plugtune.sdk import Task
+    from plugtune.sdk import PrepareContext
 
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)")

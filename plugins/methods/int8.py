@@ -33,8 +33,8 @@ from plugtune.plugins.methods.lora import LoraMethod, LoraOptions
 if TYPE_CHECKING:
     import torch
 
-    from plugtune.data.tasks import Task
-    from plugtune.kernel.components import PrepareContext
+    from plugtune.sdk import Task
+    from plugtune.sdk import PrepareContext
 
 
 class Int8Options(LoraOptions):

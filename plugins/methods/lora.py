@@ -23,18 +23,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from plugtune import hookimpl
-from plugtune.kernel.components import Combined, ComponentOptions, PrepareContext
-from plugtune.kernel.errors import AdapterError, RecipeError
-from plugtune.data.tasks import Task
+from plugtune.sdk import AdapterError, Combined, ComponentOptions, PrepareContext, RecipeError, Task
 
 if TYPE_CHECKING:
     import torch
 
     from peft import LoraConfig
 
-    from plugtune.artifacts.adapters import Adapter
+    from plugtune.sdk import Adapter
     from plugtune.artifacts.models import LoadedBase
-    from plugtune.artifacts.outline import ModelOutline
+    from plugtune.sdk import ModelOutline
     from plugtune.plugins.methods.lora_hosting import HostedLoras
 
 # peft (and torch) are imported inside the methods: `plugtune validate` and `plugtune

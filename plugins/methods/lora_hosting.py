@@ -39,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugtune.kernel.components import original_module, remove_wrapper, replace_module
-from plugtune.kernel.errors import AdapterError
+from plugtune.sdk import AdapterError, original_module, remove_wrapper, replace_module
 
 PEFT_PREFIX = "base_model.model."
 UNSUPPORTED = {

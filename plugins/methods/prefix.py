@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions
-from plugtune.kernel.errors import AdapterError
+from plugtune.sdk import AdapterError, ComponentOptions
 
 if TYPE_CHECKING:
     import torch
 
-    from plugtune.data.tasks import Task
-    from plugtune.kernel.components import PrepareContext
+    from plugtune.sdk import Task
+    from plugtune.sdk import PrepareContext
 
 
 class PrefixOptions(ComponentOptions):

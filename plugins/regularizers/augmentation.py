@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions
+from plugtune.sdk import ComponentOptions
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,7 @@ class _TokenAugmenter:
     def setup(self, model: Any, task: Any, tokenizer: Any) -> None:
         import torch
 
-        from plugtune.kernel.errors import TrainingError
+        from plugtune.sdk import TrainingError
 
         mask = getattr(tokenizer, "mask_token_id", None)
         unk = getattr(tokenizer, "unk_token_id", None)

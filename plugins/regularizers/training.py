@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions, Decision, EvalMetrics, MetricDirections
+from plugtune.sdk import ComponentOptions, Decision, EvalMetrics, MetricDirections
 
 if TYPE_CHECKING:
     import torch
@@ -364,7 +364,7 @@ class EarlyStopping:
         return value > self.best + self.options.min_delta
 
     def after_evaluate(self, metrics: dict[str, float], step: int) -> Decision | None:
-        from plugtune.kernel.errors import TrainingError
+        from plugtune.sdk import TrainingError
 
         if self.stopped:
             return None

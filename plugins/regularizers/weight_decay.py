@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.kernel.components import ComponentOptions
+from plugtune.sdk import ComponentOptions
 
 if TYPE_CHECKING:
     import torch

@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import model_validator
 
 from plugtune import hookimpl
-from plugtune.data.labels import IGNORE_INDEX, LabelPositions, eval_batch_from_label_logits
-from plugtune.data.tasks import LabelWords, Labels, Template, collate, fill, template_fields
-from plugtune.kernel.components import ComponentOptions, EvalBatch, Example, Head, Task
+from plugtune.sdk import ComponentOptions, EvalBatch, Example, Head, IGNORE_INDEX, LabelPositions, LabelWords, Labels, Task, Template, collate, eval_batch_from_label_logits, fill, template_fields
 
 if TYPE_CHECKING:
     import torch

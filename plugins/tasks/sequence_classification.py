@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from plugtune import hookimpl
-from plugtune.data.tasks import Labels, Template, collate, fill, natural_key, template_fields
-from plugtune.kernel.components import ComponentOptions, EvalBatch, Example, Head, Task
-from plugtune.kernel.errors import DataError
+from plugtune.sdk import ComponentOptions, DataError, EvalBatch, Example, Head, Labels, Task, Template, collate, fill, natural_key, template_fields
 
 if TYPE_CHECKING:
     import torch
