@@ -195,18 +195,33 @@ def plugin_system() -> Iterator[Any]:
 
 
 def hosted_handler(host: Any, name: str) -> Any:
-    """The host-side handler serving adapter ``name`` on ``host``."""
+    """The host-side handler (:class:`~plugtune.sdk.AdapterHandler`) serving adapter ``name``
+    on ``host``: one instance per handler class, shared by every adapter it hosts."""
     return host.adapters[name].method
 
 
 def handler_supports_mixed_rows(handler: Any) -> bool:
-    """Whether a handler claims rows of one forward on different adapters."""
-    return bool(getattr(handler, "supports_mixed_batches", False)) and hasattr(handler, "mixed_rows")
+    """Whether a handler declares :class:`~plugtune.sdk.MixesRows` (and does not opt out)."""
+    from plugtune.kernel.components import mixes_rows
+
+    return mixes_rows(handler)
 
 
 def handler_can_fold(handler: Any) -> bool:
-    """Whether a handler can fold an adapter into the base weights (merge/unmerge)."""
-    return hasattr(handler, "fold") and hasattr(handler, "unfold")
+    """Whether a handler declares :class:`~plugtune.sdk.Folds` (merge/unmerge on a host)."""
+    from plugtune.kernel.components import Folds
+
+    return isinstance(handler, Folds)
+
+
+def handler_capabilities(handler: Any) -> list[str]:
+    """The capability protocols ``handler`` declares, by name (``["MixesRows", "Folds", ...]``;
+    ``MixesRows`` only when :func:`~plugtune.sdk.mixes_rows` agrees)."""
+    from plugtune.kernel import components as c
+
+    found = [p.__name__ for p in (c.MixesRows, c.Folds, c.Merges, c.StartsDecoding, c.ReportsResidentBytes, c.Combines)
+             if isinstance(handler, p)]
+    return [n for n in found if n != "MixesRows" or c.mixes_rows(handler)]
 
 
 def base_snapshot(host: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
