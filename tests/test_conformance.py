@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from plugtune.data.tasks import build_task
-from plugtune.testing import (MethodKit, check_data_loader, check_evaluator, check_regularizer,
+from plugtune.testing import (MethodKit, check_data_loader, check_evaluator, check_regularizer, check_task,
                               write_tiny_data)
 
 METHODS = {
@@ -73,3 +73,13 @@ LM = build_task(dict(type="causal-lm", prompt="question : {question} answer :", 
 def test_builtin_evaluator_meets_the_contract(name: str, task: Any) -> None:
     metrics = check_evaluator(name, task=task)
     assert metrics
+
+
+@pytest.mark.parametrize("name, options, bad", [
+    ("causal-lm", {"prompt": "question : {question} answer :", "response": " {answer}"},
+     [{"response": " {answer}"}, {"prompt": "q {question", "response": " {answer}"}]),
+    ("sequence-classification", {"text": "{text}", "label": "label"}, [{"text": "{text}", "labels": "positive"}]),
+])
+def test_builtin_task_meets_the_contract(tmp_path: Path, name: str, options: dict, bad: list) -> None:
+    task = check_task(name, options, tmp_path=tmp_path, bad_options=bad)
+    assert task.type == name
