@@ -195,18 +195,33 @@ def plugin_system() -> Iterator[Any]:
 
 
 def hosted_handler(host: Any, name: str) -> Any:
-    """The host-side handler serving adapter ``name`` on ``host``."""
+    """The host-side handler (:class:`~plugtune.sdk.AdapterHandler`) serving adapter ``name``
+    on ``host``: one instance per handler class, shared by every adapter it hosts."""
     return host.adapters[name].method
 
 
 def handler_supports_mixed_rows(handler: Any) -> bool:
-    """Whether a handler claims rows of one forward on different adapters."""
-    return bool(getattr(handler, "supports_mixed_batches", False)) and hasattr(handler, "mixed_rows")
+    """Whether a handler declares :class:`~plugtune.sdk.MixesRows` (and does not opt out)."""
+    from plugtune.kernel.components import mixes_rows
+
+    return mixes_rows(handler)
 
 
 def handler_can_fold(handler: Any) -> bool:
-    """Whether a handler can fold an adapter into the base weights (merge/unmerge)."""
-    return hasattr(handler, "fold") and hasattr(handler, "unfold")
+    """Whether a handler declares :class:`~plugtune.sdk.Folds` (merge/unmerge on a host)."""
+    from plugtune.kernel.components import Folds
+
+    return isinstance(handler, Folds)
+
+
+def handler_capabilities(handler: Any) -> list[str]:
+    """The capability protocols ``handler`` declares, by name (``["MixesRows", "Folds", ...]``;
+    ``MixesRows`` only when :func:`~plugtune.sdk.mixes_rows` agrees)."""
+    from plugtune.kernel import components as c
+
+    found = [p.__name__ for p in (c.MixesRows, c.Folds, c.Merges, c.StartsDecoding, c.ReportsResidentBytes, c.Combines)
+             if isinstance(handler, p)]
+    return [n for n in found if n != "MixesRows" or c.mixes_rows(handler)]
 
 
 def base_snapshot(host: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -761,3 +776,186 @@ def check_evaluator(name_or_cls: Any, options: dict[str, Any] | None = None, *, 
     reused = metrics(evaluator, batches[:1])
     assert repr(reused) == repr(metrics(cls(bound, task), batches[:1])), f"{cls.__name__}: reset() does not reset (earlier batches still count)"
     return first
+
+
+# -- tasks --------------------------------------------------------------------------------------
+
+
+def _task_component(name_or_cls: Any, system: Any) -> Any:
+    """The registered task component for a name, or for a task class (its registration)."""
+    if isinstance(name_or_cls, str):
+        return system.get("task", name_or_cls)
+    for component in system.components.get("task", {}).values():
+        if component.obj is name_or_cls:
+            return component
+    raise AssertionError(f"{getattr(name_or_cls, '__name__', name_or_cls)} is not registered as a task "
+                         f"(pass its plugin in extra_plugins)")
+
+
+def _tiny_head_model(base: Path, task: Any) -> Any:
+    """The tiny base loaded with the task's head (``lm``: causal LM; ``classifier``: a fresh
+    classification head over the task's labels), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    if task.head == "classifier":
+        labels = list(task.labels or [])
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(base), num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(base))
+    return model.eval()
+
+
+def check_task(name_or_cls: Any, options: dict[str, Any], *, tmp_path: Path, bad_options: list[dict[str, Any]] = (),
+               data: Path | None = None, base_model: Path | None = None, max_length: int = 48,
+               train: bool = True, method: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
+               extra_plugins: list[tuple[str, Any]] | None = None) -> Any:
+    """A task's contract, on the tiny models and data (or ``base_model``/``data``: a table
+    file the ``table`` loader reads):
+
+    * ``options`` validate in a recipe's ``task`` block; each of ``bad_options`` and an
+      unknown key is refused at recipe validation with a problem naming its field
+      (``task.<field>: ...``, or ``task: ...`` for a rule across fields);
+    * ``required_fields()`` are columns of the data;
+    * after ``setup(train)``, ``encode`` gives lists of ints, at most ``max_length`` long
+      (also for a tight ``max_length`` of 4);
+      labels in the batch format: for an ``lm`` head one label per token, each ``-100`` or
+      that position's token id, and some row with a label; for a ``classifier`` head one class
+      index into ``labels``;
+    * ``collate`` gives ``input_ids``/``attention_mask``/``labels`` (long, ``(B, T)``, labels
+      ``(B, T)`` with ``-100`` on padding or ``(B,)``), right-padded with the pad id;
+    * ``eval_batch`` on the tiny model's real logits gives one prediction and one reference
+      per example (the references are the class indices for a classifier);
+    * ``to_dict()`` is JSON-able and ``build_task`` of it gives an equal task;
+    * with ``train``, a short training run (``method``, default LoRA) with the task lowers the
+      held-out loss.
+
+    Returns the task built from ``options`` (set up on the training split)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import plugtune
+    from plugtune.data.labels import IGNORE_INDEX
+    from plugtune.data.tasks import build_task
+    from plugtune.kernel.errors import RecipeError
+    from plugtune.training.recipe import load_recipe
+
+    tmp = Path(tmp_path).resolve()
+    with plugin_system_with(extra_plugins) as system:
+        component = _task_component(name_or_cls, system)
+        name, cls = component.name, component.obj
+        head = getattr(cls, "head", None)
+        assert head in ("lm", "classifier"), f"{cls.__name__}.head is {head!r}; the core knows 'lm' and 'classifier'"
+        classification = head == "classifier"
+        base = base_model or (build_tiny_bert if classification else build_tiny_llama)(tmp / "base")
+        data = data or write_tiny_data(tmp / "data") / ("sentiment.csv" if classification else "sft.jsonl")
+
+        def raw_recipe(task_block: dict[str, Any], tag: str) -> dict[str, Any]:
+            raw = recipe_dict(base, Path(data).parent, classification=classification, evaluators=["loss"],
+                              task={"type": name, **task_block}, output={"dir": str(tmp / "adapters" / tag)})
+            raw["data"] = {"loader": "table", "options": {"path": str(data), "test_size": 0.25}}
+            if method is not None:
+                raw["method"] = method
+            raw["training"].update(training or {})
+            return raw
+
+        # options, at recipe validation
+        recipe = load_recipe(raw=raw_recipe(dict(options), "good"), base_dir=tmp, plugins=system)
+        for bad in [*bad_options, {**options, "no_such_option_kit": 1}]:
+            try:
+                load_recipe(raw=raw_recipe(dict(bad), "bad"), base_dir=tmp, plugins=system)
+            except RecipeError as exc:
+                assert any(p.startswith(("task.", "task:")) for p in exc.problems), \
+                    f"{name}: task options {bad} were refused, but no problem names task or a task.<field>: {exc.problems}"
+            else:
+                raise AssertionError(f"{name}: task options {bad} were accepted at recipe validation")
+        task = recipe.task
+        assert isinstance(task, cls) and task.type == name, f"{name}: the recipe built {task!r}, not a {cls.__name__} named {name!r}"
+
+        # the data's columns
+        loader = recipe.loader.build()
+        columns = set(loader.columns())
+        missing = sorted(set(task.required_fields()) - columns)
+        assert not missing, f"{name}: required_fields() names {missing}, which the data lacks (columns {sorted(columns)})"
+        splits = loader.load(0)
+
+        # setup, encode
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        task.setup(splits["train"])
+        if classification:
+            assert task.labels, f"{name}: a classifier task has no labels after setup()"
+        rows = [task.encode(example, tokenizer, max_length) for example in splits["train"][:8]]
+        tight = [task.encode(example, tokenizer, 4) for example in splits["train"][:8]]
+        for i, row in enumerate(tight):
+            assert len(row["input_ids"]) <= 4 and len(row["labels"]) <= (1 if classification else 4), \
+                f"{name}: encode(max_length=4) row {i} has {len(row['input_ids'])} tokens and {len(row['labels'])} labels"
+        for i, row in enumerate(rows):
+            ids, labels = row.get("input_ids"), row.get("labels")
+            assert isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids), \
+                f"{name}: encode() row {i}: input_ids must be a non-empty list of int, got {ids!r}"
+            assert len(ids) <= max_length, f"{name}: encode() row {i} has {len(ids)} tokens, over max_length {max_length}"
+            assert isinstance(labels, list) and all(isinstance(t, int) for t in labels), \
+                f"{name}: encode() row {i}: labels must be a list of int, got {labels!r}"
+            if classification:
+                assert len(labels) == 1 and 0 <= labels[0] < len(task.labels), \
+                    f"{name}: encode() row {i}: a classifier's labels are one class index into {task.labels}, got {labels}"
+            else:
+                assert len(labels) == len(ids), f"{name}: encode() row {i}: {len(labels)} labels for {len(ids)} tokens"
+                wrong = [t for t, (l, x) in enumerate(zip(labels, ids)) if l != IGNORE_INDEX and l != x]
+                assert not wrong, (f"{name}: encode() row {i}: a label is the token id at its position or {IGNORE_INDEX} "
+                                   f"(the loss shifts); positions {wrong[:4]} hold something else")
+        if not classification:
+            assert any(l != IGNORE_INDEX for r in rows for l in r["labels"]), \
+                f"{name}: no row encoded with max_length {max_length} has a label to learn"
+
+        # collate
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        batch = task.collate(rows, pad_id)
+        n, width = len(rows), max(len(r["input_ids"]) for r in rows)
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert key in batch, f"{name}: collate() gave keys {sorted(batch)}, no {key!r}"
+            assert batch[key].dtype == torch.long, f"{name}: collate()[{key!r}] is {batch[key].dtype}, not torch.long"
+        for key in ("input_ids", "attention_mask", *(() if classification else ("labels",))):
+            assert tuple(batch[key].shape) == (n, width), f"{name}: collate()[{key!r}] has shape {tuple(batch[key].shape)}, not {(n, width)}"
+        if classification:
+            assert tuple(batch["labels"].shape) == (n,), f"{name}: a classifier's labels collate to (B,), got {tuple(batch['labels'].shape)}"
+            assert batch["labels"].tolist() == [r["labels"][0] for r in rows], f"{name}: collate() changed the class indices"
+        for i, row in enumerate(rows):
+            k = len(row["input_ids"])
+            mask, ids = batch["attention_mask"][i], batch["input_ids"][i]
+            assert mask[:k].eq(1).all() and mask[k:].eq(0).all(), f"{name}: collate() row {i}: attention_mask is not 1 on its {k} tokens then 0"
+            assert ids[:k].tolist() == row["input_ids"] and ids[k:].eq(pad_id).all(), f"{name}: collate() row {i} is not right-padded with {pad_id}"
+            if not classification:
+                assert batch["labels"][i, :k].tolist() == row["labels"] and batch["labels"][i, k:].eq(IGNORE_INDEX).all(), \
+                    f"{name}: collate() row {i}: labels are not the row's, then {IGNORE_INDEX} on padding"
+
+        # eval_batch on real logits
+        model = _tiny_head_model(base, task)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        result = task.eval_batch(logits, batch)
+        assert len(result.predictions) == n and len(result.references) == n, \
+            f"{name}: eval_batch gave {len(result.predictions)} predictions and {len(result.references)} references for {n} examples"
+        if classification:
+            assert result.references == batch["labels"].tolist(), f"{name}: a classifier's references are its class indices"
+        assert result.n_targets > 0, f"{name}: eval_batch counted no targets"
+
+        # to_dict round-trip
+        recorded = task.to_dict()
+        json.dumps(recorded)
+        assert recorded.get("type") == name, f"{name}: to_dict()['type'] is {recorded.get('type')!r}"
+        again = build_task(json.loads(json.dumps(recorded)), system)
+        assert type(again) is type(task) and again.to_dict() == recorded and again == task, \
+            f"{name}: build_task(to_dict()) gives another task: {again.to_dict()} vs {recorded}"
+
+        # a short training run
+        if train:
+            raw = raw_recipe(dict(options), "trained")
+            path = tmp / "task-recipe.yaml"
+            path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            result_run = plugtune.run(path, plugins=system, show_progress=False)
+            before, after = result_run.before["loss"], result_run.after["loss"]
+            assert after < before, f"{name}: training with this task did not lower the held-out loss ({before:.4f} -> {after:.4f})"
+    return task

@@ -13,18 +13,39 @@ from typing import Any
 import pytest
 
 from plugtune.data.tasks import build_task
-from plugtune.testing import (MethodKit, check_data_loader, check_evaluator, check_regularizer,
+from plugtune.testing import (MethodKit, check_data_loader, check_evaluator, check_regularizer, check_task,
                               write_tiny_data)
 
 METHODS = {
     "lora": ({"r": 4, "alpha": 8, "target_modules": "all-linear"}, {}),
     "full": ({}, {"learning_rate": 1e-3}),
     "prefix": ({"num_virtual_tokens": 4}, {}),
+    "int8": ({"r": 4, "alpha": 8, "target_modules": "all-linear"}, {}),
 }
+
+
+def _int8_unavailable() -> str | None:
+    """int8's own preflight: None where bitsandbytes runs 8-bit layers here (CUDA, or its CPU backend)."""
+    from plugtune.plugins.methods.int8 import Int8Method
+
+    return Int8Method(Int8Method.Options()).preflight()
+
+
+def _marks(method: str, check: str) -> list:
+    marks = []
+    if (method, check) in KNOWN_GAPS:
+        marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[method, check]))
+    if method == "int8":
+        reason = _int8_unavailable()
+        marks.append(pytest.mark.skipif(reason is not None, reason=f"int8: {reason}"))
+    return marks
 # Contracts a built-in method does not meet on today's host (issue 12 item 3 lands them).
 KNOWN_GAPS = {
     ("full", "strict_attach"): "full attaches any subset of its parameter deltas: nothing in the adapter says which "
                                "tensors it must hold, so a missing delta goes unnoticed",
+    ("int8", "save_reload"): "by design: int8 trains LoRA on an 8-bit copy of the base, and the host serves the "
+                             "adapter on the full-precision base, so logits differ by the quantization error "
+                             "(about 4e-2 on the tiny model)",
 }
 
 
@@ -36,8 +57,7 @@ def kits(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_data: 
 
 
 @pytest.mark.parametrize("method, check", [
-    pytest.param(m, c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[m, c])) if (m, c) in KNOWN_GAPS else (m, c)
-    for m in METHODS for c in MethodKit.CHECKS
+    pytest.param(m, c, marks=_marks(m, c)) for m in METHODS for c in MethodKit.CHECKS
 ])
 def test_builtin_method_meets_the_contract(kits: dict[str, MethodKit], method: str, check: str) -> None:
     getattr(kits[method], f"check_{check}")()
@@ -73,3 +93,13 @@ LM = build_task(dict(type="causal-lm", prompt="question : {question} answer :", 
 def test_builtin_evaluator_meets_the_contract(name: str, task: Any) -> None:
     metrics = check_evaluator(name, task=task)
     assert metrics
+
+
+@pytest.mark.parametrize("name, options, bad", [
+    ("causal-lm", {"prompt": "question : {question} answer :", "response": " {answer}"},
+     [{"response": " {answer}"}, {"prompt": "q {question", "response": " {answer}"}]),
+    ("sequence-classification", {"text": "{text}", "label": "label"}, [{"text": "{text}", "labels": "positive"}]),
+])
+def test_builtin_task_meets_the_contract(tmp_path: Path, name: str, options: dict, bad: list) -> None:
+    task = check_task(name, options, tmp_path=tmp_path, bad_options=bad)
+    assert task.type == name

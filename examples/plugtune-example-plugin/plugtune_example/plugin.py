@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
-from plugtune import hookimpl
-from plugtune.kernel.components import EvalBatch, NoOptions
+from plugtune.sdk import EvalBatch, NoOptions, hookimpl
 
 LOG_ENV = "PLUGTUNE_EXAMPLE_LOG"
 
 
 class MeanLength:
     """Mean number of reference target tokens per example."""
+
+    # A description of the data, not a score: it improves in neither direction, so it is
+    # declared in none (the before/after table shows it uncoloured; early stopping refuses it).
+    directions: ClassVar[dict[str, str]] = {}
 
     class Options(NoOptions):
         """``mean_length`` takes no options."""

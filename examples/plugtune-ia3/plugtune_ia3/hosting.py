@@ -1,10 +1,12 @@
 """Host side of (IA)^3: every resident adapter's scaling vectors beside one base, no peft.
 
 Each targeted layer gets one :class:`ScaledLayer` wrapped around *whatever module sits at
-that path* (a plain ``nn.Linear``, or another method's wrapper); it keeps that module as
-``base_layer`` and a vector per adapter. All wrappers of a base read one :class:`Routing`:
-switching adapters is one attribute write, and a batch whose rows name different adapters
-runs in one forward (each row scaled by its own vector, ones for a row without one).
+that path* (a plain ``nn.Linear``, or another method's wrapper, such as LoRA's hosted
+layer); it keeps that module as ``base_layer``, so the SDK's ``original_module``,
+``replace_module`` and ``remove_wrapper`` see through it and other wrappers compose with it
+in either load order. All wrappers of a base read one :class:`Routing`: switching adapters
+is one attribute write, and a batch whose rows name different adapters runs in one forward
+(each row scaled by its own vector, ones for a row without one).
 
 The arithmetic is peft's ``IA3Layer`` (``base(x) * l`` on the output, or ``base(x * l)`` for
 feed-forward layers), so logits match ``PeftModel.from_pretrained``.
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plugtune.errors import AdapterError
+from plugtune.sdk import AdapterError, original_module, remove_wrapper, replace_module
 
 PEFT_PREFIX = "base_model.model."
 SUFFIX = ".ia3_l"
@@ -34,13 +36,6 @@ class Routing:
 
     active: str | None = None
     rows: tuple[str | None, ...] | None = None
-
-
-def innermost(module: nn.Module) -> nn.Module:
-    """The original module under any stack of wrappers that keep it as ``base_layer``."""
-    while isinstance(getattr(module, "base_layer", None), nn.Module):
-        module = module.base_layer
-    return module
 
 
 class ScaledLayer(nn.Module):
@@ -59,8 +54,7 @@ class ScaledLayer(nn.Module):
         """(batch, 1, features): each row's vector, ones for a row this layer has none for;
         kept while the same rows come again (every step of one decode)."""
         if self._per_row is None or self._per_row[0] != rows:
-            size = next(iter(self.vectors.values())).shape[0]
-            ones = like.new_ones(size)
+            ones = like.new_ones(next(iter(self.vectors.values())).shape[0])
             self._per_row = (rows, torch.stack([self.vectors.get(n, ones) if n else ones for n in rows])[:, None, :])
         return self._per_row[1]
 
@@ -87,6 +81,20 @@ def matches(path: str, targets: Any) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets or ())
 
 
+def layer_paths(model: nn.Module) -> dict[str, nn.Linear]:
+    """Each path of ``model`` whose module is, or wraps, a linear layer -> that linear
+    (paths inside a wrapper, such as ``....base_layer``, are not layers of the model)."""
+    found: dict[str, nn.Linear] = {}
+    for path, module in model.named_modules():
+        parts = path.split(".")
+        if any(".".join(parts[:i]) in found for i in range(1, len(parts))):
+            continue  # inside a wrapper (or a linear) found above
+        base = original_module(module)
+        if isinstance(base, nn.Linear):
+            found[path] = base
+    return found
+
+
 @dataclass
 class HostedIA3:
     """The wrapped layers of one base and which adapter lives where."""
@@ -102,23 +110,21 @@ class HostedIA3:
         if str(config.get("peft_type", "")).upper() != "IA3":
             raise AdapterError(f"adapter {name!r}: adapter_config.json is not an IA3 config (peft_type {config.get('peft_type')!r})")
         targets, feedforward = config.get("target_modules"), config.get("feedforward_modules") or ()
-        modules = dict(self.model.named_modules())
+        linears = layer_paths(self.model)
         checked: dict[str, tuple[torch.Tensor, bool]] = {}
         for key, tensor in state.items():
             if not (key.startswith(PEFT_PREFIX) and key.endswith(SUFFIX)):
                 raise AdapterError(f"adapter {name!r}: unexpected tensor {key!r} (IA3 adapters hold only *.ia3_l vectors)")
             path = key[len(PEFT_PREFIX): -len(SUFFIX)]
-            base = innermost(modules[path]) if path in modules else None
-            if not isinstance(base, nn.Linear):
+            base = linears.get(path)
+            if base is None:
                 raise AdapterError(f"adapter {name!r} does not fit this base: tensor {key!r} names no linear layer of it")
             ff = matches(path, feedforward)
             expected = (1, base.in_features) if ff else (base.out_features, 1)
             if tuple(tensor.shape) != expected or not tensor.is_floating_point():
                 raise AdapterError(f"adapter {name!r} does not fit this base: {key} has shape {tuple(tensor.shape)}, expected {expected}")
             checked[path] = (tensor.reshape(-1).to(device=base.weight.device, dtype=base.weight.dtype), ff)
-        wanted = [p for p, m in modules.items() if isinstance(innermost(m), nn.Linear) and matches(p, targets)
-                  and not p.endswith(".base_layer")]
-        missing = [p for p in wanted if p not in checked]
+        missing = [p for p in linears if matches(p, targets) and p not in checked]
         if missing or not checked:
             raise AdapterError(f"adapter {name!r} is incomplete: no ia3_l tensor for {missing[:3] or 'any layer'}")
         return checked
@@ -126,9 +132,9 @@ class HostedIA3:
     def add(self, name: str, checked: dict[str, tuple[torch.Tensor, bool]]) -> None:
         for path, (vector, ff) in checked.items():
             layer = self.layers.get(path)
-            if layer is None:
+            if layer is None:  # wrap whatever sits there now (another method's wrapper too)
                 layer = self.layers[path] = ScaledLayer(self.model.get_submodule(path), ff, self.routing)
-                self._set(path, layer)
+                replace_module(self.model, path, layer)
             layer.vectors[name] = vector
             layer._per_row = None
         self.resident[name] = list(checked)
@@ -142,27 +148,9 @@ class HostedIA3:
             layer = self.layers[path]
             del layer.vectors[name]
             layer._per_row = None
-            if not layer.vectors:
-                self.splice_out(path, layer)
+            if not layer.vectors:  # the last adapter here: splice out, wherever in the stack
+                remove_wrapper(self.model, path, layer)
                 del self.layers[path]
-
-    def _set(self, path: str, module: nn.Module) -> None:
-        parent, _, child = path.rpartition(".")
-        setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
-
-    def splice_out(self, path: str, layer: ScaledLayer) -> None:
-        """Take ``layer`` out of the stack at ``path``, even when another wrapper now sits
-        around it (then that wrapper's ``base_layer`` becomes ours)."""
-        holder = self.model.get_submodule(path)
-        if holder is layer:
-            self._set(path, layer.base_layer)
-            return
-        while isinstance(getattr(holder, "base_layer", None), nn.Module):
-            if holder.base_layer is layer:
-                holder.base_layer = layer.base_layer
-                return
-            holder = holder.base_layer
-        raise AdapterError(f"cannot detach IA3 from {path}: its wrapper is no longer under that path")
 
     @contextlib.contextmanager
     def mixed_rows(self, names: list[str | None]) -> Iterator[None]:
@@ -181,7 +169,7 @@ class HostedIA3:
         with torch.no_grad():
             for path in self.resident[name]:
                 layer = self.layers[path]
-                base, v = innermost(layer.base_layer), layer.vectors[name]
+                base, v = original_module(layer), layer.vectors[name]
                 kept.append((base.weight, base.weight.detach().clone()))
                 if layer.feedforward:
                     base.weight.mul_(v[None, :])  # (out, in) * (1, in)

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from plugtune.testing import MethodKit, hosted_handler
+from plugtune.testing import MethodKit, handler_capabilities, hosted_handler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 OPTIONS = {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
 TRAINING = {"learning_rate": 5e-2}
-# Contracts today's plugtune host cannot meet for a method like this one (issue 12 item 3).
-HOST_GAPS = {
-    "mixed_batch": "AdapterHost._routed hands a whole mixed batch to the first adapter's handler, so LoRA rows "
-                   "next to IA3 rows get no LoRA; passes once each row goes to its own adapter's handler",
-    "composes_with_lora": "the LoRA host wraps only plain nn.Linear, so LoRA cannot load onto a layer IA3 wrapped",
-}
 
 
 def registered() -> list[tuple[str, object]]:
@@ -41,12 +34,14 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> MethodKit:
                      training=TRAINING)
 
 
-@pytest.mark.parametrize("check", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=HOST_GAPS[c])) if c in HOST_GAPS else c
-    for c in MethodKit.CHECKS
-])
+@pytest.mark.parametrize("check", MethodKit.CHECKS)
 def test_ia3_meets_the_contract(kit: MethodKit, check: str) -> None:
     getattr(kit, f"check_{check}")()
+
+
+def test_the_handler_declares_its_capabilities(kit: MethodKit) -> None:
+    with kit.host("a") as host:
+        assert handler_capabilities(hosted_handler(host, "a")) == ["MixesRows", "Folds", "Merges", "ReportsResidentBytes"]
 
 
 def test_resident_bytes_counts_the_vectors_and_wrappers_go_on_unload(kit: MethodKit) -> None:
