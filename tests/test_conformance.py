@@ -39,10 +39,8 @@ def _marks(method: str, check: str) -> list:
         reason = _int8_unavailable()
         marks.append(pytest.mark.skipif(reason is not None, reason=f"int8: {reason}"))
     return marks
-# Contracts a built-in method does not meet on today's host (issue 12 item 3 lands them).
+# Contracts a built-in method does not meet, each with its reason.
 KNOWN_GAPS = {
-    ("full", "strict_attach"): "full attaches any subset of its parameter deltas: nothing in the adapter says which "
-                               "tensors it must hold, so a missing delta goes unnoticed",
     ("int8", "save_reload"): "by design: int8 trains LoRA on an 8-bit copy of the base, and the host serves the "
                              "adapter on the full-precision base, so logits differ by the quantization error "
                              "(about 4e-2 on the tiny model)",
