@@ -225,6 +225,8 @@ class TuningMethod(Protocol):
       model loads: a one-line reason the method cannot run on this machine, or None.
     * ``optimizer(self, param_groups, lr) -> torch.optim.Optimizer`` -- called once after
       ``prepare`` with the trainable parameters' groups; default torch's AdamW.
+    * ``check_task(task) -> str | None`` (classmethod) -- called at validation: a reason the
+      method cannot train this task (e.g. language-model heads only), or None.
     * ``on_step(self, model, step) -> None`` -- called by the training loop after every
       optimizer step (``step`` counts from 1), with the model ``prepare`` returned (unwrapped
       from any distributed wrapper): for methods that change their structure while training
@@ -643,6 +645,8 @@ class Regularizer(Protocol):
       after training; may stop training and/or mark the current weights as the best.
       ``metrics`` is an :class:`EvalMetrics`: ``metrics.direction(name)`` says which way a
       metric improves, as its evaluator declares.
+    * ``check_task(task) -> str | None`` (classmethod): at validation, a reason the
+      regularizer cannot serve this task, or None.
     * ``check_metrics(options, directions) -> list[str]`` (classmethod): at validation, with
       the :class:`MetricDirections` of the recipe's evaluators; problems such as a metric no
       evaluator declares, each starting with its field path inside the block

@@ -338,11 +338,7 @@ def validate(
     if task is not None:
         if loader is not None and check_data:
             problems.extend(_check_columns(loader, task, spec))
-        for i, bound in enumerate(evaluators):  # e.g. rouge on a classification task
-            check = getattr(bound.component.obj, "check_task", None) if bound else None
-            reason = check(task) if check else None
-            if reason:
-                problems.append(f"evaluators[{i}].name: {reason}")
+        problems.extend(_check_task(task, method, regularizers, evaluators))
     problems.extend(_check_metric_directions(regularizers, evaluators))
     problems.extend(_check_model(plugins, raw.get("base_model"), task, method, regularizers, evaluators))
     if problems or spec is None or task is None or method is None or loader is None:
@@ -408,6 +404,29 @@ def _check_model(
     if outline is None:
         return []
     return [f"{path}.{problem}" for path, component in checks for problem in component.check_model(outline, task) or []]
+
+
+def _check_task(task: Task, method: Bound | None, regularizers: list[Bound | None],
+                evaluators: list[Bound | None]) -> list[str]:
+    """Components that cannot serve the recipe's task say so at validation: each bound
+    component's class may have ``check_task(task) -> str | None`` (a classmethod: a reason,
+    e.g. ROUGE on a classification task, or a method that trains language-model heads only).
+    The problem is reported at the block's ``name``."""
+    blocks = [("method", method)] + [(f"regularizers[{i}]", b) for i, b in enumerate(regularizers)]
+    blocks += [(f"evaluators[{i}]", b) for i, b in enumerate(evaluators)]
+    problems = []
+    for path, bound in blocks:
+        check = getattr(bound.component.obj, "check_task", None) if bound is not None else None
+        if check is None:
+            continue
+        try:
+            reason = check(task)
+        except Exception as exc:  # noqa: BLE001 - a plugin failure names the plugin
+            info = bound.component.plugin
+            reason = f"plugin {info.name!r} (distribution {info.distribution}) failed in check_task: {type(exc).__name__}: {exc}"
+        if reason:
+            problems.append(f"{path}.name: {reason}")
+    return problems
 
 
 def _valid_or_none(model: type[BaseModel], value: Any) -> Any:

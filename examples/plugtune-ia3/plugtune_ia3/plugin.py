@@ -104,12 +104,19 @@ class IA3Method:
     def __init__(self, options: IA3Options) -> None:
         self.options = options
 
+    @classmethod
+    def check_task(cls, task: Task) -> str | None:
+        """At validation: (IA)^3 here trains language-model heads only."""
+        if task.head != "lm":
+            return f"ia3 trains language-model heads only; task {task.type!r} has a {task.head} head (use lora for classification)"
+        return None
+
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
         from peft import IA3Config, get_peft_model
 
-        if task.head != "lm":
-            raise RecipeError([f"method.name: ia3 trains language-model heads only; task {task.type!r} has a "
-                               f"{task.head} head (use lora for classification)"])
+        reason = self.check_task(task)
+        if reason:  # a recipe validated elsewhere, or a task built in code
+            raise RecipeError([f"method.name: {reason}"])
         linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         if not any(matches(n, self.options.target_modules) for n in linear):
             ends = sorted({n.rsplit(".", 1)[-1] for n in linear})

@@ -60,3 +60,14 @@ def test_an_ia3_adapter_really_changes_the_logits(kit: MethodKit) -> None:
     with kit.host("a") as host:
         texts = ["the film was great"]
         assert not torch.allclose(host.logits(texts, "a"), host.logits(texts, None))
+
+
+def test_a_classification_recipe_is_refused_at_validation(tiny_bert, tiny_data) -> None:
+    import plugtune
+    from plugtune.sdk import RecipeError
+    from plugtune.testing import plugin_system_with, recipe_dict
+
+    raw = recipe_dict(tiny_bert, tiny_data, classification=True, method={"name": "ia3", "options": {}})
+    with plugin_system_with(registered()) as system, pytest.raises(RecipeError) as err:
+        plugtune.load_recipe(raw=raw, plugins=system)
+    assert "method.name: ia3 trains language-model heads only; task 'sequence-classification' has a classifier head" in str(err.value)
