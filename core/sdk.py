@@ -86,6 +86,7 @@ _LAZY = {
     "check_template": "plugtune.data.tasks",
     "collate": "plugtune.data.tasks",
     "fill": "plugtune.data.tasks",
+    "fill_one": "plugtune.data.tasks",
     "natural_key": "plugtune.data.tasks",
     "template_fields": "plugtune.data.tasks",
     "build_task": "plugtune.data.tasks",
@@ -110,6 +111,7 @@ if TYPE_CHECKING:
         check_template,
         collate,
         fill,
+        fill_one,
         natural_key,
         template_fields,
     )
@@ -145,7 +147,7 @@ __all__ = [
     "Example", "EvalBatch", "EvalContext", "EvalMetrics", "Decision", "Direction", "MetricDirections", "RunState",
     # the batch format and the helpers task plugins share
     "IGNORE_INDEX", "LabelPositions", "eval_batch_from_label_logits", "per_example_loss", "Template", "Labels",
-    "LabelWords", "check_template", "collate", "fill", "natural_key", "template_fields", "build_task",
+    "LabelWords", "check_template", "collate", "fill", "fill_one", "natural_key", "template_fields", "build_task",
     # errors
     "PlugtuneError", "RecipeError", "DataError", "ModelError", "AdapterError", "PluginError", "TrainingError",
 ]

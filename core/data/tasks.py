@@ -45,6 +45,13 @@ def template_fields(template: str | None) -> set[str]:
     return {f for _, f, _, _ in string.Formatter().parse(template) if f}
 
 
+def fill_one(template: str | None, text: str) -> str | None:
+    """A template with exactly one field, filled with ``text`` (what a task's
+    ``format_prompt`` does for a raw input on a host); None for any other template."""
+    fields = template_fields(template)
+    return fill(template, {next(iter(fields)): text}) if template and len(fields) == 1 else None
+
+
 def fill(template: str, example: Mapping[str, Any]) -> str:
     """``template`` with each ``{column}`` replaced by the example's value (None -> "")."""
     return template.format_map({k: "" if v is None else v for k, v in example.items()})

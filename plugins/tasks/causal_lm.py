@@ -14,7 +14,23 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import model_validator
 
 from plugtune import hookimpl
-from plugtune.sdk import ComponentOptions, EvalBatch, Example, Head, IGNORE_INDEX, LabelPositions, LabelWords, Labels, Task, Template, collate, eval_batch_from_label_logits, fill, template_fields
+from plugtune.sdk import (
+    ComponentOptions,
+    EvalBatch,
+    Example,
+    Head,
+    IGNORE_INDEX,
+    LabelPositions,
+    LabelWords,
+    Labels,
+    Task,
+    Template,
+    collate,
+    eval_batch_from_label_logits,
+    fill,
+    fill_one,
+    template_fields,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -108,8 +124,7 @@ class CausalLm(Task):
         return None if self.response is None else fill(self.response, self.verbalize(example)).strip()
 
     def format_prompt(self, text: str) -> str | None:
-        fields = template_fields(self.prompt)
-        return fill(self.prompt, {next(iter(fields)): text}) if self.prompt and len(fields) == 1 else None
+        return fill_one(self.prompt, text)
 
     def __eq__(self, other: object) -> bool:
         """Same task: same class and same recorded fields (as the manifest would show)."""

@@ -9,7 +9,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from plugtune import hookimpl
-from plugtune.sdk import ComponentOptions, DataError, EvalBatch, Example, Head, Labels, Task, Template, collate, fill, natural_key, template_fields
+from plugtune.sdk import (
+    ComponentOptions,
+    DataError,
+    EvalBatch,
+    Example,
+    Head,
+    Labels,
+    Task,
+    Template,
+    collate,
+    fill,
+    fill_one,
+    natural_key,
+    template_fields,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -75,8 +89,7 @@ class SequenceClassification(Task):
         return None
 
     def format_prompt(self, text: str) -> str | None:
-        fields = template_fields(self.text)
-        return fill(self.text, {next(iter(fields)): text}) if self.text and len(fields) == 1 else None
+        return fill_one(self.text, text)
 
     def __eq__(self, other: object) -> bool:
         """Same task: same class and same recorded fields (as the manifest would show)."""
