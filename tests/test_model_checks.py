@@ -183,9 +183,19 @@ def test_an_adapter_used_as_base_is_checked_against_its_own_base(tmp_path: Path,
     assert caught.value.problems[0].startswith("method.options.target_modules: ['wq'] matches no linear layer")
 
 
-def test_outlines_are_cached_and_skeletons_built_once(tiny_llama: Path, tiny_data: Path) -> None:
+def test_the_structure_is_built_once_then_read_from_the_cache(tiny_llama: Path, tiny_data: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLUGTUNE_HOME", str(tmp_path / "home"))
     task = load_recipe(raw=recipe_dict(tiny_llama, tiny_data)).task
-    outline = outline_for(str(tiny_llama), task)
-    assert outline is outline_for(str(tiny_llama), task)
-    assert outline.skeleton is outline.skeleton
-    assert outline.parameter_shapes()["model.layers.0.self_attn.k_proj.weight"] == (16, 32)  # 2 kv heads of 8
+    first = outline_for(str(tiny_llama), task)
+    assert first.parameter_shapes()["model.layers.0.self_attn.k_proj.weight"] == (16, 32)  # 2 kv heads of 8
+    assert first.skeleton is first.skeleton
+    assert len(list((tmp_path / "home" / "outlines").glob("*.json"))) == 1
+
+    def no_skeleton(self: object) -> None:
+        raise AssertionError("the cached structure should have been read")
+
+    monkeypatch.setattr(type(first), "skeleton", property(no_skeleton))
+    second = outline_for(str(tiny_llama), task)
+    assert second is not first and second.linear_names() == first.linear_names()
+    assert second.parameter_shapes() == first.parameter_shapes()

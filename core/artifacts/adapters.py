@@ -27,12 +27,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from plugtune.kernel.errors import AdapterError
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -320,6 +322,8 @@ def _read_safetensors(path: Path, expected: dict[str, Any] | None) -> dict[str, 
 
 
 def _read_pickle(path: Path, expected: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    import torch
+
     data = path.read_bytes()
     _check_recorded(path, len(data), data, expected)
     try:

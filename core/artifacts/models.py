@@ -194,6 +194,12 @@ def local_location(base_model: str, plugins: PluginSystem | None = None) -> Path
     return path if _path_exists(path) else None
 
 
+def converted_folder(gguf: Path) -> Path:
+    """Where :func:`gguf_to_hf` caches ``gguf`` as a Hugging Face folder (it may not exist yet)."""
+    key = hashlib.sha256(f"{gguf.resolve()}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
+    return plugtune_home() / "converted" / f"{gguf.stem}-{key}"
+
+
 def gguf_to_hf(gguf: Path) -> Path:
     """Dequantize a GGUF checkpoint once and cache it as a plain Hugging Face folder
     (config, tokenizer, ``model.safetensors``). GGUF-loaded models refuse
@@ -202,9 +208,7 @@ def gguf_to_hf(gguf: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}".encode()).hexdigest()[:12]
-    target = plugtune_home() / "converted" / f"{gguf.stem}-{key}"
+    target = converted_folder(gguf)
     if (target / "model.safetensors").exists():
         return target
     print(f"converting {gguf.name} to safetensors (once; cached in {target})", file=sys.stderr)

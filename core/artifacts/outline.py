@@ -7,24 +7,32 @@ weights have loaded.
 
 What is read, and what never is:
 
-* the configuration: a folder's ``config.json``, or a ``.gguf`` file's metadata
-  (transformers' ``gguf_file=``; the tensors are not read);
+* the configuration: a folder's ``config.json``, or for a ``.gguf`` file the
+  ``config.json`` of its converted cache (``gguf_to_hf``) when a run made one, else the
+  file's metadata (transformers' ``gguf_file=``; the tensors are not read, but parsing the
+  metadata, tokenizer included, takes seconds for SmolLM2);
 * the module structure, only when a component asks for names: the model class for the
   task's head built from that configuration on the ``meta`` device (shapes, no storage).
 
 Nothing is fetched: a hub id, an alias whose weights are not on this machine yet, or an
 adapter folder whose own base is not local gives no outline, and the checks are skipped.
-Outlines are cached per (location, head, label count) within a process.
+The structure is cached on disk (see :class:`ModelOutline`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plugtune.artifacts.models import local_location
+from plugtune.artifacts.models import converted_folder, local_location
+from plugtune.kernel.errors import ModelError
+from plugtune.kernel.paths import plugtune_home
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
 
 if TYPE_CHECKING:
@@ -33,27 +41,47 @@ if TYPE_CHECKING:
     from plugtune.kernel.components import Head, Task
 
 MAX_ADAPTER_DEPTH = 8  # adapters stacked as bases of adapters, followed to their first base
+STRUCTURE_VERSION = 1  # bump when the cached structure's format changes
+
+
+class OutlineUnavailable(ModelError):
+    """The outline's config or structure could not be read (a damaged config, an unknown
+    architecture): validation then skips the model checks, and loading the model reports
+    the real problem with its own message."""
 
 
 @dataclass(frozen=True)
 class ModelOutline:
     """The base model a recipe trains, as far as it can be known without its weights.
 
-    ``config``: the transformers ``PretrainedConfig`` (``model_type``, ``hidden_size``,
-    ``num_hidden_layers``, ...). ``head``: the task's head (``"lm"``, ``"classifier"``), which
-    decides the model class, hence the names. ``num_labels``: the classifier's output size
-    (the task's label count; 2 when the recipe lets the task infer its labels from the data).
-    The name and shape members build the skeleton on first use (once per outline)."""
+    ``location``: the model folder (or ``.gguf`` file) the structure is read from. ``head``:
+    the task's head (``"lm"``, ``"classifier"``), which decides the model class, hence the
+    names. ``num_labels``: the classifier's output size (the task's label count; 2 when the
+    recipe lets the task infer its labels from the data).
+
+    Everything is read on first use. ``config`` is the transformers ``PretrainedConfig``
+    (``model_type``, ``hidden_size``, ...). The names and shapes come from the model class
+    built on the ``meta`` device (:attr:`skeleton`), kept as JSON under
+    ``$PLUGTUNE_HOME/outlines/`` keyed by the config's content, the head, the label count and
+    the transformers version: a second ``plugtune validate`` of the same base imports
+    neither torch nor transformers."""
 
     location: Path
     head: Head
     num_labels: int
-    config: Any
+
+    @functools.cached_property
+    def config(self) -> Any:
+        """The transformers config (imports transformers)."""
+        config = _read_config(self.location)
+        if config is None:
+            raise OutlineUnavailable(f"no readable config at {self.location}")
+        return config
 
     @functools.cached_property
     def skeleton(self) -> nn.Module:
         """The model built on the ``meta`` device: every module and parameter shape, no
-        storage. Built on first access; the same class ``load_base`` loads for the head."""
+        storage; the same class ``load_base`` loads for the head (imports torch)."""
         import copy
 
         import torch
@@ -69,22 +97,71 @@ class ModelOutline:
                     config.num_labels = self.num_labels
                     return AutoModelForSequenceClassification.from_config(config)
                 return AutoModelForCausalLM.from_config(config)
+        except Exception as exc:  # noqa: BLE001 - an architecture transformers cannot build
+            raise OutlineUnavailable(f"cannot build {self.location}'s model class: {exc}") from exc
         finally:
             transformers.logging.set_verbosity(verbosity)
 
+    @functools.cached_property
+    def _structure(self) -> dict[str, Any]:
+        """Module names, linear-layer names and parameter shapes: from the cache when this
+        config was outlined before, else from :attr:`skeleton` (then cached)."""
+        path = _structure_path(self)
+        if path is not None:
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                pass  # not there yet, or damaged: build it again
+        from torch import nn
+
+        modules = list(self.skeleton.named_modules())
+        structure = {"modules": [name for name, _ in modules if name],
+                     "linear": [name for name, module in modules if isinstance(module, nn.Linear)],
+                     "parameters": {name: list(p.shape) for name, p in self.skeleton.named_parameters()}}
+        if path is not None:
+            _write_atomically(path, json.dumps(structure))
+        return structure
+
     def module_names(self) -> list[str]:
         """Dotted names of every module (``model.layers.0.self_attn.q_proj``), in model order."""
-        return [name for name, _ in self.skeleton.named_modules() if name]
+        return list(self._structure["modules"])
 
     def linear_names(self) -> list[str]:
         """Dotted names of the ``nn.Linear`` layers, the ones LoRA-like methods target."""
-        from torch import nn
-
-        return [name for name, module in self.skeleton.named_modules() if isinstance(module, nn.Linear)]
+        return list(self._structure["linear"])
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's dotted name and shape (tied weights listed once)."""
-        return {name: tuple(p.shape) for name, p in self.skeleton.named_parameters()}
+        return {name: tuple(shape) for name, shape in self._structure["parameters"].items()}
+
+
+def _structure_path(outline: ModelOutline) -> Path | None:
+    """Where the structure of ``outline``'s model is cached: keyed by the config's bytes (for
+    a GGUF without a converted folder, its path, size and time), the head, the label count
+    and the transformers version; None when the key cannot be read."""
+    import importlib.metadata as md
+
+    source = _config_source(outline.location)
+    try:
+        identity = source.read_bytes() if source.suffix == ".json" else \
+            f"{source.resolve()}:{source.stat().st_size}:{source.stat().st_mtime_ns}".encode()
+        version = md.version("transformers")
+    except (OSError, md.PackageNotFoundError):
+        return None
+    key = hashlib.sha256(identity + f"|{outline.head}|{outline.num_labels}|{version}|{STRUCTURE_VERSION}".encode())
+    return plugtune_home() / "outlines" / f"{key.hexdigest()[:32]}.json"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write the cache entry by a rename, so concurrent validations never read half a file;
+    a read-only home only costs the cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(fh.name, path)
+    except OSError:
+        pass
 
 
 def outline_for(base_model: str, task: Task, plugins: PluginSystem | None = None) -> ModelOutline | None:
@@ -95,12 +172,10 @@ def outline_for(base_model: str, task: Task, plugins: PluginSystem | None = None
     location = _local_base(base_model, plugins, depth=0)
     if location is None:
         return None
+    if location.is_dir() and not (location / "config.json").is_file():
+        return None  # not a model folder this can outline: loading it reports what is wrong
     num_labels = len(task.labels) if task.labels else 2
-    try:
-        stamp = (location / "config.json" if location.is_dir() else location).stat().st_mtime_ns
-    except OSError:
-        return None
-    return _outline(location.resolve(), task.head, num_labels, stamp)
+    return ModelOutline(location.resolve(), task.head, num_labels)
 
 
 def _local_base(base_model: str, plugins: PluginSystem, depth: int) -> Path | None:
@@ -121,23 +196,25 @@ def _local_base(base_model: str, plugins: PluginSystem, depth: int) -> Path | No
     return _local_base(parent, plugins, depth + 1)
 
 
-@functools.lru_cache(maxsize=32)
-def _outline(location: Path, head: Head, num_labels: int, stamp: int) -> ModelOutline | None:
-    """Read the configuration once per (location, head, labels, file version)."""
-    config = _read_config(location)
-    return None if config is None else ModelOutline(location, head, num_labels, config)
+def _config_source(location: Path) -> Path:
+    """The file the config is read from: ``config.json`` of a folder, of a GGUF's converted
+    cache when a run made one (parsing a GGUF's metadata, tokenizer included, takes seconds
+    for SmolLM2), else the ``.gguf`` file itself."""
+    if location.suffix == ".gguf" and location.is_file():
+        converted = converted_folder(location) / "config.json"
+        return converted if converted.is_file() else location
+    return location / "config.json"
 
 
 def _read_config(location: Path) -> Any:
-    """The transformers config of a model folder or ``.gguf`` file; None when there is none
-    or it cannot be read (loading the model reports that, with its own message)."""
-    if location.is_dir() and not (location / "config.json").is_file():
-        return None
+    """The transformers config of a model folder or ``.gguf`` file; None when it cannot be
+    read (loading the model reports that, with its own message)."""
     from transformers import AutoConfig
 
+    source = _config_source(location)
     try:
-        if location.suffix == ".gguf" and location.is_file():
-            return AutoConfig.from_pretrained(location.parent, gguf_file=location.name, local_files_only=True)
-        return AutoConfig.from_pretrained(location, local_files_only=True)
+        if source.suffix == ".gguf":
+            return AutoConfig.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
+        return AutoConfig.from_pretrained(source.parent, local_files_only=True)
     except Exception:  # noqa: BLE001 - no outline; load_base gives the real error later
         return None

@@ -398,12 +398,15 @@ def _check_model(
         checks.append(("task", task))
     if not checks:
         return []
-    from plugtune.artifacts.outline import outline_for
+    from plugtune.artifacts.outline import OutlineUnavailable, outline_for
 
     outline = outline_for(base_model, task, plugins)
     if outline is None:
         return []
-    return [f"{path}.{problem}" for path, component in checks for problem in component.check_model(outline, task) or []]
+    try:
+        return [f"{path}.{problem}" for path, component in checks for problem in component.check_model(outline, task) or []]
+    except OutlineUnavailable:  # the model cannot be outlined: loading it will say why
+        return []
 
 
 def _check_task(task: Task, method: Bound | None, regularizers: list[Bound | None],
