@@ -127,6 +127,7 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
 
 
 PREVIOUS_LOG = "metrics.previous.jsonl"
+NO_DECAY = dict(weight_decay=0.0)  # an optimizer parameter group's default (see _model_phase)
 
 
 def prepare_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
@@ -470,8 +471,9 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process) -> _Trainee:
     for _, reg in regularizers:
         if hasattr(reg, "param_groups"):
             groups = reg.param_groups(named)
-    for group in groups:
-        group.setdefault("weight_decay", 0.0)
+    # A group decays nothing unless a regularizer's param_groups says so (torch's AdamW and
+    # bitsandbytes' would otherwise decay every weight by their own default of 0.01).
+    groups = [dict(NO_DECAY, **group) for group in groups]
     make_optimizer = getattr(method, "optimizer", None)
     optimizer = make_optimizer(groups, t.learning_rate) if make_optimizer else torch.optim.AdamW(groups, lr=t.learning_rate)
     batches_per_epoch = math.ceil(len(data.train_rows) / t.batch_size)  # what epoch_batches cuts, grouped or not
