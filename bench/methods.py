@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 COMMON = ["data.options.max_train_rows=2000", "training.epochs=1", "training.batch_size=32", "training.eval_before=false",
           "training.warmup_steps=6"]
-MINILM = [("lora", "recipes/sst2-minilm-lora.yaml"), ("full", "recipes/sst2-minilm-full.yaml"),
-          ("prefix", "recipes/sst2-minilm-prefix.yaml"), ("int8 (CPU)", "recipes/sst2-minilm-int8.yaml")]
+MINILM = [("lora", "bench/recipes/sst2-minilm-lora.yaml"), ("full", "bench/recipes/sst2-minilm-full.yaml"),
+          ("prefix", "bench/recipes/sst2-minilm-prefix.yaml"), ("int8 (CPU)", "bench/recipes/sst2-minilm-int8.yaml")]
 SMOLLM = [("lora", "recipes/quickstart.yaml"), ("full", "recipes/support-smollm2-full.yaml")]
 SMOLLM_COMMON = ["training.max_steps=8", "training.eval_before=false", "training.max_eval_examples=16"]
 

@@ -6,9 +6,9 @@ section of BENCHMARKS.md.
 
 Both runs: a seeded 2,000-row subset of SST-2 train, 4 epochs of batch 32 (252 steps), an
 evaluation on a seeded 2,000-row subset of SST-2 dev every 32 steps, and accuracy on the
-2,000 training rows at the end. The plain run is ``recipes/sst2-minilm-lora.yaml`` with
+2,000 training rows at the end. The plain run is ``bench/recipes/sst2-minilm-lora.yaml`` with
 ``regularizers=[]`` (its weight decay removed); the regularized run is
-``recipes/sst2-minilm-lora-regularized.yaml`` (l2sp + word_dropout + early_stopping). Each
+``bench/recipes/sst2-minilm-lora-regularized.yaml`` (l2sp + word_dropout + early_stopping). Each
 run is a fresh process (``bench/run_one.py``).
 
 ``--reuse`` skips a run whose output folder already holds an adapter trained from exactly
@@ -38,8 +38,8 @@ COMMON = [f"data.options.max_train_rows={ROWS}", f"data.options.max_test_rows={R
           "training.batch_size=32", "training.eval_every=32", "training.eval_before=false",
           f"training.eval_train_examples={ROWS}"]
 RUNS = [
-    ("no regularizers", "recipes/sst2-minilm-lora.yaml", ["regularizers=[]", "name=sst2-minilm-lora-plain"]),
-    ("l2sp + word_dropout + early_stopping", "recipes/sst2-minilm-lora-regularized.yaml", []),
+    ("no regularizers", "bench/recipes/sst2-minilm-lora.yaml", ["regularizers=[]", "name=sst2-minilm-lora-plain"]),
+    ("l2sp + word_dropout + early_stopping", "bench/recipes/sst2-minilm-lora-regularized.yaml", []),
 ]
 
 
@@ -94,9 +94,9 @@ def section(results: list[tuple[str, dict]], wall: float, load: float) -> str:
         "train, 4 epochs of batch 32 (252 steps), learning rate 1e-3, so that it overfits. Dev accuracy is on a "
         "seeded 2,000-row subset of `../shared/data/sst2/dev.tsv` (`data.options.max_test_rows=2000`, to keep the "
         "benchmark under 10 minutes with an evaluation every 32 steps); train accuracy is the saved adapter's on the "
-        "2,000 training rows. The plain run is `recipes/sst2-minilm-lora.yaml` with `regularizers=[]` (no weight "
+        "2,000 training rows. The plain run is `bench/recipes/sst2-minilm-lora.yaml` with `regularizers=[]` (no weight "
         "decay); MiniLM's own dropout (0.1) and the LoRA dropout (0.1) are part of both runs. The regularized run "
-        "is `recipes/sst2-minilm-lora-regularized.yaml`:",
+        "is `bench/recipes/sst2-minilm-lora-regularized.yaml`:",
         "",
         "```yaml",
         block,

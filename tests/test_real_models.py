@@ -70,7 +70,7 @@ def test_two_adapters_swap_on_one_smollm2_base(quickstart_adapters):
 @pytest.mark.skipif(not (SST2 / "train.tsv").exists(), reason="SST-2 data not found beside the checkout (../shared/data/sst2)")
 def test_sst2_minilm_lora_improves_dev_accuracy(tmp_path):
     recipe = plugtune.load_recipe(
-        ROOT / "recipes" / "sst2-minilm-lora.yaml",
+        ROOT / "bench" / "recipes" / "sst2-minilm-lora.yaml",
         [f"output.dir={tmp_path / 'sst2'}", "data.options.max_train_rows=1024", "training.max_steps=32",
          "data.options.max_test_rows=256"],
     )
