@@ -56,13 +56,16 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             return None
         return importlib.util.spec_from_loader(fullname, self)
 
+    def __init__(self) -> None:
+        self._specs: dict[str, Any] = {}  # alias -> the moved module's own spec, while importing
+
     def create_module(self, spec: Any) -> Any:
         module = importlib.import_module(MOVED_MODULES[spec.name])
-        self._spec = module.__spec__  # the import system overwrites it with the alias's spec
+        self._specs[spec.name] = module.__spec__  # the import system overwrites it with the alias's spec
         return module
 
     def exec_module(self, module: Any) -> None:
-        module.__spec__ = self._spec
+        module.__spec__ = self._specs.pop(module.__spec__.name)  # put the moved module's own spec back
 
 
 if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
