@@ -141,3 +141,14 @@ def test_the_core_names_no_built_in_component(plugin_system) -> None:
             for path in CORE.rglob("*.py") if path.name != "testing.py"
             for line, value in _string_constants(path) if value.rstrip("/") in builtin]
     assert not hits, "the core names built-in components (ask for capabilities instead):\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize("old,new", [("plugtune.tasks", "plugtune.data.tasks"), ("plugtune.host", "plugtune.serving.host"),
+                                     ("plugtune.components", "plugtune.kernel.components"),
+                                     ("plugtune.recipe", "plugtune.training.recipe"), ("plugtune.models", "plugtune.artifacts.models")])
+def test_an_old_import_path_is_the_moved_module_itself(old: str, new: str) -> None:
+    import importlib
+
+    moved = importlib.import_module(new)
+    assert importlib.import_module(old) is moved
+    assert moved.__spec__.name == new  # the alias did not take the module's identity
