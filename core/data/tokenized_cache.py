@@ -25,8 +25,11 @@ one note (``tokenized cache entry KEY.safetensors unreadable (...); tokenizing a
 is replaced. An outcome the format cannot hold exactly (a task whose encodings are not lists
 of ints) is simply not cached.
 
-Measured on 5,000 rows (550k tokens, 2 cores): pickle 117 ms to load; JSON 113 ms, plus
-94 ms to check its types with pydantic; this format 67 ms, types and shapes checked.
+Measured on 5,000 encoded rows (550k tokens, 2 shared cores, best of 7):
+loading a pickle took 123 ms; JSON 113 ms plus 94 ms to check its types with
+pydantic; this format 115 ms, types and shapes checked, rows rebuilt. Writing one (only on a
+miss, after tokenizing) takes 165 ms against pickle's 29 ms; the file is about twice the
+pickle's size (int64 ids).
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ def encode_entry(prepared: PreparedSplit, examples: list[dict[str, Any]], key: s
     if layout is None:
         return None
     columns, index = layout
+    if prepared.rows and not columns:
+        return None
     tensors = {EXAMPLE_INDEX: np.asarray(index, dtype=np.int64).reshape(-1)}
     try:
         for column in columns:
@@ -184,6 +189,8 @@ def decode_entry(path: Path, examples: list[dict[str, Any]], key: str) -> Prepar
     if any(t.dtype != np.int64 or t.ndim != 1 for t in tensors.values()):
         raise Unreadable("wrong dtypes or shapes")
     index = tensors[EXAMPLE_INDEX]
+    if n and not columns:
+        raise Unreadable("rows without encoded columns")
     if len(index) != n or (n and (index.min() < 0 or index.max() >= len(examples))):
         raise Unreadable("example indexes that do not fit the split")
     values: dict[str, list[list[int]]] = {}
@@ -193,7 +200,7 @@ def decode_entry(path: Path, examples: list[dict[str, Any]], key: str) -> Prepar
             raise Unreadable(f"{column}: offsets that do not fit its ids")
         ids, bounds = flat.tolist(), offsets.tolist()
         values[column] = [ids[a:b] for a, b in zip(bounds, bounds[1:])]
-    rows = [{**{c: values[c][i] for c in columns}, "example": examples[e]} for i, e in enumerate(index.tolist())]
+    rows = [dict(zip(columns, ids), example=examples[e]) for ids, e in zip(zip(*(values[c] for c in columns)), index.tolist())]
     return PreparedSplit(rows, header["cut"], header["dropped"], header["error"])
 
 
