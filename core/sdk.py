@@ -27,6 +27,7 @@ from plugtune.kernel.components import (
     Combines,
     ComponentOptions,
     DataLoader,
+    DataFileOrFolder,
     DataPath,
     Decision,
     Direction,
@@ -48,6 +49,8 @@ from plugtune.kernel.components import (
     Task,
     TuningMethod,
     mixes_rows,
+    not_regular,
+    open_regular,
     original_module,
     remove_wrapper,
     replace_module,
@@ -136,7 +139,7 @@ __all__ = [
     "hookimpl", "Register", "RegisterMethods", "RegisterLoaders", "RegisterRegularizers", "RegisterEvaluators",
     "RegisterTasks", "RegisterAliases",
     # options
-    "ComponentOptions", "NoOptions", "DataPath",
+    "ComponentOptions", "NoOptions", "DataPath", "DataFileOrFolder", "not_regular", "open_regular",
     # the kinds
     "DataLoader", "Task", "Head", "TuningMethod", "PrepareContext", "Regularizer", "Evaluator", "BaseModelAlias",
     "PackagedModel", "ChecksModel", "ModelOutline",

@@ -277,7 +277,7 @@ def test_data_rows_longer_than_the_model_context_refused_again_from_the_cache(tm
         encodes.clear()
         code, lines = refused(capsys, tmp_path, "run", path, "--quiet")
         assert (code, lines, len(encodes)) == (3, expected, tokenized)
-    assert len(list((home / "tokenized").glob("*.pkl"))) == 1
+    assert len(list((home / "tokenized").glob("*.safetensors"))) == 1
 
 
 @pytest.mark.parametrize("policy", ["truncate", "drop"])

@@ -16,6 +16,7 @@ import yaml
 from plugtune.artifacts.adapters import MANIFEST_FILE, WEIGHTS_FILE
 from plugtune.data.batching import epoch_batches, shard
 from plugtune.data.encoding import encode_split
+from plugtune.data.datacheck import PreparedSplit
 from plugtune.training.loss import (
     LabelPositions,
     full_logits_token_losses,
@@ -184,7 +185,7 @@ def test_tokenized_split_cache_hits_on_a_rerun_and_misses_when_any_key_changes(t
     def encode_with(rows=rows, task=task, tokenizer=tokenizer, max_length=48, split="train"):
         def encode():
             calls.append(1)
-            return encode_split(rows, task, tokenizer, max_length, split)
+            return PreparedSplit(*encode_split(rows, task, tokenizer, max_length, split))
         return cached_encode(rows, task, tokenizer, max_length, split, encode)
 
     first, hit = encode_with()
@@ -203,7 +204,7 @@ def test_tokenized_split_cache_hits_on_a_rerun_and_misses_when_any_key_changes(t
         before = len(calls)
         _, hit = encode_with(**change)
         assert not hit and len(calls) == before + 1, change
-    assert len(list((tmp_path / "home" / "tokenized").glob("*.pkl"))) == 6
+    assert len(list((tmp_path / "home" / "tokenized").glob("*.safetensors"))) == 6
 
 
 def test_a_second_run_of_a_recipe_reads_its_tokenized_splits_from_the_cache(make_recipe, monkeypatch, tmp_path):

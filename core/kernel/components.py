@@ -13,13 +13,17 @@ of a regularizer are looked up with ``getattr`` and skipped when absent.
 from __future__ import annotations
 
 import fnmatch
+import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+
+from plugtune.kernel.errors import DataError
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +56,21 @@ def _path_exists(path: Path) -> bool:
         return False
 
 
-def _existing_path(value: Path, info: ValidationInfo) -> Path:
+_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular(path: Path, mode: int | None = None) -> str | None:
+    """What ``path`` is when it is not a regular file ("a FIFO (named pipe)", "a folder",
+    ...), None for a regular file or a symlink to one. Looked up with ``os.stat`` only:
+    opening a FIFO for reading blocks until a writer comes, and ``/dev/zero`` never ends."""
+    mode = os.stat(path).st_mode if mode is None else mode
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
     base = Path((info.context or {}).get("base_dir", "."))
     path = value if value.is_absolute() else base / value
     if not _path_exists(path):
@@ -60,8 +78,47 @@ def _existing_path(value: Path, info: ValidationInfo) -> Path:
     return path
 
 
+def _existing_path(value: Path, info: ValidationInfo) -> Path:
+    path = _resolve(value, info)
+    what = not_regular(path)
+    if what is not None:
+        raise ValueError(f"{path} is {what}, not a regular file")
+    return path
+
+
+def _existing_file_or_folder(value: Path, info: ValidationInfo) -> Path:
+    path = _resolve(value, info)
+    what = not_regular(path)
+    if what is not None and what != "a folder":
+        raise ValueError(f"{path} is {what}, not a regular file or a folder")
+    return path
+
+
 DataPath = Annotated[Path, AfterValidator(_existing_path)]
-"""A path option that must exist; relative paths resolve against the recipe's folder."""
+"""A path option naming an existing regular file (a symlink to one is fine); relative paths
+resolve against the recipe's folder. A folder, FIFO, device or socket is refused by name at
+validation, without being opened."""
+
+DataFileOrFolder = Annotated[Path, AfterValidator(_existing_file_or_folder)]
+"""As :data:`DataPath`, but a folder is accepted too (a loader reading every file under it
+checks each with :func:`not_regular`)."""
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading in binary, refused with :class:`DataError` unless it is a
+    regular file *when opened*: the check is on the open descriptor (``O_NONBLOCK``, so a FIFO
+    swapped in after validation cannot block the open), never on a name that may change."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    what = not_regular(path, os.fstat(fd).st_mode)
+    if what is not None:
+        os.close(fd)
+        raise DataError(f"{path} is {what}, not a regular file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 @runtime_checkable

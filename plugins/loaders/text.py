@@ -10,12 +10,18 @@ Options::
     test_size: 0.1             # fraction held out when there is no test_path
     test_path: null            # optional held-out file or folder, read the same way
     column: text               # the example key: the task's template refers to {text}
+    max_file_bytes: 4294967296 # the largest file read (each file is read whole)
 
 Every unit becomes one example ``{column: unit}``. With a causal-lm task whose only template
 is ``text: "{text}"`` the loss covers every token: continued pre-training on raw text.
 
 Text is read as UTF-8 (a byte-order mark is ignored, ``\\r\\n`` becomes ``\\n``); a unit keeps
 its inner line breaks and loses only leading and trailing whitespace.
+
+Only regular files are read: a FIFO, device or socket given as ``path``, or found among a
+folder's ``*.txt`` files, is refused by name without being opened for reading; a file larger
+than ``max_file_bytes`` is refused (the line says how to raise it) after reading no more
+than the limit.
 
 The split is seeded and deterministic: the same units, ``seed`` and ``test_size`` always hold
 out the same units. It is made over units *before* chunking, so pieces of one paragraph or
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -35,43 +42,73 @@ from typing import Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.sdk import ComponentOptions, DataError, DataPath
+from plugtune.sdk import ComponentOptions, DataError, DataFileOrFolder, not_regular, open_regular
 
+MAX_FILE_BYTES = 4 << 30  # 4 GiB: a file is read whole, so this bounds the memory one file takes
 PROBE_BYTES = 1 << 16  # read at validation to catch a wrong encoding early
 _BLANK_LINE = re.compile(r"\n[ \t\f\v]*\n")  # paragraphs: one or more blank lines between them
 _SPACES = " \n\t\f\v\u00a0\u2009\u3000"  # where chunk() may cut a unit
 
 
 class TextOptions(ComponentOptions):
-    path: DataPath
+    path: DataFileOrFolder
     unit: Literal["line", "paragraph", "file"] = "paragraph"
     min_chars: int = Field(1, ge=1, description="drop units with fewer characters")
     chunk_chars: int | None = Field(None, gt=0, description="split longer units into pieces of about this many characters")
     test_size: float = Field(0.1, gt=0, lt=1)
-    test_path: DataPath | None = None
+    test_path: DataFileOrFolder | None = None
     column: str = Field("text", min_length=1)
+    max_file_bytes: int = Field(MAX_FILE_BYTES, gt=0, description="the largest file read")
 
 
 def text_files(path: Path) -> list[Path]:
     """``path`` itself, or the ``*.txt`` files under a folder (recursively, hidden ones
-    skipped), sorted by their path inside it."""
+    skipped), sorted by their path inside it. A ``*.txt`` entry that is neither a folder nor
+    a regular file (a FIFO, a device, a dangling link) is refused by name."""
     if not path.is_dir():
         return [path]
-    files = sorted(
-        (p for p in path.rglob("*.txt") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)),
-        key=lambda p: p.relative_to(path).as_posix(),
-    )
+    files = []
+    for p in path.rglob("*.txt"):
+        if any(part.startswith(".") for part in p.relative_to(path).parts):
+            continue
+        try:
+            what = not_regular(p)
+        except OSError as exc:
+            raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
+        if what == "a folder":
+            continue
+        if what is not None:
+            raise DataError(f"{p} is {what}, not a regular file")
+        files.append(p)
     if not files:
         raise DataError(f"{path}: no .txt files in this folder")
-    return files
+    return sorted(files, key=lambda p: p.relative_to(path).as_posix())
 
 
-def read_text(path: Path) -> str:
-    """The file's text, or a one-line :class:`DataError`."""
+def _too_big(path: Path, limit: int) -> DataError:
+    return DataError(f"{path}: larger than max_file_bytes ({limit} bytes); raise data.options.max_file_bytes to read it")
+
+
+def check_size(path: Path, limit: int) -> None:
+    """Refuse a file larger than ``limit`` before reading it (validation calls this)."""
     try:
-        data = path.read_bytes()
+        size = os.stat(path).st_size
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if size > limit:
+        raise _too_big(path, limit)
+
+
+def read_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:
+    """The file's text, or a one-line :class:`DataError`; no more than ``limit`` + 1 bytes
+    are read, whatever the file claims."""
+    with open_regular(path) as fh:
+        try:
+            data = fh.read(limit + 1)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > limit:
+        raise _too_big(path, limit)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -86,11 +123,11 @@ def _empty(source: Path) -> str:
 def probe(path: Path) -> bool:
     """Cheap validation-time checks: the file starts as UTF-8 text (else a DataError).
     False when the file holds nothing but whitespace."""
-    try:
-        with open(path, "rb") as fh:
+    with open_regular(path) as fh:
+        try:
             head = fh.read(PROBE_BYTES)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         text = codecs.getincrementaldecoder("utf-8-sig")().decode(head, final=len(head) < PROBE_BYTES)
     except UnicodeDecodeError as exc:
@@ -156,6 +193,8 @@ class TextLoader:
             if source is None:
                 continue
             files = text_files(source)
+            for path in files:
+                check_size(path, o.max_file_bytes)
             empty = [path for path in files if not probe(path)]
             if len(empty) == len(files):
                 raise DataError(f"{source}: {_empty(source)}")
@@ -167,7 +206,7 @@ class TextLoader:
         units: list[str] = []
         files = text_files(source)
         for path in files:
-            units.extend(split_units(read_text(path), o.unit))
+            units.extend(split_units(read_text(path, o.max_file_bytes), o.unit))
         if not units:
             raise DataError(f"{source}: {_empty(source)}")
         kept = [u for u in units if len(u) >= o.min_chars]
