@@ -278,8 +278,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     weights = args.weights or [1.0] * len(args.adapters)
     with terminate_as_interrupt():  # SIGTERM mid-write: the staging folder is removed, the output untouched
         out = combine_adapters(args.out, args.adapters, weights, method=args.method, density=args.density,
-                               svd_rank=args.svd_rank, name=args.name, overwrite=args.overwrite,
-                               notes=lambda note: print(note, file=sys.stderr))
+                               svd_rank=args.svd_rank, name=args.name, overwrite=args.overwrite)
     _console().print(f"combined {len(args.adapters)} adapters ({args.method}, weights {weights}) into "
                      f"{describe_written(out)}", soft_wrap=True, markup=False, highlight=False)
     return 0
@@ -298,8 +297,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.adapter)
     out = Path(args.out)
     inputs = [("the adapter", Path(args.adapter)), *base_inputs(manifest.base_model.id)]
-    for note in check_output(out, overwrite=args.overwrite, inputs=inputs):
-        print(note, file=sys.stderr)
+    check_output(out, overwrite=args.overwrite, inputs=inputs)
     base = load_base(str(args.adapter), build_task(manifest.task, where=f"adapter {args.adapter}: task"))  # an adapter folder: its base, merged
     check_output(out, overwrite=args.overwrite, inputs=inputs)  # again: the folder may have appeared while loading
     with terminate_as_interrupt(), staged_output(out) as staging:

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,7 +153,8 @@ def save_adapter(
     blobs[MANIFEST_FILE] = json.dumps(manifest, indent=2, default=_json_default).encode()
 
     try:
-        recover_interrupted_swap(directory)  # what a killed earlier save left beside the folder
+        for line in recover_interrupted_swap(directory):  # what a killed earlier save left beside the folder
+            print(line, file=sys.stderr, flush=True)
         staging = make_staging(directory)
     except OSError as exc:
         raise AdapterError(f"could not write the adapter to {directory} ({exc.strerror or exc})") from None

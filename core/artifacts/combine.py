@@ -18,7 +18,7 @@ its base fingerprint, its weight, its method), so the blend can be traced and re
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,7 @@ def check_finite(state: dict[str, Any]) -> None:
 def combine_adapters(out: str | Path, parents: Sequence[str | Path], weights: Sequence[float], *,
                      method: str = "linear", density: float | None = None, svd_rank: int | None = None,
                      majority_sign_method: str = "total", name: str | None = None,
-                     plugins: PluginSystem | None = None, overwrite: bool = False,
-                     notes: Callable[[str], None] | None = None) -> Path:
+                     plugins: PluginSystem | None = None, overwrite: bool = False) -> Path:
     """Write the combination of the adapters in ``parents`` to ``out``; returns ``out``.
 
     ``method``, ``density``, ``svd_rank`` and ``majority_sign_method`` go to the handler's
@@ -89,8 +88,7 @@ def combine_adapters(out: str | Path, parents: Sequence[str | Path], weights: Se
     CPU is fine: only adapter tensors are computed).
 
     ``out`` follows the output policy (core/artifacts/outputs.py): never a parent, a folder
-    holding one or the base's folder; an existing non-empty folder only with ``overwrite``.
-    ``notes`` receives what the policy recovered of an interrupted earlier write."""
+    holding one or the base's folder; an existing non-empty folder only with ``overwrite``."""
     from plugtune.artifacts.models import load_base
 
     plugins = plugins or get_plugin_system()
@@ -99,8 +97,7 @@ def combine_adapters(out: str | Path, parents: Sequence[str | Path], weights: Se
     spec = _check_parents(adapters, weights, plugins)
     first = adapters[0].manifest
     inputs = [*((f"parent adapter {str(a.path)!r}", a.path) for a in adapters), *base_inputs(first.base_model.id)]
-    for note in check_output(out, overwrite=overwrite, inputs=inputs):
-        (notes or (lambda _: None))(note)
+    check_output(out, overwrite=overwrite, inputs=inputs)
     base = load_base(first.base_model.id, build_task(first.task, plugins=plugins, where=f"adapter {adapters[0].path}: task"), plugins=plugins)
     if base.info.fingerprint != first.base_model.fingerprint:
         raise AdapterError(f"base {first.base_model.id!r} now has fingerprint {base.info.fingerprint}, "

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -101,16 +102,17 @@ def base_inputs(base_model: str, what: str = "the base model") -> list[tuple[str
 def check_output(out: str | Path, *, overwrite: bool, inputs: Inputs = (), resume: bool = False,
                  occupied: Callable[[Path], str | None] | None = None,
                  error: Callable[[str], PlugtuneError] = OutputError,
-                 hint: str = "pass --overwrite to replace it") -> list[str]:
+                 hint: str = "pass --overwrite to replace it", note: Callable[[str], None] | None = None) -> None:
     """Refuse an output this command may not use, before anything is loaded or written; see
-    the module docstring. Recovers an interrupted swap of ``out`` first and returns what it
-    did (one note per line, for the command to print).
+    the module docstring. Recovers an interrupted swap of ``out`` first and says what it did
+    through ``note`` (default: one line each on stderr), before any refusal.
 
     ``occupied(path)`` may describe a non-empty folder better than the generic refusal (an
     interrupted run, say); ``error`` makes the exception (``run`` raises RecipeError lines
     starting ``output.dir:``); ``resume`` allows a non-empty folder (the run continues there)."""
     path = Path(out)
-    notes = recover_interrupted_swap(path)
+    for line in recover_interrupted_swap(path):
+        (note or _to_stderr)(line)
     if path.exists() and not path.is_dir():
         raise error(f"{path} exists and is not a folder")
     conflict = input_conflict(path, inputs)
@@ -123,7 +125,10 @@ def check_output(out: str | Path, *, overwrite: bool, inputs: Inputs = (), resum
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise error(f"cannot write to {path} ({ancestor} is not a folder)")
-    return notes
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def written_files(folder: str | Path) -> list[str]:

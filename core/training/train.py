@@ -116,8 +116,10 @@ def run_inputs(recipe: Recipe) -> list[tuple[str, Path]]:
     """What a run reads and so may never write into: the base model's folder (and, for an
     adapter used as a base, the bases below it) and every path option of the recipe's
     components (the loader's data files, a regularizer's file)."""
-    found = [(f"{bound.name}'s {key}", path) for bound in (recipe.loader, recipe.method, *recipe.regularizers, *recipe.evaluators)
-             for key, path in _path_options(bound.options)]
+    sections = [("data", recipe.loader), ("method", recipe.method),
+                *((f"regularizers[{i}]", b) for i, b in enumerate(recipe.regularizers)),
+                *((f"evaluators[{i}]", b) for i, b in enumerate(recipe.evaluators))]
+    found = [(f"{section}.options.{key}", path) for section, bound in sections for key, path in _path_options(bound.options)]
     return [*base_inputs(recipe.spec.base_model), *found]
 
 
@@ -152,12 +154,12 @@ def _output_error(message: str) -> RecipeError:
 
 
 def check_output_dir(path: Path, overwrite: bool, resume: bool = False,
-                     inputs: list[tuple[str, Path]] | None = None) -> list[str]:
+                     inputs: list[tuple[str, Path]] | None = None) -> None:
     """Refuse an output folder this run may not use, before anything is loaded or written
     (the policy every writing command shares, core/artifacts/outputs.py): not a folder, one
     of the run's ``inputs`` or around them, holding another run (or an interrupted one)
-    without --overwrite/--resume. Returns notes on an interrupted adapter swap it recovered."""
-    return check_output(path, overwrite=overwrite, resume=resume, inputs=inputs or (), occupied=_occupied,
+    without --overwrite/--resume. An interrupted adapter swap is recovered first (a line on stderr)."""
+    check_output(path, overwrite=overwrite, resume=resume, inputs=inputs or (), occupied=_occupied,
                         error=_output_error)
 
 
@@ -222,11 +224,9 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
         raise RecipeError(["--resume continues the run in output.dir and --overwrite replaces it; pass one of them"])
     overwrite = (recipe.spec.output.overwrite if overwrite is None else overwrite) and not resume
     inputs = run_inputs(recipe)
-    notes = check_output_dir(out, overwrite, resume, inputs)  # nothing is written before the data and model load
+    check_output_dir(out, overwrite, resume, inputs)  # nothing is written before the data and model load
     resuming = resume_point(out, recipe.raw, str(recipe.source or "the recipe")) if resume else None
     process = _start_process(recipe, console or Console(stderr=True), show_progress)
-    for note in notes:
-        process.console.print(note)
     data = _data_phase(recipe, plugins, process)
     _open_output(process, out, overwrite, resuming, inputs)
     scoring = _Scoring.for_run(recipe, data, process, plugins)
