@@ -290,7 +290,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     with --overwrite, through a staging folder swapped in whole."""
     from plugtune.artifacts.adapters import read_manifest
     from plugtune.artifacts.models import load_base
-    from plugtune.artifacts.outputs import base_inputs, check_output, describe_written, staged_output
+    from plugtune.artifacts.inputs import base_inputs
+    from plugtune.artifacts.outputs import check_output, describe_written, staged_output
     from plugtune.data.tasks import build_task
     from plugtune.training.signals import terminate_as_interrupt
 

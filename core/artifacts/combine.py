@@ -24,7 +24,8 @@ from typing import Any
 
 from plugtune.artifacts.adapters import WEIGHTS_FILE, Adapter, read_adapter, save_adapter
 from plugtune.artifacts.handlers import HandlerSpec, resolve_handler
-from plugtune.artifacts.outputs import base_inputs, check_output
+from plugtune.artifacts.inputs import base_inputs
+from plugtune.artifacts.outputs import check_output
 from plugtune.data.tasks import build_task
 from plugtune.kernel.components import Combines
 from plugtune.kernel.errors import AdapterError

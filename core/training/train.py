@@ -38,7 +38,8 @@ from rich.table import Table
 
 from plugtune import __version__
 from plugtune.artifacts.adapters import WEIGHTS_FILE, BaseRecord, Manifest, MethodRecord, save_adapter
-from plugtune.artifacts.outputs import base_inputs, check_output
+from plugtune.artifacts.inputs import base_inputs
+from plugtune.artifacts.outputs import check_output
 from plugtune.data.batching import epoch_batches, shard
 from plugtune.training.checkpoints import (
     BestWeights,
