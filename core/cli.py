@@ -272,25 +272,40 @@ def add_serve_parser(sub: Any) -> None:
 
 def cmd_combine(args: argparse.Namespace) -> int:
     from plugtune.artifacts.combine import combine_adapters
+    from plugtune.artifacts.outputs import describe_written
+    from plugtune.training.signals import terminate_as_interrupt
 
     weights = args.weights or [1.0] * len(args.adapters)
-    out = combine_adapters(args.out, args.adapters, weights, method=args.method, density=args.density,
-                           svd_rank=args.svd_rank, name=args.name)
-    _console().print(f"combined {len(args.adapters)} adapters ({args.method}, weights {weights}) into [bold]{out}[/]")
+    with terminate_as_interrupt():  # SIGTERM mid-write: the staging folder is removed, the output untouched
+        out = combine_adapters(args.out, args.adapters, weights, method=args.method, density=args.density,
+                               svd_rank=args.svd_rank, name=args.name, overwrite=args.overwrite)
+    _console().print(f"combined {len(args.adapters)} adapters ({args.method}, weights {weights}) into "
+                     f"{describe_written(out)}", soft_wrap=True, markup=False, highlight=False)
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    """Write the adapter's base with the adapter merged in, under the output policy
+    (core/artifacts/outputs.py): never into the adapter or its bases, an existing folder only
+    with --overwrite, through a staging folder swapped in whole."""
     from plugtune.artifacts.adapters import read_manifest
     from plugtune.artifacts.models import load_base
+    from plugtune.artifacts.inputs import base_inputs
+    from plugtune.artifacts.outputs import check_output, describe_written, staged_output
     from plugtune.data.tasks import build_task
+    from plugtune.training.signals import terminate_as_interrupt
 
     manifest = read_manifest(args.adapter)
-    base = load_base(str(args.adapter), build_task(manifest.task, where=f"adapter {args.adapter}: task"))  # an adapter folder: its base, merged
     out = Path(args.out)
-    base.model.save_pretrained(out)
-    base.tokenizer.save_pretrained(out)
-    _console().print(f"{manifest.name} merged into {manifest.base_model.id}: a plain model folder at [bold]{out}[/]")
+    inputs = [("the adapter", Path(args.adapter)), *base_inputs(manifest.base_model.id)]
+    check_output(out, overwrite=args.overwrite, inputs=inputs)
+    base = load_base(str(args.adapter), build_task(manifest.task, where=f"adapter {args.adapter}: task"))  # an adapter folder: its base, merged
+    check_output(out, overwrite=args.overwrite, inputs=inputs)  # again: the folder may have appeared while loading
+    with terminate_as_interrupt(), staged_output(out) as staging:
+        base.model.save_pretrained(staging)
+        base.tokenizer.save_pretrained(staging)
+    _console().print(f"{manifest.name} merged into {manifest.base_model.id}: a plain model folder at {describe_written(out)}",
+                     soft_wrap=True, markup=False, highlight=False)
     return 0
 
 
@@ -298,18 +313,20 @@ def add_adapter_tool_parsers(sub: Any) -> None:
     p = sub.add_parser("combine", help="combine adapters into a new one (for LoRA: weighted sum, TIES, DARE via peft)")
     p.add_argument("out", metavar="OUT_DIR")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
-    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one per adapter (default: 1 each)")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one per adapter (default: 1 each); finite numbers")
     p.add_argument("--method", default="linear",
                    help="how to combine; the adapters' method checks it (LoRA: linear, cat, svd, ties, dare_linear, "
                         "dare_ties, magnitude_prune and their _svd forms)")
     p.add_argument("--density", type=float, help="fraction of each update kept (ties, dare_*, magnitude_prune)")
     p.add_argument("--svd-rank", type=int, help="rank of the result for the *svd methods")
     p.add_argument("--name", help="the new adapter's name (default: the folder's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder at OUT_DIR (never a parent)")
     p.set_defaults(func=cmd_combine)
 
     p = sub.add_parser("merge", help="write an adapter's base with the adapter merged in, as a plain model folder")
     p.add_argument("adapter", metavar="ADAPTER_DIR")
     p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder at OUT_DIR (never the base or the adapter)")
     p.set_defaults(func=cmd_merge)
 
 

@@ -10,7 +10,9 @@ An adapter is a directory::
 so LoRA and prefix adapters also load with plain ``peft.PeftModel.from_pretrained``.
 
 Writes are atomic: files go into a hidden sibling folder, are fsynced, and the folder is
-renamed into place; an existing adapter is replaced only after the new one is complete.
+renamed into place; an existing adapter is replaced only after the new one is complete, with
+SIGINT/SIGTERM held during the swap, and what a killed save left behind is recovered by the
+next one (core/artifacts/outputs.py).
 Reads are strict: a missing file, a truncated or corrupt safetensors file, a hash that does
 not match the manifest, or a manifest without the fields plugtune needs is an
 :class:`~plugtune.kernel.errors.AdapterError`.
@@ -24,13 +26,14 @@ import io
 import json
 import os
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from plugtune.artifacts.outputs import fsync_dir, make_staging, recover_interrupted_swap, replace_dir
 from plugtune.kernel.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 MANIFEST_FILE = "plugtune.json"
+ADAPTER_FILES = (WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE)  # replaced as a whole; other files in the folder stay
 FORMAT = "plugtune-adapter"
 FORMAT_VERSION = 1
 
@@ -109,13 +113,7 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir  # checkpoints.py renames its folders into place the same way
 
 
 def save_adapter(
@@ -155,51 +153,21 @@ def save_adapter(
     blobs[MANIFEST_FILE] = json.dumps(manifest, indent=2, default=_json_default).encode()
 
     try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+        for line in recover_interrupted_swap(directory):  # what a killed earlier save left beside the folder
+            print(line, file=sys.stderr, flush=True)
+        staging = make_staging(directory)
     except OSError as exc:
         raise AdapterError(f"could not write the adapter to {directory} ({exc.strerror or exc})") from None
     try:
         for name, data in blobs.items():
             _fsync_write(staging / name, data)
-        _replace_dir(staging, directory)
+        replace_dir(staging, directory, keep_extra=True, kept=ADAPTER_FILES)
     except OSError as exc:
         raise AdapterError(f"could not write the adapter to {directory} ({exc.strerror or exc}); "
                            f"the previous adapter is unchanged") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put ``new`` at ``target``; files already in ``target`` that ``new`` lacks (a run's
-    metrics log, say) are kept, the adapter's own files are replaced as a whole."""
-    if target.exists():
-        # Extra files are linked, not moved, so the previous adapter stays whole until the swap.
-        for item in target.iterdir():
-            if not (new / item.name).exists() and item.name not in {WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE}:
-                if item.is_dir():
-                    shutil.copytree(item, new / item.name, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(item, new / item.name)
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-        try:
-            new.rename(target)
-        except OSError:
-            old.rename(target)  # put the previous adapter back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
-    _fsync_dir(target.parent)
-
-
-def _link_or_copy(source: str | Path, destination: str | Path) -> None:
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
 
 
 def _json_default(value: Any) -> Any:

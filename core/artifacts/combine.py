@@ -17,12 +17,15 @@ its base fingerprint, its weight, its method), so the blend can be traced and re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from plugtune.artifacts.adapters import WEIGHTS_FILE, Adapter, read_adapter, save_adapter
 from plugtune.artifacts.handlers import HandlerSpec, resolve_handler
+from plugtune.artifacts.inputs import base_inputs
+from plugtune.artifacts.outputs import check_output
 from plugtune.data.tasks import build_task
 from plugtune.kernel.components import Combines
 from plugtune.kernel.errors import AdapterError
@@ -56,21 +59,46 @@ def _check_parents(parents: list[Adapter], weights: Sequence[float], plugins: Pl
     return specs[0]
 
 
+def check_weights(parents: Sequence[str | Path], weights: Sequence[float]) -> None:
+    """Every weight a finite number: ``nan`` or ``inf`` would make every combined tensor NaN
+    (refused before anything is read)."""
+    for i, (parent, weight) in enumerate(zip(parents, weights), start=1):
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+            raise AdapterError(f"weight {i} (for {parent}) is {weight!r}; weights must be finite numbers")
+
+
+def check_finite(state: dict[str, Any]) -> None:
+    """Refuse a combination whose tensors hold NaN or infinity (huge weights overflow) before
+    it is saved: an adapter like that loads and then answers garbage."""
+    import torch
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AdapterError(f"the combination is not finite ({len(bad)} of {len(state)} tensors hold nan or inf, "
+                           f"first: {bad[0]}); nothing was written; use smaller weights")
+
+
 def combine_adapters(out: str | Path, parents: Sequence[str | Path], weights: Sequence[float], *,
                      method: str = "linear", density: float | None = None, svd_rank: int | None = None,
                      majority_sign_method: str = "total", name: str | None = None,
-                     plugins: PluginSystem | None = None) -> Path:
+                     plugins: PluginSystem | None = None, overwrite: bool = False) -> Path:
     """Write the combination of the adapters in ``parents`` to ``out``; returns ``out``.
 
     ``method``, ``density``, ``svd_rank`` and ``majority_sign_method`` go to the handler's
     ``combine`` as its options (None values left out). Loads the parents' base once (fp32,
-    CPU is fine: only adapter tensors are computed)."""
+    CPU is fine: only adapter tensors are computed).
+
+    ``out`` follows the output policy (core/artifacts/outputs.py): never a parent, a folder
+    holding one or the base's folder; an existing non-empty folder only with ``overwrite``."""
     from plugtune.artifacts.models import load_base
 
     plugins = plugins or get_plugin_system()
+    check_weights(parents, weights)
     adapters = [read_adapter(p) for p in parents]
     spec = _check_parents(adapters, weights, plugins)
     first = adapters[0].manifest
+    inputs = [*((f"parent adapter {str(a.path)!r}", a.path) for a in adapters), *base_inputs(first.base_model.id)]
+    check_output(out, overwrite=overwrite, inputs=inputs)
     base = load_base(first.base_model.id, build_task(first.task, plugins=plugins, where=f"adapter {adapters[0].path}: task"), plugins=plugins)
     if base.info.fingerprint != first.base_model.fingerprint:
         raise AdapterError(f"base {first.base_model.id!r} now has fingerprint {base.info.fingerprint}, "
@@ -78,6 +106,7 @@ def combine_adapters(out: str | Path, parents: Sequence[str | Path], weights: Se
     options = {k: v for k, v in {"method": method, "density": density, "svd_rank": svd_rank,
                                  "majority_sign_method": majority_sign_method}.items() if v is not None}
     combined = spec.build().combine(base.model, adapters, list(weights), options)
+    check_finite(combined.state)
     record = first.method.model_dump()
     if combined.method is not None and combined.method is not spec.method.obj:
         registered = next((c for c in plugins.components.get("method", {}).values() if c.obj is combined.method), None)
@@ -98,4 +127,5 @@ def combine_adapters(out: str | Path, parents: Sequence[str | Path], weights: Se
             for a, w in zip(adapters, weights)
         ],
     }
+    check_output(out, overwrite=overwrite, inputs=inputs)  # again: the folder may have appeared meanwhile
     return save_adapter(out, state=combined.state, config=combined.config, manifest=manifest)

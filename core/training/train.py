@@ -38,6 +38,8 @@ from rich.table import Table
 
 from plugtune import __version__
 from plugtune.artifacts.adapters import WEIGHTS_FILE, BaseRecord, Manifest, MethodRecord, save_adapter
+from plugtune.artifacts.inputs import base_inputs
+from plugtune.artifacts.outputs import check_output
 from plugtune.data.batching import epoch_batches, shard
 from plugtune.training.checkpoints import (
     BestWeights,
@@ -67,7 +69,7 @@ from plugtune.training.runtime import (
     set_mmap_threshold,
     uses_cuda,
 )
-from plugtune.training.signals import Interrupted, StopRequest, resume_command
+from plugtune.training.signals import Interrupted, StopRequest, resume_command, terminate_as_interrupt
 from plugtune.data.tasks import Task
 from plugtune.data.tokenized_cache import cached_encode, tokenizer_fingerprint
 
@@ -111,26 +113,63 @@ def base_dtype(requested: str, on_cuda: bool, trains_base_weights: bool) -> torc
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
-def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse an output folder this run may not use, before anything is loaded or written:
-    not a folder, holding another run (or an interrupted one) without --overwrite/--resume."""
-    if path.exists() and not path.is_dir():
-        raise RecipeError([f"output.dir: {path} exists and is not a folder"])
-    if not resume and path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise RecipeError([interrupted_run_message(path)
-                           or f"output.dir: {path} already holds a run; pass --overwrite or set output.overwrite: true"])
-    ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise RecipeError([f"output.dir: cannot write to {path} ({ancestor} is not a folder)"])
+def run_inputs(recipe: Recipe) -> list[tuple[str, Path]]:
+    """What a run reads and so may never write into: the base model's folder (and, for an
+    adapter used as a base, the bases below it) and every path option of the recipe's
+    components (the loader's data files, a regularizer's file)."""
+    sections = [("data", recipe.loader), ("method", recipe.method),
+                *((f"regularizers[{i}]", b) for i, b in enumerate(recipe.regularizers)),
+                *((f"evaluators[{i}]", b) for i, b in enumerate(recipe.evaluators))]
+    found = [(f"{section}.options.{key}", path) for section, bound in sections for key, path in _path_options(bound.options)]
+    return [*base_inputs(recipe.spec.base_model), *found]
+
+
+def _path_options(options: Any, key: str = "") -> list[tuple[str, Path]]:
+    """``(dotted key, path)`` for every Path value in a component's options (nested too)."""
+    if isinstance(options, Path):
+        return [(key, options)]
+    if hasattr(options, "model_fields"):
+        items = [(name, getattr(options, name, None)) for name in type(options).model_fields]
+    elif isinstance(options, dict):
+        items = list(options.items())
+    elif isinstance(options, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(options)]
+    else:
+        return []
+    return [found for name, value in items for found in _path_options(value, f"{key}.{name}" if key else str(name))]
+
+
+def _occupied(path: Path) -> str | None:
+    """Why ``run`` refuses the non-empty folder ``path`` (without the ``output.dir:`` prefix)."""
+    interrupted = interrupted_run_message(path)
+    if interrupted:
+        return interrupted.removeprefix("output.dir: ")
+    if not (path / WEIGHTS_FILE).exists() and (path / "metrics.jsonl").exists():
+        return (f"{path} holds a run that stopped before its first checkpoint (no adapter, nothing to resume); "
+                f"pass --overwrite to start over")
+    return f"{path} already holds a run; pass --overwrite or set output.overwrite: true"
+
+
+def _output_error(message: str) -> RecipeError:
+    return RecipeError([f"output.dir: {message}"])
+
+
+def check_output_dir(path: Path, overwrite: bool, resume: bool = False,
+                     inputs: list[tuple[str, Path]] | None = None) -> None:
+    """Refuse an output folder this run may not use, before anything is loaded or written
+    (the policy every writing command shares, core/artifacts/outputs.py): not a folder, one
+    of the run's ``inputs`` or around them, holding another run (or an interrupted one)
+    without --overwrite/--resume. An interrupted adapter swap is recovered first (a line on stderr)."""
+    check_output(path, overwrite=overwrite, resume=resume, inputs=inputs or (), occupied=_occupied,
+                        error=_output_error)
 
 
 PREVIOUS_LOG = "metrics.previous.jsonl"
 NO_DECAY = dict(weight_decay=0.0)  # an optimizer parameter group's default (see _model_phase)
 
 
-def prepare_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
+def prepare_output_dir(path: Path, overwrite: bool, resume: bool = False,
+                       inputs: list[tuple[str, Path]] | None = None) -> None:
     """Create the output folder and check it is writable; a fresh run starts a new log and
     drops the checkpoints of an earlier one (``--overwrite``).
 
@@ -140,7 +179,7 @@ def prepare_output_dir(path: Path, overwrite: bool, resume: bool = False) -> Non
     with its log beside it. While ``metrics.previous.jsonl`` exists it is the adapter's log
     (an earlier overwrite failed), so the ``metrics.jsonl`` of that failed run is dropped
     instead of replacing it."""
-    check_output_dir(path, overwrite, resume)
+    check_output_dir(path, overwrite, resume, inputs)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -173,7 +212,7 @@ def run(recipe: Recipe, *, plugins: PluginSystem | None = None, console: Console
     ``resume``: continue the run in the recipe's output folder from its last checkpoint
     (refused when there is none or the recipe changed in a way that changes training)."""
     t = recipe.training
-    with grouped_query_sdpa(not uses_cuda(t.device) and t.attention == "auto"):
+    with terminate_as_interrupt(), grouped_query_sdpa(not uses_cuda(t.device) and t.attention == "auto"):
         return _run(recipe, plugins=plugins, console=console, overwrite=overwrite, show_progress=show_progress, resume=resume)
 
 
@@ -185,11 +224,12 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     if resume and overwrite:
         raise RecipeError(["--resume continues the run in output.dir and --overwrite replaces it; pass one of them"])
     overwrite = (recipe.spec.output.overwrite if overwrite is None else overwrite) and not resume
-    check_output_dir(out, overwrite, resume)  # nothing is written before the data and model load
+    inputs = run_inputs(recipe)
+    check_output_dir(out, overwrite, resume, inputs)  # nothing is written before the data and model load
     resuming = resume_point(out, recipe.raw, str(recipe.source or "the recipe")) if resume else None
     process = _start_process(recipe, console or Console(stderr=True), show_progress)
     data = _data_phase(recipe, plugins, process)
-    _open_output(process, out, overwrite, resuming)
+    _open_output(process, out, overwrite, resuming, inputs)
     scoring = _Scoring.for_run(recipe, data, process, plugins)
     before = _score_base(recipe, data, scoring, resuming)
     trainee = _model_phase(recipe, data, process)
@@ -429,10 +469,11 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
     return _Data(task, base, t, regularizers, train_rows, test_rows)
 
 
-def _open_output(process: _Process, out: Path, overwrite: bool, resuming: Checkpoint | None) -> None:
+def _open_output(process: _Process, out: Path, overwrite: bool, resuming: Checkpoint | None,
+                 inputs: list[tuple[str, Path]]) -> None:
     """The run's first write: the output folder, and the log cut back to the checkpoint's."""
     if process.main:
-        prepare_output_dir(out, overwrite, resuming is not None)
+        prepare_output_dir(out, overwrite, resuming is not None, inputs)
         if resuming:
             truncate_log(process.metrics_log, int(resuming.meta["metrics_bytes"]))
     process.accelerator.wait_for_everyone()
