@@ -248,6 +248,7 @@ def _check_base_chain(directory: Path, base: str) -> None:
     manifests of the chain are read (JSON, no weights); a link that cannot be read ends the
     walk, and loading that base reports it with its own message."""
     chain = [directory.resolve()]
+    own_base = base
     while True:
         try:
             location = Path(base).expanduser().resolve()
@@ -256,7 +257,7 @@ def _check_base_chain(directory: Path, base: str) -> None:
         if location in chain:
             loop = " -> ".join(str(p) for p in [*chain, location])
             what = "is the adapter itself" if len(chain) == 1 else f"comes back to {location} ({loop})"
-            raise AdapterError(f"{directory / MANIFEST_FILE}: base_model {base[:200]!r} {what}; "
+            raise AdapterError(f"{directory / MANIFEST_FILE}: base_model {own_base[:200]!r} {what}; "
                                f"an adapter's base must be a model or another adapter")
         if len(chain) > MAX_BASE_CHAIN:
             raise AdapterError(f"{directory / MANIFEST_FILE}: more than {MAX_BASE_CHAIN} adapters stacked as bases")

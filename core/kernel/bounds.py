@@ -13,6 +13,7 @@ caller's error class with the file's path in front.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,8 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
     except RecursionError:
         raise ValueError(NESTED) from None
-    except ValueError as exc:  # int digits past sys.get_int_max_str_digits()
-        raise ValueError(f"not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+    except ValueError:  # int digits past sys.get_int_max_str_digits()
+        raise ValueError(f"not valid JSON (a number with more than {sys.get_int_max_str_digits()} digits)") from None
     if nesting_depth(data) > MAX_DEPTH:
         raise ValueError(NESTED)
     return data
