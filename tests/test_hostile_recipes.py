@@ -461,30 +461,47 @@ def small_disk(tmp_path):
 
 def fill(disk: Path) -> None:
     """Write a filler file until the disk is full."""
-    with open(disk / "filler", "wb") as fh:
+    with open(disk / "filler", "wb", buffering=0) as fh:
         try:
             while True:
                 fh.write(b"\0" * 4096)
-                fh.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
 
 
-@pytest.mark.parametrize("log_every, line", [
-    (1, "could not append to {out}/metrics.jsonl (No space left on device); the last checkpoint is intact; "
-        "free space, then continue with --resume"),
-    (100, "could not write checkpoint {out}/checkpoints/step-6 (No space left on device); the last good checkpoint "
-          "({last}) is intact; free space, then continue with --resume"),
-])
-def test_full_disk_while_training_keeps_the_last_checkpoint(interrupted, small_disk, capsys, log_every, line):
+def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(interrupted, small_disk, capsys):
+    """A real full disk (tmpfs): the log's appends still fit in its last page, the next
+    checkpoint does not."""
     recipe, out, last = resume_copy(interrupted, small_disk)
     kept = snapshot(last)
     fill(small_disk)
-    code, lines = cli(capsys, "run", recipe, "--quiet", "--resume", f"training.log_every={log_every}")
-    assert (code, lines) == (7, ["error: " + line.format(out=out, last=last)])
+    code, lines = cli(capsys, "run", recipe, "--quiet", "--resume")
+    assert (code, lines) == (7, [f"error: could not write checkpoint {out}/checkpoints/step-6 (No space left on device); "
+                                 f"the last good checkpoint ({last}) is intact; free space, then continue with --resume"])
     assert latest_checkpoint(out) == last and snapshot(last) == kept
     assert read_checkpoint(last).step == 4
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_full_disk_while_appending_the_log(interrupted, tmp_path, capsys, monkeypatch):
+    """``metrics.jsonl`` appends failing with ENOSPC (patched: on a tmpfs they fit in the
+    file's last page): one line, the checkpoint untouched."""
+    import builtins
+
+    import plugtune.training.train as train_module
+
+    def full_for_the_log(file, mode="r", *args, **kwargs):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    recipe, out, last = resume_copy(interrupted, tmp_path)
+    kept = snapshot(last)
+    monkeypatch.setattr(train_module, "open", full_for_the_log, raising=False)
+    code, lines = cli(capsys, "run", recipe, "--quiet", "--resume")
+    assert (code, lines) == (7, [f"error: could not append to {out}/metrics.jsonl (No space left on device); "
+                                 f"the last checkpoint is intact; free space, then continue with --resume"])
+    assert latest_checkpoint(out) == last and snapshot(last) == kept
 
 
 # -- the last guard ---------------------------------------------------------------------------

@@ -262,7 +262,7 @@ class CheckpointMeta(BaseModel):
     metrics_bytes: int = Field(ge=0, le=MAX_COUNTER)
     before: dict[str, Any] = {}
     train_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
-    history: list[Any] = []
+    history: list[dict[str, Any]] = []
     best: _Best | dict[str, Any] = {}
     finished: bool = False
 
