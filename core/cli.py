@@ -1,7 +1,9 @@
 """The ``plugtune`` command.
 
 User errors (:class:`~plugtune.kernel.errors.PlugtuneError`) print ``error: ...`` without a
-traceback and exit with the error's code; Ctrl-C exits 130. Plugins are loaded only by the
+traceback and exit with the error's code; Ctrl-C exits 130. Any other exception is a bug: the
+last guard in :func:`main` prints one line naming the command, the exception and where it was
+raised, and exits 70 (``--debug`` or ``PLUGTUNE_DEBUG=1``: the traceback instead). Plugins are loaded only by the
 subcommands that need them, so ``plugtune --help`` works even when a plugin is broken.
 """
 
