@@ -1,7 +1,9 @@
 """The ``plugtune`` command.
 
 User errors (:class:`~plugtune.kernel.errors.PlugtuneError`) print ``error: ...`` without a
-traceback and exit with the error's code; Ctrl-C exits 130. Plugins are loaded only by the
+traceback and exit with the error's code; Ctrl-C exits 130. Any other exception is a bug: the
+last guard in :func:`main` prints one line naming the command, the exception and where it was
+raised, and exits 70 (``--debug`` or ``PLUGTUNE_DEBUG=1``: the traceback instead). Plugins are loaded only by the
 subcommands that need them, so ``plugtune --help`` works even when a plugin is broken.
 """
 
@@ -149,6 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from plugtune.training.recipe import load_recipe
     from plugtune.training.train import comparison_table
 
+    if args.json:
+        check_output_file(args.json, "--json")  # before the evaluation, not after it
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
     manifests = [read_manifest(a) for a in args.adapters]
     if recipe is None:
@@ -181,6 +185,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_output_file(path: str | Path, flag: str) -> None:
+    """Refuse an output file that cannot be written, before the work whose result it holds:
+    its folder missing or not a folder, the path itself a folder, the folder not writable."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise PlugtuneError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if path.is_dir():
+        raise PlugtuneError(f"{flag} {path}: is a folder; give a file name")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PlugtuneError(f"{flag} {path}: not writable")
+
+
+def check_count(value: int | None, flag: str, *, least: int = 1, most: int | None = None) -> None:
+    """A numeric flag outside ``least..most``: one line naming the flag."""
+    if value is None:
+        return
+    if value < least or (most is not None and value > most):
+        span = f"{least} to {most}" if most is not None else f"{least} or more"
+        raise PlugtuneError(f"{flag}: {value} is out of range; use {span}")
+
+
 def _host_for(args: argparse.Namespace, classification: bool) -> tuple[Any, list[str | None]]:
     from plugtune.serving.host import AdapterHost
     from plugtune.data.tasks import raw_prompt_task
@@ -204,7 +230,14 @@ def _host_for(args: argparse.Namespace, classification: bool) -> tuple[Any, list
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from plugtune.data.datacheck import context_length
+
+    check_count(args.max_new_tokens, "--max-new-tokens")
     host, names = _host_for(args, classification=False)
+    context = context_length(host.base.model)
+    if context is not None and args.max_new_tokens >= context:
+        raise PlugtuneError(f"--max-new-tokens: {args.max_new_tokens} is past the model's context ({context} tokens, "
+                            f"prompt included); use at most {context - 1}")
     console = _console()
     if args.per_input:
         outputs = host.generate(args.inputs, names, max_new_tokens=args.max_new_tokens, raw=args.raw)
@@ -243,12 +276,21 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    check_serve_args(args)
     from plugtune.serving.server import serve
 
     serve(args.adapters, base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
           max_batch=args.max_batch, allow_pickle=args.allow_pickle, log_level=args.log_level, threads=args.threads,
           api_key=os.environ.get("PLUGTUNE_API_KEY"))
     return 0
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """``serve``'s numbers, refused with one line before the model loads (a port past 65535
+    would otherwise fail inside the event loop with a traceback)."""
+    check_count(args.port, "--port", least=0, most=65535)
+    check_count(args.max_batch, "--max-batch", most=4096)
+    check_count(args.threads, "--threads", most=4096)
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -390,7 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_adapter_tool_parsers(sub)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    for command in sub.choices.values():  # also after the command: plugtune run R --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+DEBUG_HELP = "show the traceback of an internal error (also: PLUGTUNE_DEBUG=1)"
 
 
 OVERRIDES_HELP = "key.sub=value overrides of the recipe, anywhere after it (between flags too)"
@@ -439,6 +487,43 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os._exit(0)
+    except Exception as exc:  # noqa: BLE001 - the last guard: a bug is one line, the traceback on request
+        if getattr(args, "debug", False) or os.environ.get("PLUGTUNE_DEBUG", "") not in ("", "0"):
+            raise
+        print(internal_error_line(args.command, exc), file=sys.stderr)
+        return INTERNAL_ERROR_EXIT
+
+
+INTERNAL_ERROR_EXIT = 70  # sysexits' EX_SOFTWARE: a bug in plugtune or a plugin, not a user error (1-7)
+
+
+def internal_error_line(command: str, exc: BaseException) -> str:
+    """The one line the last guard prints for an exception no layer turned into a
+    :class:`PlugtuneError`: the command, the exception's type, where it was raised (the
+    innermost frame in plugtune or a plugin, else the innermost), its message's first line."""
+    where = _raised_at(exc)
+    message = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (f"error: internal error in 'plugtune {command}' ({type(exc).__name__}{f' at {where}' if where else ''}"
+            f"{f': {message}' if message else ''}); rerun with --debug or PLUGTUNE_DEBUG=1 for the traceback")
+
+
+def _raised_at(exc: BaseException) -> str:
+    """``plugtune/training/train.py:123``: the innermost frame of ``exc``'s traceback in a
+    ``plugtune`` module (its file named by the module, wherever it is installed), else the
+    innermost frame of all (a library's own file, by its last two path parts)."""
+    import traceback
+
+    frames = [(frame.f_globals.get("__name__", ""), frame.f_code.co_filename, line)
+              for frame, line in traceback.walk_tb(exc.__traceback__)]
+    if not frames:
+        return ""
+    ours = [f for f in frames if f[0] == "plugtune" or f[0].startswith("plugtune.")]
+    module, filename, line = (ours or frames)[-1]
+    if ours:
+        shown = module.replace(".", "/") + ("/__init__.py" if filename.endswith("__init__.py") else ".py")
+    else:
+        shown = "/".join(Path(filename).parts[-2:])
+    return f"{shown}:{line}"
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from plugtune.artifacts.outputs import fsync_dir, make_staging, recover_interrupted_swap, replace_dir
+from plugtune.kernel.bounds import read_json_file
 from plugtune.kernel.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -193,26 +194,52 @@ def read_manifest(directory: str | Path) -> Manifest:
         if (directory / CONFIG_FILE).is_file():
             raise AdapterError(f"{directory} looks like a plain peft adapter (no {MANIFEST_FILE}); plugtune adapters carry a manifest")
         raise AdapterError(f"{directory} is not an adapter: {MANIFEST_FILE} is missing")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise AdapterError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    except RecursionError:
-        raise AdapterError(f"{path}: not a manifest (nested too deeply)") from None
-    except OSError as exc:
-        raise AdapterError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{path}: the manifest is not a JSON object")
+    data = read_json_file(path, AdapterError, what="a manifest (a JSON object)")
     if data.get("format") not in (None, FORMAT):
         raise AdapterError(f"{path}: unknown format {str(data.get('format'))[:80]!r}")
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise AdapterError(f"{path}: manifest field {where[:120]}: {err['msg']}") from None
+    _check_base_chain(directory, manifest.base_model.id)
+    return manifest
+
+
+MAX_BASE_CHAIN = 16  # adapters stacked as bases of adapters; real stacks have two or three
+
+
+def _check_base_chain(directory: Path, base: str) -> None:
+    """Refuse an adapter whose base is itself, or whose chain of adapter folders used as
+    bases comes back to one already in it (loading would recurse without end). Only the
+    manifests of the chain are read (JSON, no weights); a link that cannot be read ends the
+    walk, and loading that base reports it with its own message."""
+    chain = [directory.resolve()]
+    own_base = base
+    while True:
+        try:
+            location = Path(base).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError):  # not a path (a hub id, an alias)
+            return
+        if location in chain:
+            loop = " -> ".join(str(p) for p in [*chain, location])
+            what = "is the adapter itself" if len(chain) == 1 else f"comes back to {location} ({loop})"
+            raise AdapterError(f"{directory / MANIFEST_FILE}: base_model {own_base[:200]!r} {what}; "
+                               f"an adapter's base must be a model or another adapter")
+        if len(chain) > MAX_BASE_CHAIN:
+            raise AdapterError(f"{directory / MANIFEST_FILE}: more than {MAX_BASE_CHAIN} adapters stacked as bases")
+        if not is_adapter_dir(location):
+            return
+        try:
+            parent = read_json_file(location / MANIFEST_FILE, AdapterError)
+        except AdapterError:
+            return
+        nxt = parent.get("base_model", {}).get("id") if isinstance(parent.get("base_model"), dict) else None
+        if not isinstance(nxt, str):
+            return
+        chain.append(location)
+        base = nxt
 
 
 PICKLE_PATTERNS = ("adapter_model.bin", "*.pt", "*.pth", "*.bin")
@@ -244,10 +271,7 @@ def read_adapter(directory: str | Path, *, verify_hashes: bool = True, allow_pic
         state = _read_pickle(pickled[0], manifest.files.get(pickled[0].name) if verify_hashes else None)
         weights = pickled[0]
     config_path = directory / CONFIG_FILE
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json_file(config_path, AdapterError, what="an adapter config (a JSON object)") if config_path.is_file() else {}
     return Adapter(path=directory, manifest=manifest, state=state, config=config, weights_file=weights.name)
 
 

@@ -18,6 +18,7 @@ any task, and helpers task plugins may reuse:
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any
@@ -57,14 +58,24 @@ def fill(template: str, example: Mapping[str, Any]) -> str:
     return template.format_map({k: "" if v is None else v for k, v in example.items()})
 
 
+MAX_FORMAT_WIDTH = 1000  # a format spec's width or precision in a template (``{score:.3f}``, ``{id:>8}``)
+
+
 def check_template(value: str) -> str:
     """Refuse a template that would fail at the first example: bad braces, or a field that
     is not a plain column name (``{0}``, ``{a.b}``, ``{a[0]}``)."""
     how = "write a literal brace as {{ or }}, and name columns as {column}"
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        parsed = [(f, spec) for _, f, spec, _ in string.Formatter().parse(value) if f is not None]
     except ValueError as exc:
         raise ValueError(f"not a valid template ({exc}); {how}") from None
+    fields = [f for f, _ in parsed]
+    for field, spec in parsed:  # {question:4000000000} would build a 4 GB string per row
+        big = [n.lstrip("0") for n in re.findall(r"\d+", spec or "")
+               if len(n.lstrip("0")) > 6 or int(n) > MAX_FORMAT_WIDTH]  # length first: no int() of 5000 digits
+        if big:
+            raise ValueError(f"not a valid template (field {{{field}:{spec[:40]}}} asks for a width or precision "
+                             f"of {big[0][:20]}; at most {MAX_FORMAT_WIDTH})")
     for field in fields:
         if not field.isidentifier():
             raise ValueError(f"not a valid template (field {{{field}}} is not a column name); {how}")

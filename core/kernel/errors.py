@@ -3,7 +3,8 @@
 Everything a user can cause (a bad recipe, a missing file, an adapter made for another base)
 raises a subclass of :class:`PlugtuneError`. The CLI prints ``error: <message>`` on one line
 (several lines only when a recipe has several problems, one per problem), with no traceback,
-and exits with the class's ``exit_code``. Anything else is a bug and keeps its traceback.
+and exits with the class's ``exit_code``. Anything else is a bug: the CLI's last guard prints it
+as one line and exits 70, with the traceback under ``--debug`` or ``PLUGTUNE_DEBUG=1``.
 """
 
 from __future__ import annotations

@@ -38,7 +38,10 @@ from typing import Any
 
 import torch
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from plugtune.artifacts.adapters import _fsync_dir, _fsync_write
+from plugtune.kernel.bounds import read_json_file
 from plugtune.kernel.errors import RecipeError, TrainingError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -179,7 +182,6 @@ def write_checkpoint(output_dir: Path, step: int, *, trainable: dict[str, torch.
     from safetensors.torch import save
 
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(training_state, buffer)
     blobs = {TRAINABLE_FILE: save(_cpu(trainable)), STATE_FILE: buffer.getvalue()}
@@ -187,16 +189,24 @@ def write_checkpoint(output_dir: Path, step: int, *, trainable: dict[str, torch.
         blobs[BEST_FILE] = save(_cpu(best))
     blobs[META_FILE] = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1, default=str).encode()
     target = root / f"step-{step}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
+    previous = latest_checkpoint(output_dir)
+    staging: Path | None = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
         for name, data in blobs.items():  # the manifest last: a folder with it is complete
             _fsync_write(staging / name, data)
         if target.exists():  # the same step again (a resumed run): replace it
             _discard(target)
         staging.rename(target)
         _fsync_dir(root)
+    except OSError as exc:  # a full disk, a quota, a folder gone read-only: the earlier checkpoints stay whole
+        kept = (f"the last good checkpoint ({previous}) is intact; free space, then continue with --resume" if previous
+                else "there is no earlier checkpoint; free space and run again")
+        raise TrainingError(f"could not write checkpoint {target} ({exc.strerror or exc}); {kept}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(output_dir)[:-keep]:
         _discard(old)
     for leftover in root.glob(".step-*"):  # staging or trash of a process killed mid-write
@@ -228,17 +238,79 @@ class Checkpoint:
         return int(self.meta["step"])
 
 
+MAX_COUNTER = 2**53  # steps, epochs, rows, bytes: exact in a JSON number, far past any run
+
+
+class _Best(BaseModel):
+    step: int = Field(ge=0, le=MAX_COUNTER)
+    metrics: dict[str, float]
+    train: dict[str, float] = {}
+
+
+class CheckpointMeta(BaseModel):
+    """The shape of ``checkpoint.json`` that resuming relies on: a hand-edited or damaged
+    file fails here, naming the file and the field, instead of deep in the training loop."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    format_version: int = Field(FORMAT_VERSION, ge=1, le=FORMAT_VERSION)
+    step: int = Field(ge=0, le=MAX_COUNTER)
+    epoch: int = Field(ge=0, le=MAX_COUNTER)
+    batch: int = Field(ge=0, le=MAX_COUNTER)
+    recipe: dict[str, Any]
+    train_rows: int = Field(ge=0, le=MAX_COUNTER)
+    metrics_bytes: int = Field(ge=0, le=MAX_COUNTER)
+    before: dict[str, Any] = {}
+    train_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
+    history: list[dict[str, Any]] = []
+    best: _Best | dict[str, Any] = {}
+    finished: bool = False
+
+    @field_validator("best", mode="before")
+    @classmethod
+    def _empty_or_best(cls, value: Any) -> Any:
+        return value if value == {} else _Best.model_validate(value, strict=False)
+
+
+def _meta_problem(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p))[:80] or "(top level)"
+    got = err.get("input")
+    shown = "" if err["type"] == "missing" or isinstance(got, (dict, list)) else f" (got {repr(got)[:40]})"
+    return f"field {where}: {err['msg']}{shown}"
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``checkpoint.json`` read with the shared JSON bounds and checked against
+    :class:`CheckpointMeta`; problems raise ValueError with one line."""
+    data = read_json_file(path, ValueError, what="checkpoint metadata (a JSON object)")
+    try:
+        CheckpointMeta.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: {_meta_problem(exc)}") from None
+    return data
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     from safetensors.torch import load_file
 
     try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        meta = _read_meta(path / META_FILE)
+    except ValueError as exc:
+        raise TrainingError(f"checkpoint {exc}; remove {path} to resume from an earlier checkpoint, "
+                            f"or start over with --overwrite") from None
+    try:
         trainable = load_file(path / TRAINABLE_FILE)
         best = load_file(path / BEST_FILE) if (path / BEST_FILE).is_file() else {}
         training_state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
-        raise TrainingError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise TrainingError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {first}); "
                             f"remove it to resume from an earlier one, or start over with --overwrite") from None
+    missing = [k for k in ("optimizer", "scheduler", "rng") if not isinstance(training_state, dict) or k not in training_state]
+    if missing:
+        raise TrainingError(f"checkpoint {path / STATE_FILE} lacks {', '.join(missing)}; "
+                            f"remove {path} to resume from an earlier checkpoint, or start over with --overwrite")
     return Checkpoint(path, meta, trainable, best, training_state)
 
 

@@ -37,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from plugtune.kernel.bounds import MAX_DEPTH, MAX_NODES, read_json_file
 from plugtune.kernel.components import DataPath, MetricDirections, _path_exists
 from plugtune.kernel.errors import DataError, RecipeError
 from plugtune.kernel.faults import guarded
@@ -89,37 +90,47 @@ class TaskBlock(BaseModel):
     type: str
 
 
+MAX_COUNT = 10**9  # steps, epochs' worth of batches, sizes: far past any real run, short of overflow
+MAX_EPOCHS = 1e6
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+
+
 class TrainingBlock(_Strict):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
+    """``training:``. Every number is bounded at validation, before any folder is created:
+    counts are whole numbers up to ``MAX_COUNT``, epochs and rates finite (``.inf``, ``.nan``
+    and ``1e308`` are refused here, not after the output folder exists), the seed is one
+    numpy accepts."""
+
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, allow_inf_nan=False)
+    max_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
+    batch_size: int = Field(8, gt=0, le=MAX_COUNT)
+    grad_accum: int = Field(1, gt=0, le=MAX_COUNT)
+    learning_rate: float = Field(2e-4, gt=0, allow_inf_nan=False)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    seed: int = 0
-    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
+    warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    eval_every: int = Field(0, ge=0, le=MAX_COUNT, description="evaluate every N steps (0: only before and after)")
     eval_before: bool = Field(True, description="evaluate the untrained model first, for the before/after table")
-    eval_train_examples: int | None = Field(None, gt=0, description="after training, also evaluate on this many training rows (overfitting gap)")
-    max_new_tokens: int = Field(32, gt=0, description="generation length for evaluators that generate")
-    max_eval_examples: int | None = Field(None, gt=0)
-    eval_batch_size: int | None = Field(None, gt=0)
-    max_length: int = Field(256, gt=0)
-    max_grad_norm: float | None = Field(None, gt=0)
+    eval_train_examples: int | None = Field(None, gt=0, le=MAX_COUNT, description="after training, also evaluate on this many training rows (overfitting gap)")
+    max_new_tokens: int = Field(32, gt=0, le=MAX_COUNT, description="generation length for evaluators that generate (at most the model's context)")
+    max_eval_examples: int | None = Field(None, gt=0, le=MAX_COUNT)
+    eval_batch_size: int | None = Field(None, gt=0, le=MAX_COUNT)
+    max_length: int = Field(256, gt=0, le=MAX_COUNT)
+    max_grad_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="dtype the frozen base is loaded in; auto: fp32 on CPU, bf16 on a GPU unless the method trains base weights")
-    log_every: int = Field(1, gt=0)
-    checkpoint_every: int = Field(100, ge=0, description="save a checkpoint every N steps (0: only on Ctrl-C)")
-    checkpoint_keep: int = Field(2, gt=0, description="how many of the newest checkpoints to keep")
+    log_every: int = Field(1, gt=0, le=MAX_COUNT)
+    checkpoint_every: int = Field(100, ge=0, le=MAX_COUNT, description="save a checkpoint every N steps (0: only on Ctrl-C)")
+    checkpoint_keep: int = Field(2, gt=0, le=MAX_COUNT, description="how many of the newest checkpoints to keep")
     overlong: Literal["truncate", "drop", "refuse"] = Field(
         "truncate", description="rows longer than max_length (or the model's context): cut, leave out, or stop with an error")
     # compute savers and hardware defaults (core/batching.py, core/loss.py, core/tokenized_cache.py, core/runtime.py)
     group_by_length: bool = Field(True, description="batch rows of similar length together (less padding); the order stays a function of seed and epoch")
     logits_on_labels_only: bool = Field(True, description="causal LM: apply the LM head and loss only where labels are")
     cache_tokenized: bool = Field(True, description="reuse tokenized splits across runs (under $PLUGTUNE_HOME/tokenized)")
-    threads: int | None = Field(None, gt=0, description="CPU threads per process; default: physical cores / processes on this host")
+    threads: int | None = Field(None, gt=0, le=4096, description="CPU threads per process; default: physical cores / processes on this host")
     attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="attention implementation; auto: sdpa on GPUs, the library default on CPUs (with grouped-query SDPA); sdpa/eager: transformers' own, unchanged")
     malloc_mmap_threshold: int | None = Field(
         None, ge=0, le=32 << 20,
@@ -205,8 +216,102 @@ class Recipe:
 # --------------------------------------------------------------------------------------------
 
 
+class YamlBoundError(yaml.YAMLError):
+    """A recipe's YAML is well formed but refused: a duplicated key, nesting past
+    :data:`~plugtune.kernel.bounds.MAX_DEPTH`, or aliases that expand past
+    :data:`~plugtune.kernel.bounds.MAX_NODES` nodes. ``line`` is 1-based."""
+
+    def __init__(self, message: str, mark: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = mark.line + 1 if mark is not None else None
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``1e-3``, ``5E4``)."""
+    """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``1e-3``, ``5E4``), and
+    bounded: a key may appear once per mapping (a second ``training:`` block would silently
+    replace the first), nesting stops at ``MAX_DEPTH`` while the document is composed (before
+    the recursive composer can overflow the stack), and the composed graph may expand, every
+    alias followed, to at most ``MAX_NODES`` nodes (counted once per distinct node, so the
+    count itself is linear in the document)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)  # a scalar or an alias: no deeper
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise YamlBoundError(f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *base" entries may be overridden by the keys beside them
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base constructor says so
+                    continue
+                if first is not None:
+                    raise YamlBoundError(f"key {str(key)[:80]!r} appears twice (first on line {first}); keep one",
+                                         key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: Any) -> None:
+    """Refuse a composed YAML graph that expands past ``MAX_NODES`` nodes or nests past
+    ``MAX_DEPTH`` once aliases are followed, or that contains itself (``&a [*a]``). Sizes are
+    memoized per node, without recursion."""
+    if root is None:
+        return
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = _yaml_children(node)
+        if done:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = int(not isinstance(node, yaml.ScalarNode)) + max((depth[id(c)] for c in children), default=0)
+            if size[key] > MAX_NODES:
+                raise YamlBoundError(f"aliases expand to more than {MAX_NODES:,} values; "
+                                     f"write the values out, or use fewer aliases", root.start_mark)
+            if depth[key] > MAX_DEPTH:
+                raise YamlBoundError(f"nested more than {MAX_DEPTH} levels deep once aliases are followed", node.start_mark)
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise YamlBoundError("an alias refers to the block that contains it", node.start_mark)
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+
+
+def _yaml_children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 _YamlLoader.add_implicit_resolver(
@@ -225,6 +330,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
             raise RecipeError([f"override {item!r}: expected key.sub=value"])
         try:
             typed = yaml.load(value, Loader=_YamlLoader) if value.strip() else ""
+        except YamlBoundError as exc:
+            raise RecipeError([f"override {key.strip()[:80]}: {exc.message}"]) from None
         except yaml.YAMLError:
             typed = value
         parsed.append((key.strip().split("."), typed))
@@ -266,6 +373,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
     except UnicodeDecodeError as exc:
         raise RecipeError([f"not UTF-8 text ({exc.reason} at byte {exc.start})"], str(path)) from None
+    except YamlBoundError as exc:
+        raise RecipeError([f"line {exc.line}: {exc.message}" if exc.line else exc.message], str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -341,6 +450,8 @@ def validate(
         problems.extend(_check_task(task, method, regularizers, evaluators))
     problems.extend(_check_metric_directions(regularizers, evaluators))
     problems.extend(_check_model(plugins, raw.get("base_model"), task, method, regularizers, evaluators))
+    if spec is not None and task is not None:
+        problems.extend(_check_generation_length(plugins, spec, task))
     if problems or spec is None or task is None or method is None or loader is None:
         raise RecipeError(problems or ["invalid recipe"], where)
     return Recipe(
@@ -407,6 +518,32 @@ def _check_model(
         return [f"{path}.{problem}" for path, component in checks for problem in component.check_model(outline, task) or []]
     except OutlineUnavailable:  # the model cannot be outlined: loading it will say why
         return []
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def _check_generation_length(plugins: PluginSystem, spec: RecipeSpec, task: Task) -> list[str]:
+    """``training.max_new_tokens`` past the base model's context is refused at validation
+    (generating evaluators would otherwise run a model past its positions, or for hours). The
+    context is read from the local ``config.json`` (a small JSON file, bounded); a model that
+    is not local, or whose config names no context length, is not checked."""
+    from plugtune.artifacts.outline import outline_for
+
+    outline = outline_for(spec.base_model, task, plugins)
+    config = outline.location / "config.json" if outline is not None and outline.location.is_dir() else None
+    if config is None or not config.is_file():
+        return []
+    try:
+        data = read_json_file(config, ValueError)
+    except ValueError:
+        return []  # loading the model reports an unreadable config
+    context = next((data[k] for k in CONTEXT_KEYS if isinstance(data.get(k), int) and not isinstance(data.get(k), bool)), None)
+    wanted = spec.training.max_new_tokens
+    if context is None or context <= 0 or wanted < context:
+        return []
+    return [f"training.max_new_tokens: {wanted} tokens is past the context of {spec.base_model} "
+            f"({context} tokens, prompt included); use at most {context - 1}"]
 
 
 def _check_task(task: Task, method: Bound | None, regularizers: list[Bound | None],

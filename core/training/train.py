@@ -292,8 +292,12 @@ class _Process:
         """Append one record to ``metrics.jsonl`` (main process only)."""
         if not self.main:
             return
-        with open(self.metrics_log, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_log, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk: the checkpoints on disk stay whole, a resume cuts the log back
+            raise TrainingError(f"could not append to {self.metrics_log} ({exc.strerror or exc}); the last checkpoint "
+                                f"is intact; free space, then continue with --resume") from None
 
     def log_size(self) -> int:
         return self.metrics_log.stat().st_size if self.main and self.metrics_log.exists() else 0

@@ -179,8 +179,41 @@ class ParsedLora:
     whole: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> {param: value}
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _config_type_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the types of the keys of ``adapter_config.json`` the hosted layers
+    read (``r``, ``lora_alpha``, ``target_modules``, ``alpha_pattern``, ``rank_pattern``,
+    ``use_rslora``), or None: a hand-edited or foreign config fails here, at load, with one
+    line, not as a TypeError deep in a forward pass."""
+    if "r" in config and not _is_rank(config["r"]):
+        return f"r is {config['r']!r}; a LoRA rank is a whole number of at least 1"
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        return f"lora_alpha is {config['lora_alpha']!r}; it is a finite number"
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        return f"target_modules is {targets!r}; it is a module name pattern or a list of module names"
+    for key, ok, what in (("alpha_pattern", _is_number, "finite numbers"), ("rank_pattern", _is_rank, "ranks of at least 1")):
+        pattern = config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and all(ok(v) for v in pattern.values())):
+            return f"{key} is {pattern!r}; it maps module names to {what}"
+    if config.get("use_rslora") is not None and not isinstance(config["use_rslora"], bool):
+        return f"use_rslora is {config['use_rslora']!r}; it is true or false"
+    return None
+
+
 def check_config(name: str, config: dict[str, Any]) -> None:
-    """Refuse LoRA variants the hosted layers do not implement."""
+    """Refuse a config with wrong types, and LoRA variants the hosted layers do not implement."""
+    problem = _config_type_problem(config)
+    if problem:
+        raise AdapterError(f"adapter {name!r}: adapter_config.json: {problem[:300]}")
     for key, label in UNSUPPORTED.items():
         if config.get(key):
             raise AdapterError(f"adapter {name!r} uses {label}, which the adapter host's LoRA layers do not support")
