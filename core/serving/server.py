@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import copy
+import errno
 import hmac
 import json
 import logging
@@ -33,6 +34,7 @@ import os
 import queue
 import re
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -494,8 +496,14 @@ class Service:
         if full != self.adapters_root and not full.is_relative_to(self.adapters_root):
             raise ApiError(403, f"adapter path {path!r} is outside the adapters root {self.adapters_root}; "
                            "put the adapter under it or restart the server with another --adapters-root", param="path")
-        if not full.is_dir():
-            raise ApiError(404, f"no adapter folder at {path!r} under {self.adapters_root}", param="path")
+        try:  # one stat: is_dir() lets some errors through (a name too long for the file system)
+            is_dir = stat.S_ISDIR(full.stat().st_mode)
+        except OSError as exc:
+            is_dir, why = False, f" ({exc.strerror})" if exc.errno != errno.ENOENT else ""
+        else:
+            why = ""
+        if not is_dir:
+            raise ApiError(404, f"no adapter folder at {path!r} under {self.adapters_root}{why}", param="path")
         self._check_inside(full, path)
         return full
 
