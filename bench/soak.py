@@ -170,12 +170,16 @@ def section(r: dict, args: argparse.Namespace, command: str) -> str:
         f"(p99 {r['health_p99_ms']:.0f} ms) | under 1 s: {verdict(r['health_worst_ms'] < 1000)} |",
         f"| hostile requests answered 5xx | {r['hostile_5xx']} | 0: {verdict(r['hostile_5xx'] == 0)} |",
         f"| server RSS after warm-up / peak / end | {r['rss_start_mb']:.0f} / {r['rss_peak_mb']:.0f} / "
-        f"{r['rss_end_mb']:.0f} MiB | flat |",
+        f"{r['rss_end_mb']:.0f} MiB | |",
         f"| batches run, mean rows per batch | {r['batches']}, {r['mean_batch']:.1f} | |",
         "",
         "| hostile request | sent | answered (status, or what the client did) |",
         "| --- | ---: | --- |",
         *hostile_rows,
+        "",
+        ("The 20 MB body is refused from its `Content-Length` with a 413 before a byte of it is read, and the "
+         "connection is closed; the client, still sending, sees that as a ReadError. The 64 long prompts are caught "
+         "by the character budget before any token is counted."),
         "",
         (f"Failures: {r['failures']}." if r["failed"] else "No well-formed request failed."),
         "",

@@ -17,7 +17,13 @@ sees the adapter set change under it.
 
 Safety: the server binds to 127.0.0.1 unless told otherwise; adapters loaded over HTTP must
 lie inside ``adapters_root`` (paths are resolved, symlinks included, before the check) and
-carry a safe name; errors are OpenAI-shaped JSON with a one-line message, never a traceback.
+carry a safe name, and so must every file in the folder; errors are OpenAI-shaped JSON with
+a one-line message, never a traceback (a bug is a 500 whose traceback goes to the log).
+
+Availability: each request is held to a budget before any work (:class:`RequestLimits`:
+body bytes, prompt count, characters, then tokens, counted off the event loop); a row that
+fails in a batch ends alone (:meth:`BatchWorker._run` reruns the others one at a time); a
+client that disconnects has its rows cancelled, streaming or not.
 """
 
 from __future__ import annotations
