@@ -201,19 +201,9 @@ class TextStream(Iterator[list[str]]):
             g.positions = g.positions[index]
 
     def _pick(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """Greedy for rows at temperature 0; top-p sampling at their temperature otherwise."""
-        chosen = logits.argmax(-1)
+        """Each row's next token: see :func:`pick_tokens`."""
         index = torch.tensor(rows, device=logits.device)
-        temperature, top_p = self.temperature[index], self.top_p[index]
-        sampled = (temperature > 0).nonzero().flatten()
-        if len(sampled):
-            probs = (logits[sampled] / temperature[sampled, None]).softmax(-1)
-            sorted_probs, order = probs.sort(-1, descending=True)
-            beyond = sorted_probs.cumsum(-1) - sorted_probs > top_p[sampled, None]  # keep the smallest nucleus
-            sorted_probs = sorted_probs.masked_fill(beyond, 0)
-            pick = torch.multinomial(sorted_probs, 1, generator=self.generator)
-            chosen[sampled] = order.gather(-1, pick).flatten()
-        return chosen
+        return pick_tokens(logits, self.temperature[index], self.top_p[index], self.generator)
 
     def _emit(self, i: int, reason: str | None) -> str:
         """The row's new visible text; holds back what may be the start of a stop string or
@@ -243,6 +233,52 @@ class TextStream(Iterator[list[str]]):
                     held = max(held, k)
                     break
         return held
+
+
+GREEDY_BELOW = 1e-5
+"""Temperatures under this are decoded greedily: the distribution is a point mass on the top
+token for all practical purposes, and dividing by such a temperature is where the
+probabilities overflow (``temperature: 1e-39`` made them NaN)."""
+TOP_P_FLOOR = 1e-12
+"""The least nucleus mass used: a smaller (or zero) ``top_p`` keeps the top token alone, as it would."""
+
+
+def sampling_probabilities(logits: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of ``logits / temperature`` per row, in float64 and finite for any logits
+    (NaN counts as impossible, +inf as the largest finite value) and any positive
+    temperature: the row maximum is subtracted before dividing, so every scaled logit is at
+    most 0 and the top token's term is exactly 1. Returns ``(probs, usable)``: ``usable`` is
+    False for rows with no finite logit at all (every token NaN or -inf), whose ``probs``
+    are zero and which must be decoded greedily."""
+    x = torch.nan_to_num(logits.double(), nan=float("-inf"), posinf=torch.finfo(torch.float64).max, neginf=float("-inf"))
+    top = x.max(-1, keepdim=True).values
+    usable = torch.isfinite(top).flatten()
+    scaled = (x - top.nan_to_num(neginf=0.0)) / temperature.double().clamp(min=GREEDY_BELOW)[:, None]
+    probs = scaled.nan_to_num(nan=float("-inf")).softmax(-1)
+    return torch.where(usable[:, None], probs, torch.zeros_like(probs)), usable
+
+
+def pick_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token per row of ``logits`` (rows, vocabulary): greedy where the row's
+    temperature is under :data:`GREEDY_BELOW` or its logits have no finite value; top-p
+    sampling at the row's temperature otherwise. Safe at every temperature and ``top_p``
+    the server allows (and beyond: 0, subnormals, logits with inf or NaN): the sampling
+    runs on float64 probabilities that are finite and sum to 1 (see
+    :func:`sampling_probabilities`), and the nucleus always keeps the top token."""
+    chosen = torch.nan_to_num(logits.float(), nan=float("-inf"), neginf=float("-inf")).argmax(-1)
+    sampled = (temperature >= GREEDY_BELOW).nonzero().flatten()
+    if len(sampled):
+        probs, usable = sampling_probabilities(logits[sampled], temperature[sampled])
+        sampled, probs = sampled[usable], probs[usable]
+    if len(sampled):
+        sorted_probs, order = probs.sort(-1, descending=True)
+        nucleus = top_p[sampled].double().clamp(min=TOP_P_FLOOR)[:, None]
+        beyond = sorted_probs.cumsum(-1) - sorted_probs > nucleus  # the smallest nucleus; the top token always stays
+        sorted_probs = sorted_probs.masked_fill(beyond, 0)
+        pick = torch.multinomial(sorted_probs, 1, generator=generator)
+        chosen[sampled] = order.gather(-1, pick).flatten()
+    return chosen
 
 
 def _eos_ids(tokenizer: Any, model_config: Any) -> set[int]:

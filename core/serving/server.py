@@ -17,7 +17,13 @@ sees the adapter set change under it.
 
 Safety: the server binds to 127.0.0.1 unless told otherwise; adapters loaded over HTTP must
 lie inside ``adapters_root`` (paths are resolved, symlinks included, before the check) and
-carry a safe name; errors are OpenAI-shaped JSON with a one-line message, never a traceback.
+carry a safe name, and so must every file in the folder; errors are OpenAI-shaped JSON with
+a one-line message, never a traceback (a bug is a 500 whose traceback goes to the log).
+
+Availability: each request is held to a budget before any work (:class:`RequestLimits`:
+body bytes, prompt count, characters, then tokens, counted off the event loop); a row that
+fails in a batch ends alone (:meth:`BatchWorker._run` reruns the others one at a time); a
+client that disconnects has its rows cancelled, streaming or not.
 """
 
 from __future__ import annotations
@@ -26,16 +32,20 @@ import asyncio
 import collections
 import contextlib
 import copy
+import errno
 import hmac
 import json
 import logging
+import os
 import queue
 import re
 import socket
+import stat
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,9 +61,48 @@ log = logging.getLogger("plugtune.serving.server")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Names an adapter may be loaded under over HTTP: no slashes, no leading dot, at most 64."""
 BASE_ALIAS = "base"
-MAX_INPUTS = 64
-"""Most prompts (or texts to classify) one request may carry."""
 DEFAULT_BATCH_WINDOW_S = 0.005
+MAX_MESSAGES = 1024
+"""Most messages one chat request may carry."""
+MAX_ADAPTER_FILES = 1000
+"""Most entries an adapter folder loaded over HTTP may hold (each is resolved and checked)."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for, checked in this order before any work is done for it:
+    the body's size in bytes (from ``Content-Length`` before reading, then while it streams
+    in), the number of prompts (or texts to classify), their total characters, and only
+    then their tokens (counted off the event loop, against the model's context). Raise them
+    with the environment variables in :data:`LIMIT_VARIABLES` when ``plugtune serve`` starts."""
+
+    body_bytes: int = 8 * 1024 * 1024
+    inputs: int = 64
+    characters: int = 1_000_000
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RequestLimits:
+        """The defaults, with any set in ``environ`` (``os.environ``) instead; a value that is
+        not a whole number of at least 1 is refused with one line."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for name, variable in LIMIT_VARIABLES.items():
+            raw = environ.get(variable)
+            if raw is None or not raw.strip():
+                continue
+            try:
+                value = int(raw.strip().replace("_", ""))
+            except ValueError:
+                value = 0
+            if value < 1:
+                raise PlugtuneError(f"{variable} must be a whole number of at least 1 (got {raw!r})")
+            values[name] = value
+        return cls(**values)
+
+
+LIMIT_VARIABLES = {"body_bytes": "PLUGTUNE_MAX_REQUEST_BYTES", "inputs": "PLUGTUNE_MAX_PROMPTS",
+                   "characters": "PLUGTUNE_MAX_PROMPT_CHARS"}
+"""The environment variable that raises (or lowers) each of :class:`RequestLimits`."""
 
 
 class ApiError(Exception):
@@ -130,7 +179,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
@@ -174,8 +223,13 @@ class Job:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     cancelled: bool = False  # the client went away: stop sending, drop the row when possible
+    ended: bool = False  # its last event ("done", "result" or "error") was sent
+    sent: str = ""  # the text sent so far ("delta" events), so that a row can be resumed alone
+    sent_tokens: int = 0  # the tokens generated so far
 
     def emit(self, kind: str, payload: Any = None) -> None:
+        if kind in ("done", "result", "error"):
+            self.ended = True
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, payload))
         except RuntimeError:  # the server's loop is closed (shutdown): nobody is listening
@@ -263,19 +317,42 @@ class BatchWorker:
         return batch
 
     def _run(self, batch: list[Job]) -> None:
+        """Run ``batch``; if it fails, run each of its rows that had not ended again alone
+        (a generation resumes after the text it already sent), so that a failure that
+        belongs to one row ends that row alone, never its batch."""
         self.batches += 1
         self.rows += len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
         try:
-            if batch[0].kind == "classify":
-                self._classify(batch)
-            else:
-                self._generate(batch)
+            self._run_kind(batch, resume=False)
         except Exception as exc:  # the worker must outlive any one batch
-            log.exception("batch of %d failed", len(batch))
-            error = _as_api_error(exc)
+            if len(batch) == 1:
+                self._fail(batch[0], exc)
+                return
+            log.warning("a batch of %d rows failed (%s: %s); running its rows one at a time", len(batch),
+                        type(exc).__name__, _one_line(str(exc))[:200])
             for job in batch:
-                job.emit("error", error)
+                if job.ended or job.cancelled:
+                    continue
+                try:
+                    self._run_kind([job], resume=True)
+                except Exception as row_exc:
+                    self._fail(job, row_exc)
+
+    def _run_kind(self, batch: list[Job], *, resume: bool) -> None:
+        if batch[0].kind == "classify":
+            self._classify(batch, resume=resume)
+        else:
+            self._generate(batch, resume=resume)
+
+    @staticmethod
+    def _fail(job: Job, exc: Exception) -> None:
+        """Answer ``job`` with the error ``exc`` (logged with its traceback when it is a bug)."""
+        error = _as_api_error(exc)
+        if error.status >= 500:
+            log.error("a request row failed", exc_info=exc)
+        if not job.ended:
+            job.emit("error", error)
 
     def _usable(self, batch: list[Job]) -> list[Job]:
         """The jobs whose adapter is still loaded; the others are answered 404."""
@@ -288,34 +365,45 @@ class BatchWorker:
                 usable.append(job)
         return usable
 
-    def _classify(self, batch: list[Job]) -> None:
+    def _classify(self, batch: list[Job], *, resume: bool = False) -> None:
         batch = self._usable(batch)
         if not batch:
             return
-        for job in batch:
-            job.emit("start")
+        if not resume:
+            for job in batch:
+                job.emit("start")
         results = self.host.classify([job.text for job in batch], [job.adapter for job in batch])
         for job, result in zip(batch, results):
             job.emit("result", result)
 
-    def _generate(self, batch: list[Job]) -> None:
+    def _generate(self, batch: list[Job], *, resume: bool = False) -> None:
         """Decode the batch as one stream, each row with its own adapter, sampling, token
         budget and stop strings (the stream cuts each row and takes it out of the batch).
         Before every step, rows whose client went away are cancelled, so they stop costing
         forwards; after it, each row's new text and, once it has finished, its finish reason
-        and token count are sent to its request."""
+        and token count are sent to its request. ``resume``: the rows ran before in a batch
+        that failed; each continues from its prompt and the text it already sent, with what
+        is left of its token budget."""
         batch = self._usable(batch)
         if not batch:
             return
-        for job in batch:
-            job.emit("start")
+        if not resume:
+            for job in batch:
+                job.emit("start")
+        already = [job.sent_tokens for job in batch]
         stream = self.host.stream(
-            [job.text for job in batch], [job.adapter for job in batch], raw=True,
-            max_new_tokens=[job.max_tokens for job in batch], stop=[job.stop for job in batch],
-            temperature=[job.temperature for job in batch], top_p=[job.top_p for job in batch],
-            seed=batch[0].seed,
+            [job.text + job.sent for job in batch], [job.adapter for job in batch], raw=True,
+            max_new_tokens=[max(0, job.max_tokens - job.sent_tokens) for job in batch],
+            stop=[job.stop for job in batch], temperature=[job.temperature for job in batch],
+            top_p=[job.top_p for job in batch], seed=batch[0].seed,
         )
-        reported = [False] * len(batch)
+
+        def report() -> None:
+            for i, job in enumerate(batch):
+                job.sent_tokens = already[i] + stream.completion_tokens[i]
+                if stream.finish_reasons[i] in ("stop", "length") and not job.ended:
+                    job.emit("done", (stream.finish_reasons[i], job.sent_tokens))
+
         while True:
             for i, job in enumerate(batch):
                 if job.cancelled:
@@ -325,10 +413,10 @@ class BatchWorker:
                 break
             for i, job in enumerate(batch):
                 if deltas[i] and not job.cancelled:
+                    job.sent += deltas[i]
                     job.emit("delta", deltas[i])
-                if stream.finish_reasons[i] in ("stop", "length") and not reported[i]:
-                    reported[i] = True
-                    job.emit("done", (stream.finish_reasons[i], stream.completion_tokens[i]))
+            report()
+        report()  # rows that finished before any step (no budget left)
 
 
 def _as_api_error(exc: BaseException) -> ApiError:
@@ -336,7 +424,15 @@ def _as_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, PlugtuneError):
         return ApiError(400, _one_line(str(exc)))
-    return ApiError(500, _one_line(f"internal error ({type(exc).__name__}): {exc}"))
+    return _internal_error(exc)
+
+
+def _internal_error(exc: BaseException, where: str = "") -> ApiError:
+    """A bug (an exception no rule expected) as a 500 with one line: its type and the start
+    of its message, never a traceback; the server log has the traceback."""
+    detail = _one_line(str(exc))[:200]
+    return ApiError(500, f"internal error{f' in {where}' if where else ''} ({type(exc).__name__}"
+                    f"{f': {detail}' if detail else ''}); the server log has the traceback")
 
 
 # -- the application --------------------------------------------------------------------------
@@ -348,19 +444,35 @@ class Service:
     def __init__(self, host: Any, *, adapters_root: str | Path = "adapters", max_batch: int = 16,
                  base_name: str | None = None, allow_pickle: bool = False,
                  window_s: float = DEFAULT_BATCH_WINDOW_S, default_chat_tokens: int = 256,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, limits: RequestLimits | None = None) -> None:
         self.host = host
         self.adapters_root = Path(adapters_root).resolve()
         self.base_name = base_name or str(host.base.info.id)
         self.allow_pickle = allow_pickle
-        self.api_key = api_key or None
+        self.api_key = checked_api_key(api_key)
         self.default_chat_tokens = default_chat_tokens
+        self.limits = limits or RequestLimits.from_env()
         self.worker = BatchWorker(host, max_batch=max_batch, window_s=window_s)
-        # The event loop's own tokenizer (counting tokens, chat templates), so that it never
-        # shares mutable tokenizer state with the worker thread.
-        self.tokenizer = copy.deepcopy(host.tokenizer)
+        # Counting tokens and rendering chat templates run on these threads, never on the event
+        # loop (a long prompt must not hold up /health or other clients), each thread with its
+        # own copy of the tokenizer, so that none shares mutable tokenizer state with another
+        # or with the worker thread.
+        self.tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plugtune-tokenize")
+        self._local = threading.local()
         self.created = int(time.time())
         self.context_length: int | None = getattr(host.base.model.config, "max_position_embeddings", None)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The calling thread's own copy of the host's tokenizer."""
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._local.tokenizer = copy.deepcopy(self.host.tokenizer)
+        return tokenizer
+
+    async def off_loop(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on a tokenizing thread, awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
     @property
     def classification(self) -> bool:
@@ -390,9 +502,39 @@ class Service:
         if full != self.adapters_root and not full.is_relative_to(self.adapters_root):
             raise ApiError(403, f"adapter path {path!r} is outside the adapters root {self.adapters_root}; "
                            "put the adapter under it or restart the server with another --adapters-root", param="path")
-        if not full.is_dir():
-            raise ApiError(404, f"no adapter folder at {path!r} under {self.adapters_root}", param="path")
+        try:  # one stat: is_dir() lets some errors through (a name too long for the file system)
+            is_dir = stat.S_ISDIR(full.stat().st_mode)
+        except OSError as exc:
+            is_dir, why = False, f" ({exc.strerror})" if exc.errno != errno.ENOENT else ""
+        else:
+            why = ""
+        if not is_dir:
+            raise ApiError(404, f"no adapter folder at {path!r} under {self.adapters_root}{why}", param="path")
+        self._check_inside(full, path)
         return full
+
+    def _check_inside(self, folder: Path, path: str) -> None:
+        """Every entry of ``folder`` (files, folders, symlinks, at any depth), resolved, lies
+        inside the adapters root: a folder inside it whose files link elsewhere is refused,
+        as the folder itself would be. At most :data:`MAX_ADAPTER_FILES` entries are looked at."""
+        seen = 0
+        for top, dirs, files in os.walk(folder, followlinks=True):  # linked folders too; the cap ends any loop
+            for entry in (*dirs, *files):
+                seen += 1
+                if seen > MAX_ADAPTER_FILES:
+                    raise ApiError(400, f"adapter folder {path!r} holds more than {MAX_ADAPTER_FILES} entries; "
+                                   "an adapter is a few files", param="path")
+                link = Path(top, entry)
+                try:
+                    target = link.resolve(strict=True)
+                except (OSError, RuntimeError):  # dangling, a loop, unreadable
+                    raise ApiError(403, f"adapter path {path!r}: {link.relative_to(folder)} cannot be resolved "
+                                   "(a dangling or looping link); adapters loaded over HTTP must lie whole inside "
+                                   f"the adapters root {self.adapters_root}", param="path") from None
+                if not target.is_relative_to(self.adapters_root):
+                    raise ApiError(403, f"adapter path {path!r}: {link.relative_to(folder)} links outside the adapters "
+                                   f"root {self.adapters_root}; copy the file into the adapter folder or restart the "
+                                   "server with another --adapters-root", param="path")
 
     # -- adapters -----------------------------------------------------------------------------
 
@@ -440,6 +582,23 @@ class Service:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
+    def count_all(self, texts: list[str]) -> list[int]:
+        """Each text's token count (call it through :meth:`off_loop`)."""
+        return [len(ids) for ids in self.tokenizer(texts)["input_ids"]] if texts else []
+
+    def check_budget(self, texts: Sequence[str], field: str) -> None:
+        """The request's count of texts and their total characters against :attr:`limits`,
+        before anything is tokenized."""
+        limits = self.limits
+        if not texts or len(texts) > limits.inputs:
+            raise ApiError(400, f"{field}: give a string or a list of 1 to {limits.inputs} strings (got {len(texts)})",
+                           param=field)
+        total = sum(len(t) for t in texts)
+        if total > limits.characters:
+            raise ApiError(413, f"{field}: {total} characters in this request, more than the server's limit of "
+                           f"{limits.characters}; send shorter text (the server's operator can raise "
+                           f"{LIMIT_VARIABLES['characters']})", code="request_too_large", param=field)
+
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         if self.context_length and prompt_tokens + max_tokens > self.context_length:
             raise ApiError(400, f"this model's context is {self.context_length} tokens; the prompt has {prompt_tokens} "
@@ -463,6 +622,99 @@ class Service:
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
+
+
+def checked_api_key(api_key: str | None) -> str | None:
+    """``api_key`` as the server will require it; ``None``: no authentication. A key that is
+    set but empty or only whitespace (``PLUGTUNE_API_KEY=``) is refused with one line rather
+    than silently turning authentication off."""
+    if api_key is None:
+        return None
+    if not api_key.strip():
+        raise PlugtuneError("PLUGTUNE_API_KEY is set but empty: set it to the key clients must send, "
+                            "or unset it to serve without authentication")
+    if api_key != api_key.strip():
+        raise PlugtuneError("PLUGTUNE_API_KEY starts or ends with whitespace, which no client sends; remove it")
+    return api_key
+
+
+class RequestGuard:
+    """The outermost layer of the application (pure ASGI). Bounds each request body by
+    ``body_bytes`` before the application sees it: a ``Content-Length`` over the limit is
+    answered 413 before one byte is read, and a body streamed without one is read only up to
+    the limit. Also the last guard: an exception that nothing else handled is logged with
+    its traceback and answered as a 500 with one line (when the response has not begun)."""
+
+    def __init__(self, app: Any, body_bytes: int) -> None:
+        self.app = app
+        self.body_bytes = body_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        where = f"{scope.get('method', '')} {scope.get('path', '')}"
+        try:
+            body = await self._read_body(scope, receive)
+            if isinstance(body, ApiError):
+                await self._answer(tracked, body)
+                return
+            if body is None:  # the client left while sending
+                return
+            replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def replayed() -> dict[str, Any]:
+                return replay.pop() if replay else await receive()
+
+            await self.app(scope, replayed, tracked)
+        except Exception as exc:
+            log.exception("%s failed", where)
+            if not started:
+                await self._answer(tracked, _internal_error(exc, where))
+
+    def _too_large(self, size: int | None) -> ApiError:
+        told = f"has {size} bytes, more than" if size is not None else "is longer than"
+        return ApiError(413, f"the request body {told} the server's limit of {self.body_bytes} bytes; send less "
+                        f"(the server's operator can raise {LIMIT_VARIABLES['body_bytes']})", code="request_too_large")
+
+    async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes | ApiError | None:
+        declared = [v for k, v in scope.get("headers", ()) if k.lower() == b"content-length"]
+        if declared:
+            try:
+                size = int(declared[0])
+            except ValueError:
+                size = -1
+            if size < 0:
+                return ApiError(400, "the Content-Length header is not a size in bytes")
+            if size > self.body_bytes:
+                return self._too_large(size)
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.body_bytes:
+                return self._too_large(None)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def _answer(send: Any, error: ApiError) -> None:
+        body = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def _error(exc: ApiError) -> Any:
@@ -495,6 +747,7 @@ def create_app(service: Service) -> Any:
             yield
         finally:
             await run_in_threadpool(service.worker.stop)
+            service.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     async def authorize(request: Request) -> None:
         """With an API key set, every endpoint but /health wants ``Authorization: Bearer KEY``."""
@@ -532,10 +785,8 @@ def create_app(service: Service) -> Any:
     async def plugtune_error(request: Request, exc: PlugtuneError) -> Any:
         return _error(ApiError(400, _one_line(str(exc))))
 
-    @app.exception_handler(Exception)
-    async def crash(request: Request, exc: Exception) -> Any:
-        log.exception("%s %s failed", request.method, request.url.path)
-        return _error(_as_api_error(exc))
+    # Exceptions no handler above expects reach RequestGuard: a logged traceback and a one-line 500.
+    app.add_middleware(RequestGuard, body_bytes=service.limits.body_bytes)
 
     # -- status -------------------------------------------------------------------------------
 
@@ -616,20 +867,19 @@ def create_app(service: Service) -> Any:
         if sampling.logprobs not in (None, False):
             raise ApiError(400, "logprobs are not supported by this server; leave the field out", param="logprobs")
 
-    async def generate(texts: list[str], adapter: str | None, sampling: _Sampling, max_tokens: int,
-                       chat: bool, model_name: str) -> Any:
-        prompt_tokens = [service.count_tokens(t) for t in texts]
+    async def generate(request: Request, texts: list[str], adapter: str | None, sampling: _Sampling,
+                       max_tokens: int | None, chat: bool, model_name: str) -> Any:
+        """``max_tokens`` ``None``: as much as the context leaves, up to the chat default."""
+        prompt_tokens = await service.off_loop(service.count_all, texts)
+        if max_tokens is None:
+            room = (service.context_length or 0) - max(prompt_tokens)
+            max_tokens = max(1, min(service.default_chat_tokens, room)) if service.context_length else service.default_chat_tokens
         for n in prompt_tokens:
             if n == 0:  # nothing to continue from (no BOS token): refused rather than batched
                 raise ApiError(400, "the prompt is empty: it encodes to no tokens", param="prompt")
             service.check_length(n, max_tokens)
         events, jobs = submit("generate", texts, adapter, sampling, max_tokens)
-        try:
-            early = await started(events, jobs)
-        except asyncio.CancelledError:
-            for job in jobs:
-                job.cancelled = True
-            raise
+        early = await unless_disconnected(request, jobs, started(events, jobs))
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
@@ -638,14 +888,18 @@ def create_app(service: Service) -> Any:
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts_out, finish, completion = ["" for _ in jobs], ["" for _ in jobs], [0 for _ in jobs]
-        async with contextlib.aclosing(job_events(events, jobs, early)) as stream:
-            async for index, kind, payload in stream:
-                if kind == "delta":
-                    texts_out[index] += payload
-                elif kind == "done":
-                    finish[index], completion[index] = payload
-                elif kind == "error":
-                    raise payload
+
+        async def collect() -> None:
+            async with contextlib.aclosing(job_events(events, jobs, early)) as stream:
+                async for index, kind, payload in stream:
+                    if kind == "delta":
+                        texts_out[index] += payload
+                    elif kind == "done":
+                        finish[index], completion[index] = payload
+                    elif kind == "error":
+                        raise payload
+
+        await unless_disconnected(request, jobs, collect())
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                         "finish_reason": f} for i, (t, f) in enumerate(zip(texts_out, finish))]
@@ -656,36 +910,34 @@ def create_app(service: Service) -> Any:
         return JSONResponse({**head, "choices": choices, "usage": usage, "system_fingerprint": None})
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         check_generation(body)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
         adapter, model_name = service.resolve(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        _check_count(prompts, "prompt")
-        return await generate(prompts, adapter, body, body.max_tokens, chat=False, model_name=model_name)
+        service.check_budget(prompts, "prompt")
+        return await generate(request, prompts, adapter, body, body.max_tokens, chat=False, model_name=model_name)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Any:
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
         check_generation(body)
         adapter, model_name = service.resolve(body)
-        prompt = service.chat_prompt(body.messages, adapter)
-        budget = body.token_budget()
-        if budget is None:  # as much as the context leaves, up to the default
-            room = (service.context_length or 0) - service.count_tokens(prompt)
-            budget = max(1, min(service.default_chat_tokens, room)) if service.context_length else service.default_chat_tokens
-        return await generate([prompt], adapter, body, budget, chat=True, model_name=model_name)
+        service.check_budget(["".join(m.text() for m in body.messages)], "messages")
+        prompt = await service.off_loop(service.chat_prompt, body.messages, adapter)
+        return await generate(request, [prompt], adapter, body, body.token_budget(), chat=True, model_name=model_name)
 
     @app.post("/v1/classify")
-    async def classify(body: ClassifyRequest) -> Any:
+    async def classify(body: ClassifyRequest, request: Request) -> Any:
         if not service.classification:
             raise ApiError(400, "this server holds a language-model base; use POST /v1/completions or /v1/chat/completions")
         adapter, model_name = service.resolve(body)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        _check_count(texts, "input")
+        service.check_budget(texts, "input")
+        counts = await service.off_loop(service.count_all, texts)
         events, jobs = submit("classify", texts, adapter)
-        results = await classification_results(events, jobs)
-        tokens = sum(service.count_tokens(t) for t in texts)
+        results = await unless_disconnected(request, jobs, classification_results(events, jobs))
+        tokens = sum(counts)
         data = [{"object": "classification", "index": i, "label": r["label"], "scores": r["scores"]}
                 for i, r in enumerate(results)]
         return {"object": "list", "model": model_name, "data": data,
@@ -694,9 +946,32 @@ def create_app(service: Service) -> Any:
     return app
 
 
-def _check_count(items: list[str], field: str) -> None:
-    if not items or len(items) > MAX_INPUTS:
-        raise ApiError(400, f"{field}: give a string or a list of 1 to {MAX_INPUTS} strings (got {len(items)})", param=field)
+async def unless_disconnected(request: Request, jobs: list[Job], work: Awaitable[Any]) -> Any:
+    """``work``'s result, unless the client disconnects first: then ``work`` is cancelled and
+    so are ``jobs`` (their rows leave the batch, as a streaming client's do), and the
+    request ends with a 499 nobody reads. Non-streaming requests wait through this, since
+    nothing else would notice that their client has gone."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request's own task is cancelled
+        if not task.done():
+            task.cancel()
+            for job in jobs:
+                job.cancelled = True
+        watcher.cancel()
+    if not task.done() or task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client of ``request`` (whose body has been read) disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -834,6 +1109,8 @@ def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, a
 
     if max_batch < 1:
         raise PlugtuneError(f"--max-batch must be at least 1 (got {max_batch})")
+    api_key = checked_api_key(api_key)  # before the model loads: a refused key costs nothing
+    limits = RequestLimits.from_env()
     if threads is not None:
         if threads < 1:
             raise PlugtuneError(f"--threads must be at least 1 (got {threads})")
@@ -843,5 +1120,5 @@ def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, a
                     host, adapters_root, "" if api_key else "; there is no authentication (set PLUGTUNE_API_KEY)")
     model_host = build_host(adapter_dirs, base, allow_pickle=allow_pickle)
     service = Service(model_host, adapters_root=adapters_root, max_batch=max_batch, base_name=base,
-                      allow_pickle=allow_pickle, api_key=api_key)
+                      allow_pickle=allow_pickle, api_key=api_key, limits=limits)
     uvicorn.run(create_app(service), host=host, port=port, log_level=log_level)
