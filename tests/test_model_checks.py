@@ -3,6 +3,8 @@ outline (config and module names, built on the meta device) before any weight lo
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +201,16 @@ def test_the_structure_is_built_once_then_read_from_the_cache(tiny_llama: Path, 
     second = outline_for(str(tiny_llama), task)
     assert second is not first and second.linear_names() == first.linear_names()
     assert second.parameter_shapes() == first.parameter_shapes()
+
+@pytest.mark.parametrize("planted", ["{not json", "[]", '{"modules": [1], "linear": [], "parameters": {}}'])
+def test_a_damaged_structure_cache_entry_is_a_miss_with_a_note(planted: str, tiny_llama: Path, tiny_data: Path,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PLUGTUNE_HOME", str(tmp_path / "home"))
+    task = load_recipe(raw=recipe_dict(tiny_llama, tiny_data)).task
+    good = outline_for(str(tiny_llama), task).linear_names()
+    (entry,) = (tmp_path / "home" / "outlines").glob("*.json")
+    entry.write_text(planted)
+    assert outline_for(str(tiny_llama), task).linear_names() == good
+    assert f"model outline cache entry {entry.name} unreadable" in capsys.readouterr().err
+    assert json.loads(entry.read_text())["linear"] == good  # rewritten whole

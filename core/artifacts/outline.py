@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +110,12 @@ class ModelOutline:
         path = _structure_path(self)
         if path is not None:
             try:
-                return json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                pass  # not there yet, or damaged: build it again
+                return _valid_structure(json.loads(path.read_text(encoding="utf-8")))
+            except FileNotFoundError:
+                pass  # not outlined yet
+            except (OSError, ValueError, TypeError) as exc:  # damaged or planted: a miss, said once
+                print(f"model outline cache entry {path.name} unreadable ({type(exc).__name__}); building it again",
+                      file=sys.stderr)
         from torch import nn
 
         modules = list(self.skeleton.named_modules())
@@ -133,6 +137,17 @@ class ModelOutline:
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's dotted name and shape (tied weights listed once)."""
         return {name: tuple(shape) for name, shape in self._structure["parameters"].items()}
+
+
+def _valid_structure(data: Any) -> dict[str, Any]:
+    """A cached structure as :meth:`ModelOutline._structure` wrote it, or TypeError."""
+    ok = (isinstance(data, dict) and all(isinstance(data.get(k), list) for k in ("modules", "linear"))
+          and isinstance(data.get("parameters"), dict)
+          and all(isinstance(n, str) for n in data["modules"] + data["linear"])
+          and all(isinstance(s, list) and all(isinstance(d, int) for d in s) for s in data["parameters"].values()))
+    if not ok:
+        raise TypeError("not an outline structure")
+    return data
 
 
 def _structure_path(outline: ModelOutline) -> Path | None:
