@@ -214,7 +214,7 @@ def test_a_streamed_body_without_content_length_is_read_only_up_to_the_limit(ser
     with httpx.Client(base_url=url, timeout=60) as c:
         try:
             response = c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
-        except httpx.WriteError:  # the server answered and closed while the rest was still being sent
+        except (httpx.WriteError, httpx.ReadError, httpx.RemoteProtocolError):  # the server answered and closed while the rest was still being sent
             response = None
         if response is not None:
             assert_error(response, 413, "the request body is longer than the server's limit of 65536 bytes; send less "
@@ -281,28 +281,38 @@ def test_a_huge_request_does_not_block_health_or_other_clients(host, adapters_ro
     small completion is served."""
     roomy = RequestLimits(body_bytes=2_000_000, inputs=64, characters=2_000_000)
     service = Service(host, adapters_root=adapters_root, base_name="tiny-llama", limits=roomy)
-    worst, done = [0.0], threading.Event()
+    worst, done, failures = [0.0], threading.Event(), []
     with running(create_app(service)) as base:
 
         def hostile() -> None:
-            with httpx.Client(base_url=base, timeout=120) as c:
-                for _ in range(2):
-                    r = c.post("/v1/completions", json={"prompt": [big(30_000)] * 60, "max_tokens": 1})
-                    assert r.status_code == 400 and "context" in r.text, r.text
-                r = c.post("/v1/completions", content=b"x" * 20_000_000, headers={"content-type": "application/json"})
-                assert r.status_code == 413, r.text
-            done.set()
+            try:
+                with httpx.Client(base_url=base, timeout=120) as c:
+                    for _ in range(2):
+                        r = c.post("/v1/completions", json={"prompt": [big(30_000)] * 60, "max_tokens": 1})
+                        assert r.status_code == 400 and "context" in r.text, r.text
+                    try:
+                        r = c.post("/v1/completions", content=b"x" * 20_000_000, headers={"content-type": "application/json"})
+                        assert r.status_code == 413, r.text
+                    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                        pass  # the server answered 413 and closed while this client was still sending: refused too
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                failures.append(exc)
+            finally:
+                done.set()
 
         thread = threading.Thread(target=hostile)
         thread.start()
+        deadline = time.monotonic() + 300
         with httpx.Client(base_url=base, timeout=30) as c:
-            while not done.is_set():
+            while not done.is_set() and time.monotonic() < deadline:
                 start = time.monotonic()
                 assert c.get("/health").status_code == 200
                 worst[0] = max(worst[0], time.monotonic() - start)
                 time.sleep(0.02)
             answer = c.post("/v1/completions", json={"model": "alpha", "prompt": SKY, "max_tokens": 3, "temperature": 0})
-        thread.join()
+        thread.join(timeout=60)
+    assert not failures, failures
+    assert done.is_set(), "the hostile client did not finish within 300 s"
     assert worst[0] < 1.0, worst
     assert answer.json()["choices"][0]["text"] == alone(host, SKY, "alpha", 3)
 
