@@ -28,22 +28,9 @@ import torch
 import yaml
 from plugtune.cli import main
 from plugtune.testing import recipe_dict
+from test_hostile_input import snapshot
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` and its bytes (FIFOs, sockets and links to devices are
-    listed, never read)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink() or not p.exists():
-            out[str(p.relative_to(root))] = os.readlink(p).encode() if p.is_symlink() else b"?"
-        elif p.is_file():
-            out[str(p.relative_to(root))] = p.read_bytes()
-        elif not p.is_dir():
-            out[str(p.relative_to(root))] = b"<special>"
-    return out
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, list[str]]:

@@ -30,34 +30,9 @@ from plugtune.kernel.errors import PlugtuneError
 from plugtune.kernel.registry import build_plugin_system, set_plugin_system
 from plugtune.testing import recipe_dict
 from plugtune.training.checkpoints import META_FILE, latest_checkpoint, read_checkpoint
+from test_hostile_input import cli, refused, snapshot
 
 # -- helpers (the house style of tests/test_hostile_input.py) ---------------------------------
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, list[str]]:
-    """Run the command in-process: the exit code and stderr's lines from the first ``error:``
-    on, after checking there is no traceback."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    first = next((i for i, line in enumerate(lines) if line.startswith("error: ")), len(lines))
-    return code, lines[first:]
-
-
-def refused(capsys, root: Path, *args: object) -> tuple[int, list[str]]:
-    """``cli`` plus: a non-zero exit, an error line, and nothing under ``root`` changed."""
-    before = snapshot(root)
-    code, lines = cli(capsys, *args)
-    assert code != 0, lines
-    assert lines, "no error line"
-    assert snapshot(root) == before
-    return code, lines
 
 
 def tiny_raw(tiny_llama: Path, tiny_data: Path, tmp_path: Path) -> dict:

@@ -27,6 +27,7 @@ from plugtune.serving.decoding import GREEDY_BELOW, pick_tokens, sampling_probab
 from plugtune.serving.host import AdapterHost
 from plugtune.serving.server import LIMIT_VARIABLES, RequestLimits, Service, create_app, running
 from starlette.testclient import TestClient
+from test_hostile_input import snapshot
 
 SKY = "question : what is the colour of the sky ? answer :"
 GRASS = "question : what is the colour of the grass ? answer :"
@@ -81,10 +82,6 @@ def served(host, adapters_root):
     service = Service(host, adapters_root=adapters_root, max_batch=8, base_name="tiny-llama", limits=SMALL)
     with running(create_app(service)) as base_url:
         yield base_url, service
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def alone(host: AdapterHost, prompt: str, adapter: str | None, max_tokens: int) -> str:
