@@ -213,11 +213,8 @@ def parity_main(train: str) -> None:
     from peft import LoraConfig, get_peft_model
     from plugtune.data.batching import epoch_batches
     from plugtune.data.encoding import encode_split
-    from plugtune.training.loss import (
-        full_logits_token_losses,
-        label_token_losses,
-        per_example_loss,
-    )
+    from plugtune.data.labels import per_example_loss
+    from plugtune.training.loss import full_logits_token_losses, label_token_losses
     from plugtune.artifacts.models import load_base
     from plugtune.data.tasks import collate
 

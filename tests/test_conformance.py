@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 from plugtune.data.tasks import build_task
-from plugtune.testing import (MethodKit, check_data_loader, check_evaluator, check_regularizer, check_task,
-                              write_tiny_data)
+from plugtune.testing import MethodKit, check_data_loader, check_evaluator, check_regularizer, check_task
 
 METHODS = {
     "lora": ({"r": 4, "alpha": 8, "target_modules": "all-linear"}, {}),

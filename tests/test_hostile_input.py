@@ -645,7 +645,7 @@ def test_adapter_save_that_fails_midway_leaves_the_previous_adapter(trained, tmp
     out = adapter_copy(trained, tmp_path)
     previous = snapshot(out)
     calls = {"n": 0}
-    real = adapters._fsync_write
+    real = adapters.fsync_write
 
     def failing_write(path: Path, data: bytes) -> None:
         calls["n"] += 1
@@ -653,7 +653,7 @@ def test_adapter_save_that_fails_midway_leaves_the_previous_adapter(trained, tmp
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(adapters, "_fsync_write", failing_write)
+    monkeypatch.setattr(adapters, "fsync_write", failing_write)
     state = tensors_of(out)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     with pytest.raises(plugtune.AdapterError) as info:

@@ -30,15 +30,9 @@ from plugtune.kernel.errors import PlugtuneError
 from plugtune.kernel.registry import build_plugin_system, set_plugin_system
 from plugtune.testing import recipe_dict
 from plugtune.training.checkpoints import META_FILE, latest_checkpoint, read_checkpoint
-from test_hostile_input import cli, refused, snapshot
+from test_hostile_input import cli, refused, snapshot, tiny_raw
 
 # -- helpers (the house style of tests/test_hostile_input.py) ---------------------------------
-
-
-def tiny_raw(tiny_llama: Path, tiny_data: Path, tmp_path: Path) -> dict:
-    raw = recipe_dict(tiny_llama, tiny_data)
-    raw["output"] = {"dir": str(tmp_path / "out")}
-    return raw
 
 
 def run_text(capsys, tmp_path: Path, text: str, *extra: object) -> tuple[Path, int, list[str]]:

@@ -28,6 +28,7 @@ from plugtune.serving.host import AdapterHost
 from plugtune.serving.server import LIMIT_VARIABLES, RequestLimits, Service, create_app, running
 from starlette.testclient import TestClient
 from test_hostile_input import snapshot
+from test_server import alone as alone_with_reason, run_as_one_batch
 
 SKY = "question : what is the colour of the sky ? answer :"
 GRASS = "question : what is the colour of the grass ? answer :"
@@ -85,10 +86,8 @@ def served(host, adapters_root):
 
 
 def alone(host: AdapterHost, prompt: str, adapter: str | None, max_tokens: int) -> str:
-    stream = host.stream([prompt], [adapter], max_new_tokens=max_tokens, raw=True)
-    for _ in stream:
-        pass
-    return stream.texts[0]
+    """The text ``host.stream`` gives for this prompt and adapter run by itself."""
+    return alone_with_reason(host, prompt, adapter, max_tokens)[0]
 
 
 def assert_error(response: httpx.Response, status: int, message: str | None = None, *, contains: str = "") -> dict:
@@ -103,21 +102,6 @@ def assert_error(response: httpx.Response, status: int, message: str | None = No
     assert contains in error["message"], error["message"]
     assert "\n" not in error["message"] and "Traceback" not in response.text
     return error
-
-
-def as_one_batch(service: Service, calls: list, timeout: float = 120) -> None:
-    """Run ``calls`` (each in a thread) so that they form one batch: the worker is held until
-    all but the first are queued."""
-    worker = service.worker
-    with worker.lock:
-        threads = [threading.Thread(target=call) for call in calls]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + timeout
-        while worker.waiting < len(calls) - 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for t in threads:
-        t.join(timeout)
 
 
 def completion(client, prompt: str = SKY, **fields) -> httpx.Response:
@@ -143,7 +127,7 @@ def test_extreme_sampling_shares_a_batch_without_hurting_it(client, service, hos
         answers["polite"] = completion(client, GRASS, model="beta", max_tokens=6)
 
     batches = service.worker.batches
-    as_one_batch(service, [hostile, polite])
+    run_as_one_batch(service, [hostile, polite])
     assert service.worker.batches == batches + 1  # they did share one batch
     assert answers["hostile"].status_code == 200, answers["hostile"].text
     assert answers["hostile"].json()["choices"][0]["finish_reason"] in ("length", "stop")
@@ -336,7 +320,7 @@ def test_a_row_that_fails_ends_alone_and_its_batch_is_answered(client, service, 
 
     handle = host.base.model.register_forward_pre_hook(poisoned, with_kwargs=True)
     try:
-        as_one_batch(service, [lambda: ask(SKY, "alpha"), lambda: ask(POISON, "beta"), lambda: ask(GRASS, "base")])
+        run_as_one_batch(service, [lambda: ask(SKY, "alpha"), lambda: ask(POISON, "beta"), lambda: ask(GRASS, "base")])
     finally:
         handle.remove()
     assert_error(answers[POISON], 500, "internal error (RuntimeError: this row poisons the forward); "
@@ -363,7 +347,7 @@ def test_a_batch_that_fails_midway_resumes_each_row_alone(client, service, host)
 
     handle = host.base.model.register_forward_pre_hook(once, with_kwargs=True)
     try:
-        as_one_batch(service, [lambda: ask(0, SKY), lambda: ask(1, GRASS)])
+        run_as_one_batch(service, [lambda: ask(0, SKY), lambda: ask(1, GRASS)])
     finally:
         handle.remove()
     for response in answers:
@@ -476,42 +460,6 @@ def test_an_adapter_folder_with_too_many_entries_is_refused(client, adapters_roo
                      "adapter folder 'crowded' holds more than 1000 entries; an adapter is a few files")
     finally:
         shutil.rmtree(folder)
-
-
-# -- clients that leave -----------------------------------------------------------------------
-
-
-def test_a_non_streaming_client_that_leaves_takes_its_row_out_of_the_batch(served, host):
-    """Its connection closes (a client timeout) while its row decodes beside another's: the
-    row is cancelled and leaves the batch, the other answer is unchanged."""
-    stays = {"model": "base", "prompt": SKY, "max_tokens": 40, "temperature": 0}
-    leaves = {"model": "base", "prompt": GRASS, "max_tokens": 80, "temperature": 0}
-    url, service = served
-    expected = alone(host, SKY, None, 40)
-    sizes: list[int] = []
-
-    def slow(module, args, kwargs) -> None:
-        sizes.append(kwargs["input_ids"].shape[0])
-        time.sleep(0.02)
-
-    results: list = [None]
-
-    def ask_and_stay() -> None:
-        with httpx.Client(base_url=url, timeout=120) as c:
-            results[0] = c.post("/v1/completions", json=stays).json()
-
-    def ask_and_leave() -> None:
-        with httpx.Client(base_url=url, timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/completions", json=leaves)
-
-    handle = host.base.model.register_forward_pre_hook(slow, with_kwargs=True)
-    try:
-        as_one_batch(service, [ask_and_stay, ask_and_leave])
-    finally:
-        handle.remove()
-    assert results[0]["choices"][0]["text"] == expected
-    assert sizes[0] == 2 and sizes[-1] == 1 and sizes.count(2) < 30, sizes
-    assert sizes == sorted(sizes, reverse=True)
 
 
 # -- bugs: a one-line 500, the traceback in the log; every endpoint's errors are JSON ------------

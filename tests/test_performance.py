@@ -17,13 +17,8 @@ from plugtune.artifacts.adapters import MANIFEST_FILE, WEIGHTS_FILE
 from plugtune.data.batching import epoch_batches, shard
 from plugtune.data.encoding import encode_split
 from plugtune.data.datacheck import PreparedSplit
-from plugtune.training.loss import (
-    LabelPositions,
-    full_logits_token_losses,
-    label_token_losses,
-    per_example_loss,
-    supports_label_positions,
-)
+from plugtune.data.labels import LabelPositions, per_example_loss
+from plugtune.training.loss import full_logits_token_losses, label_token_losses, supports_label_positions
 from plugtune.artifacts.models import load_base
 from plugtune.kernel.components import PrepareContext, call_prepare
 from plugtune.training.runtime import (

@@ -24,7 +24,6 @@ import datetime as _dt
 import hashlib
 import io
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from plugtune.artifacts.outputs import fsync_dir, make_staging, recover_interrupted_swap, replace_dir
+from plugtune.artifacts.outputs import fsync_write, make_staging, recover_interrupted_swap, replace_dir
 from plugtune.kernel.bounds import read_json_file
 from plugtune.kernel.errors import AdapterError
 
@@ -107,16 +106,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-_fsync_dir = fsync_dir  # checkpoints.py renames its folders into place the same way
-
-
 def save_adapter(
     directory: str | Path,
     *,
@@ -161,7 +150,7 @@ def save_adapter(
         raise AdapterError(f"could not write the adapter to {directory} ({exc.strerror or exc})") from None
     try:
         for name, data in blobs.items():
-            _fsync_write(staging / name, data)
+            fsync_write(staging / name, data)
         replace_dir(staging, directory, keep_extra=True, kept=ADAPTER_FILES)
     except OSError as exc:
         raise AdapterError(f"could not write the adapter to {directory} ({exc.strerror or exc}); "

@@ -36,9 +36,7 @@ class HandlerSpec:
         except PlugtuneError:
             raise
         except Exception as exc:  # noqa: BLE001 - a plugin failure becomes a named error
-            info = self.method.plugin
-            raise PluginError(f"plugin {info.name!r} (distribution {f'{info.distribution} {info.version}'.strip()}) "
-                              f"failed building the handler of tuning method {self.method.name!r}: "
+            raise PluginError(f"{self.method.plugin.describe()} failed building the handler of tuning method {self.method.name!r}: "
                               f"{type(exc).__name__}: {exc}") from exc
         return guarded(handler, self.method)
 

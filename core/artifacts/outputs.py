@@ -143,19 +143,27 @@ def staged_output(target: str | Path, *, keep_extra: bool = False) -> Iterator[P
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def fsync_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and make it durable before returning."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def fsync_tree(folder: Path) -> None:
     """fsync every file under ``folder`` (written by a library that does not)."""
     for path in folder.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_path(path)
 
 
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable."""
+    _fsync_path(path)
+
+
+def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

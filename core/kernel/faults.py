@@ -33,10 +33,8 @@ def _guard(function: Any, member: str, registered: Component) -> Any:
         except PlugtuneError:
             raise
         except Exception as exc:  # any plugin failure becomes a named error
-            info = registered.plugin
-            who = f"{info.name!r} (distribution {f'{info.distribution} {info.version}'.strip()})"
             label = KIND_LABELS.get(registered.kind, registered.kind)
-            raise PluginError(f"plugin {who} failed in {label} {registered.name!r} ({member}): "
+            raise PluginError(f"{registered.plugin.describe()} failed in {label} {registered.name!r} ({member}): "
                               f"{type(exc).__name__}: {exc}") from exc
 
     return call

@@ -68,6 +68,10 @@ class PluginInfo:
     version: str
     builtin: bool
 
+    def describe(self) -> str:
+        """``plugin 'x' (distribution d 1.0)``: how every message names a plugin."""
+        return describe_plugin(self.name, self.distribution, self.version)
+
 
 @dataclass(frozen=True)
 class FailedPlugin:
@@ -81,7 +85,7 @@ class FailedPlugin:
     error: str
 
     def describe(self) -> str:
-        return f"plugin {self.name!r} (distribution {f'{self.distribution} {self.version}'.strip()})"
+        return describe_plugin(self.name, self.distribution, self.version)
 
 
 @dataclass(frozen=True)
@@ -169,8 +173,8 @@ class PluginSystem:
                 impl.function(**args)
             except Exception as exc:  # noqa: BLE001 - any plugin failure becomes a named error
                 info = self.plugins.get(impl.plugin_name)
-                who = _describe(info) if info else repr(impl.plugin_name)
-                raise PluginError(f"plugin {who} failed in hook {hook}: {type(exc).__name__}: {exc}") from exc
+                who = info.describe() if info else f"plugin {impl.plugin_name!r}"
+                raise PluginError(f"{who} failed in hook {hook}: {type(exc).__name__}: {exc}") from exc
 
 
 def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
@@ -190,8 +194,9 @@ def did_you_mean(name: str, known: list[str]) -> str:
     return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
-def _describe(info: PluginInfo) -> str:
-    return f"{info.name!r} (distribution {f'{info.distribution} {info.version}'.strip()})"
+def describe_plugin(name: str, distribution: str, version: str = "") -> str:
+    """``plugin 'x' (distribution d 1.0)``: one wording for every message about a plugin."""
+    return f"plugin {name!r} (distribution {f'{distribution} {version}'.strip()})"
 
 
 NOT_INSTALLED = ("plugtune's built-in plugins were not found: no installed 'plugtune' distribution declares "
@@ -236,18 +241,18 @@ def build_plugin_system(extra_plugins: list[tuple[str, Any]] | None = None) -> P
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the tool
             system.failed.append(FailedPlugin(info.name, info.distribution, info.version, f"{type(exc).__name__}: {exc}"))
             system._problem(
-                f"plugin {_describe(info)} failed to import: {type(exc).__name__}: {exc}"
+                f"{info.describe()} failed to import: {type(exc).__name__}: {exc}"
             )
             continue
         module = getattr(plugin, "__name__", type(plugin).__name__)
         info = PluginInfo(info.name, module, info.distribution, info.version, info.builtin)
         if info.name in system.plugins:
-            system._problem(f"plugin {_describe(info)} has the same name as an already loaded plugin; skipped")
+            system._problem(f"{info.describe()} has the same name as an already loaded plugin; skipped")
             continue
         try:
             pm.register(plugin, name=info.name)
         except Exception as exc:  # noqa: BLE001 - e.g. a hookimpl with a wrong signature
-            system._problem(f"plugin {_describe(info)} could not be registered: {exc}")
+            system._problem(f"{info.describe()} could not be registered: {exc}")
             continue
         system.plugins[info.name] = info
 
@@ -259,8 +264,8 @@ def build_plugin_system(extra_plugins: list[tuple[str, Any]] | None = None) -> P
             # A function marked @hookimpl whose name matches no hookspec: almost always a typo.
             plugin_name = pm.get_name(exc.plugin) if exc.plugin is not None else "?"
             info = system.plugins.get(plugin_name)
-            who = _describe(info) if info else repr(plugin_name)
-            system._problem(f"plugin {who}: {exc}")
+            who = info.describe() if info else f"plugin {plugin_name!r}"
+            system._problem(f"{who}: {exc}")
             if exc.plugin is None:
                 break
             pm.unregister(exc.plugin)
@@ -284,8 +289,8 @@ def _collect(system: PluginSystem, kind: str, hook: str, impl: Any) -> None:
         if name in table or name in pending:
             other = (table.get(name) or pending[name]).plugin
             system._problem(
-                f"plugin {_describe(info)} registers {KIND_LABELS[kind]} {name!r}, "
-                f"which plugin {_describe(other)} already registered; kept the first"
+                f"{info.describe()} registers {KIND_LABELS[kind]} {name!r}, "
+                f"which {other.describe()} already registered; kept the first"
             )
             return
         pending[name] = Component(kind=kind, name=name, obj=obj, plugin=info)
@@ -293,7 +298,7 @@ def _collect(system: PluginSystem, kind: str, hook: str, impl: Any) -> None:
     try:
         impl.function(**({"register": register} if "register" in impl.argnames else {}))
     except Exception as exc:  # noqa: BLE001
-        system._problem(f"plugin {_describe(info)} failed in hook {hook}: {type(exc).__name__}: {exc}")
+        system._problem(f"{info.describe()} failed in hook {hook}: {type(exc).__name__}: {exc}")
         return
     table.update(pending)
 

@@ -365,13 +365,19 @@ class BatchWorker:
                 usable.append(job)
         return usable
 
-    def _classify(self, batch: list[Job], *, resume: bool = False) -> None:
+    def _begin(self, batch: list[Job], resume: bool) -> list[Job]:
+        """The jobs of ``batch`` that can run (see :meth:`_usable`), told they started unless
+        they are ``resume``d rows of a failed batch (they were told then)."""
         batch = self._usable(batch)
-        if not batch:
-            return
         if not resume:
             for job in batch:
                 job.emit("start")
+        return batch
+
+    def _classify(self, batch: list[Job], *, resume: bool = False) -> None:
+        batch = self._begin(batch, resume)
+        if not batch:
+            return
         results = self.host.classify([job.text for job in batch], [job.adapter for job in batch])
         for job, result in zip(batch, results):
             job.emit("result", result)
@@ -384,12 +390,9 @@ class BatchWorker:
         and token count are sent to its request. ``resume``: the rows ran before in a batch
         that failed; each continues from its prompt and the text it already sent, with what
         is left of its token budget."""
-        batch = self._usable(batch)
+        batch = self._begin(batch, resume)
         if not batch:
             return
-        if not resume:
-            for job in batch:
-                job.emit("start")
         already = [job.sent_tokens for job in batch]
         stream = self.host.stream(
             [job.text + job.sent for job in batch], [job.adapter for job in batch], raw=True,

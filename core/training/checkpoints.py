@@ -40,7 +40,7 @@ import torch
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from plugtune.artifacts.adapters import _fsync_dir, _fsync_write
+from plugtune.artifacts.outputs import fsync_dir, fsync_write
 from plugtune.kernel.bounds import read_json_file
 from plugtune.kernel.errors import RecipeError, TrainingError
 
@@ -195,11 +195,11 @@ def write_checkpoint(output_dir: Path, step: int, *, trainable: dict[str, torch.
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
         for name, data in blobs.items():  # the manifest last: a folder with it is complete
-            _fsync_write(staging / name, data)
+            fsync_write(staging / name, data)
         if target.exists():  # the same step again (a resumed run): replace it
             _discard(target)
         staging.rename(target)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as exc:  # a full disk, a quota, a folder gone read-only: the earlier checkpoints stay whole
         kept = (f"the last good checkpoint ({previous}) is intact; free space, then continue with --resume" if previous
                 else "there is no earlier checkpoint; free space and run again")

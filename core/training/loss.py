@@ -15,7 +15,7 @@ embedding (classifiers) keep the plain path: :func:`supports_label_positions` sa
 
 The loss is the mean cross-entropy over the batch's label tokens, exactly what the model's
 own loss computes from full logits (position ``t`` predicts token ``t + 1``; ``-100`` is
-ignored); :func:`per_example_loss` splits it per example for the equivalence tests and the
+ignored); :func:`plugtune.data.labels.per_example_loss` splits it per example for the equivalence tests and the
 benchmark.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from plugtune.data.labels import LabelPositions, eval_batch_from_label_logits, per_example_loss
+from plugtune.data.labels import LabelPositions, eval_batch_from_label_logits
 from plugtune.data.tasks import IGNORE_INDEX
 from plugtune.kernel.components import EvalBatch
 

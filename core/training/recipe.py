@@ -23,16 +23,14 @@ import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -562,8 +560,7 @@ def _check_task(task: Task, method: Bound | None, regularizers: list[Bound | Non
         try:
             reason = check(task)
         except Exception as exc:  # noqa: BLE001 - a plugin failure names the plugin
-            info = bound.component.plugin
-            reason = f"plugin {info.name!r} (distribution {info.distribution}) failed in check_task: {type(exc).__name__}: {exc}"
+            reason = f"{bound.component.plugin.describe()} failed in check_task: {type(exc).__name__}: {exc}"
         if reason:
             problems.append(f"{path}.name: {reason}")
     return problems

@@ -560,7 +560,7 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
     """The training loop, up to the last step or a regularizer's stop; checkpoints at the
     cadence and on Ctrl-C. Returns the seconds trained (with those before a resume)."""
     t, accelerator, device, world = data.training, process.accelerator, process.device, process.world
-    model, optimizer, scheduler, regularizers = trainee.model, trainee.optimizer, trainee.scheduler, data.regularizers
+    model, scheduler, regularizers = trainee.model, trainee.scheduler, data.regularizers
     train_rows, total_steps = data.train_rows, trainee.total_steps
     pad_id = data.tokenizer.pad_token_id
     progress = Progress(
