@@ -646,7 +646,13 @@ def _check_columns(loader: Bound, task: Task, spec: RecipeSpec) -> list[str]:
         columns = loader.build().columns()
     except DataError as exc:
         return [f"data.options: {exc}"]
-    missing = sorted(task.required_fields() - set(columns))
+    check = getattr(task, "check_columns", None)
+    if check is not None:  # a task whose fields depend on the data (the chat task's formats)
+        problems = [f"task.{p}" for p in check(list(columns)) or []]
+        if problems:
+            return problems
+    normalized = getattr(task, "normalize", None) is not None
+    missing = [] if normalized and check is not None else sorted(task.required_fields() - set(columns))
     if not missing:
         return []
     problems = []
