@@ -9,6 +9,11 @@ Use it with ``pytest_plugins = ["plugtune.testing"]`` in a ``conftest.py``. Fixt
     the same for a 2-layer BERT encoder (sequence classification).
 ``tiny_data``
     a folder with ``sentiment.csv`` (text,label) and ``sft.jsonl`` (question,answer).
+``tiny_chat_llama``
+    the tiny Llama with ``<|im_start|>``/``<|im_end|>`` special tokens and a chatml chat
+    template on its tokenizer (its EOS stays ``</s>``), for conversation tasks.
+``tiny_chats``
+    a folder with ``chats.jsonl``: two-turn conversations in the OpenAI ``messages`` shape.
 ``make_recipe``
     ``make_recipe(**sections) -> Path``: writes a recipe YAML for the tiny models into
     ``tmp_path`` and returns its path; sections override the defaults.
@@ -79,6 +84,46 @@ def build_tiny_llama(path: Path, seed: int = 0, words: list[str] | None = None, 
         tie_word_embeddings=True,
     )
     return save_tiny_model(path, LlamaForCausalLM, config, tokenizer, seed)
+
+
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                   "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_WORDS = "system user assistant be brief and".split()
+
+
+def build_tiny_chat_llama(path: Path, seed: int = 0) -> Path:
+    """Write a tiny random Llama whose tokenizer has chatml's special tokens and template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tk, cls = _tokenizer(_vocabulary() + CHAT_WORDS)
+    tokenizer = cls(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                    additional_special_tokens=CHAT_SPECIALS)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    return save_tiny_model(path, LlamaForCausalLM, config, tokenizer, seed)
+
+
+def write_tiny_chats(folder: Path, rows: int = 192, seed: int = 0) -> Path:
+    """``chats.jsonl``: a system prompt, then two questions about colours, each answered."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    answers = {"sky": "blue", "grass": "green", "sea": "blue", "sun": "yellow"}
+    with open(folder / "chats.jsonl", "w", encoding="utf-8") as fh:
+        for _ in range(rows):
+            first, second = rng.sample(sorted(answers), 2)
+            messages = [{"role": "system", "content": "be brief"},
+                        {"role": "user", "content": f"what is the colour of the {first} ?"},
+                        {"role": "assistant", "content": answers[first]},
+                        {"role": "user", "content": f"and the {second} ?"},
+                        {"role": "assistant", "content": answers[second]}]
+            fh.write(json.dumps({"messages": messages}) + "\n")
+    return folder
 
 
 def build_tiny_bert(path: Path, seed: int = 0) -> Path:
@@ -159,6 +204,16 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_data(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chats(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_chats(tmp_path_factory.mktemp("tiny-chats"))
 
 
 @pytest.fixture

@@ -267,7 +267,7 @@ class AdapterHost:
         with it, or, for a task that renders chat (:class:`~plugtune.sdk.RendersChat`), the
         ids of ``text`` as one user message in the adapter's own chat template."""
         task = self.adapters[adapter].task if adapter else self.task
-        if isinstance(task, RendersChat):
+        if isinstance(task, RendersChat) and adapter:
             return self.chat_prompt([{"role": "user", "content": text}], adapter)
         prompt = task.format_prompt(text)
         return text if prompt is None else prompt
@@ -293,10 +293,10 @@ class AdapterHost:
         tokenizer = tokenizer or self.tokenizer
         name = self.active if adapter is ACTIVE else adapter
         turns = check_messages(list(messages))
-        task = self._get(name).task if name is not None else self.task
+        task = self._get(name).task if name is not None else None
         if isinstance(task, RendersChat):
             return task.encode_chat(turns, tokenizer)
-        if name is not None and task.head == "lm" and task.format_prompt("") is not None:
+        if task is not None and task.head == "lm" and task.format_prompt("") is not None:
             users = [m for m in turns if m["role"] == "user"]
             if not users:
                 raise DataError(f"adapter {name!r} fills its prompt template with the last user message; send at least one")

@@ -32,8 +32,21 @@ def generate_responses(model: torch.nn.Module, examples: list[dict[str, Any]], t
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (B, T)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=pad)
+                         do_sample=False, pad_token_id=pad, **_stopping(model, task, tokenizer))
     return [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+
+def _stopping(model: torch.nn.Module, task: Task, tokenizer: Any) -> dict[str, Any]:
+    """``eos_token_id`` for ``generate`` when the task ends turns with tokens of its own
+    (a chat template's ``<|im_end|>`` on a base whose EOS differs): the model's EOS ids
+    plus those; nothing otherwise (the generation config decides)."""
+    ends = getattr(task, "end_of_turn_ids", None)
+    extra = set(ends(tokenizer)) if ends is not None else set()
+    if not extra:
+        return {}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return {"eos_token_id": sorted(set(eos) | extra)}
 
 
 @torch.no_grad()

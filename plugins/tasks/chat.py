@@ -83,7 +83,10 @@ class ChatOptions(ComponentOptions):
     @field_validator("template")
     @classmethod
     def _known_or_file(cls, value: str, info: ValidationInfo) -> str:
-        if value in TEMPLATE_NAMES or _is_path(value):
+        if value in TEMPLATE_NAMES:
+            return value
+        if _is_path(value):  # read and parsed here, so a problem is reported at task.template
+            _check_jinja(_read_template_file(value, _base_dir(info)))
             return value
         close = [n for n in TEMPLATE_NAMES if n.replace("-", "") == value.lower().replace("-", "").replace("_", "")]
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -95,15 +98,18 @@ class ChatOptions(ComponentOptions):
         """A file template is read now, so a missing file or bad Jinja fails validation and the
         manifest records the text; recorded text must match its recorded hash."""
         if self.template_text is None and _is_path(self.template):
-            base = Path((info.context or {}).get("base_dir", ".")) if info.context else Path(".")
-            self.template_text = _read_template_file(self.template, base)
+            self.__dict__["template_text"] = _read_template_file(self.template, _base_dir(info))  # no re-validation loop
         if self.template_text is not None:
             _check_jinja(self.template_text)
             digest = ChatTemplate(self.template_text).sha256
             if self.template_sha256 is not None and self.template_sha256 != digest:
                 raise ValueError("template_sha256 does not match template_text (the manifest was edited or damaged)")
-            self.template_sha256 = digest
+            self.__dict__["template_sha256"] = digest
         return self
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    return Path((info.context or {}).get("base_dir", "."))
 
 
 def _is_path(value: str) -> bool:
@@ -179,6 +185,11 @@ class Chat(Task):
         if fmt is None:
             raise DataError(f"fits none of the conversation formats: {describe_formats(self.options.messages)} "
                             f"(keys: {', '.join(map(str, example)) or 'none'})")
+        wanted = (self.options.messages,) if fmt == "openai" else {"sharegpt": ("conversations",), "alpaca": ("instruction", "output")}[fmt]
+        missing = [k for k in wanted if k not in example]
+        if missing:
+            raise DataError(f"not {'an' if fmt[0] in 'ao' else 'a'} {fmt} row: it has no {missing[0]!r} (keys: {', '.join(map(str, example)) or 'none'}); "
+                            "set task.format, or rename columns with data.options.columns")
         self.formats[fmt] += 1
         messages = to_messages(example, fmt, self.options.messages)
         rest = {k: v for k, v in example.items() if k not in {self.options.messages, "conversations"}}
