@@ -491,12 +491,12 @@ def validate(
     sources, overrides = _bind_sources(plugins, raw.get("data"), context, problems)
     task = _bind_task(plugins, raw.get("task"), context, problems)
     if task is not None:
-        _bind_source_tasks(plugins, raw.get("task"), task, sources, overrides, context, problems)
+        unbound = _bind_source_tasks(plugins, raw.get("task"), task, sources, overrides, context, problems)
         if loader is not None and check_data:
             problems.extend(_check_columns(loader, task, spec))
         if check_data:
             for source in sources:
-                if source.loader is not None:
+                if source.loader is not None and source.where not in unbound:  # its task is not known
                     problems.extend(_check_columns(source.loader, source.task or task, spec, source))
         problems.extend(_check_task(task, method, regularizers, evaluators))
     problems.extend(_check_metric_directions(regularizers, evaluators))
@@ -775,18 +775,20 @@ def _default_name(loader_name: str, loader: Bound | None) -> str:
 
 
 def _bind_source_tasks(plugins: PluginSystem, block: Any, task: Task, sources: list[Source],
-                       overrides: list[tuple[int, Any]], context: dict[str, Any], problems: list[str]) -> None:
+                       overrides: list[tuple[int, Any]], context: dict[str, Any], problems: list[str]) -> set[str]:
     """``data.sources[i].task``: options of the recipe's task for that source's rows only,
     built into a task of the same type that normalizes them. Refused: another type, a key
     the task does not have, a task without ``normalize`` (the override would change
     nothing), and ``template`` (one adapter has one chat template, recorded in its manifest
-    and used at inference)."""
+    and used at inference). Returns the sources (by field path) whose options were refused."""
     component = plugins.find("task", task.type)
     if component is None or not isinstance(block, dict):
-        return
+        return set()
+    unbound: set[str] = set()
     for source, (index, override) in zip(sources, overrides):
         if override is None:
             continue
+        unbound.add(source.where)  # until its task is built
         where = f"{source.where}.task"
         if not isinstance(override, dict):
             problems.append(f"{where}: expected a mapping of {task.type} options, got {type(override).__name__}")
@@ -819,6 +821,8 @@ def _bind_source_tasks(plugins: PluginSystem, block: Any, task: Task, sources: l
             problems.extend(_format_errors(exc, component.options_model, prefix=("data", "sources", index, "task")))
             continue
         source.task = make_task(component, options)
+        unbound.discard(source.where)
+    return unbound
 
 
 def _option_naming(task: Task, column: str) -> str:
