@@ -46,7 +46,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                   f"{escape(recipe.spec.base_model)}, {recipe.task.type}, {escape(data)}, "
                   f"evaluators {', '.join(b.name for b in recipe.evaluators) or 'none'}, "
                   f"regularizers {', '.join(b.name for b in recipe.regularizers) or 'none'} -> {escape(str(recipe.output_dir))}")
-    console.print(validate_summary(recipe), markup=False, highlight=False)
+    console.print(validate_summary(recipe), markup=False, highlight=False, soft_wrap=True)  # one line, piped or not
     return 0
 
 

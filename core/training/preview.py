@@ -70,7 +70,7 @@ def local_tokenizer(base_model: str, plugins: PluginSystem | None = None, _depth
                 return _ready(LocalTokenizer(AutoTokenizer.from_pretrained(base_model, local_files_only=True),
                                              where=f"{base_model} (Hugging Face cache)"))
             except (OSError, ValueError):
-                return LocalTokenizer(reason=f"{base_model} is not in the local Hugging Face cache")
+                return LocalTokenizer(reason=f"{base_model} is neither a folder here nor in the local Hugging Face cache")
         return LocalTokenizer(reason=f"{base_model} is not on this machine")
     if is_adapter_dir(location):
         if _depth >= MAX_BASE_DEPTH:
@@ -234,18 +234,21 @@ def render_example(row: dict[str, Any], tokenizer: Any) -> Any:
     ids, labels = row["input_ids"], row.get("labels") or []
     lm = len(labels) == len(ids)
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
-    text = Text()
-    run: list[int] = []
-    state: tuple[bool, bool] | None = None
+    runs: list[tuple[int, tuple[bool, bool]]] = []  # (end, state): consecutive tokens alike
     for i, token in enumerate(ids):
         key = (lm and labels[i] != IGNORE_INDEX, token in specials)
-        if key != state and run:
-            text.append(_decode(tokenizer, run), style=_style(state))
-            run = []
-        state = key
-        run.append(token)
-    if run:
-        text.append(_decode(tokenizer, run), style=_style(state))
+        if runs and runs[-1][1] == key:
+            runs[-1] = (i + 1, key)
+        else:
+            runs.append((i + 1, key))
+    text, shown, start = Text(), "", 0
+    for end, key in runs:
+        # each run is the growth of the decoded prefix, so the spaces a tokenizer puts
+        # between tokens (and multi-token characters) come out as the whole row decodes
+        prefix = _decode(tokenizer, ids[:end])
+        piece = prefix[len(shown):] if prefix.startswith(shown) else _decode(tokenizer, ids[start:end])
+        text.append(piece, style=_style(key))
+        shown, start = prefix, end
     return text
 
 
