@@ -155,6 +155,7 @@ def test_quotas_add_up_and_follow_the_weights() -> None:
     assert quotas(10, [1, 1, 1]) == [4, 3, 3]
     assert quotas(100, [3, 1]) == [75, 25]
     assert quotas(7, [0.5, 0.25, 0.25]) == [3, 2, 2]  # 3.5, 1.75, 1.75: the larger remainders round up
+    assert quotas(10, [1e308, 1e308]) == [5, 5]  # their sum overflows; their ratios do not
     for total in (0, 1, 13, 999):
         assert sum(quotas(total, [0.2, 0.7, 0.1])) == total
 

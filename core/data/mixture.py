@@ -226,6 +226,8 @@ def _rng(seed: int, index: int) -> Any:
 def quotas(total: int, weights: list[float]) -> list[int]:
     """``total`` rows split in proportion to ``weights`` by largest remainder (ties to the
     earlier source): whole numbers that add up to ``total``."""
+    top = max(weights)
+    weights = [w / top for w in weights]  # 1e308 and 1e308 add up to infinity; their ratios do not
     whole = sum(weights)
     shares = [total * w / whole for w in weights]
     base = [math.floor(s) for s in shares]

@@ -741,8 +741,9 @@ def _bind_sources(plugins: PluginSystem, data: Any, context: dict[str, Any],
             continue  # the shape error is reported by RecipeSpec
         path = ("data", "sources", i)
         where = _path(path)
-        loader = _bind(plugins, "loader", {"name": block["loader"], "options": block.get("options") or {}}, path,
-                       context, problems, name_key="loader")
+        options = block.get("options") or {}
+        loader = _bind(plugins, "loader", {"name": block["loader"], "options": options}, path, context, problems,
+                       name_key="loader") if isinstance(options, dict) else None  # else RecipeSpec says so
         weight = block.get("weight")
         if sampling and weight is None:
             problems.append(f"{where}.weight: mix: sample draws each source by its weight; give every source a "
@@ -791,12 +792,13 @@ def _bind_source_tasks(plugins: PluginSystem, block: Any, task: Task, sources: l
         unbound.add(source.where)  # until its task is built
         where = f"{source.where}.task"
         if not isinstance(override, dict):
-            problems.append(f"{where}: expected a mapping of {task.type} options, got {type(override).__name__}")
-            continue
+            continue  # the shape error is reported by RecipeSpec
         if "type" in override and override["type"] != task.type:
             problems.append(f"{where}.type: a source's task is the recipe's ({task.type}) with other options; "
                             f"remove type, or train on the other task in a recipe of its own")
             continue
+        if not all(isinstance(k, str) for k in override):
+            continue  # the shape error is reported by RecipeSpec
         keys = [k for k in override if k != "type"]
         allowed = list(component.options_model.model_fields) if component.options_model is not None else []
         bad = [k for k in keys if k not in allowed and k != "template"]
