@@ -162,6 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import copy
 
     from plugtune.artifacts.adapters import read_manifest
+    from plugtune.data.datacheck import bind_tokenizer
     from plugtune.data.encoding import encode_split
     from plugtune.training.evaluation import evaluate
     from plugtune.serving.host import AdapterHost
@@ -180,9 +181,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = copy.deepcopy(recipe.task)
     if manifests:
         task.labels = manifests[0].task.get("labels")
-    splits = recipe.load_data().splits  # every source, normalized
+    splits = recipe.load_data(task=task).splits  # every source, normalized
     task.setup(splits["train"])
     host = AdapterHost.from_base(recipe.spec.base_model, task)
+    bind_tokenizer(task, host.tokenizer)
     names = [host.load(a) for a in args.adapters]
     rows, _ = encode_split(splits["test"], task, host.tokenizer, recipe.training.max_length, "test")
     if recipe.training.max_eval_examples:

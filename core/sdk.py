@@ -23,6 +23,7 @@ from plugtune.kernel.components import (
     AdapterHandler,
     BaseModelAlias,
     ChecksModel,
+    RendersChat,
     Combined,
     Combines,
     ComponentOptions,
@@ -93,6 +94,10 @@ _LAZY = {
     "natural_key": "plugtune.data.tasks",
     "template_fields": "plugtune.data.tasks",
     "build_task": "plugtune.data.tasks",
+    # conversations: formats, chat templates, masks by offsets (core/data/conversations.py)
+    **{name: "plugtune.data.conversations" for name in (
+        "BUILTIN_TEMPLATES", "ChatTemplate", "Message", "Span", "check_messages", "describe_formats",
+        "cut_points", "detect_format", "to_messages", "token_mask", "tokenize_pieces", "tokenize_with_offsets")},
     # artifacts
     "Adapter": "plugtune.artifacts.adapters",
     "PackagedModel": "plugtune.artifacts.models",
@@ -105,6 +110,20 @@ if TYPE_CHECKING:
     from plugtune.artifacts.adapters import Adapter
     from plugtune.artifacts.models import PackagedModel
     from plugtune.artifacts.outline import ModelOutline
+    from plugtune.data.conversations import (
+        BUILTIN_TEMPLATES,
+        ChatTemplate,
+        Message,
+        Span,
+        check_messages,
+        cut_points,
+        describe_formats,
+        detect_format,
+        to_messages,
+        token_mask,
+        tokenize_pieces,
+        tokenize_with_offsets,
+    )
     from plugtune.data.labels import IGNORE_INDEX, LabelPositions, eval_batch_from_label_logits, per_example_loss
     from plugtune.data.tasks import (
         LabelWords,
@@ -151,6 +170,9 @@ __all__ = [
     # the batch format and the helpers task plugins share
     "IGNORE_INDEX", "LabelPositions", "eval_batch_from_label_logits", "per_example_loss", "Template", "Labels",
     "LabelWords", "check_template", "collate", "fill", "fill_one", "natural_key", "template_fields", "build_task",
+    # conversations
+    "BUILTIN_TEMPLATES", "ChatTemplate", "Message", "Span", "check_messages", "describe_formats", "detect_format",
+    "to_messages", "token_mask", "tokenize_with_offsets", "tokenize_pieces", "cut_points", "RendersChat",
     # errors
     "PlugtuneError", "RecipeError", "DataError", "ModelError", "AdapterError", "PluginError", "TrainingError",
 ]

@@ -230,7 +230,8 @@ class Shaped(CausalLm):
 
     def check_columns(self, columns: list[str]) -> list[str]:
         wanted = {"qa": ["question", "answer"], "pair": ["pair"]}[self.shape]
-        return [f"shape {self.shape} needs column {c!r} (columns: {', '.join(columns)})" for c in wanted if c not in columns]
+        return [f"shape: {self.shape} needs column {c!r} (columns: {', '.join(columns)}); rename it with "
+                f"data.options.columns" for c in wanted if c not in columns]
 
 
 class ShapedPlugin:
@@ -275,8 +276,9 @@ def test_a_source_task_is_checked_at_validation(shaped, tiny_llama, tiny_data, t
         return problems(shaped_raw(tiny_llama, tiny_data, tmp_path, override), tmp_path, plugins=shaped)
 
     # without the override the pair file's columns do not fit the task: the task says so, per source
-    assert found(None) == ["data.sources[1]: shape qa needs column 'question' (columns: pair)",
-                           "data.sources[1]: shape qa needs column 'answer' (columns: pair)"]
+    assert found(None) == [
+        "data.sources[1]: task.shape: qa needs column 'question' (columns: pair); rename it with data.sources[1].options.columns",
+        "data.sources[1]: task.shape: qa needs column 'answer' (columns: pair); rename it with data.sources[1].options.columns"]
     assert found({"shap": "pair"}) == ["data.sources[1].task.shap: unknown key; did you mean 'shape'?"]
     assert found({"shape": "triple"}) == ["data.sources[1].task.shape: Input should be 'qa' or 'pair' (got 'triple')"]
     assert found({"type": "causal-lm", "shape": "pair"}) == [
@@ -374,3 +376,35 @@ def test_a_mixture_trains_and_records_its_sources(tiny_llama, tiny_data, pairs, 
 def test_load_data_needs_a_source() -> None:
     with pytest.raises(DataError, match="no sources"):
         load_data([], None, 0)  # type: ignore[arg-type]
+
+
+def test_a_chat_mixture_reads_each_source_in_its_own_format(tiny_llama, tiny_data, tmp_path) -> None:
+    """The built-in chat task: an OpenAI source and a ShareGPT one (``task: {format:
+    sharegpt}``), both encoded by the recipe's chat task in one template."""
+    from plugtune.training.preview import build_preview, local_tokenizer
+
+    with open(tmp_path / "openai.jsonl", "w", encoding="utf-8") as fh:
+        for _ in range(10):
+            fh.write(json.dumps({"messages": [{"role": "user", "content": "what is the colour of the sky ?"},
+                                              {"role": "assistant", "content": "blue"}]}) + "\n")
+    with open(tmp_path / "sharegpt.jsonl", "w", encoding="utf-8") as fh:
+        for _ in range(10):
+            fh.write(json.dumps({"conversations": [{"from": "human", "value": "what is the colour of the grass ?"},
+                                                   {"from": "gpt", "value": "green"}]}) + "\n")
+    raw = recipe_dict(tiny_llama, tiny_data, evaluators=["loss"])
+    raw["task"] = {"type": "chat", "format": "openai", "template": "chatml"}
+    raw["data"] = {"sources": [{"loader": "table", "options": {"path": str(tmp_path / "openai.jsonl")}, "name": "oa"},
+                               {"loader": "table", "options": {"path": str(tmp_path / "sharegpt.jsonl")}, "name": "sg",
+                                "task": {"format": "sharegpt"}}]}
+    recipe = load_recipe(raw=raw, base_dir=tmp_path)
+    built = build_preview(recipe, local_tokenizer(str(tiny_llama)))
+    assert built.data.notes == ["oa: chat: read conversation format openai (10 rows)",
+                                "sg: chat: read conversation format sharegpt (10 rows)"]
+    sharegpt = [r for r in built.splits["train"].encoded if built.data.owner[id(r["example"])] == 1]
+    assert len(sharegpt) == 8 and sharegpt[0]["example"]["messages"][1] == {"role": "assistant", "content": "green"}
+    assert all(any(label != -100 for label in r["labels"]) for r in sharegpt)  # the assistant turn is trained
+    # without the override the ShareGPT file does not fit the recipe's format: said per source
+    del raw["data"]["sources"][1]["task"]
+    assert problems(raw, tmp_path) == [
+        "data.sources[1]: task.format: openai needs column 'messages' (columns: conversations); rename it with "
+        "data.sources[1].options.columns"]

@@ -312,7 +312,11 @@ def test_chat_on_the_base_renders_the_conversation(client, host, service):
     # a tokenizer with a chat template renders through it
     templated = Service(host, base_name="x")
     templated.tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
-    assert templated.chat_prompt([ChatMessage(**m) for m in messages], None) == "<system>be brief<user>the film was<assistant>"
+    try:  # rendered to ids as apply_chat_template does: the template writes any special tokens itself
+        expected = templated.tokenizer("<system>be brief<user>the film was<assistant>", add_special_tokens=False)["input_ids"]
+        assert templated.chat_prompt([ChatMessage(**m) for m in messages], None) == expected
+    finally:
+        templated.tokenizer.chat_template = None
 
 
 # -- the openai client ------------------------------------------------------------------------

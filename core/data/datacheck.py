@@ -49,6 +49,49 @@ def check_empty_fields(splits: dict[str, list[dict[str, Any]]], task: Task) -> N
                                 f"(first: {_show(empty[0])}); fill them in or remove them")
 
 
+def normalize_splits(splits: dict[str, list[dict[str, Any]]], task: Task) -> dict[str, list[dict[str, Any]]]:
+    """Every row in the task's canonical form, when the task has ``normalize`` (the chat task
+    maps every conversation format to one shape); a row it refuses is one line naming the
+    split and the row."""
+    normalize = getattr(task, "normalize", None)
+    if normalize is None:
+        return splits
+    return {split: normalize_rows(rows, normalize, split) for split, rows in splits.items()}
+
+
+def normalize_rows(rows: list[dict[str, Any]], normalize: Any, split: str) -> list[dict[str, Any]]:
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(normalize(row))
+        except (DataError, KeyError, TypeError) as exc:
+            reason = f"missing field {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+            raise DataError(f"{split} row {i + 1}: {reason}") from None
+    return out
+
+
+def task_notes(task: Task) -> list[str]:
+    """The task's lines about the data it normalized (``notes``), if it has any."""
+    notes = getattr(task, "notes", None)
+    return list(notes() or []) if notes is not None else []
+
+
+def bind_tokenizer(task: Task, tokenizer: Any) -> None:
+    """Tell a task that wants it (``bind_tokenizer``) which tokenizer encodes its rows."""
+    bind = getattr(task, "bind_tokenizer", None)
+    if bind is not None:
+        bind(tokenizer)
+
+
+def turns_cut_line(rows: list[dict[str, Any]], split: str, max_length: int) -> str | None:
+    """What a conversation task left out to fit ``max_length`` (rows carrying ``turns_cut``)."""
+    cut = [r["turns_cut"][0] for r in rows if r.get("turns_cut") and r["turns_cut"][0] > 0]
+    if not cut:
+        return None
+    return (f"{split}: {len(cut)} conversation(s) longer than {max_length} tokens kept their first whole turns; "
+            f"{sum(cut)} later turn(s) left out")
+
+
 def context_length(model: Any) -> int | None:
     """The longest input the base model's positions allow, if its config says."""
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)

@@ -23,9 +23,11 @@ printed one line per source and recorded in the adapter's manifest
 (``training.sources``).
 
 Normalization happens here, once per row, for single sources and mixtures alike: the
-task's optional ``normalize(example) -> example`` maps a raw row to its canonical form
-(a source's own task when it overrides options, a copy of the recipe task otherwise, so
-detection state never leaks between sources). Callers must not normalize again.
+task's optional ``normalize(example) -> example`` maps a raw row to its canonical form. A
+single source's rows go through the caller's task (what it notes, ``notes()``, is the run's
+note); in a mixture each source's rows go through a copy of its own task (its ``task:``
+options) or of the recipe's, so detection never leaks between sources, and each copy's
+notes are prefixed with the source. Callers must not normalize again.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plugtune.data.datacheck import check_empty_fields
+from plugtune.data.datacheck import check_empty_fields, normalize_rows, task_notes
 from plugtune.data.tasks import Task
 from plugtune.kernel.errors import DataError
 
@@ -135,6 +137,7 @@ class MixedData:
     counts: list[SourceCounts]
     owner: dict[int, int]
     mixture: bool
+    notes: list[str] = field(default_factory=list)  # what the normalizing tasks noted (detected formats)
 
     def count_encoded(self, split: str, encoded: list[dict[str, Any]], *, policy: str, max_length: int,
                       cut: int, dropped: int) -> None:
@@ -177,10 +180,14 @@ def load_data(sources: list[Source], task: Task, seed: int, mix: Mix | None = No
         raise DataError("data: no sources")
     loaded: list[dict[str, list[dict[str, Any]]]] = []
     counts: list[SourceCounts] = []
+    notes: list[str] = []
+    mixing = mix is not None or len(sources) > 1
     for source in sources:
         splits = source.loader.build().load(seed)
         splits = {split: list(splits.get(split) or []) for split in SPLITS}
-        splits = _normalized(splits, source.task or task, source)
+        normalizer = copy.deepcopy(source.task or task) if mixing else task
+        splits = _normalized(splits, normalizer, source)
+        notes += [f"{source.name}: {n}" if mixing else n for n in task_notes(normalizer)]
         if len(sources) > 1:  # a single source's rows are checked by the caller, as before mixtures
             try:
                 check_empty_fields(splits, task)
@@ -193,28 +200,24 @@ def load_data(sources: list[Source], task: Task, seed: int, mix: Mix | None = No
         splits = loaded[0]
         counts[0].kept = {s: len(splits[s]) for s in SPLITS}
         owner = {id(row): 0 for s in SPLITS for row in splits[s]}
-        return MixedData(splits, counts, owner, mixture=False)
-    return _mix(sources, loaded, counts, mix or Mix(), seed)
+        return MixedData(splits, counts, owner, mixture=False, notes=notes)
+    mixed = _mix(sources, loaded, counts, mix or Mix(), seed)
+    mixed.notes = notes
+    return mixed
 
 
 def _normalized(splits: dict[str, list[dict[str, Any]]], task: Task, source: Source) -> dict[str, list[dict[str, Any]]]:
-    """Each row through ``task.normalize`` (a copy of the task: per-source detection state
-    stays with the source); a row that fits no shape is refused naming the split and row."""
+    """Each row through ``task.normalize``, when the task has one; a row it refuses is one
+    line naming the source (in a mixture), the split and the row."""
     normalize = getattr(task, "normalize", None)
     if normalize is None:
         return splits
-    normalize = getattr(copy.deepcopy(task), "normalize")
-    out = {}
-    for split, rows in splits.items():
-        done = []
-        for i, row in enumerate(rows):
-            try:
-                done.append(normalize(row))
-            except DataError as exc:
-                prefix = f"{source.where} ({source.name}) " if source.where != "data" else ""
-                raise DataError(f"{prefix}{split} row {i + 1}: {exc}") from None
-        out[split] = done
-    return out
+    try:
+        return {split: normalize_rows(rows, normalize, split) for split, rows in splits.items()}
+    except DataError as exc:
+        if source.where == "data":
+            raise
+        raise DataError(f"{source.where} ({source.name}) {exc}") from None
 
 
 def _rng(seed: int, index: int) -> Any:

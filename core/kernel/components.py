@@ -176,9 +176,28 @@ class Task(Protocol):
     inside the model: its logits are then ``(B, V + T, vocab)``, and the last ``T``
     positions line up with ``labels`` (``logits[:, -T:]``); the virtual ones predict nothing.
 
-    Optional: ``for_raw_prompts(name)`` (classmethod) -> a task of this type that serves plain
-    text prompts, for ``plugtune generate/serve --base MODEL`` with no adapter (the core asks
-    the registry for a task with this capability, never for a name).
+    Optional members, each called by the core when present:
+
+    * ``for_raw_prompts(name)`` (classmethod) -> a task of this type that serves plain text
+      prompts, for ``plugtune generate/serve --base MODEL`` with no adapter (the core asks the
+      registry for a task with this capability, never for a name);
+    * ``normalize(example) -> example``: the canonical form of one raw row, called on every
+      loaded row right after loading, before the empty-field check, ``setup`` and ``encode``
+      (the chat task maps OpenAI, ShareGPT and Alpaca rows to one ``messages`` shape here);
+      raise :class:`~plugtune.kernel.errors.DataError` for a row that fits no shape (the core
+      adds the split and row number);
+    * ``notes() -> list[str]``: lines worth printing once the rows are normalized (which
+      format was detected, how many rows of each);
+    * ``bind_tokenizer(tokenizer)``: once the base tokenizer is known, before any ``encode``,
+      in training, evaluation, ``plugtune preview`` and on hosts (the chat task resolves its
+      chat template here, and records the template's text in :meth:`to_dict`);
+    * ``check_columns(columns) -> list[str]``: problems with the loader's columns at
+      validation, for a task whose fields depend on the data (``required_fields`` covers the
+      rest);
+    * encoded rows may carry ``turns_cut: [n]`` besides ``input_ids``/``labels``: how many whole
+      turns were left out to fit ``max_length`` (the core reports the total per split).
+
+    A task that renders conversations for hosts and servers implements :class:`RendersChat`.
     """
 
     Options: ClassVar[type[ComponentOptions]]
@@ -239,6 +258,25 @@ class Task(Protocol):
         """JSON-able ``{"type": name, <options>, "labels": ...}`` for the adapter manifest;
         building the task again from it gives the same task."""
         ...
+
+
+@runtime_checkable
+class RendersChat(Protocol):
+    """A task that renders chat requests exactly as it rendered its training conversations:
+    ``AdapterHost.chat`` and the server's ``/v1/chat/completions`` use it for an adapter
+    whose task has it, so what the model sees at inference is, token for token, the prefix it
+    saw in training before an answer.
+
+    ``encode_chat(messages, tokenizer)``: the prompt ids for ``messages`` (a list of
+    ``{"role", "content"}``), ending with the assistant's opening; a
+    :class:`~plugtune.kernel.errors.DataError` for messages it cannot render.
+    ``end_of_turn_ids(tokenizer)``: token ids that end an assistant turn besides the
+    tokenizer's end-of-sequence (``<|im_end|>`` for a chatml template on a base whose EOS
+    differs); generation stops at them."""
+
+    def encode_chat(self, messages: list[dict[str, str]], tokenizer: Any) -> list[int]: ...
+
+    def end_of_turn_ids(self, tokenizer: Any) -> set[int]: ...
 
 
 @dataclass(frozen=True)

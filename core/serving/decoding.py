@@ -17,7 +17,7 @@ included, in the step it finishes or when it is cancelled: rows cut early cost n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,11 +85,11 @@ class TextStream(Iterator[list[str]]):
     ``"cancelled"``/``None``), ``prompt_tokens`` and ``completion_tokens`` (per row), ``texts``
     (the text so far); ``max_new_tokens`` and ``stop`` hold the per-row values."""
 
-    def __init__(self, tokenizer: Any, model_config: Any, texts: Sequence[str], groups: list[DecodeGroup], *,
+    def __init__(self, tokenizer: Any, model_config: Any, texts: Sequence[str | Sequence[int]], groups: list[DecodeGroup], *,
                  max_new_tokens: int | Sequence[int], temperature: float | Sequence[float],
                  top_p: float | Sequence[float], seed: int | None,
                  stop: str | Sequence[str] | Sequence[Sequence[str] | None] | None, device: torch.device,
-                 ignore_eos: bool = False) -> None:
+                 ignore_eos: bool = False, stop_ids: Sequence[Collection[int]] | None = None) -> None:
         n = len(texts)
         self.tokenizer = tokenizer
         self.groups = groups
@@ -106,6 +106,8 @@ class TextStream(Iterator[list[str]]):
         eos = _eos_ids(tokenizer, model_config)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
         self.eos = set() if ignore_eos else eos
+        # per row, tokens that end it besides EOS (a chat adapter's end-of-turn token)
+        self.row_eos = [set() if ignore_eos else set(ids) for ids in (stop_ids or [()] * n)]
         self.generated: list[list[int]] = [[] for _ in range(n)]
         self.texts = [""] * n  # emitted so far
         self.finish_reasons: list[str | None] = [None] * n
@@ -120,7 +122,10 @@ class TextStream(Iterator[list[str]]):
     def _encode(self, texts: Sequence[str]) -> None:
         """Left-padded prompt ids per group; an empty prompt starts from the BOS token (or an
         end-of-sequence token when the tokenizer has none), as a model needs one position."""
-        encoded = self.tokenizer(list(texts))["input_ids"] if texts else []
+        words = [i for i, t in enumerate(texts) if isinstance(t, str)]
+        encoded: list[list[int]] = [list(t) if not isinstance(t, str) else [] for t in texts]  # ids are used as given
+        for i, ids in zip(words, self.tokenizer([texts[i] for i in words])["input_ids"] if words else []):
+            encoded[i] = ids
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else min(self.eos | {self.pad})
         for g in self.groups:
             ids = [encoded[i] or [start] for i in g.rows]
@@ -170,7 +175,7 @@ class TextStream(Iterator[list[str]]):
         picked = tokens.tolist()  # one device sync for the step, not one per row
         for j, i in enumerate(g.rows):
             token = picked[j]
-            finished = token in self.eos
+            finished = token in self.eos or token in self.row_eos[i]
             if not finished:
                 self.generated[i].append(token)
                 self.completion_tokens[i] += 1

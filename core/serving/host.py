@@ -38,8 +38,8 @@ import torch
 from plugtune.artifacts.adapters import Manifest, read_adapter, read_manifest
 from plugtune.artifacts.handlers import resolve_handler
 from plugtune.serving.decoding import DecodeGroup, TextStream, no_prefix
-from plugtune.kernel.components import Folds, ReportsResidentBytes, StartsDecoding, mixes_rows
-from plugtune.kernel.errors import AdapterError
+from plugtune.kernel.components import Folds, RendersChat, ReportsResidentBytes, StartsDecoding, mixes_rows
+from plugtune.kernel.errors import AdapterError, DataError
 from plugtune.artifacts.models import LoadedBase, load_base
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
 from plugtune.data.tasks import Task, build_task
@@ -64,10 +64,8 @@ class HostedAdapter:
     method: Any  # the method's host-side handler (one per method name on this host)
     runner: torch.nn.Module  # the module that runs this adapter: the base or a wrapper of it
     size_bytes: int
-
-    @property
-    def task(self) -> Task:
-        return build_task(self.manifest.task, where=f"adapter {self.path}: task")
+    task: Task  # built once from the manifest's task record (its chat template included)
+    end_of_turn: frozenset[int] = frozenset()  # tokens that end its turns besides EOS (a chat task's)
 
 
 class AdapterHost:
@@ -139,7 +137,10 @@ class AdapterHost:
                 f"but the resident base is {self.base.info.id!r} ({self.base.info.fingerprint})"
             )
         task = build_task(m.task, self.plugins, where=f"adapter {directory}: task")
-        if task.type != self.task.type or (task.is_classification and task.labels != self.task.labels):
+        bind = getattr(task, "bind_tokenizer", None)
+        if bind is not None:
+            bind(self.tokenizer)
+        if task.head != self.task.head or (task.is_classification and task.labels != self.task.labels):
             raise AdapterError(
                 f"adapter {name!r} is for task {task.type} (labels {task.labels}); this host serves "
                 f"{self.task.type} (labels {self.task.labels})"
@@ -163,7 +164,8 @@ class AdapterHost:
             runner = handler.attach(self.base.model, name, adapter.state, adapter.config)
         if runner is not self.base.model:
             runner.eval()
-        self.adapters[name] = HostedAdapter(name, Path(directory), m, handler, runner, adapter.size_bytes)
+        end_of_turn = frozenset(task.end_of_turn_ids(self.tokenizer)) if isinstance(task, RendersChat) else frozenset()
+        self.adapters[name] = HostedAdapter(name, Path(directory), m, handler, runner, adapter.size_bytes, task, end_of_turn)
         return name
 
     def unload(self, name: str) -> None:
@@ -260,11 +262,61 @@ class AdapterHost:
 
     # -- inference ----------------------------------------------------------------------
 
-    def format_prompt(self, text: str, adapter: str | None = None) -> str:
-        """Fill the task's prompt template with ``text`` when it has exactly one field."""
+    def format_prompt(self, text: str, adapter: str | None = None) -> str | list[int]:
+        """The prompt for one raw input ``text``: the task's one-field prompt template filled
+        with it, or, for a task that renders chat (:class:`~plugtune.sdk.RendersChat`), the
+        ids of ``text`` as one user message in the adapter's own chat template."""
         task = self.adapters[adapter].task if adapter else self.task
+        if isinstance(task, RendersChat):
+            return self.chat_prompt([{"role": "user", "content": text}], adapter)
         prompt = task.format_prompt(text)
         return text if prompt is None else prompt
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], adapter: Any = ACTIVE, *, tokenizer: Any = None) -> list[int]:
+        """The prompt ids that answer ``messages`` (``[{"role", "content"}]``) with ``adapter``
+        (default: the active one; ``None``: the bare base). The rule, the same for
+        :meth:`chat` and the server's ``/v1/chat/completions``:
+
+        * an adapter whose task renders chat (trained on conversations) renders them with the
+          chat template recorded in its manifest: the whole conversation, system prompt and
+          earlier turns kept, token for token as in training;
+        * an adapter trained on single prompts (a one-field prompt template) gets that
+          template filled with the last user message, as it was trained;
+        * otherwise, the bare base included, the tokenizer's own chat template, or plain
+          ``role: content`` lines ending in ``assistant:`` when it has none.
+
+        Bad messages (no user message where one is needed, an unknown role) are one-line
+        :class:`~plugtune.kernel.errors.DataError`s. ``tokenizer``: a copy of the host's to
+        render with (a server renders on several threads; a tokenizer is not thread-safe)."""
+        from plugtune.data.conversations import check_messages
+
+        tokenizer = tokenizer or self.tokenizer
+        name = self.active if adapter is ACTIVE else adapter
+        turns = check_messages(list(messages))
+        task = self._get(name).task if name is not None else self.task
+        if isinstance(task, RendersChat):
+            return task.encode_chat(turns, tokenizer)
+        if name is not None and task.head == "lm" and task.format_prompt("") is not None:
+            users = [m for m in turns if m["role"] == "user"]
+            if not users:
+                raise DataError(f"adapter {name!r} fills its prompt template with the last user message; send at least one")
+            return tokenizer(task.format_prompt(users[-1]["content"]))["input_ids"]
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
+        return tokenizer(text)["input_ids"]
+
+    def chat(self, messages: Sequence[dict[str, Any]], adapter: Any = ACTIVE, *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             stop: str | Sequence[str] | None = None) -> str:
+        """The assistant's answer to ``messages``, rendered by :meth:`chat_prompt`'s rule and
+        generated with ``adapter`` (greedy unless ``temperature``); stops at the end of the
+        turn (the template's end-of-turn token), at a ``stop`` string or after
+        ``max_new_tokens``."""
+        name = self.active if adapter is ACTIVE else adapter
+        return self.generate([self.chat_prompt(messages, name)], name, max_new_tokens=max_new_tokens, raw=True,
+                             temperature=temperature, top_p=top_p, seed=seed, stop=stop)[0]
 
     def _per_row(self, items: Sequence[str], adapters: Any) -> list[str | None]:
         if adapters is ACTIVE:
@@ -334,7 +386,7 @@ class AdapterHost:
                     results[i] = out
         return results
 
-    def stream(self, prompts: Sequence[str], adapters: Any = ACTIVE, *, max_new_tokens: int | Sequence[int] = 32,
+    def stream(self, prompts: Sequence[str | list[int]], adapters: Any = ACTIVE, *, max_new_tokens: int | Sequence[int] = 32,
                raw: bool = False, temperature: float | Sequence[float] = 0.0,
                top_p: float | Sequence[float] = 1.0, seed: int | None = None,
                stop: str | Sequence[str] | Sequence[Sequence[str] | None] | None = None,
@@ -343,7 +395,10 @@ class AdapterHost:
         allows); yields, per step, the new text of each row ('' for a row that has finished).
 
         ``adapters``: one name (``None``: the bare base) or one per prompt; default the active
-        adapter. Prompts fill the adapter's prompt template unless ``raw``. ``temperature``
+        adapter. Prompts fill the adapter's prompt template unless ``raw`` (see
+        :meth:`format_prompt`); a prompt given as a list of token ids is used as it is. A row
+        whose adapter was trained on conversations also stops at its template's end-of-turn
+        token. ``temperature``
         and ``top_p`` are one value or one per row (temperature 0: greedy); ``seed`` makes
         sampling repeatable; a row stops at an end-of-sequence token, at the first ``stop``
         string (not included in the text) or after ``max_new_tokens`` tokens
@@ -359,12 +414,13 @@ class AdapterHost:
         if self.task.is_classification:
             raise AdapterError("this host holds a classifier base; use classify()")
         names = self._per_row(prompts, adapters)
-        texts = [p if raw else self.format_prompt(p, n) for p, n in zip(prompts, names)]
+        texts = [p if raw or not isinstance(p, str) else self.format_prompt(p, n) for p, n in zip(prompts, names)]
+        ends = [self.adapters[n].end_of_turn if n is not None else frozenset() for n in names]
         return TextStream(self.tokenizer, self.base.model.generation_config, texts, self._groups(names, decoding=True),
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                          stop=stop, device=self._device(), ignore_eos=ignore_eos)
+                          stop=stop, device=self._device(), ignore_eos=ignore_eos, stop_ids=ends)
 
-    def generate(self, prompts: Sequence[str], adapters: Any = ACTIVE, *, max_new_tokens: int | Sequence[int] = 32,
+    def generate(self, prompts: Sequence[str | list[int]], adapters: Any = ACTIVE, *, max_new_tokens: int | Sequence[int] = 32,
                  raw: bool = False, temperature: float | Sequence[float] = 0.0,
                  top_p: float | Sequence[float] = 1.0, seed: int | None = None,
                  stop: str | Sequence[str] | Sequence[Sequence[str] | None] | None = None,

@@ -54,7 +54,7 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from plugtune.kernel.errors import AdapterError, PlugtuneError
+from plugtune.kernel.errors import AdapterError, DataError, PlugtuneError
 
 log = logging.getLogger("plugtune.serving.server")
 
@@ -212,7 +212,7 @@ class Job:
     """
 
     kind: Literal["generate", "classify"]
-    text: str
+    text: str | list[int]  # a prompt's text, or its token ids (a chat request, already rendered)
     adapter: str | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
@@ -382,6 +382,12 @@ class BatchWorker:
         for job, result in zip(batch, results):
             job.emit("result", result)
 
+    def _resumed(self, job: Job) -> str | list[int]:
+        """The job's prompt followed by the text it already sent (none unless resumed)."""
+        if isinstance(job.text, str):
+            return job.text + job.sent
+        return job.text + (self.host.tokenizer(job.sent, add_special_tokens=False)["input_ids"] if job.sent else [])
+
     def _generate(self, batch: list[Job], *, resume: bool = False) -> None:
         """Decode the batch as one stream, each row with its own adapter, sampling, token
         budget and stop strings (the stream cuts each row and takes it out of the batch).
@@ -395,7 +401,7 @@ class BatchWorker:
             return
         already = [job.sent_tokens for job in batch]
         stream = self.host.stream(
-            [job.text + job.sent for job in batch], [job.adapter for job in batch], raw=True,
+            [self._resumed(job) for job in batch], [job.adapter for job in batch], raw=True,
             max_new_tokens=[max(0, job.max_tokens - job.sent_tokens) for job in batch],
             stop=[job.stop for job in batch], temperature=[job.temperature for job in batch],
             top_p=[job.top_p for job in batch], seed=batch[0].seed,
@@ -585,9 +591,12 @@ class Service:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
-    def count_all(self, texts: list[str]) -> list[int]:
-        """Each text's token count (call it through :meth:`off_loop`)."""
-        return [len(ids) for ids in self.tokenizer(texts)["input_ids"]] if texts else []
+    def count_all(self, texts: list[str | list[int]]) -> list[int]:
+        """Each prompt's token count, a prompt being text or token ids (call it through
+        :meth:`off_loop`)."""
+        words = [t for t in texts if isinstance(t, str)]
+        counts = iter([len(ids) for ids in self.tokenizer(words)["input_ids"]] if words else [])
+        return [next(counts) if isinstance(t, str) else len(t) for t in texts]
 
     def check_budget(self, texts: Sequence[str], field: str) -> None:
         """The request's count of texts and their total characters against :attr:`limits`,
@@ -608,23 +617,16 @@ class Service:
                            f"and max_tokens asks for {max_tokens} more: shorten the prompt or lower max_tokens",
                            code="context_length_exceeded", param="max_tokens")
 
-    def chat_prompt(self, messages: list[ChatMessage], adapter: str | None) -> str:
-        """The rule: an adapter with a one-field prompt template of its own gets that
-        template filled with the last user message (earlier turns and system messages are
-        dropped: the adapter was trained on single prompts); otherwise the tokenizer's chat
-        template renders the whole conversation; a tokenizer without one gets plain
-        ``role: content`` lines ending in ``assistant:``."""
-        task = self.host.adapters[adapter].task if adapter is not None else None
-        if task is not None and task.head == "lm" and task.format_prompt("") is not None:
-            users = [m for m in messages if m.role == "user"]
-            if not users:
-                raise ApiError(400, f"adapter {adapter!r} fills its prompt template with the last user message; "
-                               "send at least one", param="messages")
-            return task.format_prompt(users[-1].text())
-        turns = [{"role": m.role, "content": m.text()} for m in messages]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
+    def chat_prompt(self, messages: list[ChatMessage], adapter: str | None) -> list[int]:
+        """The prompt ids for a chat request: :meth:`AdapterHost.chat_prompt`'s rule (an
+        adapter trained on conversations renders the whole conversation with its own recorded
+        template; one trained on single prompts gets its template filled with the last user
+        message; the bare base uses the tokenizer's chat template)."""
+        try:
+            return self.host.chat_prompt([{"role": m.role, "content": m.text()} for m in messages], adapter,
+                                         tokenizer=self.tokenizer)
+        except DataError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
 
 
 def checked_api_key(api_key: str | None) -> str | None:
@@ -829,7 +831,7 @@ def create_app(service: Service) -> Any:
 
     # -- inference ----------------------------------------------------------------------------
 
-    def submit(kind: str, texts: list[str], adapter: str | None, sampling: _Sampling | None = None,
+    def submit(kind: str, texts: list[str | list[int]], adapter: str | None, sampling: _Sampling | None = None,
                max_tokens: int = 0) -> tuple[asyncio.Queue, list[Job]]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -870,7 +872,7 @@ def create_app(service: Service) -> Any:
         if sampling.logprobs not in (None, False):
             raise ApiError(400, "logprobs are not supported by this server; leave the field out", param="logprobs")
 
-    async def generate(request: Request, texts: list[str], adapter: str | None, sampling: _Sampling,
+    async def generate(request: Request, texts: list[str | list[int]], adapter: str | None, sampling: _Sampling,
                        max_tokens: int | None, chat: bool, model_name: str) -> Any:
         """``max_tokens`` ``None``: as much as the context leaves, up to the chat default."""
         prompt_tokens = await service.off_loop(service.count_all, texts)

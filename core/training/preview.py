@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from plugtune.artifacts.models import converted_folder, local_location
-from plugtune.data.datacheck import UNLIMITED, check_empty_fields, prepare_split
+from plugtune.data.datacheck import UNLIMITED, bind_tokenizer, check_empty_fields, prepare_split
 from plugtune.data.labels import IGNORE_INDEX
 from plugtune.data.mixture import MixedData
 from plugtune.kernel.errors import DataError, ModelError
@@ -169,13 +169,11 @@ class Preview:
 def build_preview(recipe: Recipe, tokenizer: LocalTokenizer, *, splits: tuple[str, ...] = ("train", "test")) -> Preview:
     """Load, normalize, mix and encode the recipe's data with ``tokenizer`` only."""
     t = recipe.training
-    data = recipe.load_data(t.seed)
-    check_empty_fields(data.splits, recipe.task)
     task = copy.deepcopy(recipe.task)
+    data = recipe.load_data(t.seed, task)
+    check_empty_fields(data.splits, task)
     task.setup(data.splits["train"])
-    bind = getattr(task, "bind_tokenizer", None)
-    if bind is not None:
-        bind(tokenizer.tokenizer)
+    bind_tokenizer(task, tokenizer.tokenizer)
     max_length = min(t.max_length, tokenizer.context) if tokenizer.context else t.max_length
     preview = Preview(recipe, tokenizer.tokenizer, task, max_length, data, where=tokenizer.where)
     for split in splits:
@@ -274,6 +272,8 @@ def render(preview: Preview, console: Any, *, split: str = "train", rows: int = 
                                 f"max_length {preview.max_length}, overlong {recipe.training.overlong}"))
     console.print(Text.assemble("legend: ", ("trained tokens", TRAINED), " · ", ("prompt (no loss)", PROMPT), " · ",
                                 ("special tokens", SPECIAL)))
+    for note in preview.data.notes:
+        console.print(note, markup=False, highlight=False)
     labels = getattr(preview.task, "labels", None)
     for i, row in enumerate(stats.encoded[:rows]):
         owner = preview.data.owner.get(id(row.get("example")))

@@ -234,10 +234,13 @@ class Recipe:
     def is_mixture(self) -> bool:
         return self.mix is not None
 
-    def load_data(self, seed: int | None = None) -> MixedData:
-        """Every source loaded, its rows normalized by the task, mixed as ``data`` says;
-        with each source's counts (core/data/mixture.py). ``seed``: default ``training.seed``."""
-        return load_data(self.sources, self.task, self.training.seed if seed is None else seed, self.mix)
+    def load_data(self, seed: int | None = None, task: Task | None = None) -> MixedData:
+        """Every source loaded, its rows normalized, mixed as ``data`` says; with each
+        source's counts and the normalizers' notes (core/data/mixture.py). ``task``: the
+        caller's copy of the recipe's task, which normalizes a single source's rows (and keeps
+        what it noted); default a fresh copy. ``seed``: default ``training.seed``."""
+        task = task if task is not None else copy.deepcopy(self.task)
+        return load_data(self.sources, task, self.training.seed if seed is None else seed, self.mix)
 
     @property
     def name(self) -> str:
@@ -706,9 +709,14 @@ def _check_columns(loader: Bound, task: Task, spec: RecipeSpec, source: Source |
     except DataError as exc:
         return [f"{where}.options: {exc}"]
     check = getattr(task, "check_columns", None)
-    if source is not None and check is not None:  # the task decides (fields that depend on detection)
-        return [f"{where}: {problem}" for problem in check(list(columns)) or []]
-    missing = sorted(task.required_fields() - set(columns))
+    if check is not None:  # a task whose fields depend on the data (the chat task's formats)
+        problems = [f"task.{p}" for p in check(list(columns)) or []]
+        if problems and source is not None:  # whose columns, and where to rename them
+            problems = [f"{where}: {p.replace('data.options.', where + '.options.')}" for p in problems]
+        if problems:
+            return problems
+    normalized = getattr(task, "normalize", None) is not None
+    missing = [] if normalized and check is not None else sorted(task.required_fields() - set(columns))
     if not missing:
         return []
     problems = []

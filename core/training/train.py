@@ -52,7 +52,14 @@ from plugtune.training.checkpoints import (
     truncate_log,
 )
 from plugtune.kernel.components import Decision, EvalMetrics, MetricDirections, PrepareContext, call_prepare
-from plugtune.data.datacheck import check_empty_fields, fit_to_context, prepare_split, report_overlong
+from plugtune.data.datacheck import (
+    bind_tokenizer,
+    check_empty_fields,
+    fit_to_context,
+    prepare_split,
+    report_overlong,
+    turns_cut_line,
+)
 from plugtune.training.evaluation import evaluate
 from plugtune.kernel.errors import DataError, PlugtuneError, RecipeError, TrainingError
 from plugtune.kernel.faults import guarded
@@ -420,16 +427,19 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
     t, console = recipe.training, process.console
     on_cuda = uses_cuda(t.device)
     set_seed(t.seed)
-    mixed = recipe.load_data(t.seed)  # every source, normalized and mixed (core/data/mixture.py)
-    splits = mixed.splits
-    check_empty_fields(splits, recipe.task)
     task = copy.deepcopy(recipe.task)
+    mixed = recipe.load_data(t.seed, task)  # every source, normalized and mixed (core/data/mixture.py)
+    splits = mixed.splits
+    for note in mixed.notes:
+        console.print(note)
+    check_empty_fields(splits, task)
     task.setup(splits["train"])
     dtype = base_dtype(t.base_dtype, on_cuda, getattr(recipe.method.component.obj, "trains_base_weights", False))
     with console.status(f"loading {recipe.spec.base_model} ({str(dtype).replace('torch.', '')})"):
         base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins, dtype=dtype,
                          attn_implementation=choose_attention(t.attention, on_cuda))
     tokenizer = base.tokenizer
+    bind_tokenizer(task, tokenizer)
     t = t.model_copy(update={"max_length": fit_to_context(t.max_length, base.model, console)})
     regularizers = [(b.name, guarded(b.build(), b.component)) for b in recipe.regularizers]
     train_examples = splits["train"]
@@ -454,6 +464,10 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
     for split in hits:
         console.print(f"{split}: tokenized rows from the cache")
     (train_rows, train_cut), (test_rows, test_cut) = encoded["train"], encoded["test"]
+    for split, rows in (("train", train_rows), ("test", test_rows)):
+        line = turns_cut_line(rows, split, t.max_length)
+        if line:
+            console.print(line)
     if t.max_eval_examples:
         test_rows = test_rows[: t.max_eval_examples]
     if not train_rows:
