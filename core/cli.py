@@ -34,12 +34,29 @@ def _console(stderr: bool = False) -> Any:
 def cmd_validate(args: argparse.Namespace) -> int:
     from plugtune.training.recipe import load_recipe
 
+    from rich.markup import escape
+
+    from plugtune.training.preview import validate_summary
+
     recipe = load_recipe(args.recipe, args.overrides)
     console = _console()
-    console.print(f"[green]ok[/] {args.recipe}: {recipe.name} — {recipe.method.name} on {recipe.spec.base_model}, "
-                  f"{recipe.task.type}, loader {recipe.loader.name}, "
+    data = (f"{recipe.mix.how} of {len(recipe.sources)} sources ({', '.join(s.name for s in recipe.sources)})"
+            if recipe.mix else f"loader {recipe.loader.name}")
+    console.print(f"[green]ok[/] {escape(str(args.recipe))}: {recipe.name} — {recipe.method.name} on "
+                  f"{escape(recipe.spec.base_model)}, {recipe.task.type}, {escape(data)}, "
                   f"evaluators {', '.join(b.name for b in recipe.evaluators) or 'none'}, "
-                  f"regularizers {', '.join(b.name for b in recipe.regularizers) or 'none'} -> {recipe.output_dir}")
+                  f"regularizers {', '.join(b.name for b in recipe.regularizers) or 'none'} -> {escape(str(recipe.output_dir))}")
+    console.print(validate_summary(recipe), markup=False, highlight=False, soft_wrap=True)  # one line, piped or not
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from plugtune.training.preview import preview
+    from plugtune.training.recipe import load_recipe
+
+    check_count(args.rows, "--rows", least=0)
+    recipe = load_recipe(args.recipe, args.overrides)
+    preview(recipe, _console(), split=args.split, rows=args.rows)
     return 0
 
 
@@ -145,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import copy
 
     from plugtune.artifacts.adapters import read_manifest
-    from plugtune.data.datacheck import bind_tokenizer, normalize_splits
+    from plugtune.data.datacheck import bind_tokenizer
     from plugtune.data.encoding import encode_split
     from plugtune.training.evaluation import evaluate
     from plugtune.serving.host import AdapterHost
@@ -164,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = copy.deepcopy(recipe.task)
     if manifests:
         task.labels = manifests[0].task.get("labels")
-    splits = normalize_splits(recipe.loader.build().load(recipe.training.seed), task)
+    splits = recipe.load_data(task=task).splits  # every source, normalized
     task.setup(splits["train"])
     host = AdapterHost.from_base(recipe.spec.base_model, task)
     bind_tokenizer(task, host.tokenizer)
@@ -396,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("preview", help="show encoded examples with the trained tokens highlighted, lengths and mixture shares (tokenizer only)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
+    p.add_argument("--rows", type=int, default=3, metavar="N", help="examples to show (default 3)")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="which split's examples to show")
+    p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("plugins", help="list plugins, their distributions and components")
     p.add_argument("--json", action="store_true")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ from plugtune.kernel.components import DataPath, MetricDirections, _path_exists
 from plugtune.kernel.errors import DataError, RecipeError
 from plugtune.kernel.faults import guarded
 from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
+from plugtune.data.mixture import Mix, MixedData, MixedLoader, Source, load_data, path_options
 from plugtune.data.tasks import Task, make_task, template_fields
 
 
@@ -69,14 +70,54 @@ class ComponentBlock(_Strict):
         return {} if value is None else value
 
 
-class DataBlock(_Strict):
+MAX_COUNT = 10**9  # steps, epochs' worth of batches, sizes: far past any real run, short of overflow
+MAX_EPOCHS = 1e6
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+class SourceBlock(_Strict):
+    """One source of a mixture (``data.sources[i]``); see core/data/mixture.py."""
+
     loader: str
     options: dict[str, Any] = Field(default_factory=dict)
+    weight: float | None = Field(None, gt=0, allow_inf_nan=False, description="its share of the mixed training rows (mix: sample)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="default: the loader and its file")
+    task: dict[str, Any] | None = Field(None, description="task options for this source's rows only (normalize), e.g. format")
+    max_rows: int | None = Field(None, gt=0, le=MAX_COUNT, description="a seeded subset of at most this many training rows")
 
     @field_validator("options", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return {} if value is None else value
+
+
+class DataBlock(_Strict):
+    """``data: {loader, options}`` (one source) or ``data: {sources: [...], mix, seed, size}``."""
+
+    loader: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    sources: list[SourceBlock] | None = Field(None, min_length=1)
+    mix: Literal["concat", "sample"] = "concat"
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="the mixture's seed (default: training.seed)")
+    size: int | None = Field(None, gt=0, le=MAX_COUNT, description="mix: sample: the mixed training rows (default: all sources' together)")
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _one_or_many(self) -> DataBlock:
+        if self.loader is None and self.sources is None:
+            raise ValueError("give a loader (one source: {loader, options}) or sources (a mixture: {sources: [...]})")
+        if self.loader is not None and self.sources is not None:
+            raise ValueError("give either loader (one source) or sources (a mixture), not both")
+        given = sorted(k for k in ("mix", "seed", "size") if k in self.model_fields_set)
+        if self.sources is None and given:
+            raise ValueError(f"{', '.join(given)} apply to a mixture (data.sources); a single loader takes none")
+        if self.sources is not None and self.options:
+            raise ValueError("options belong to each source (data.sources[i].options) in a mixture")
+        return self
 
 
 class TaskBlock(BaseModel):
@@ -86,11 +127,6 @@ class TaskBlock(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str
-
-
-MAX_COUNT = 10**9  # steps, epochs' worth of batches, sizes: far past any real run, short of overflow
-MAX_EPOCHS = 1e6
-MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 class TrainingBlock(_Strict):
@@ -187,10 +223,24 @@ class Recipe:
     source: Path | None
     base_dir: Path
     task: Task
-    loader: Bound
+    loader: Bound | MixedLoader  # a mixture's stand-in when data has sources (core/data/mixture.py)
     method: Bound
     regularizers: list[Bound]
     evaluators: list[Bound]
+    sources: list[Source] = field(default_factory=list)  # every source, the single one too
+    mix: Mix | None = None  # None: one loader, no mixture
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.mix is not None
+
+    def load_data(self, seed: int | None = None, task: Task | None = None) -> MixedData:
+        """Every source loaded, its rows normalized, mixed as ``data`` says; with each
+        source's counts and the normalizers' notes (core/data/mixture.py). ``task``: the
+        caller's copy of the recipe's task, which normalizes a single source's rows (and keeps
+        what it noted); default a fresh copy. ``seed``: default ``training.seed``."""
+        task = task if task is not None else copy.deepcopy(self.task)
+        return load_data(self.sources, task, self.training.seed if seed is None else seed, self.mix)
 
     @property
     def name(self) -> str:
@@ -441,27 +491,36 @@ def validate(
             + "; or give a local model folder, a .gguf file or a hub id (org/name)"
         )
 
+    sources, overrides = _bind_sources(plugins, raw.get("data"), context, problems)
     task = _bind_task(plugins, raw.get("task"), context, problems)
     if task is not None:
+        unbound = _bind_source_tasks(plugins, raw.get("task"), task, sources, overrides, context, problems)
         if loader is not None and check_data:
             problems.extend(_check_columns(loader, task, spec))
+        if check_data:
+            for source in sources:
+                if source.loader is not None and source.where not in unbound:  # its task is not known
+                    problems.extend(_check_columns(source.loader, source.task or task, spec, source))
         problems.extend(_check_task(task, method, regularizers, evaluators))
     problems.extend(_check_metric_directions(regularizers, evaluators))
     problems.extend(_check_model(plugins, raw.get("base_model"), task, method, regularizers, evaluators))
     if spec is not None and task is not None:
         problems.extend(_check_generation_length(plugins, spec, task))
-    if problems or spec is None or task is None or method is None or loader is None:
+    if problems or spec is None or task is None or method is None or (loader is None and not sources):
         raise RecipeError(problems or ["invalid recipe"], where)
+    mix = Mix(spec.data.mix, spec.data.seed, spec.data.size) if sources else None
     return Recipe(
         spec=spec,
         raw=raw,
         source=source,
         base_dir=base_dir,
         task=task,
-        loader=loader,
+        loader=loader if loader is not None else MixedLoader(sources, mix, task),
         method=method,
         regularizers=[r for r in regularizers if r is not None],
         evaluators=[e for e in evaluators if e is not None],
+        sources=sources or [Source(loader.name, loader)],
+        mix=mix,
     )
 
 
@@ -579,7 +638,7 @@ def _looks_like_path_or_hub_id(value: str) -> bool:
 
 
 def _data_as_block(data: Any) -> Any:
-    if isinstance(data, dict) and "loader" in data:
+    if isinstance(data, dict) and "loader" in data and "sources" not in data:  # a mixture binds each source
         return {"name": data["loader"], "options": data.get("options") or {}}
     return None
 
@@ -641,14 +700,19 @@ def _bind_task(plugins: PluginSystem, block: Any, context: dict[str, Any], probl
     return make_task(component, options)
 
 
-def _check_columns(loader: Bound, task: Task, spec: RecipeSpec) -> list[str]:
+def _check_columns(loader: Bound, task: Task, spec: RecipeSpec, source: Source | None = None) -> list[str]:
+    """The loader's columns (after its column mapping) against what the task reads: a
+    single source's at ``data``, a mixture's each at ``data.sources[i]`` with its own task."""
+    where = source.where if source is not None else "data"
     try:
         columns = loader.build().columns()
     except DataError as exc:
-        return [f"data.options: {exc}"]
+        return [f"{where}.options: {exc}"]
     check = getattr(task, "check_columns", None)
     if check is not None:  # a task whose fields depend on the data (the chat task's formats)
         problems = [f"task.{p}" for p in check(list(columns)) or []]
+        if problems and source is not None:  # whose columns, and where to rename them
+            problems = [f"{where}: {p.replace('data.options.', where + '.options.')}" for p in problems]
         if problems:
             return problems
     normalized = getattr(task, "normalize", None) is not None
@@ -656,14 +720,119 @@ def _check_columns(loader: Bound, task: Task, spec: RecipeSpec) -> list[str]:
     if not missing:
         return []
     problems = []
+    data = f" of {where} ({source.name})" if source is not None else ""
     for column in missing:
         hint = did_you_mean(column, columns)
         field = f"task.{_option_naming(task, column)}"
         problems.append(
-            f"{field}: column {column!r} is not in the data{hint} (columns: {', '.join(columns)}); "
-            f"rename it with data.options.columns"
+            f"{field}: column {column!r} is not in the data{data}{hint} (columns: {', '.join(columns)}); "
+            f"rename it with {where}.options.columns"
         )
     return problems
+
+
+def _bind_sources(plugins: PluginSystem, data: Any, context: dict[str, Any],
+                  problems: list[str]) -> tuple[list[Source], list[tuple[int, Any]]]:
+    """A mixture's sources (``data.sources``), each loader resolved and its options bound
+    at ``data.sources[i]``; names defaulted (``loader:file``) and checked unique; weights
+    required when sampling. Empty for a single loader (or a shape RecipeSpec refuses).
+    Also returns each source's raw ``task`` override with its index, for
+    :func:`_bind_source_tasks`."""
+    blocks = data.get("sources") if isinstance(data, dict) else None
+    if not isinstance(blocks, list):
+        return [], []
+    sampling = data.get("mix") == "sample"
+    sources: list[Source] = []
+    overrides: list[tuple[int, Any]] = []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or not isinstance(block.get("loader"), str):
+            continue  # the shape error is reported by RecipeSpec
+        path = ("data", "sources", i)
+        where = _path(path)
+        options = block.get("options") or {}
+        loader = _bind(plugins, "loader", {"name": block["loader"], "options": options}, path, context, problems,
+                       name_key="loader") if isinstance(options, dict) else None  # else RecipeSpec says so
+        weight = block.get("weight")
+        if sampling and weight is None:
+            problems.append(f"{where}.weight: mix: sample draws each source by its weight; give every source a "
+                            f"weight (a positive number; they need not add up to 1)")
+        elif not sampling and weight is not None:
+            problems.append(f"{where}.weight: weights apply to mix: sample; remove it, or set data.mix: sample")
+        name = block.get("name") if isinstance(block.get("name"), str) else _default_name(block["loader"], loader)
+        max_rows = block.get("max_rows") if isinstance(block.get("max_rows"), int) else None
+        sources.append(Source(name, loader, where, weight if isinstance(weight, (int, float)) else None, None, max_rows))
+        overrides.append((i, block.get("task")))
+    if not sampling and isinstance(data.get("size"), int):
+        problems.append("data.size: size applies to mix: sample (concat keeps every row); remove it, or set data.mix: sample")
+    seen: dict[str, Source] = {}
+    for i, source in enumerate(sources):
+        if source.name in seen:
+            explicit = isinstance(blocks[i], dict) and "name" in blocks[i]
+            if explicit:
+                problems.append(f"{source.where}.name: {source.name!r} is also the name of {seen[source.name].where}; "
+                                f"give each source its own name")
+                continue
+            source.name = f"{source.name}#{i}"
+        seen[source.name] = source
+    return sources, overrides
+
+
+def _default_name(loader_name: str, loader: Bound | None) -> str:
+    """``table:tickets.csv``: the loader and the first file its options name."""
+    paths = path_options(loader.options) if loader is not None and loader.options is not None else []
+    return f"{loader_name}:{paths[0][1].name}" if paths else loader_name
+
+
+def _bind_source_tasks(plugins: PluginSystem, block: Any, task: Task, sources: list[Source],
+                       overrides: list[tuple[int, Any]], context: dict[str, Any], problems: list[str]) -> set[str]:
+    """``data.sources[i].task``: options of the recipe's task for that source's rows only,
+    built into a task of the same type that normalizes them. Refused: another type, a key
+    the task does not have, a task without ``normalize`` (the override would change
+    nothing), and ``template`` (one adapter has one chat template, recorded in its manifest
+    and used at inference). Returns the sources (by field path) whose options were refused."""
+    component = plugins.find("task", task.type)
+    if component is None or not isinstance(block, dict):
+        return set()
+    unbound: set[str] = set()
+    for source, (index, override) in zip(sources, overrides):
+        if override is None:
+            continue
+        unbound.add(source.where)  # until its task is built
+        where = f"{source.where}.task"
+        if not isinstance(override, dict):
+            continue  # the shape error is reported by RecipeSpec
+        if "type" in override and override["type"] != task.type:
+            problems.append(f"{where}.type: a source's task is the recipe's ({task.type}) with other options; "
+                            f"remove type, or train on the other task in a recipe of its own")
+            continue
+        if not all(isinstance(k, str) for k in override):
+            continue  # the shape error is reported by RecipeSpec
+        keys = [k for k in override if k != "type"]
+        allowed = list(component.options_model.model_fields) if component.options_model is not None else []
+        bad = [k for k in keys if k not in allowed and k != "template"]
+        for key in bad:
+            hint = did_you_mean(str(key), allowed)
+            problems.append(f"{_path(('data', 'sources', index, 'task', str(key)))}: unknown key"
+                            f"{hint or ' (allowed: ' + ', '.join(allowed) + ')'}")
+        if "template" in keys:
+            problems.append(f"{where}.template: one adapter has one chat template (recorded in its manifest and used "
+                            f"at inference); set task.template for the whole recipe")
+            continue
+        if bad:
+            continue
+        if getattr(task, "normalize", None) is None:
+            problems.append(f"{where}: task {task.type} does not normalize rows, so options for one source change "
+                            f"nothing; remove {where}")
+            continue
+        merged = {k: v for k, v in {**block, **override}.items() if k != "type"}
+        try:
+            options = component.options_model.model_validate(merged, context=context)
+        except ValidationError as exc:
+            problems.extend(_format_errors(exc, component.options_model, prefix=("data", "sources", index, "task")))
+            continue
+        source.task = make_task(component, options)
+        unbound.discard(source.where)
+    return unbound
 
 
 def _option_naming(task: Task, column: str) -> str:

@@ -56,10 +56,8 @@ from plugtune.data.datacheck import (
     bind_tokenizer,
     check_empty_fields,
     fit_to_context,
-    normalize_splits,
     prepare_split,
     report_overlong,
-    task_notes,
     turns_cut_line,
 )
 from plugtune.training.evaluation import evaluate
@@ -79,6 +77,7 @@ from plugtune.training.runtime import (
     uses_cuda,
 )
 from plugtune.training.signals import Interrupted, StopRequest, resume_command, terminate_as_interrupt
+from plugtune.data.mixture import MixedData, path_options as _path_options
 from plugtune.data.tasks import Task
 from plugtune.data.tokenized_cache import cached_encode, tokenizer_fingerprint
 
@@ -125,27 +124,12 @@ def base_dtype(requested: str, on_cuda: bool, trains_base_weights: bool) -> torc
 def run_inputs(recipe: Recipe) -> list[tuple[str, Path]]:
     """What a run reads and so may never write into: the base model's folder (and, for an
     adapter used as a base, the bases below it) and every path option of the recipe's
-    components (the loader's data files, a regularizer's file)."""
-    sections = [("data", recipe.loader), ("method", recipe.method),
+    components (every source's data files, a regularizer's file)."""
+    sections = [*((source.where, source.loader) for source in recipe.sources), ("method", recipe.method),
                 *((f"regularizers[{i}]", b) for i, b in enumerate(recipe.regularizers)),
                 *((f"evaluators[{i}]", b) for i, b in enumerate(recipe.evaluators))]
     found = [(f"{section}.options.{key}", path) for section, bound in sections for key, path in _path_options(bound.options)]
     return [*base_inputs(recipe.spec.base_model), *found]
-
-
-def _path_options(options: Any, key: str = "") -> list[tuple[str, Path]]:
-    """``(dotted key, path)`` for every Path value in a component's options (nested too)."""
-    if isinstance(options, Path):
-        return [(key, options)]
-    if hasattr(options, "model_fields"):
-        items = [(name, getattr(options, name, None)) for name in type(options).model_fields]
-    elif isinstance(options, dict):
-        items = list(options.items())
-    elif isinstance(options, (list, tuple)):
-        items = [(str(i), v) for i, v in enumerate(options)]
-    else:
-        return []
-    return [found for name, value in items for found in _path_options(value, f"{key}.{name}" if key else str(name))]
 
 
 def _occupied(path: Path) -> str | None:
@@ -332,6 +316,7 @@ class _Data:
     regularizers: list[tuple[str, Any]]
     train_rows: list[Row]
     test_rows: list[Row]
+    sources: MixedData | None = None  # each source's counts (core/data/mixture.py)
 
     @property
     def tokenizer(self) -> Any:
@@ -443,8 +428,9 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
     on_cuda = uses_cuda(t.device)
     set_seed(t.seed)
     task = copy.deepcopy(recipe.task)
-    splits = normalize_splits(recipe.loader.build().load(t.seed), task)
-    for note in task_notes(task):
+    mixed = recipe.load_data(t.seed, task)  # every source, normalized and mixed (core/data/mixture.py)
+    splits = mixed.splits
+    for note in mixed.notes:
         console.print(note)
     check_empty_fields(splits, task)
     task.setup(splits["train"])
@@ -471,6 +457,8 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
             examples, task, tokenizer, t.max_length, split, fingerprint=fingerprint, overlong=t.overlong,
             enabled=t.cache_tokenized, encode=lambda e=examples, s=split: prepare_split(e, task, tokenizer, t.max_length, t.overlong, s))
         encoded[split] = report_overlong(prepared, t.max_length, split, console)
+        mixed.count_encoded(split, encoded[split][0], policy=t.overlong, max_length=t.max_length,
+                            cut=prepared.cut, dropped=prepared.dropped)
         if hit:
             hits.append(split)
     for split in hits:
@@ -486,7 +474,9 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
         raise DataError("no training rows left after encoding (check the templates and training.max_length)")
     if train_cut or test_cut:
         console.print(f"[yellow]{train_cut} train and {test_cut} test rows exceed max_length={t.max_length} and were truncated or dropped[/]")
-    return _Data(task, base, t, regularizers, train_rows, test_rows)
+    for line in mixed.lines() if mixed.mixture else ():
+        console.print(line, markup=False, highlight=False)
+    return _Data(task, base, t, regularizers, train_rows, test_rows, mixed)
 
 
 def _open_output(process: _Process, out: Path, overwrite: bool, resuming: Checkpoint | None,
@@ -743,6 +733,7 @@ def _manifest(recipe: Recipe, data: _Data, trainee: _Trainee, state: RunState, *
             "best_step": state.best.step if state.best else state.step,
             "trainable_parameters": trainee.trainable, "total_parameters": trainee.total,
             "train_rows": len(data.train_rows), "test_rows": len(data.test_rows),
+            **({"sources": data.sources.records()} if data.sources is not None else {}),
         },
     )
 
