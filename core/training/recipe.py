@@ -445,6 +445,8 @@ def validate(
     if task is not None:
         if loader is not None and check_data:
             problems.extend(_check_columns(loader, task, spec))
+    if loader is not None:
+        problems.extend(_check_streaming(loader, spec, regularizers))
         problems.extend(_check_task(task, method, regularizers, evaluators))
     problems.extend(_check_metric_directions(regularizers, evaluators))
     problems.extend(_check_model(plugins, raw.get("base_model"), task, method, regularizers, evaluators))
@@ -657,6 +659,23 @@ def _check_columns(loader: Bound, task: Task, spec: RecipeSpec) -> list[str]:
             f"{field}: column {column!r} is not in the data{hint} (columns: {', '.join(columns)}); "
             f"rename it with data.options.columns"
         )
+    return problems
+
+
+def _check_streaming(loader: Bound, spec: RecipeSpec | None, regularizers: list[Bound | None]) -> list[str]:
+    """A loader that ``streams`` its training split (a :class:`RowStream`) needs
+    ``training.max_steps`` (a stream has no length to count epochs in) and no regularizer
+    that rewrites the training rows in memory (``augment_examples``)."""
+    if not getattr(loader.build(), "streams", False):
+        return []
+    problems = []
+    if spec is not None and spec.training.max_steps is None:
+        problems.append("training.max_steps: the data loader streams the training split, which has no length to "
+                        "count epochs in; set training.max_steps")
+    for i, bound in enumerate(regularizers):
+        if bound is not None and hasattr(bound.component.obj, "augment_examples"):
+            problems.append(f"regularizers[{i}]: {bound.name} rewrites the training rows in memory, which a streamed "
+                            f"training split never is; drop it or stop streaming")
     return problems
 
 
