@@ -46,6 +46,7 @@ from plugtune.kernel.components import (
     PrepareContext,
     Regularizer,
     ReportsResidentBytes,
+    RowStream,
     StartsDecoding,
     Task,
     TuningMethod,
@@ -65,6 +66,7 @@ from plugtune.kernel.errors import (
     RecipeError,
     TrainingError,
 )
+from plugtune.kernel.paths import plugtune_home
 from plugtune.kernel.hookspecs import (
     Register,
     RegisterAliases,
@@ -158,9 +160,9 @@ __all__ = [
     "hookimpl", "Register", "RegisterMethods", "RegisterLoaders", "RegisterRegularizers", "RegisterEvaluators",
     "RegisterTasks", "RegisterAliases",
     # options
-    "ComponentOptions", "NoOptions", "DataPath", "DataFileOrFolder", "not_regular", "open_regular",
+    "ComponentOptions", "NoOptions", "DataPath", "DataFileOrFolder", "not_regular", "open_regular", "plugtune_home",
     # the kinds
-    "DataLoader", "Task", "Head", "TuningMethod", "PrepareContext", "Regularizer", "Evaluator", "BaseModelAlias",
+    "DataLoader", "RowStream", "Task", "Head", "TuningMethod", "PrepareContext", "Regularizer", "Evaluator", "BaseModelAlias",
     "PackagedModel", "ChecksModel", "ModelOutline",
     # the host side of a tuning method and its capabilities
     "AdapterHandler", "MixesRows", "Folds", "Merges", "StartsDecoding", "ReportsResidentBytes", "Combines",

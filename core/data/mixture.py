@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from plugtune.data.datacheck import check_empty_fields, normalize_rows, task_notes
+from plugtune.data.streaming import split_stream
 from plugtune.data.tasks import Task
 from plugtune.kernel.errors import DataError
 
@@ -138,6 +139,7 @@ class MixedData:
     owner: dict[int, int]
     mixture: bool
     notes: list[str] = field(default_factory=list)  # what the normalizing tasks noted (detected formats)
+    stream: Any = None  # a single source's streamed training split (a RowStream); splits["train"] is its sample
 
     def count_encoded(self, split: str, encoded: list[dict[str, Any]], *, policy: str, max_length: int,
                       cut: int, dropped: int) -> None:
@@ -182,8 +184,12 @@ def load_data(sources: list[Source], task: Task, seed: int, mix: Mix | None = No
     counts: list[SourceCounts] = []
     notes: list[str] = []
     mixing = mix is not None or len(sources) > 1
+    stream = None
     for source in sources:
-        splits = source.loader.build().load(seed)
+        splits, stream = split_stream(source.loader.build().load(seed))  # a stream: its first rows stand in
+        if stream is not None and mixing:
+            raise DataError(f"{source.where} ({source.name}): a streamed source cannot be mixed; "
+                            "stream a single source, or set streaming: false")
         splits = {split: list(splits.get(split) or []) for split in SPLITS}
         normalizer = copy.deepcopy(source.task or task) if mixing else task
         splits = _normalized(splits, normalizer, source)
@@ -200,7 +206,7 @@ def load_data(sources: list[Source], task: Task, seed: int, mix: Mix | None = No
         splits = loaded[0]
         counts[0].kept = {s: len(splits[s]) for s in SPLITS}
         owner = {id(row): 0 for s in SPLITS for row in splits[s]}
-        return MixedData(splits, counts, owner, mixture=False, notes=notes)
+        return MixedData(splits, counts, owner, mixture=False, notes=notes, stream=stream)
     mixed = _mix(sources, loaded, counts, mix or Mix(), seed)
     mixed.notes = notes
     return mixed

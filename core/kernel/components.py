@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,9 +122,39 @@ def open_regular(path: Path) -> BinaryIO:
 
 
 @runtime_checkable
+class RowStream(Protocol):
+    """A training split read lazily, for data larger than memory. A loader's ``load`` may
+    return one as ``train`` instead of a list (``test`` stays a list: it is evaluated again
+    and again, so the loader bounds it, e.g. to its first rows).
+
+    The core then never holds the split: it reads it through a seeded shuffle buffer of
+    ``shuffle_buffer`` rows (instead of grouping batches by length, which needs every
+    length), calls the task's ``normalize`` on each row, checks its fields, tokenizes it on
+    the fly and cuts batches as the loop asks for them (core/data/streaming.py). An epoch
+    is one pass; the run needs ``training.max_steps`` (there is no length to count epochs
+    in). ``--resume`` reads the epoch again from its first row and skips the rows of the
+    batches consumed before the checkpoint without tokenizing them.
+    """
+
+    shuffle_buffer: int  # rows the core's shuffle buffer holds (memory ~ this many raw rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """One pass over the training rows, flat dicts with the keys ``columns()`` names, in
+        the source's own order; every call starts again from the first row and yields the
+        same rows in the same order (the shuffle and a resume depend on it)."""
+        ...
+
+
+@runtime_checkable
 class DataLoader(Protocol):
     """Reads examples for a recipe. Examples are flat dicts; the task's templates refer to
-    their keys."""
+    their keys.
+
+    Optional: ``streams: bool`` (attribute or property): True when ``load`` returns the
+    training split as a :class:`RowStream`; validation then requires ``training.max_steps``
+    and refuses regularizers that rewrite the training rows in memory
+    (``augment_examples``).
+    """
 
     Options: ClassVar[type[ComponentOptions]]
 
@@ -135,9 +165,10 @@ class DataLoader(Protocol):
         recipe naming a missing column fails at validation, before any model loads."""
         ...
 
-    def load(self, seed: int) -> dict[str, list[dict[str, Any]]]:
+    def load(self, seed: int) -> dict[str, list[dict[str, Any]] | RowStream]:
         """Return the splits: ``{"train": [...], "test": [...]}`` (``test`` may be
-        derived deterministically from ``seed`` when the source has no held-out split)."""
+        derived deterministically from ``seed`` when the source has no held-out split);
+        ``train`` may be a :class:`RowStream` when the loader ``streams``."""
         ...
 
 

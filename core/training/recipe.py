@@ -502,6 +502,7 @@ def validate(
                 if source.loader is not None and source.where not in unbound:  # its task is not known
                     problems.extend(_check_columns(source.loader, source.task or task, spec, source))
         problems.extend(_check_task(task, method, regularizers, evaluators))
+    problems.extend(_check_streaming(loader, sources, spec, regularizers))
     problems.extend(_check_metric_directions(regularizers, evaluators))
     problems.extend(_check_model(plugins, raw.get("base_model"), task, method, regularizers, evaluators))
     if spec is not None and task is not None:
@@ -833,6 +834,29 @@ def _bind_source_tasks(plugins: PluginSystem, block: Any, task: Task, sources: l
         source.task = make_task(component, options)
         unbound.discard(source.where)
     return unbound
+
+
+def _check_streaming(loader: Bound | None, sources: list[Source], spec: RecipeSpec | None,
+                     regularizers: list[Bound | None]) -> list[str]:
+    """A loader that ``streams`` its training split (a :class:`RowStream`) needs
+    ``training.max_steps`` (a stream has no length to count epochs in), no regularizer
+    that rewrites the training rows in memory (``augment_examples``), and no mixture (mixing
+    draws from whole splits)."""
+    if sources:
+        return [f"{s.where}.options.streaming: a mixture's sources are read whole, so one cannot stream; "
+                f"stream a single source (data.loader), or set streaming: false"
+                for s in sources if s.loader is not None and getattr(s.loader.build(), "streams", False)]
+    if loader is None or not getattr(loader.build(), "streams", False):
+        return []
+    problems = []
+    if spec is not None and spec.training.max_steps is None:
+        problems.append("training.max_steps: the data loader streams the training split, which has no length to "
+                        "count epochs in; set training.max_steps")
+    for i, bound in enumerate(regularizers):
+        if bound is not None and hasattr(bound.component.obj, "augment_examples"):
+            problems.append(f"regularizers[{i}]: {bound.name} rewrites the training rows in memory, which a streamed "
+                            f"training split never is; drop it or stop streaming")
+    return problems
 
 
 def _option_naming(task: Task, column: str) -> str:

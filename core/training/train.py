@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -66,6 +67,7 @@ from plugtune.kernel.faults import guarded
 from plugtune.training.loss import label_token_losses, output_head, supports_label_positions
 from plugtune.artifacts.models import BaseInfo, LoadedBase, load_base
 from plugtune.data.encoding import Row
+from plugtune.data.streaming import StreamedTraining
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
 from plugtune.training.recipe import Recipe, TrainingBlock
 from plugtune.training.runtime import (
@@ -232,7 +234,7 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
                                 regularizers=data.regularizers, unwrap=process.accelerator.unwrap_model,
                                 rank=process.rank, world=process.world)
     if resuming:
-        note = checkpointer.restore(resuming, state, len(data.train_rows))
+        note = checkpointer.restore(resuming, state, data.train_count)
         process.console.print(f"resuming from {resuming.path} (step {state.step} of {trainee.total_steps})")
         if note:
             process.console.print(f"[yellow]{note}[/]")
@@ -314,13 +316,19 @@ class _Data:
     base: LoadedBase
     training: TrainingBlock
     regularizers: list[tuple[str, Any]]
-    train_rows: list[Row]
+    train_rows: list[Row]  # a streamed split: the encoded rows of its in-memory sample (core/data/streaming.py)
     test_rows: list[Row]
     sources: MixedData | None = None  # each source's counts (core/data/mixture.py)
+    stream: StreamedTraining | None = None  # the training split, when the loader streams it
 
     @property
     def tokenizer(self) -> Any:
         return self.base.tokenizer
+
+    @property
+    def train_count(self) -> int:
+        """The training rows a checkpoint records (0 for a stream: it has no length)."""
+        return 0 if self.stream is not None else len(self.train_rows)
 
 
 @dataclass
@@ -429,7 +437,8 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
     set_seed(t.seed)
     task = copy.deepcopy(recipe.task)
     mixed = recipe.load_data(t.seed, task)  # every source, normalized and mixed (core/data/mixture.py)
-    splits = mixed.splits
+    # a streamed training split is set aside; its first rows stand in for it in memory
+    splits, stream = mixed.splits, mixed.stream
     for note in mixed.notes:
         console.print(note)
     check_empty_fields(splits, task)
@@ -445,6 +454,9 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
     train_examples = splits["train"]
     for name, reg in regularizers:
         if hasattr(reg, "augment_examples"):
+            if stream is not None:  # refused at validation; kept here for recipes built without it
+                raise RecipeError([f"regularizers: {name} rewrites the training rows in memory, which a streamed "
+                                   f"training split never is; drop it or stop streaming"])
             before_count = len(train_examples)
             train_examples = reg.augment_examples(train_examples, task)
             console.print(f"{name}: {before_count} -> {len(train_examples)} training examples")
@@ -476,7 +488,12 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
         console.print(f"[yellow]{train_cut} train and {test_cut} test rows exceed max_length={t.max_length} and were truncated or dropped[/]")
     for line in mixed.lines() if mixed.mixture else ():
         console.print(line, markup=False, highlight=False)
-    return _Data(task, base, t, regularizers, train_rows, test_rows, mixed)
+    if stream is None:
+        return _Data(task, base, t, regularizers, train_rows, test_rows, mixed)
+    streamed = StreamedTraining(stream, task, tokenizer, max_length=t.max_length, overlong=t.overlong,
+                                batch_size=t.batch_size, seed=t.seed)
+    console.print(f"train: streamed, shuffled through a buffer of {streamed.buffer_size} rows and tokenized on the fly")
+    return _Data(task, base, t, regularizers, train_rows, test_rows, mixed, streamed)
 
 
 def _open_output(process: _Process, out: Path, overwrite: bool, resuming: Checkpoint | None,
@@ -527,13 +544,17 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process) -> _Trainee:
     groups = [dict(NO_DECAY, **group) for group in groups]
     make_optimizer = getattr(method, "optimizer", None)
     optimizer = make_optimizer(groups, t.learning_rate) if make_optimizer else torch.optim.AdamW(groups, lr=t.learning_rate)
+    if data.stream is not None and not t.max_steps:
+        raise RecipeError(["training.max_steps: the training split is streamed and has no length to count epochs "
+                           "in; set training.max_steps"])
     batches_per_epoch = math.ceil(len(data.train_rows) / t.batch_size)  # what epoch_batches cuts, grouped or not
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
     model, optimizer, scheduler = process.accelerator.prepare(model, optimizer, scheduler)
     unwrapped = process.accelerator.unwrap_model(model)  # evaluation runs on the main process, outside DDP
-    lengths = [len(r["input_ids"]) for r in data.train_rows] if t.group_by_length else None
+    # a stream is shuffled through a buffer instead of grouped by length (its lengths are never all known)
+    lengths = [len(r["input_ids"]) for r in data.train_rows] if t.group_by_length and data.stream is None else None
     label_only = (t.logits_on_labels_only and not task.is_classification
                   and supports_label_positions(unwrapped, [reg for _, reg in regularizers]))
     return _Trainee(method, model, unwrapped, optimizer, scheduler, trainable, total, total_steps,
@@ -567,7 +588,7 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
     cadence and on Ctrl-C. Returns the seconds trained (with those before a resume)."""
     t, accelerator, device, world = data.training, process.accelerator, process.device, process.world
     model, scheduler, regularizers = trainee.model, trainee.scheduler, data.regularizers
-    train_rows, total_steps = data.train_rows, trainee.total_steps
+    total_steps = trainee.total_steps
     pad_id = data.tokenizer.pad_token_id
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -585,15 +606,12 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
     stop = False
     with progress, StopRequest() as interrupt:
         while state.step < total_steps:
-            order = epoch_batches(len(train_rows), t.batch_size, seed=t.seed, epoch=state.epoch, lengths=trainee.lengths)
-            for batch_index, indices in enumerate(order):
-                if batch_index < state.batch:  # consumed before the checkpoint this run resumed from
-                    continue
+            for batch_index, rows in _epoch(data, trainee, state):
                 if world > 1:  # t.batch_size is the global batch; each process takes its rows of it
-                    if len(indices) < world:
+                    if len(rows) < world:
                         continue  # a tail batch too small to give every process a row: all skip it
-                    indices = shard(indices, process.rank, world)
-                batch = data.task.collate([train_rows[i] for i in indices], pad_id)
+                    rows = shard(rows, process.rank, world)
+                batch = data.task.collate(rows, pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 for _, reg in regularizers:
                     if hasattr(reg, "transform_batch"):
@@ -632,7 +650,7 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
                     # all must agree before the checkpoint, a collective, or one would wait forever.
                     stopping = bool(accelerator.reduce(torch.tensor([int(stopping)], device=device), reduction="sum").item())
                 if (checkpointer.due(state.step) and state.step < total_steps and not stop) or stopping:
-                    saved = checkpointer.save(state, before=before, metrics_log=process.metrics_log, train_rows=len(train_rows),
+                    saved = checkpointer.save(state, before=before, metrics_log=process.metrics_log, train_rows=data.train_count,
                                               train_seconds=earlier_seconds + time.perf_counter() - started)
                     if stopping:
                         raise Interrupted(f"stopped at step {state.step} of {total_steps}; checkpoint saved to {saved}; "
@@ -645,6 +663,21 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
             if stop:
                 break
     return earlier_seconds + time.perf_counter() - started
+
+
+def _epoch(data: _Data, trainee: _Trainee, state: RunState) -> Iterator[tuple[int, list[Row]]]:
+    """``(batch index, encoded rows)`` of ``state.epoch`` from ``state.batch`` on (the batches
+    before were consumed before the checkpoint this run resumed from): the seeded order of
+    core/batching.py over the rows in memory, or a streamed split's batches made on the fly
+    (core/data/streaming.py)."""
+    t = data.training
+    if data.stream is not None:
+        yield from data.stream.batches(state.epoch, start=state.batch)
+        return
+    order = epoch_batches(len(data.train_rows), t.batch_size, seed=t.seed, epoch=state.epoch, lengths=trainee.lengths)
+    for batch_index, indices in enumerate(order):
+        if batch_index >= state.batch:
+            yield batch_index, [data.train_rows[i] for i in indices]
 
 
 def _micro_step(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torch.Tensor],
@@ -704,7 +737,7 @@ def _artifact_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Tr
                          manifest=manifest.model_dump(mode="json", exclude_unset=True))
     except PlugtuneError as exc:
         raise _rescue(recipe, process, state, checkpointer, exc, before=before, train_seconds=train_seconds,
-                      train_rows=len(data.train_rows), log_bytes=log_bytes) from exc
+                      train_rows=data.train_count, log_bytes=log_bytes) from exc
     if process.main:
         clear_checkpoints(recipe.output_dir)  # the adapter is whole: the run is finished
         (recipe.output_dir / PREVIOUS_LOG).unlink(missing_ok=True)  # the replaced adapter's log (--overwrite)
@@ -732,8 +765,10 @@ def _manifest(recipe: Recipe, data: _Data, trainee: _Trainee, state: RunState, *
             "steps": state.step, "train_seconds": round(train_seconds, 2),
             "best_step": state.best.step if state.best else state.step,
             "trainable_parameters": trainee.trainable, "total_parameters": trainee.total,
-            "train_rows": len(data.train_rows), "test_rows": len(data.test_rows),
+            "train_rows": data.stream.rows_read if data.stream else len(data.train_rows), "test_rows": len(data.test_rows),
             **({"sources": data.sources.records()} if data.sources is not None else {}),
+            **({"streamed": True, "train_rows_truncated": data.stream.cut, "train_rows_dropped": data.stream.dropped}
+               if data.stream else {}),
         },
     )
 
