@@ -254,3 +254,37 @@ def test_the_server_answers_a_three_turn_conversation_as_host_chat_does(chat_ada
         bad = client.post("/v1/chat/completions", json={"model": "chatty", "messages": [{"role": "robot", "content": "x"}]})
         assert bad.status_code in (400, 422) and "role" in bad.text
     assert expected in {"blue", "green", "yellow"}
+
+
+# -- on the real model --------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_a_smollm2_chat_adapter_answers_three_turns_on_the_server_as_host_chat_does(tmp_path):
+    """The shipped chat recipe, briefly trained: the server renders the whole conversation
+    with the adapter's recorded template, exactly as AdapterHost.chat does, and the answer
+    differs from the one a last-message-only rendering gives."""
+    recipe = load_recipe(ROOT / "recipes" / "support-chat-smollm2-lora.yaml", [
+        f"output.dir={tmp_path / 'chat'}", "training.max_steps=3", "training.max_eval_examples=4",
+        "training.eval_before=false", "evaluators=[loss]"])
+    adapter = plugtune.run(recipe, show_progress=False).adapter_dir
+    host = AdapterHost.from_adapters(adapter)
+    name = host.active
+    three_turns = [
+        {"role": "system", "content": "You are the support assistant of a small online shop. Answer briefly."},
+        {"role": "user", "content": "Hello, my parcel never arrived."},
+        {"role": "assistant", "content": "I am sorry to hear that. Could you share the order number, please?"},
+        {"role": "user", "content": "ORD-31337."},
+    ]
+    expected = host.chat(three_turns, name, max_new_tokens=24)
+    last_only = host.generate([host.chat_prompt(three_turns[-1:], name)], name, max_new_tokens=24, raw=True)[0]
+    with running(create_app(Service(host, base_name="smollm2"))) as url, httpx.Client(base_url=url, timeout=300) as client:
+        body = client.post("/v1/chat/completions", json={"model": name, "messages": three_turns, "max_tokens": 24,
+                                                         "temperature": 0}).json()
+    assert body["choices"][0]["message"]["content"] == expected
+    assert body["usage"]["prompt_tokens"] == len(host.chat_prompt(three_turns, name))
+    assert expected and last_only != expected
+    manifest = read_manifest(adapter).task
+    assert manifest["template_text"] == host.tokenizer.chat_template
