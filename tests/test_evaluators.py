@@ -147,6 +147,38 @@ def test_exact_match():
     assert run(raw, texts(["The Blue.", " sea "], ["blue", "sea"])) == {"exact_match": 0.5}
 
 
+def test_exact_match_on_a_pattern_compares_only_the_field():
+    ev = ExactMatch(ExactMatchOptions(pattern=r"ORD-\d+ to (\w+)"), LM)
+    generated = ["Sorry. I have routed order ORD-11111 to Shipping.",   # group 1 equal: a hit, the number differs
+                 "Thanks. I have routed order ORD-22222 to Billing.",   # another department: a miss
+                 "I cannot help with that.",                            # no field generated: a miss
+                 "routed ORD-44444 to returns, ORD-1 to Billing",       # the first match counts; normalised case
+                 "anything"]                                            # the reference has no field: left out
+    references = ["I have routed order ORD-99999 to Shipping.", "I have routed order ORD-22222 to Returns.",
+                  "I have routed order ORD-33333 to Technical.", "I have routed order ORD-44444 to Returns.",
+                  "no order here"]
+    assert run(ev, texts(generated, references)) == {"exact_match": 2 / 4}
+    # without a group the whole match is the field: the order number must agree as well
+    whole = ExactMatch(ExactMatchOptions(pattern=r"ORD-\d+ to \w+"), LM)
+    assert run(whole, texts(generated, references)) == {"exact_match": 1 / 4}
+    # normalize: false compares the field as found (only surrounding whitespace stripped)
+    raw = ExactMatch(ExactMatchOptions(pattern=r"to (\w+)", normalize=False), LM)
+    assert run(raw, texts(["to returns", "to Returns"], ["to Returns", "to Returns"])) == {"exact_match": 0.5}
+    # no reference carries the field: nothing to score
+    assert math.isnan(run(ev, texts(["x"], ["y"]))["exact_match"])
+
+
+def test_exact_match_pattern_is_compiled_at_validation(make_recipe):
+    recipe = make_recipe(evaluators=["loss", {"name": "exact_match", "options": {"pattern": "ORD-(\\d+"}}])
+    with pytest.raises(RecipeError) as err:
+        plugtune.load_recipe(recipe)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{recipe}: evaluators[1].options.pattern: ")
+    assert "not a valid regular expression (missing ), unterminated subpattern at position 4)" in lines[0]
+    ok = plugtune.load_recipe(make_recipe(evaluators=[{"name": "exact_match", "options": {"pattern": "to (\\w+)"}}]))
+    assert ok.evaluators[0].options.pattern == "to (\\w+)"
+
+
 def test_rouge_by_hand():
     ev = Rouge(RougeOptions(), LM)
     # "the cat sat" vs "the cat sat down": unigrams P 3/3, R 3/4; bigrams P 2/2, R 2/3; LCS 3

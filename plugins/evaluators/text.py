@@ -4,7 +4,9 @@ These evaluators set ``needs_generation = True``: for a causal-LM task with ``pr
 ``response`` templates the core generates greedily from each prompt (up to
 ``training.max_new_tokens`` tokens) and hands the text over in ``EvalBatch.generated``,
 beside ``EvalBatch.reference_texts`` (the filled response template). They compare the two
-strings. Any other task (sequence classification, or a causal LM on raw text without a
+strings (``exact_match`` with ``pattern`` compares only the field a regular expression finds
+in each, such as the department in "... I have routed order ORD-48213 to Shipping."). Any
+other task (sequence classification, or a causal LM on raw text without a
 response) has nothing to generate, and building one of these evaluators for it raises a
 :class:`~plugtune.kernel.errors.RecipeError` saying so.
 
@@ -18,7 +20,7 @@ import re
 import string
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from plugtune import hookimpl
 from plugtune.sdk import ComponentOptions, EvalBatch, RecipeError
@@ -82,12 +84,42 @@ class ExactMatchOptions(ComponentOptions):
     normalize: bool = True
     """Compare after SQuAD normalisation (see :func:`normalize_answer`); false: after
     stripping surrounding whitespace only."""
+    pattern: str | None = None
+    """A regular expression (Python ``re``): compare only the field it finds instead of
+    the whole text. The first match in the generated text (``re.search``; its group 1 when
+    the pattern has groups, else the whole match) must equal the first match in the
+    reference, after ``normalize``. A generation without a match is a miss; an example
+    whose reference has no match is left out of the score. Compiled when the recipe is
+    validated, so a bad pattern is a recipe error. Example: ``"ORD-\\d+ to (\\w+)"``."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc}); "
+                                 "write it in Python's re syntax, with backslashes doubled inside YAML double quotes") from None
+        return value
+
+
+def extract_field(pattern: re.Pattern[str], text: str) -> str | None:
+    """The field ``pattern`` finds in ``text``: its first match's group 1 when the pattern
+    has groups (None when the group did not take part), else the whole match; None when
+    nothing matches."""
+    found = pattern.search(text)
+    if found is None:
+        return None
+    return found.group(1) if pattern.groups else found.group(0)
 
 
 class ExactMatch(_Generative):
     """``exact_match``: the fraction of examples whose generated text equals the reference
     text after normalisation (SQuAD-style: case, punctuation, articles and extra whitespace
-    are ignored, so "The Blue." matches "blue")."""
+    are ignored, so "The Blue." matches "blue"). With ``pattern``, only the field the
+    regular expression finds is compared (a department, an order number), so the rest of
+    a long answer may differ; references without the field are left out."""
 
     Options = ExactMatchOptions
     name = "exact_match"
@@ -95,13 +127,20 @@ class ExactMatch(_Generative):
 
     def __init__(self, options: ExactMatchOptions | None = None, task: Any = None) -> None:
         super().__init__(options or ExactMatchOptions(), task)
+        self.pattern = re.compile(self.options.pattern) if self.options.pattern is not None else None
 
     def compute(self) -> dict[str, float]:
-        if not self.references:
-            return {"exact_match": float("nan")}
         norm = normalize_answer if self.options.normalize else str.strip
-        hits = sum(norm(g) == norm(r) for g, r in zip(self.generated, self.references))
-        return {"exact_match": hits / len(self.references)}
+        pairs = list(zip(self.generated, self.references))
+        if self.pattern is not None:
+            fields = [(extract_field(self.pattern, g), extract_field(self.pattern, r)) for g, r in pairs]
+            pairs = [(g, r) for g, r in fields if r is not None]
+            hits = sum(g is not None and norm(g) == norm(r) for g, r in pairs)
+        else:
+            hits = sum(norm(g) == norm(r) for g, r in pairs)
+        if not pairs:
+            return {"exact_match": float("nan")}
+        return {"exact_match": hits / len(pairs)}
 
 
 # --------------------------------------------------------------------------------------------
