@@ -44,10 +44,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from plugtune.artifacts.models import local_location
+    from plugtune.artifacts.models import gguf_to_hf, local_location
     from plugtune.data.tasks import build_task
 
-    folder = local_location("smollm2-135m")
+    location = local_location("smollm2-135m")
+    folder = gguf_to_hf(location) if location.suffix == ".gguf" else location
     tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = [json.loads(line) for line in (ROOT / "recipes/data/support_chats.jsonl").read_text().splitlines() if line]
     ours = build_task({"type": "chat"}, strict=True)  # template: tokenizer (SmolLM2's own, unmarked)
@@ -59,7 +60,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(folder)
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, assistant_only_loss=True, max_length=None, report_to=[],
-                         dataset_num_proc=None, packing=False)
+                         dataset_num_proc=None, packing=False, bf16=False, use_cpu=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]),
                              processing_class=marked)
         theirs = trainer.train_dataset
@@ -68,7 +69,7 @@ def main() -> None:
     first_difference = None
     for i, (mine, row) in enumerate(zip(encoded, theirs)):
         mask = [label != -100 for label in mine["labels"]]
-        their_mask = [bool(m) for m in row["assistant_masks"]]
+        their_mask = [label != -100 for label in row["labels"]]  # TRL folds its assistant mask into labels
         same_ids += mine["input_ids"] == list(row["input_ids"])
         same_mask += mask == their_mask
         ours_tokens += sum(mask)
