@@ -61,16 +61,20 @@ def test_the_guard_refuses_a_model_load(no_weights, tiny_llama) -> None:
         AutoModelForCausalLM.from_pretrained(tiny_llama)
 
 
-def tiny_base_for(path: Path, tiny_llama: Path, tiny_bert: Path) -> Path:
+def tiny_base_for(path: Path, tiny_llama: Path, tiny_bert: Path, tiny_chat_llama: Path) -> Path:
+    """The tiny model for a recipe's head; a chat recipe gets the one whose tokenizer has a
+    chat template (the shipped ones render with the base tokenizer's own)."""
     task = yaml.safe_load(path.read_text(encoding="utf-8"))["task"]
+    if task.get("type") == "chat":
+        return tiny_chat_llama
     return tiny_bert if task.get("type") == "sequence-classification" else tiny_llama
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_preview_of_every_shipped_recipe_on_a_tiny_model(path, tiny_llama, tiny_bert, no_weights, capsys,
-                                                         monkeypatch) -> None:
+def test_preview_of_every_shipped_recipe_on_a_tiny_model(path, tiny_llama, tiny_bert, tiny_chat_llama, no_weights,
+                                                         capsys, monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
-    base = tiny_base_for(path, tiny_llama, tiny_bert)
+    base = tiny_base_for(path, tiny_llama, tiny_bert, tiny_chat_llama)
     assert main(["preview", str(path), f"base_model={base}", "--rows", "2"]) == 0
     out = capsys.readouterr().out
     assert f"preview {yaml.safe_load(path.read_text())['name']}: task " in out
