@@ -288,3 +288,36 @@ def test_a_smollm2_chat_adapter_answers_three_turns_on_the_server_as_host_chat_d
     assert expected and last_only != expected
     manifest = read_manifest(adapter).task
     assert manifest["template_text"] == host.tokenizer.chat_template
+
+
+# -- hostile rows and templates -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": {"role": "user", "content": "hi"}}, r"'messages' must be a non-empty list of messages, got dict"),
+    ({"messages": []}, r"'messages' must be a non-empty list of messages, got list"),
+    ({"messages": "not json ["}, r"'messages' is text that is not a JSON list of messages"),
+    ({"messages": [{"role": "user", "content": 7}]}, r"messages\[0\]\.content must be text, got int"),
+    ({"messages": [{"content": "hi"}]}, r"messages\[0\] is not a message with a 'role' and 'content'"),
+    ({"messages": ["hi"]}, r"messages\[0\] is not a message with a 'role' and 'content'"),
+    ({"conversations": [{"from": "human"}]}, r"conversations\[0\] is not a ShareGPT turn with 'from' and 'value'"),
+    ({"instruction": "hi", "output": None}, r"output is missing"),
+])
+def test_malformed_conversations_are_one_line_naming_the_row(row, message):
+    with pytest.raises(DataError, match=r"^test row 1: " + message):
+        normalize_splits({"test": [row]}, chat_task())
+
+
+def test_a_template_path_that_is_not_a_regular_file_is_refused_at_validation(tmp_path, tiny_chat_llama, tiny_chats):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "c", "base_model": str(tiny_chat_llama), "task": {"type": "chat", "template": "/dev/zero"},
+        "data": {"loader": "table", "options": {"path": str(tiny_chats / "chats.jsonl")}}, "method": "lora"}))
+    with pytest.raises(RecipeError, match=r"task.template: /dev/zero is a character device, not a regular file"):
+        load_recipe(path)
+
+
+def test_a_template_that_fails_while_rendering_is_one_line(tiny_chat_llama, tokenizer):
+    task = chat_task(tokenizer, template_text="{{ raise_exception('no system messages here') }}")
+    with pytest.raises(DataError, match=r"^the chat template refused this conversation \(.*no system messages here"):
+        task.encode_chat([{"role": "user", "content": "hi"}], tokenizer)
