@@ -73,17 +73,23 @@ def save_tiny_model(path: Path, model_class: Any, config: Any, tokenizer: Any, s
 def build_tiny_llama(path: Path, seed: int = 0, words: list[str] | None = None, max_positions: int = 128) -> Path:
     """Write a tiny random Llama and its tokenizer to ``path``; ``words`` replaces the
     default word-level vocabulary (for data whose words the default lacks)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tk, cls = _tokenizer(words if words is not None else _vocabulary())
     tokenizer = cls(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(
+    return save_tiny_model(path, LlamaForCausalLM, _tiny_llama_config(tokenizer, max_positions), tokenizer, seed)
+
+
+def _tiny_llama_config(tokenizer: Any, max_positions: int) -> Any:
+    """The tiny Llama's shape: 2 layers, hidden 32, grouped-query attention, tied embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    return save_tiny_model(path, LlamaForCausalLM, config, tokenizer, seed)
 
 
 CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
@@ -94,19 +100,13 @@ CHAT_WORDS = "system user assistant be brief and".split()
 
 def build_tiny_chat_llama(path: Path, seed: int = 0) -> Path:
     """Write a tiny random Llama whose tokenizer has chatml's special tokens and template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tk, cls = _tokenizer(_vocabulary() + CHAT_WORDS)
     tokenizer = cls(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                     additional_special_tokens=CHAT_SPECIALS)
     tokenizer.chat_template = CHATML_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    return save_tiny_model(path, LlamaForCausalLM, config, tokenizer, seed)
+    return save_tiny_model(path, LlamaForCausalLM, _tiny_llama_config(tokenizer, 256), tokenizer, seed)
 
 
 def write_tiny_chats(folder: Path, rows: int = 192, seed: int = 0) -> Path:

@@ -25,6 +25,7 @@ from plugtune.plugins.loaders.table import TableLoader, TableOptions
 from plugtune.sdk import RowStream
 from plugtune.testing import check_data_loader
 from plugtune.training.recipe import load_recipe
+from test_checkpoints import FailingStepHook
 from safetensors.torch import load_file
 
 datasets = pytest.importorskip("datasets")
@@ -411,16 +412,6 @@ def plugtune_regularizer(name: str):
     return get_plugin_system().get("regularizer", name).obj
 
 
-class FailingStepHook:
-    from plugtune import hookimpl
-
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    @hookimpl
-    def on_step_end(self, run, step, metrics):
-        if step == self.at_step:
-            raise RuntimeError("step hook exploded")
 
 
 def test_a_streamed_file_trains_and_resumes_to_the_same_adapter(tmp_path, tiny_llama, tiny_data):
