@@ -97,15 +97,19 @@ def sse_events(response: httpx.Response) -> list:
 
 
 def run_as_one_batch(service: Service, calls: list, timeout: float = 120) -> None:
-    """Start ``calls`` (each in a thread) while the worker is held, so that it takes the first
-    request and the others queue behind it; they then run as one batch. Waits for all."""
+    """Start ``calls`` (each in a thread) while the worker is held, so that every request is
+    submitted before the worker can take any (it takes the first, the others queue behind
+    it); they then run as one batch. Waits for all. A call that ends without submitting (a
+    request refused before it reaches the worker) is not waited for."""
     worker = service.worker
     with worker.lock:
+        before = worker.submitted
         threads = [threading.Thread(target=call) for call in calls]
         for t in threads:
             t.start()
         deadline = time.monotonic() + timeout
-        while worker.waiting < len(calls) - 1 and time.monotonic() < deadline:
+        while (worker.submitted - before + sum(not t.is_alive() for t in threads) < len(calls)
+               and time.monotonic() < deadline):
             time.sleep(0.01)
     for t in threads:
         t.join(timeout)

@@ -256,6 +256,7 @@ class BatchWorker:
         self.batches = 0
         self.rows = 0
         self.largest_batch = 0
+        self.submitted = 0  # jobs handed to submit(), ever (tests wait on it to batch requests together)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._deferred: collections.deque[Job] = collections.deque()
         self._thread: threading.Thread | None = None
@@ -276,6 +277,7 @@ class BatchWorker:
 
     def submit(self, job: Job) -> None:
         self._queue.put(job)
+        self.submitted += 1
 
     def _loop(self) -> None:
         while True:
