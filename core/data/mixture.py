@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plugtune.data.datacheck import check_empty_fields, normalize_rows, task_notes
+from plugtune.data.datacheck import check_empty_fields, normalize_splits, task_notes
 from plugtune.data.streaming import split_stream
 from plugtune.data.tasks import Task
 from plugtune.kernel.errors import DataError
@@ -213,13 +213,10 @@ def load_data(sources: list[Source], task: Task, seed: int, mix: Mix | None = No
 
 
 def _normalized(splits: dict[str, list[dict[str, Any]]], task: Task, source: Source) -> dict[str, list[dict[str, Any]]]:
-    """Each row through ``task.normalize``, when the task has one; a row it refuses is one
+    """Each row through ``task.normalize`` (:func:`normalize_splits`); a row it refuses is one
     line naming the source (in a mixture), the split and the row."""
-    normalize = getattr(task, "normalize", None)
-    if normalize is None:
-        return splits
     try:
-        return {split: normalize_rows(rows, normalize, split) for split, rows in splits.items()}
+        return normalize_splits(splits, task)
     except DataError as exc:
         if source.where == "data":
             raise
