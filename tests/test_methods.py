@@ -220,3 +220,36 @@ def test_prefix_adapter_loads_in_plain_peft_with_identical_logits(make_recipe, t
     model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
     host = AdapterHost.from_adapters(result.adapter_dir)
     torch.testing.assert_close(_logits(model, tokenizer, TEXTS), host.logits(TEXTS), atol=1e-5, rtol=0)
+
+
+def test_loraplus_gives_the_b_matrices_their_own_rate_and_keeps_the_groups_settings(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from plugtune.data.tasks import build_task
+    from plugtune.plugins.methods.lora import LoraMethod, LoraOptions
+    from plugtune.sdk import PrepareContext
+
+    method = LoraMethod(LoraOptions(r=4, alpha=8, target_modules=["q_proj", "v_proj"], loraplus_lr_ratio=16))
+    model = method.prepare(AutoModelForCausalLM.from_pretrained(tiny_llama), build_task({"type": "causal-lm", "text": "{t}"}),
+                           PrepareContext())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in named], "weight_decay": 0.01}]
+    optimizer = method.optimizer(groups, 1e-3)
+    by_id = {id(p): n for n, p in named}
+    rates = {by_id[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert len(rates) == len(named) == 8
+    assert all(rate == (pytest.approx(1.6e-2), 0.01) for n, rate in rates.items() if ".lora_B." in n)
+    assert all(rate == (1e-3, 0.01) for n, rate in rates.items() if ".lora_A." in n)
+    # without the ratio, the groups are the core's, untouched
+    plain = LoraMethod(LoraOptions(r=4, alpha=8))
+    assert plain.loraplus_groups(groups, 1e-3) is groups
+
+
+def test_loraplus_trains_from_a_recipe_and_is_recorded(make_recipe):
+    with pytest.raises(plugtune.RecipeError, match=r"method.options.loraplus_lr_ratio: Input should be greater than 0"):
+        plugtune.load_recipe(make_recipe(method={"name": "lora", "options": {"loraplus_lr_ratio": 0}}))
+    result = plugtune.run(make_recipe(method={"name": "lora", "options": {"r": 4, "alpha": 8, "target_modules": "all-linear",
+                                                                           "loraplus_lr_ratio": 16}}), show_progress=False)
+    assert result.after["loss"] < result.before["loss"]
+    manifest = json.loads((result.adapter_dir / MANIFEST_FILE).read_text())
+    assert manifest["method"]["options"]["loraplus_lr_ratio"] == 16

@@ -114,11 +114,12 @@ class Int8Method(LoraMethod):
     def optimizer(self, param_groups: list[dict[str, Any]], lr: float) -> Any:
         import torch
 
+        groups = self.loraplus_groups(param_groups, lr)  # LoRA+ when the options ask for it
         if not self.options.optimizer_8bit:
-            return torch.optim.AdamW(param_groups, lr=lr)
+            return torch.optim.AdamW(groups, lr=lr)
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(param_groups, lr=lr)
+        return bnb.optim.AdamW8bit(groups, lr=lr)
 
 
 @hookimpl

@@ -50,6 +50,9 @@ class LoraOptions(ComponentOptions):
     target_regex: str | None = Field(None, description="full-match regex over dotted module names; replaces target_modules")
     use_rslora: bool = False
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, le=10_000, allow_inf_nan=False,
+        description="LoRA+: the B matrices learn at training.learning_rate times this (its paper suggests 16); null: one rate")
 
     @model_validator(mode="after")
     def _regex_compiles(self) -> LoraOptions:
@@ -229,7 +232,33 @@ class LoraMethod:
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, self._config(model, task))
+        peft_model = get_peft_model(model, self._config(model, task))
+        self._b_parameters = {id(p) for n, p in peft_model.named_parameters() if ".lora_B." in n or ".lora_embedding_B." in n}
+        return peft_model
+
+    def optimizer(self, param_groups: list[dict[str, Any]], lr: float) -> Any:
+        """AdamW over :meth:`loraplus_groups` (the core's default optimizer when LoRA+ is off)."""
+        import torch
+
+        return torch.optim.AdamW(self.loraplus_groups(param_groups, lr), lr=lr)
+
+    def loraplus_groups(self, param_groups: list[dict[str, Any]], lr: float) -> list[dict[str, Any]]:
+        """With ``loraplus_lr_ratio`` (LoRA+, Hayou et al. 2024), each group split in two: the
+        ``B`` matrices at the group's rate times the ratio, the rest at the group's rate; the
+        groups' other settings (a regularizer's weight decay) kept. The same rule as peft's
+        ``create_loraplus_optimizer``, written over the core's groups because peft's builds its
+        own groups from the model and would drop those settings."""
+        ratio = self.options.loraplus_lr_ratio
+        if ratio is None:
+            return param_groups
+        b_parameters = getattr(self, "_b_parameters", set())
+        out = []
+        for group in param_groups:
+            rest = [p for p in group["params"] if id(p) not in b_parameters]
+            b = [p for p in group["params"] if id(p) in b_parameters]
+            out += [{**group, "params": rest}] if rest else []
+            out += [{**group, "params": b, "lr": group.get("lr", lr) * ratio}] if b else []
+        return out
 
     def adapter_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
