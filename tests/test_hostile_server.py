@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from plugtune.artifacts.adapters import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from plugtune.kernel.errors import PlugtuneError
@@ -142,6 +142,8 @@ special = st.sampled_from([float("inf"), float("-inf"), float("nan")])
 @given(rows=st.lists(st.lists(st.one_of(finite, finite, finite, special), min_size=5, max_size=5), min_size=1, max_size=4),
        temperature=st.one_of(st.floats(0, 2), st.sampled_from([0.0, 5e-324, 1e-39, 1e-300, 1e-6, 2.0])),
        top_p=st.one_of(st.floats(1e-300, 1), st.sampled_from([5e-324, 1e-30, 1.0])))
+# found by hypothesis on a CI run: greedy picked the largest finite logit over +inf (nan_to_num's default)
+@example(rows=[[0.0] * 5, [0.0, 0.0, 0.0, 3.4028234663852886e+38, float("inf")]], temperature=0.0, top_p=1.0)
 def test_sampling_probabilities_are_finite_and_tokens_valid(rows, temperature, top_p):
     logits = torch.tensor(rows, dtype=torch.float32)
     t = torch.full((len(rows),), temperature)

@@ -271,7 +271,8 @@ def pick_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     the server allows (and beyond: 0, subnormals, logits with inf or NaN): the sampling
     runs on float64 probabilities that are finite and sum to 1 (see
     :func:`sampling_probabilities`), and the nucleus always keeps the top token."""
-    chosen = torch.nan_to_num(logits.float(), nan=float("-inf"), neginf=float("-inf")).argmax(-1)
+    # nan_to_num would turn +inf into the largest float (a tie with a finite logit of that size): keep it infinite
+    chosen = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).argmax(-1)
     sampled = (temperature >= GREEDY_BELOW).nonzero().flatten()
     if len(sampled):
         probs, usable = sampling_probabilities(logits[sampled], temperature[sampled])
