@@ -99,7 +99,7 @@ _LAZY = {
     # conversations: formats, chat templates, masks by offsets (core/data/conversations.py)
     **{name: "plugtune.data.conversations" for name in (
         "BUILTIN_TEMPLATES", "ChatTemplate", "Message", "Span", "check_messages", "describe_formats",
-        "cut_points", "detect_format", "to_messages", "token_mask", "tokenize_pieces", "tokenize_with_offsets")},
+        "cut_points", "detect_format", "format_keys", "to_messages", "token_mask", "tokenize_pieces", "tokenize_with_offsets")},
     # artifacts
     "Adapter": "plugtune.artifacts.adapters",
     "PackagedModel": "plugtune.artifacts.models",
@@ -121,6 +121,7 @@ if TYPE_CHECKING:
         cut_points,
         describe_formats,
         detect_format,
+        format_keys,
         to_messages,
         token_mask,
         tokenize_pieces,
@@ -174,7 +175,8 @@ __all__ = [
     "LabelWords", "check_template", "collate", "fill", "fill_one", "natural_key", "template_fields", "build_task",
     # conversations
     "BUILTIN_TEMPLATES", "ChatTemplate", "Message", "Span", "check_messages", "describe_formats", "detect_format",
-    "to_messages", "token_mask", "tokenize_with_offsets", "tokenize_pieces", "cut_points", "RendersChat",
+    "to_messages", "token_mask", "tokenize_with_offsets", "tokenize_pieces", "cut_points", "format_keys",
+    "RendersChat",
     # errors
     "PlugtuneError", "RecipeError", "DataError", "ModelError", "AdapterError", "PluginError", "TrainingError",
 ]

@@ -30,6 +30,7 @@ from plugtune.kernel.errors import PlugtuneError
 from plugtune.kernel.registry import build_plugin_system, set_plugin_system
 from plugtune.testing import recipe_dict
 from plugtune.training.checkpoints import META_FILE, latest_checkpoint, read_checkpoint
+from test_checkpoints import FailingStepHook
 from test_hostile_input import cli, refused, snapshot, tiny_raw
 
 # -- helpers (the house style of tests/test_hostile_input.py) ---------------------------------
@@ -318,20 +319,6 @@ def test_manifest_with_a_number_past_the_digit_limit(trained, tmp_path, capsys):
 # -- checkpoints ------------------------------------------------------------------------------
 
 
-class FailAt:
-    """A plugin whose ``on_step_end`` raises at one step: the run stops, its checkpoints stay."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    from plugtune import hookimpl
-
-    @hookimpl
-    def on_step_end(self, run, step, metrics):
-        if step == self.step:
-            raise RuntimeError("stopped by the test")
-
-
 def interrupted_recipe(folder: Path, tiny_llama: Path, tiny_data: Path, out: Path) -> Path:
     raw = recipe_dict(tiny_llama, tiny_data, name="paused")
     raw["evaluators"] = ["loss"]
@@ -348,7 +335,7 @@ def interrupted(tmp_path_factory, tiny_llama, tiny_data) -> Path:
     checkpoint: step-4)."""
     root = tmp_path_factory.mktemp("interrupted")
     recipe = interrupted_recipe(root, tiny_llama, tiny_data, root / "out")
-    set_plugin_system(build_plugin_system(extra_plugins=[("fail", FailAt(5))]))
+    set_plugin_system(build_plugin_system(extra_plugins=[("fail", FailingStepHook(at_step=5))]))
     try:
         with pytest.raises(plugtune.PluginError):
             plugtune.run(recipe, show_progress=False)

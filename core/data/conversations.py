@@ -81,6 +81,11 @@ def detect_format(row: Mapping[str, Any], messages_key: str = "messages") -> For
     return None
 
 
+def format_keys(fmt: Format, messages_key: str = "messages") -> tuple[str, ...]:
+    """The keys a row of format ``fmt`` must have (OpenAI's messages under ``messages_key``)."""
+    return (messages_key,) if fmt == "openai" else FORMAT_KEYS[fmt]
+
+
 def describe_formats(messages_key: str = "messages") -> str:
     return f"openai ('{messages_key}'), sharegpt ('conversations') or alpaca ('instruction' and 'output')"
 
@@ -303,5 +308,5 @@ def tokenize_pieces(text: str, cuts: Sequence[int], tokenizer: Any) -> tuple[lis
 
 __all__ = [
     "BUILTIN_TEMPLATES", "ChatTemplate", "FORMATS", "FORMAT_KEYS", "Format", "Message", "ROLES", "Span",
-    "check_messages", "describe_formats", "cut_points", "detect_format", "to_messages", "token_mask", "tokenize_pieces", "tokenize_with_offsets",
+    "check_messages", "describe_formats", "cut_points", "detect_format", "format_keys", "to_messages", "token_mask", "tokenize_pieces", "tokenize_with_offsets",
 ]

@@ -81,7 +81,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from plugtune import hookimpl
 from plugtune.plugins.loaders.hf_expressions import ExpressionError, RowFilter, in_ranges, parse_ranges, range_indices
-from plugtune.sdk import ComponentOptions, DataError, not_regular, open_regular, plugtune_home
+from plugtune.sdk import ComponentOptions, DataError, DataPath, not_regular, open_regular, plugtune_home
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".arrow": "arrow"}
 COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zip"}
@@ -101,7 +101,7 @@ class HfOptions(ComponentOptions):
     path: Path | str = Field(description="a data file, a save_to_disk folder, or a hub dataset id (org/name)")
     format: Literal["auto", "json", "csv", "tsv", "parquet", "arrow"] = "auto"
     config: str | None = Field(None, description="a hub dataset's configuration name")
-    test_path: Path | None = Field(None, description="a file of test rows (when path is a file)")
+    test_path: DataPath | None = Field(None, description="a file of test rows (when path is a file)")
     split: str = Field("train", min_length=1)
     test_split: str | None = Field(None, min_length=1)
     test_size: float = Field(0.2, gt=0, lt=1)
@@ -131,19 +131,6 @@ class HfOptions(ComponentOptions):
         if HUB_ID.fullmatch(text) and _suffix(Path(text)) not in FORMATS and not text.startswith("."):
             return text  # a hub id (no local file or folder of that name)
         raise ValueError(f"file not found: {local} (paths are relative to the recipe's folder; a hub dataset is org/name)")
-
-    @field_validator("test_path", mode="before")
-    @classmethod
-    def _test_file(cls, value: Any, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        local = _local(Path(value), info)
-        if not _exists(local):
-            raise ValueError(f"file not found: {local} (paths are relative to the recipe's folder)")
-        what = not_regular(local)
-        if what is not None:
-            raise ValueError(f"{local} is {what}, not a regular file")
-        return local
 
     @field_validator("select")
     @classmethod

@@ -54,6 +54,7 @@ from plugtune.sdk import (
     describe_formats,
     detect_format,
     eval_batch_from_label_logits,
+    format_keys,
     open_regular,
     to_messages,
     token_mask,
@@ -169,8 +170,7 @@ class Chat(Task):
                 return [f"format: the columns ({', '.join(columns) or 'none'}) fit none of the conversation formats: "
                         f"{describe_formats(self.options.messages)}; rename them with data.options.columns"]
             return []
-        wanted = {"openai": (self.options.messages,), "sharegpt": ("conversations",), "alpaca": ("instruction", "output")}[fmt]
-        missing = [c for c in wanted if c not in columns]
+        missing = [c for c in format_keys(fmt, self.options.messages) if c not in columns]
         return [f"format: {fmt} needs column {c!r} (columns: {', '.join(columns) or 'none'}); "
                 f"rename it with data.options.columns" for c in missing]
 
@@ -185,8 +185,7 @@ class Chat(Task):
         if fmt is None:
             raise DataError(f"fits none of the conversation formats: {describe_formats(self.options.messages)} "
                             f"(keys: {', '.join(map(str, example)) or 'none'})")
-        wanted = (self.options.messages,) if fmt == "openai" else {"sharegpt": ("conversations",), "alpaca": ("instruction", "output")}[fmt]
-        missing = [k for k in wanted if k not in example]
+        missing = [k for k in format_keys(fmt, self.options.messages) if k not in example]
         if missing:
             raise DataError(f"not {'an' if fmt[0] in 'ao' else 'a'} {fmt} row: it has no {missing[0]!r} (keys: {', '.join(map(str, example)) or 'none'}); "
                             "set task.format, or rename columns with data.options.columns")
