@@ -320,12 +320,14 @@ class PrepareContext:
     and saves them by value, since the base's fingerprint does not cover them. ``tokenizer``:
     the base's tokenizer. ``seed``: the run's seed (already applied with ``set_seed``).
     ``device``: where training will run (``"cpu"``, ``"cuda:0"``); the model may still be on
-    the CPU when ``prepare`` is called."""
+    the CPU when ``prepare`` is called. ``total_steps``: the optimizer steps the run will
+    take (for schedules inside a method, such as AdaLoRA's rank budget); None when unknown."""
 
     new_parameters: frozenset[str] = frozenset()
     tokenizer: Any = None
     seed: int = 0
     device: str | None = None
+    total_steps: int | None = None
 
 
 @runtime_checkable
@@ -354,9 +356,9 @@ class TuningMethod(Protocol):
     * ``check_task(task) -> str | None`` (classmethod) -- called at validation: a reason the
       method cannot train this task (e.g. language-model heads only), or None.
     * ``on_step(self, model, step) -> None`` -- called by the training loop after every
-      optimizer step (``step`` counts from 1), with the model ``prepare`` returned (unwrapped
-      from any distributed wrapper): for methods that change their structure while training
-      (AdaLoRA's rank allocation).
+      optimizer step and before the gradients are zeroed (``step`` counts from 1), with the
+      model ``prepare`` returned (unwrapped from any distributed wrapper): for methods that
+      change their structure while training (AdaLoRA's rank allocation reads the gradients).
     """
 
     Options: ClassVar[type[ComponentOptions]]

@@ -527,8 +527,14 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process) -> _Trainee:
     t, task, regularizers = data.training, data.task, data.regularizers
     set_seed(t.seed)
     method = guarded(recipe.method.build(), recipe.method.component)
+    if data.stream is not None and not t.max_steps:
+        raise RecipeError(["training.max_steps: the training split is streamed and has no length to count epochs "
+                           "in; set training.max_steps"])
+    batches_per_epoch = math.ceil(len(data.train_rows) / t.batch_size)  # what epoch_batches cuts, grouped or not
+    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     context = PrepareContext(new_parameters=data.base.new_parameters, tokenizer=data.tokenizer, seed=t.seed,
-                             device=str(process.accelerator.device))
+                             device=str(process.accelerator.device), total_steps=total_steps)
     model = call_prepare(method, data.base.model, task, context)
     trainable, total = count_parameters(model)
     for _, reg in regularizers:
@@ -544,12 +550,6 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process) -> _Trainee:
     groups = [dict(NO_DECAY, **group) for group in groups]
     make_optimizer = getattr(method, "optimizer", None)
     optimizer = make_optimizer(groups, t.learning_rate) if make_optimizer else torch.optim.AdamW(groups, lr=t.learning_rate)
-    if data.stream is not None and not t.max_steps:
-        raise RecipeError(["training.max_steps: the training split is streamed and has no length to count epochs "
-                           "in; set training.max_steps"])
-    batches_per_epoch = math.ceil(len(data.train_rows) / t.batch_size)  # what epoch_batches cuts, grouped or not
-    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
     model, optimizer, scheduler = process.accelerator.prepare(model, optimizer, scheduler)
     unwrapped = process.accelerator.unwrap_model(model)  # evaluation runs on the main process, outside DDP
@@ -709,9 +709,9 @@ def _micro_step(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torc
                 terms.update({f"{name}/{k}": v for k, v in (reg.after_backward(model, state.step) or {}).items()})
     trainee.optimizer.step()
     trainee.scheduler.step()
-    trainee.optimizer.zero_grad()
-    if accelerator.sync_gradients and hasattr(trainee.method, "on_step"):
+    if accelerator.sync_gradients and hasattr(trainee.method, "on_step"):  # before zero_grad: it may read gradients
         trainee.method.on_step(trainee.unwrapped, state.step + 1)  # the step this optimizer update completes
+    trainee.optimizer.zero_grad()
     return outputs, batch_tokens, terms
 
 
