@@ -67,6 +67,7 @@ from plugtune.kernel.errors import (
     TrainingError,
 )
 from plugtune.kernel.paths import plugtune_home
+from plugtune.kernel.registry import did_you_mean
 from plugtune.kernel.hookspecs import (
     Register,
     RegisterAliases,
@@ -162,6 +163,7 @@ __all__ = [
     "RegisterTasks", "RegisterAliases",
     # options
     "ComponentOptions", "NoOptions", "DataPath", "DataFileOrFolder", "not_regular", "open_regular", "plugtune_home",
+    "did_you_mean",
     # the kinds
     "DataLoader", "RowStream", "Task", "Head", "TuningMethod", "PrepareContext", "Regularizer", "Evaluator", "BaseModelAlias",
     "PackagedModel", "ChecksModel", "ModelOutline",

@@ -593,7 +593,8 @@ class MethodKit:
         from plugtune.artifacts.adapters import read_adapter, save_adapter
 
         adapter = read_adapter(self.trained("a")[0])
-        first = sorted(adapter.state)[0]
+        # a tensor with elements: one row more of an empty one (a rank AdaLoRA pruned to 0) is still empty
+        first = next((k for k in sorted(adapter.state) if adapter.state[k].numel() > 0), sorted(adapter.state)[0])
         wrong = dict(adapter.state)
         wrong[first] = torch.cat([wrong[first], wrong[first][:1]])  # one row too many
         missing = {k: v for k, v in adapter.state.items() if k != first}

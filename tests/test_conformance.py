@@ -20,6 +20,16 @@ METHODS = {
     "full": ({}, {"learning_rate": 1e-3}),
     "prefix": ({"num_virtual_tokens": 4}, {}),
     "int8": ({"r": 4, "alpha": 8, "target_modules": "all-linear"}, {}),
+    "peft": ({"type": "LOKR", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, {"learning_rate": 1e-2}),
+    "dora": ({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, {"learning_rate": 1e-2}),
+    "ia3": ({}, {"learning_rate": 1e-2}),
+    "loha": ({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, {"learning_rate": 1e-2}),
+    "lokr": ({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, {"learning_rate": 1e-2}),
+    "vera": ({"r": 8, "target_modules": ["q_proj", "v_proj"]}, {"learning_rate": 1e-2}),
+    "oft": ({"r": 0, "block_size": 4, "target_modules": ["q_proj", "v_proj"]}, {"learning_rate": 1e-2}),
+    "boft": ({"block_size": 4, "target_modules": ["q_proj", "v_proj"]}, {"learning_rate": 1e-2}),
+    "adalora": ({"init_r": 4, "target_r": 2, "target_modules": ["q_proj", "v_proj"]}, {"learning_rate": 1e-2}),
+    "ln_tuning": ({}, {"learning_rate": 1e-2}),
 }
 
 

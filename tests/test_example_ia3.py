@@ -59,7 +59,7 @@ def test_installed_ia3_is_listed_and_trains_from_a_recipe(installed: None, tmp_p
     rows = {row["name"]: row for row in json.loads(listed.stdout)["plugins"]}
     assert rows["ia3"]["distribution"] == DIST
 
-    recipe = recipe_dict(tiny_llama, tiny_data, method={"name": "ia3", "options": {}}, evaluators=["loss"],
+    recipe = recipe_dict(tiny_llama, tiny_data, method={"name": "example_ia3", "options": {}}, evaluators=["loss"],
                          output={"dir": str(tmp_path / "adapter")})
     recipe["training"].update(max_steps=4, learning_rate=5e-2)
     path = tmp_path / "ia3.yaml"
@@ -68,7 +68,7 @@ def test_installed_ia3_is_listed_and_trains_from_a_recipe(installed: None, tmp_p
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     manifest = json.loads((tmp_path / "adapter" / "plugtune.json").read_text())
-    assert manifest["method"]["name"] == "ia3"
+    assert manifest["method"]["name"] == "example_ia3"
     assert manifest["method"]["distribution"] == DIST
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "IA3"
 
@@ -114,9 +114,9 @@ def test_installed_ia3_serves_one_batch_with_lora_rows(installed: None, tmp_path
     system = build_plugin_system()
     set_plugin_system(system)
     try:
-        assert system.get("method", "ia3").plugin.distribution == DIST
+        assert system.get("method", "example_ia3").plugin.distribution == DIST
         root = tmp_path / "adapters"
-        ia3 = recipe_dict(tiny_llama, tiny_data, method={"name": "ia3", "options": {}}, evaluators=["loss"],
+        ia3 = recipe_dict(tiny_llama, tiny_data, method={"name": "example_ia3", "options": {}}, evaluators=["loss"],
                           output={"dir": str(root / "ia3")}, name="ia3")
         ia3["training"].update(max_steps=4, learning_rate=5e-2)
         lora = recipe_dict(tiny_llama, tiny_data, evaluators=["loss"], output={"dir": str(root / "lora")}, name="lora")

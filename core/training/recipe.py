@@ -675,6 +675,9 @@ def _bind(
     if not isinstance(options, dict):
         problems.append(f"{_path(path + ('options',))}: expected a mapping of options, got {type(options).__name__}")
         return None
+    chooser = getattr(options_model, "options_model_for", None)  # fields that depend on a value in the block
+    if chooser is not None:
+        options_model = chooser(options)
     try:
         bound = options_model.model_validate(options, context=context)
     except ValidationError as exc:

@@ -53,7 +53,8 @@ class FullOptions(ComponentOptions):
 
 def canonical(name: str) -> str:
     """A parameter's name in the bare base, whatever peft wrapped around its module."""
-    name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
+    while ".base_layer." in name or ".original_module." in name:  # every level of a stack of wrappers
+        name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
     return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
 
 

@@ -1,7 +1,7 @@
-"""``ia3``: (IA)^3 (Liu et al., 2022), learned vectors that rescale activations.
+"""``example_ia3``: (IA)^3 (Liu et al., 2022), learned vectors that rescale activations.
 
     method:
-      name: ia3
+      name: example_ia3
       options:
         target_modules: [k_proj, v_proj, down_proj]   # dotted-suffix match
         feedforward_modules: [down_proj]              # scaled on the input, not the output
@@ -108,7 +108,7 @@ class IA3Method:
     def check_task(cls, task: Task) -> str | None:
         """At validation: (IA)^3 here trains language-model heads only."""
         if task.head != "lm":
-            return f"ia3 trains language-model heads only; task {task.type!r} has a {task.head} head (use lora for classification)"
+            return f"example_ia3 trains language-model heads only; task {task.type!r} has a {task.head} head (use lora for classification)"
         return None
 
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
@@ -139,4 +139,4 @@ class IA3Method:
 
 @hookimpl
 def register_tuning_methods(register):
-    register("ia3", IA3Method)
+    register("example_ia3", IA3Method)

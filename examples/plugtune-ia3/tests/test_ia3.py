@@ -30,7 +30,7 @@ def registered() -> list[tuple[str, object]]:
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> MethodKit:
-    return MethodKit("ia3", OPTIONS, tmp_path=tmp_path_factory.mktemp("ia3-kit"), extra_plugins=registered(),
+    return MethodKit("example_ia3", OPTIONS, tmp_path=tmp_path_factory.mktemp("ia3-kit"), extra_plugins=registered(),
                      training=TRAINING)
 
 
@@ -67,7 +67,7 @@ def test_a_classification_recipe_is_refused_at_validation(tiny_bert, tiny_data) 
     from plugtune.sdk import RecipeError
     from plugtune.testing import plugin_system_with, recipe_dict
 
-    raw = recipe_dict(tiny_bert, tiny_data, classification=True, method={"name": "ia3", "options": {}})
+    raw = recipe_dict(tiny_bert, tiny_data, classification=True, method={"name": "example_ia3", "options": {}})
     with plugin_system_with(registered()) as system, pytest.raises(RecipeError) as err:
         plugtune.load_recipe(raw=raw, plugins=system)
-    assert "method.name: ia3 trains language-model heads only; task 'sequence-classification' has a classifier head" in str(err.value)
+    assert "method.name: example_ia3 trains language-model heads only; task 'sequence-classification' has a classifier head" in str(err.value)
