@@ -169,3 +169,25 @@ def test_mixed_batch_of_dora_lora_loha_and_base_rows_equals_each_row_alone(tiny_
         assert diff <= 1e-5, f"row {i} ({name}) in the mixed batch differs from the row alone (max |diff| {diff:.2e})"
     mixed_text = host.generate(texts, names, max_new_tokens=4)
     assert mixed_text == [host.generate([t], [n], max_new_tokens=4)[0] for t, n in zip(texts, names)]
+
+
+# -- LoRA's init choices: LoftQ where its dependencies are -------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_loftq_init_is_refused_at_validation_without_cuda(tmp_path: Path, tiny_llama: Path, tiny_data: Path) -> None:
+    problems = _problems(tmp_path, tiny_llama, tiny_data, {"name": "lora", "options": {"init": "loftq"}})
+    assert len(problems) == 1 and "loftq needs" in problems[0]
+
+
+def test_loftq_options_are_validated(tmp_path: Path, tiny_llama: Path, tiny_data: Path) -> None:
+    problems = _problems(tmp_path, tiny_llama, tiny_data, {"name": "lora", "options": {"init": "loftq", "loftq_bits": 3}})
+    assert any(p.startswith("method.options.loftq_bits: Input should be 4 or 8") for p in problems)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="LoftQ runs on a CUDA GPU")
+def test_loftq_init_trains_on_a_gpu(tmp_path: Path, tiny_llama: Path, tiny_data: Path) -> None:
+    recipe = _write(tmp_path, tiny_llama, tiny_data, {"name": "lora", "options": {"init": "loftq", "r": 4}})
+    result = plugtune.run(recipe, show_progress=False)
+    assert (Path(result.adapter_dir) / "adapter_model.safetensors").exists()

@@ -49,7 +49,10 @@ class LoraOptions(ComponentOptions):
     )
     target_regex: str | None = Field(None, description="full-match regex over dotted module names; replaces target_modules")
     use_rslora: bool = False
-    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default", description="peft's init_lora_weights; loftq needs a CUDA GPU and bitsandbytes (see loftq_bits)")
+    loftq_bits: Literal[4, 8] = Field(4, description="init: loftq: the bits of the quantization LoftQ initialises against")
+    loftq_iter: int = Field(1, gt=0, le=100, description="init: loftq: alternating quantize/SVD steps")
     loraplus_lr_ratio: float | None = Field(
         None, gt=0, le=10_000, allow_inf_nan=False,
         description="LoRA+: the B matrices learn at training.learning_rate times this (its paper suggests 16); null: one rate")
@@ -206,7 +209,7 @@ class LoraMethod:
     # -- training -----------------------------------------------------------------------
 
     def _config(self, model: torch.nn.Module, task: Task) -> LoraConfig:
-        from peft import LoraConfig
+        from peft import LoftQConfig, LoraConfig
 
         o = self.options
         targets = peft_targets(o)
@@ -220,9 +223,25 @@ class LoraMethod:
             target_modules=targets,
             use_rslora=o.use_rslora,
             init_lora_weights=True if o.init == "default" else o.init,
+            loftq_config=LoftQConfig(loftq_bits=o.loftq_bits, loftq_iter=o.loftq_iter) if o.init == "loftq" else {},
             task_type=_peft_task_type(task),
             bias="none",
         )
+
+    def preflight(self) -> str | None:
+        """``init: loftq`` runs peft's LoftQ, which quantizes with bitsandbytes on a CUDA
+        device (peft 0.21 hard-codes it): refused at validation where either is missing."""
+        if self.options.init != "loftq":
+            return None
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return "options.init: loftq needs bitsandbytes (pip install 'plugtune[int8]')"
+        if not torch.cuda.is_available():
+            return "options.init: loftq needs a CUDA GPU (peft runs LoftQ's quantization on cuda); use pissa or olora on a CPU"
+        return None
 
     def check_model(self, outline: ModelOutline, task: Task) -> list[str]:
         """At validation: the targets must select at least one linear layer of the base."""
