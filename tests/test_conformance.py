@@ -20,6 +20,8 @@ METHODS = {
     "full": ({}, {"learning_rate": 1e-3}),
     "prefix": ({"num_virtual_tokens": 4}, {}),
     "int8": ({"r": 4, "alpha": 8, "target_modules": "all-linear"}, {}),
+    "prompt_tuning": ({"num_virtual_tokens": 4}, {"learning_rate": 5e-2}),
+    "p_tuning": ({"num_virtual_tokens": 4, "encoder_hidden": 16}, {"learning_rate": 5e-2}),
 }
 
 
