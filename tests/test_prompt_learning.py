@@ -259,3 +259,28 @@ def test_a_decoder_classifier_is_refused_with_the_reason(tmp_path, tiny_llama, t
     message = _validate(tmp_path, tiny_llama, tiny_data, method, {}, classification=True)
     assert message.startswith(f"method.name: {method} cannot train a classifier on this decoder (llama): its "
                               "classification head reads the last non-pad token id")
+
+
+def test_a_chat_task_trains_and_the_host_chats_as_plain_peft_generates(tmp_path, tiny_chat_llama, tiny_chats):
+    """The chat task: the loss on assistant turns falls; ``host.chat`` renders the adapter's
+    template and decodes the tokens peft's greedy generate gives for that prompt."""
+    path = tmp_path / "chat.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "soft-chat", "base_model": str(tiny_chat_llama), "task": {"type": "chat"},
+        "data": {"loader": "table", "options": {"path": str(tiny_chats / "chats.jsonl"), "test_size": 0.25}},
+        "method": {"name": "prompt_tuning", "options": {"num_virtual_tokens": 4}}, "evaluators": ["loss"],
+        "training": {"max_steps": 12, "batch_size": 8, "learning_rate": 2e-1, "max_length": 64, "device": "cpu"},
+        "output": {"dir": str(tmp_path / "soft-chat")}}))
+    result = plugtune.run(path, show_progress=False)
+    assert result.after["loss"] < result.before["loss"], (result.before, result.after)
+    host = AdapterHost.from_adapters(result.adapter_dir)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the colour of the sky ?"}]
+    prompt = host.chat_prompt(messages, "soft-chat")
+    stream = host.stream([prompt], "soft-chat", max_new_tokens=5, ignore_eos=True)
+    for _ in stream:
+        pass
+    ids = torch.tensor([prompt])
+    model = _peft(tiny_chat_llama, result.adapter_dir)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                         do_sample=False, pad_token_id=host.tokenizer.pad_token_id)
+    assert stream.generated[0] == out[0, ids.size(1):].tolist()
