@@ -322,7 +322,7 @@ class _Probe:
         model.eval()
         enc = run.tokenizer(self.texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
         with torch.no_grad():
-            self.logits = model(**enc).logits.detach().cpu()
+            self.logits = real_token_logits(model(**enc).logits, enc["input_ids"]).detach().cpu()
 
 
 class _Crash:
@@ -356,6 +356,22 @@ def plugin_system_with(extra_plugins: list[tuple[str, Any]] | None = None) -> It
 def valid_positions(host: Any, texts: list[str]) -> Any:
     """(batch, tokens) bool: the positions that are real tokens in a right-padded batch."""
     return host.tokenizer(list(texts), return_tensors="pt", padding=True)["attention_mask"].bool()
+
+
+def real_token_logits(logits: Any, input_ids: Any) -> Any:
+    """A model's logits at the positions of ``input_ids`` ``(B, T)``: a causal LM wrapped by a
+    method that prepends virtual tokens (peft's prompt tuning, p-tuning) returns ``(B, T', V)``
+    with ``T' - T`` of them first; they are left out, as the host leaves them out of
+    :meth:`~plugtune.serving.host.AdapterHost.logits`. Other logits are returned as they are."""
+    if logits.dim() == 3 and logits.size(1) > input_ids.size(1):
+        return logits[:, logits.size(1) - input_ids.size(1):]
+    return logits
+
+
+def _at(logits: Any, mask: Any) -> Any:
+    """Per-token logits ``(B, T, V)`` at the real positions ``mask``; a classifier's
+    ``(B, C)`` as they are (one row per text, no padding to leave out)."""
+    return logits[mask] if logits.dim() == 3 else logits
 
 
 def _close(a: Any, b: Any, atol: float) -> float:
@@ -461,7 +477,7 @@ class MethodKit:
         with self.host("a") as host:
             got = host.logits(self._probe_texts(), "a")
             mask = valid_positions(host, self._probe_texts())
-        diff = _close(got[mask], trained[mask], self.atol)
+        diff = _close(_at(got, mask), _at(trained, mask), self.atol)
         assert diff <= self.atol, f"{self.name}: save then reload changed the logits (max |diff| {diff:.2e} > {self.atol:g})"
 
     def check_peft_format(self) -> None:
@@ -482,8 +498,8 @@ class MethodKit:
             model = PeftModel.from_pretrained(fresh.base.model, str(folder)).eval()
             enc = fresh.tokenizer(texts, return_tensors="pt", padding=True)
             with torch.no_grad():
-                plain = model(**enc).logits
-        diff = _close(plain[mask], hosted[mask], self.atol)
+                plain = real_token_logits(model(**enc).logits, enc["input_ids"])
+        diff = _close(_at(plain, mask), _at(hosted, mask), self.atol)
         assert diff <= self.atol, f"{self.name}: plain peft and the host disagree on the adapter's logits (max |diff| {diff:.2e})"
 
     def _attach_switch_unload(self, load: tuple[str, ...], unload: tuple[str, ...], when: str) -> None:
@@ -554,7 +570,7 @@ class MethodKit:
             host.merge("a")
             merged = host.logits(texts, "a")
             mask = valid_positions(host, texts)
-            diff = _close(merged[mask], unmerged[mask], self.atol)
+            diff = _close(_at(merged, mask), _at(unmerged, mask), self.atol)
             assert diff <= self.atol, f"{self.name}: merged logits differ from unmerged ones (max |diff| {diff:.2e})"
             host.unmerge()
             assert torch.equal(host.logits(texts, "a"), unmerged), f"{self.name}: after unmerge the adapter gives other logits"

@@ -30,6 +30,8 @@ METHODS = {
     "boft": ({"block_size": 4, "target_modules": ["q_proj", "v_proj"]}, {"learning_rate": 1e-2}),
     "adalora": ({"init_r": 4, "target_r": 2, "target_modules": ["q_proj", "v_proj"]}, {"learning_rate": 1e-2}),
     "ln_tuning": ({}, {"learning_rate": 1e-2}),
+    "prompt_tuning": ({"num_virtual_tokens": 4}, {"learning_rate": 5e-2}),
+    "p_tuning": ({"num_virtual_tokens": 4, "encoder_hidden": 16}, {"learning_rate": 5e-2}),
 }
 
 

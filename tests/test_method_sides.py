@@ -73,7 +73,7 @@ def test_the_built_in_handlers_declare_their_capabilities():
     declared = {cls.__name__: {c.__name__ for c in capabilities if issubclass(cls, c)}
                 for cls in (LoraHandler, FullHandler, PrefixHandler)}
     assert declared == {"LoraHandler": {"MixesRows", "Folds", "Merges", "ReportsResidentBytes", "Combines"},
-                        "FullHandler": {"Folds", "Merges"}, "PrefixHandler": {"StartsDecoding"}}
+                        "FullHandler": {"Folds", "Merges"}, "PromptLearningHandler": {"StartsDecoding", "ReportsResidentBytes"}}
     assert mixes_rows(LoraHandler(LoraHandler.Options())) and not mixes_rows(FullHandler(FullHandler.Options()))
 
 

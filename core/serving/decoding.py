@@ -37,7 +37,7 @@ class DecodeGroup:
     rows: list[int]  # the request rows still decoding in this group (finished rows leave the batch)
     model: torch.nn.Module  # a transformers causal LM (takes cache, position_ids)
     activate: Callable[[list[int]], contextlib.AbstractContextManager[Any]]  # puts these rows' adapter(s) in place
-    start: Start = no_prefix  # an initial cache (prefix tuning's virtual tokens)
+    start: Start = no_prefix  # an initial cache (prefix tuning's virtual tokens), made with the group's adapter active
     # decoding state
     input_ids: torch.Tensor | None = None
     mask: torch.Tensor | None = None
@@ -162,12 +162,12 @@ class TextStream(Iterator[list[str]]):
         self._drop(g, [j for j, row in enumerate(g.rows) if row != i])
 
     def _step(self, g: DecodeGroup, new: list[str]) -> None:
-        if g.cache is None and g.positions is None:  # first step: the prompts (after any prefix)
-            g.cache, offset = g.start(len(g.rows))
-            g.positions = (g.mask.cumsum(-1) - 1).clamp(min=0) + offset
-            if offset:
-                g.mask = torch.cat([g.mask.new_ones(len(g.rows), offset), g.mask], dim=1)
-        with g.activate(g.rows):
+        with g.activate(g.rows):  # the start too: it may run the base (a soft prompt's virtual tokens)
+            if g.cache is None and g.positions is None:  # first step: the prompts (after any prefix)
+                g.cache, offset = g.start(len(g.rows))
+                g.positions = (g.mask.cumsum(-1) - 1).clamp(min=0) + offset
+                if offset:
+                    g.mask = torch.cat([g.mask.new_ones(len(g.rows), offset), g.mask], dim=1)
             out = g.model(input_ids=g.input_ids, attention_mask=g.mask, position_ids=g.positions,
                           cache=g.cache, use_cache=True, logits_to_keep=1)
         g.cache = out.cache

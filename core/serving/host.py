@@ -454,7 +454,9 @@ class AdapterHost:
     @torch.no_grad()
     def logits(self, texts: Sequence[str], adapter: Any = ACTIVE) -> torch.Tensor:
         """Raw logits for a right-padded batch of raw texts (for tests and comparisons);
-        ``adapter`` as ``adapters`` in :meth:`generate`, so rows may name different adapters."""
+        ``adapter`` as ``adapters`` in :meth:`generate`, so rows may name different adapters.
+        A causal LM's are ``(B, T, V)``, one per real token position: the positions of an
+        adapter's virtual tokens (prompt tuning prepends them) are left out."""
         enc = self.tokenizer(list(texts), return_tensors="pt", padding=True).to(self._device())
         names = self._per_row(texts, adapter)
         out: torch.Tensor | None = None
@@ -462,6 +464,8 @@ class AdapterHost:
             rows = torch.tensor(group.rows, device=enc["input_ids"].device)
             with group.activate(group.rows):
                 logits = group.model(**{k: v[rows] for k, v in enc.items()}).logits
+            if logits.dim() == 3:  # (B, T', V): an adapter that prepends T' - T virtual tokens gives them first
+                logits = logits[:, logits.size(1) - enc["input_ids"].size(1):]
             if out is None:
                 out = logits.new_zeros((len(texts), *logits.shape[1:]))
             out[rows] = logits
