@@ -191,3 +191,33 @@ def test_loftq_init_trains_on_a_gpu(tmp_path: Path, tiny_llama: Path, tiny_data:
     recipe = _write(tmp_path, tiny_llama, tiny_data, {"name": "lora", "options": {"init": "loftq", "r": 4}})
     result = plugtune.run(recipe, show_progress=False)
     assert (Path(result.adapter_dir) / "adapter_model.safetensors").exists()
+
+
+# -- combine: through an exact conversion to LoRA ------------------------------------------------
+
+
+def test_loha_and_lokr_combine_into_a_lora_adapter_exactly(tmp_path: Path, tiny_llama: Path, every_method: dict[str, Path]) -> None:
+    from plugtune.artifacts.combine import combine_adapters
+
+    out = combine_adapters(tmp_path / "blend", [every_method["loha"], every_method["lokr"]], [1.0, 0.0], method="cat")
+    manifest = read_manifest(out)
+    assert manifest.method.name == "lora"
+    task = build_task(read_manifest(every_method["loha"]).task)
+    host = AdapterHost.from_base(str(tiny_llama), task, device="cpu")
+    host.load(every_method["loha"], "loha")
+    host.load(out, "blend")
+    texts = list(PROBE_TEXTS)
+    mask = valid_positions(host, texts)
+    diff = float((host.logits(texts, "blend")[mask] - host.logits(texts, "loha")[mask]).abs().max())
+    assert diff <= 1e-5, f"LoHa converted to LoRA and combined with weight 1 differs from LoHa (max |diff| {diff:.2e})"
+
+
+@pytest.mark.parametrize("method", ["ia3", "dora", "oft"])
+def test_updates_that_are_not_an_added_matrix_are_refused_with_the_reason(tmp_path: Path, every_method: dict[str, Path],
+                                                                           method: str) -> None:
+    from plugtune.artifacts.combine import combine_adapters
+    from plugtune.kernel.errors import AdapterError
+
+    with pytest.raises(AdapterError, match="not an added matrix"):
+        combine_adapters(tmp_path / "blend", [every_method[method], every_method["loha"]], [0.5, 0.5], method="cat")
+    assert not (tmp_path / "blend").exists()

@@ -393,3 +393,68 @@ def _functional(module: nn.Module, params: dict[str, torch.Tensor]) -> Callable[
         return torch.func.functional_call(module, params, (x, *args), kwargs, strict=False)
 
     return run
+
+
+# -- conversion to LoRA (PeftHandler.combine) ------------------------------------------------------
+
+
+def as_lora(model: nn.Module, subject: str, state: dict[str, torch.Tensor], config: dict[str, Any],
+            folder: Any) -> tuple[Any, dict[str, int]]:
+    """Write adapter (``state``, ``config``) as an equivalent LoRA adapter (peft's format)
+    into ``folder``; returns the folder and the rank of each converted layer.
+
+    Exact by construction: a layer converts only when its output is the base's plus ``x`` times
+    peft's ``get_delta_weight`` (checked on a random input), and the factors are that matrix's
+    SVD at its numerical rank (singular values below 1e-6 of the largest left out). peft's
+    ``convert_to_lora`` is not used because it takes one rank (or energy threshold) for every
+    layer and trusts each tuner's ``supports_lora_conversion`` flag, which LoHa does not set
+    although its update is an added matrix."""
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    layers = PeftLayers(model)
+    layers.attach("convert", state, config)
+    try:
+        resident = layers.resident["convert"]
+        if resident.whole:
+            raise AdapterError(f"{subject} replaces module(s) {sorted(resident.whole)[:2]} whole; only adapters whose "
+                               f"every update is an added matrix can be combined")
+        lora_state, ranks = {}, {}
+        for path, layer in resident.layers.items():
+            a, b = _lora_factors(subject, config.get("peft_type"), path, layer)
+            lora_state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.contiguous()
+            lora_state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.contiguous()
+            ranks[path] = a.shape[0]
+    finally:
+        layers.detach("convert")
+    top = max(ranks.values())
+    lora = LoraConfig(r=top, lora_alpha=top, rank_pattern=dict(ranks), alpha_pattern=dict(ranks),  # scaling 1 everywhere
+                      target_modules=sorted(ranks), task_type=config.get("task_type")).to_dict()
+    lora["inference_mode"] = True
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(lora_state, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(lora, default=list))
+    return folder, ranks
+
+
+def _lora_factors(subject: str, peft_type: Any, path: str, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    bare = layer.get_base_layer()
+    delta_of = getattr(layer, "get_delta_weight", None)
+    refusal = (f"{subject}: its {peft_type} update at {path} is not an added matrix, so it cannot become LoRA "
+               f"exactly and cannot be combined; serve it beside the others instead")
+    if not isinstance(bare, nn.Linear) or delta_of is None:
+        raise AdapterError(refusal)
+    with torch.no_grad():
+        delta = delta_of(SLOT).float()
+        x = torch.randn(8, bare.in_features, generator=torch.Generator().manual_seed(0)).to(bare.weight)
+        update = (layer(x) - bare(x)).float()
+        if tuple(delta.shape) != (bare.out_features, bare.in_features) or not torch.allclose(
+                update, x.float() @ delta.T, rtol=1e-4, atol=1e-5 * max(1.0, float(update.abs().max()))):
+            raise AdapterError(refusal)
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        keep = max(1, int((s > s[0] * 1e-6).sum())) if float(s[0]) > 0 else 1
+        return vh[:keep].to(bare.weight.dtype), (u[:, :keep] * s[:keep]).to(bare.weight.dtype)

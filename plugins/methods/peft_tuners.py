@@ -35,19 +35,19 @@ import contextlib
 import dataclasses
 import functools
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import ConfigDict, Field, TypeAdapter, create_model, field_validator, model_validator
 
 from plugtune import hookimpl
-from plugtune.sdk import ComponentOptions, PrepareContext, RecipeError, Task
+from plugtune.sdk import Combined, ComponentOptions, PrepareContext, RecipeError, Task
 
 if TYPE_CHECKING:
     import torch
 
     from plugtune.plugins.methods.peft_hosting import PeftLayers
-    from plugtune.sdk import ModelOutline
+    from plugtune.sdk import Adapter, ModelOutline
 
 # peft fields plugtune sets, never options (see the module docs)
 MANAGED = frozenset({"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -240,7 +240,8 @@ class PeftHandler:
     """The host side of every peft tuner method (see :mod:`plugtune.plugins.methods.peft_hosting`).
 
     Capabilities: mixes rows (each adapter's rows computed by its own peft layers), folds and
-    unfolds (peft's ``merge``, originals kept), merges for good, reports resident bytes."""
+    unfolds (peft's ``merge``, originals kept), merges for good, reports resident bytes,
+    combines (through an exact conversion to LoRA, where the update is an added matrix)."""
 
     Options = PeftHandlerOptions
 
@@ -289,6 +290,31 @@ class PeftHandler:
 
     def resident_bytes(self, model: torch.nn.Module, name: str) -> int:
         return self._layers(model).resident[name].nbytes
+
+    def combine(self, model: torch.nn.Module, parents: Sequence[Adapter], weights: Sequence[float],
+                options: Mapping[str, Any]) -> Combined:
+        """Through LoRA: each parent's update is converted to LoRA factors exactly
+        (:func:`~plugtune.plugins.methods.peft_hosting.as_lora`), then LoRA's combination
+        (peft's ``add_weighted_adapter``, every method ``plugtune combine`` offers) runs over
+        them; the result is a LoRA adapter. A parent whose update is not an added matrix
+        (IA3 scales, OFT and BOFT rotate, DoRA renormalises, LN tuning replaces) is refused
+        with that reason."""
+        import tempfile
+        from pathlib import Path
+        from types import SimpleNamespace
+
+        from plugtune.plugins.methods.lora import combine_loras
+        from plugtune.plugins.methods.peft_hosting import as_lora
+
+        with tempfile.TemporaryDirectory() as tmp:
+            converted, ranks = [], {}
+            for i, parent in enumerate(parents):
+                folder, ranks[str(parent.path)] = as_lora(model, f"parent {parent.path}", parent.state, parent.config,
+                                                          Path(tmp) / f"parent{i}")
+                converted.append(SimpleNamespace(path=folder))
+            combined = combine_loras(model, converted, weights, **dict(options))
+        combined.record["converted_to_lora"] = ranks
+        return combined
 
 
 class PeftTunerMethod:
