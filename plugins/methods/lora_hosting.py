@@ -158,7 +158,9 @@ class SwitchedModule(nn.Module):
         params = self.values.get(name) if name is not None else None
         if params is None:
             return self.original_module(*args, **kwargs)
-        return torch.func.functional_call(self.original_module, params, args, kwargs, strict=False)
+        # the bare module at the bottom of the stack: for a row routed here every other
+        # handler's wrapper adds nothing, so this is the adapter alone whatever wraps the head
+        return torch.func.functional_call(original_module(self.original_module), params, args, kwargs, strict=False)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         routing = self.routing
@@ -303,11 +305,7 @@ class HostedLoras:
                            scaling_for(config, path, a.shape[0]))
 
     def check_whole(self, name: str, path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        current = self._current(path)
-        base = original_module(current)
-        if path not in self.heads and current is not base:
-            raise AdapterError(f"adapter {name!r} replaces {path} whole, but another method's adapter wraps that module; "
-                               f"unload that adapter first or serve them on separate hosts")
+        base = original_module(self._current(path))
         own = dict(base.named_parameters())
         checked = {}
         for pname, value in params.items():
@@ -402,7 +400,7 @@ class HostedLoras:
                 weight += layer.delta(name).to(weight.dtype)
             for path in whole:
                 head = self.heads[path]
-                own = dict(head.original_module.named_parameters())
+                own = dict(original_module(head.original_module).named_parameters())
                 for pname, value in head.values[name].items():
                     kept.append((own[pname], own[pname].detach().clone()))
                     own[pname].copy_(value)
