@@ -18,7 +18,9 @@ TEXTS = ["question : what is the colour of the sea ? answer : blue"]
 
 
 @pytest.mark.parametrize("method", [{"name": "lora", "options": {"r": 4, "target_modules": "all-linear"}},
-                                    {"name": "full", "options": {"top_layers": 1}}])
+                                    {"name": "full", "options": {"top_layers": 1}},
+                                    {"name": "dora", "options": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+                                    {"name": "oft", "options": {"r": 0, "block_size": 4, "target_modules": ["q_proj"]}}])
 def test_fine_tune_on_top_of_an_earlier_adapter(method, make_recipe, tmp_path, tiny_llama):
     stage1 = plugtune.run(make_recipe(name="stage1", method=method), show_progress=False)
     merged = load_base(str(stage1.adapter_dir), build_task(dict(type="causal-lm", prompt="{q}", response="{a}")))
