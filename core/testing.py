@@ -385,7 +385,8 @@ class MethodKit:
 
     ``MethodKit(name, options, tmp_path=...)`` trains (on first need, once) two adapters of the
     method (seeds 0 and 1) and one LoRA adapter on a tiny model; each ``check_*`` method is
-    one contract. ``extra_plugins`` registers plugins in code (``[("ia3", module)]``) for a
+    one contract. ``lora_from``: another kit on the same base and data whose LoRA adapter this
+    kit reuses (a suite checking many methods trains it once). ``extra_plugins`` registers plugins in code (``[("ia3", module)]``) for a
     method that is not installed as a distribution. ``training`` updates the recipe's
     training block (a method may need another learning rate to learn in a few steps).
     """
@@ -396,7 +397,7 @@ class MethodKit:
     def __init__(self, name: str, options: dict[str, Any] | None = None, *, tmp_path: Path,
                  classification: bool = False, extra_plugins: list[tuple[str, Any]] | None = None,
                  training: dict[str, Any] | None = None, base_model: Path | None = None,
-                 data_dir: Path | None = None, atol: float = 1e-5) -> None:
+                 data_dir: Path | None = None, atol: float = 1e-5, lora_from: MethodKit | None = None) -> None:
         self.name, self.options, self.classification = name, dict(options or {}), classification
         self.tmp = Path(tmp_path).resolve()
         self.extra_plugins = list(extra_plugins or [])
@@ -405,6 +406,7 @@ class MethodKit:
         self.base_model = base_model
         self.data_dir = data_dir
         self._trained: dict[str, tuple[Path, Any, Any]] = {}
+        self.lora_from = lora_from  # a kit on the same base and data whose LoRA adapter this one reuses
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -434,6 +436,8 @@ class MethodKit:
     def trained(self, tag: str) -> tuple[Path, Any, Any]:
         """(adapter folder, RunResult, in-memory logits of the trained model on PROBE_TEXTS)
         for ``tag``: ``a`` and ``b`` are this method (seeds 0, 1), ``lora`` a LoRA adapter."""
+        if tag == "lora" and self.lora_from is not None:
+            return self.lora_from.trained("lora")
         if tag not in self._trained:
             import plugtune
 

@@ -60,9 +60,13 @@ KNOWN_GAPS = {
 
 @pytest.fixture(scope="module")
 def kits(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_data: Path) -> dict[str, MethodKit]:
-    return {name: MethodKit(name, options, tmp_path=tmp_path_factory.mktemp(f"kit-{name}"), training=training,
-                            base_model=tiny_llama, data_dir=tiny_data)
-            for name, (options, training) in METHODS.items()}
+    first = None
+    kits = {}
+    for name, (options, training) in METHODS.items():  # one LoRA adapter for every kit (it is trained once)
+        kits[name] = MethodKit(name, options, tmp_path=tmp_path_factory.mktemp(f"kit-{name}"), training=training,
+                               base_model=tiny_llama, data_dir=tiny_data, lora_from=first)
+        first = first or kits[name]
+    return kits
 
 
 @pytest.mark.parametrize("method, check", [
