@@ -13,6 +13,12 @@ layer the base did not have (a new classification head), stay in full precision.
         optimizer_8bit: false   # bitsandbytes' AdamW8bit (state of tensors >= 4096 elements)
         outlier_threshold: 6.0  # LLM.int8 mixed-precision decomposition threshold (0: off)
 
+The base is loaded already quantized (:meth:`Int8Method.base_loading`: transformers'
+``BitsAndBytesConfig`` through ``from_pretrained``, each weight quantized as it is read), never
+held in fp32 first, on the CPU or a GPU; its fingerprint is still the fp32 load's (the
+quantized layers' weights are read from the checkpoint for it). An adapter folder as
+``base_model`` (merged in full precision) is refused: ``plugtune merge`` it first.
+
 The adapter is an ordinary LoRA adapter: it applies to the full-precision base (the adapter
 host serves it with the other LoRA adapters) as well as to an 8-bit one, and plain peft
 loads it. Made for CUDA GPUs; bitsandbytes >= 0.46.1 also runs the 8-bit layers on the CPU
@@ -33,8 +39,7 @@ from plugtune.plugins.methods.lora import LoraMethod, LoraOptions
 if TYPE_CHECKING:
     import torch
 
-    from plugtune.sdk import Task
-    from plugtune.sdk import PrepareContext
+    from plugtune.sdk import BaseLoading, PrepareContext, Task
 
 
 class Int8Options(LoraOptions):
@@ -66,11 +71,31 @@ def int8_unavailable_reason() -> str | None:
     return None
 
 
+def bnb_loading(context: BaseLoading, **config: Any) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the base already quantized by bitsandbytes
+    (``config``: ``BitsAndBytesConfig``'s fields), on ``context.device``, the output head
+    and a task's new layers (``context.head_modules``) kept in full precision."""
+    from transformers import BitsAndBytesConfig
+
+    skip = list(context.head_modules) or None  # None: transformers' own guess (tied and last modules)
+    return {"quantization_config": BitsAndBytesConfig(llm_int8_skip_modules=skip, **config),
+            "device_map": {"": context.device}}
+
+
+def has_quantized_layers(model: torch.nn.Module) -> bool:
+    """Whether some layer of ``model`` is a bitsandbytes 8-bit or 4-bit one."""
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in model.modules())
+
+
 def quantize_linear_layers(model: torch.nn.Module, threshold: float = 6.0,
                            new_parameters: frozenset[str] = frozenset()) -> int:
     """Replace the model's ``nn.Linear`` layers by 8-bit ones in place; returns how many. The
     output head and newly initialised layers (those owning ``new_parameters``, from
-    :class:`~plugtune.kernel.components.PrepareContext`) stay in full precision."""
+    :class:`~plugtune.kernel.components.PrepareContext`) stay in full precision. For a model
+    already loaded in full precision (``prepare`` called outside a run, which loads the base
+    quantized through :meth:`Int8Method.base_loading`)."""
     import bitsandbytes as bnb
     import torch
 
@@ -107,8 +132,14 @@ class Int8Method(LoraMethod):
     def preflight(self) -> str | None:
         return int8_unavailable_reason()
 
+    def base_loading(self, context: BaseLoading) -> dict[str, Any]:
+        """The base loads already in 8 bits (LLM.int8, ``outlier_threshold``), on the training
+        device, the head in full precision."""
+        return bnb_loading(context, load_in_8bit=True, llm_int8_threshold=self.options.outlier_threshold)
+
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
-        quantize_linear_layers(model, self.options.outlier_threshold, context.new_parameters)
+        if not has_quantized_layers(model):  # a full-precision model handed over directly, outside a run
+            quantize_linear_layers(model, self.options.outlier_threshold, context.new_parameters)
         return super().prepare(model, task, context)
 
     def optimizer(self, param_groups: list[dict[str, Any]], lr: float) -> Any:
