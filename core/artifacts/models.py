@@ -362,7 +362,8 @@ def head_modules(location: Path | str, task: Task, *, offline: bool = True) -> t
         else:
             skeleton = AutoModelForCausalLM.from_config(config)
     backbone = getattr(skeleton, "base_model_prefix", "") or ""
-    names = [name for name, _ in skeleton.named_children() if name != backbone and backbone]
+    names = [name for name, child in skeleton.named_children()
+             if backbone and name != backbone and any(True for _ in child.parameters())]  # not a dropout
     output = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
     names += [name for name, module in skeleton.named_modules() if output is not None and module is output and name]
     return tuple(dict.fromkeys(names))

@@ -35,6 +35,7 @@ from pydantic import Field
 
 from plugtune import hookimpl
 from plugtune.plugins.methods.lora import LoraMethod, LoraOptions
+from plugtune.sdk import ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -94,8 +95,8 @@ def quantize_linear_layers(model: torch.nn.Module, threshold: float = 6.0,
     """Replace the model's ``nn.Linear`` layers by 8-bit ones in place; returns how many. The
     output head and newly initialised layers (those owning ``new_parameters``, from
     :class:`~plugtune.kernel.components.PrepareContext`) stay in full precision. For a model
-    already loaded in full precision (``prepare`` called outside a run, which loads the base
-    quantized through :meth:`Int8Method.base_loading`)."""
+    already loaded in full precision (a run loads the base quantized instead, through
+    :meth:`Int8Method.base_loading`, without an fp32 copy)."""
     import bitsandbytes as bnb
     import torch
 
@@ -138,8 +139,10 @@ class Int8Method(LoraMethod):
         return bnb_loading(context, load_in_8bit=True, llm_int8_threshold=self.options.outlier_threshold)
 
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
-        if not has_quantized_layers(model):  # a full-precision model handed over directly, outside a run
-            quantize_linear_layers(model, self.options.outlier_threshold, context.new_parameters)
+        if not has_quantized_layers(model):
+            raise ModelError("int8 trains on a base loaded in 8 bits (its base_loading), and this model was loaded "
+                             "in full precision: train it with `plugtune run`, which loads the base quantized, or "
+                             "quantize it first (quantize_linear_layers)")
         return super().prepare(model, task, context)
 
     def optimizer(self, param_groups: list[dict[str, Any]], lr: float) -> Any:
