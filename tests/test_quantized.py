@@ -212,8 +212,8 @@ def test_qlora_and_int8_and_lora_adapters_share_the_lora_handler(make_recipe):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"quant_type": "nf5"}, r"method\.options\.quant_type: .*'nf4'.*'fp4'.*nf5"),
-    ({"compute_dtype": "float8"}, r"method\.options\.compute_dtype: .*float32"),
+    ({"quant_type": "nf5"}, r"method\.options\.quant_type: Input should be 'nf4' or 'fp4' \(got 'nf5'\); did you mean 'nf4'\?"),
+    ({"compute_dtype": "bfloat61"}, r"method\.options\.compute_dtype: .*'float32'.*; did you mean 'bfloat16'\?"),
     ({"double_qant": True}, r"method\.options\.double_qant: .*did you mean 'double_quant'"),
 ])
 def test_bad_qlora_options_fail_validation(options, message, make_recipe):

@@ -924,6 +924,8 @@ def _format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[A
         got = err.get("input")
         if err["type"] not in {"missing", "value_error"} and not isinstance(got, (dict, list)):
             message += f" (got {got!r})"
+        if err["type"] == "literal_error" and isinstance(got, str):  # a choice misspelt: the closest one
+            message += did_you_mean(got, re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", ""))))
         lines.append(f"{where}: {message}")
     return lines
 
