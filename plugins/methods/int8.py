@@ -83,6 +83,29 @@ def bnb_loading(context: BaseLoading, **config: Any) -> dict[str, Any]:
             "device_map": {"": context.device}}
 
 
+def own_full_precision_tensors(model: torch.nn.Module) -> int:
+    """Copy the base's full-precision parameters and buffers (embeddings, norms, the head)
+    out of the checkpoint file into memory of their own; returns the bytes copied.
+
+    transformers reads a safetensors checkpoint through one memory map, and a tensor it
+    does not convert stays a view of that map. After a quantized load every page of the
+    file has been read (to quantize it), and those views keep the whole map, and the pages,
+    in the process: the fp32 file's size on top of the quantized weights. With the copies,
+    the map is released and its pages leave the process's memory. Tied tensors stay tied."""
+    import torch
+
+    copied, seen = 0, set()
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for tensor in tensors.values():
+                if tensor is None or id(tensor) in seen or not tensor.is_floating_point() or tensor.device.type != "cpu":
+                    continue
+                seen.add(id(tensor))
+                tensor.data = torch.empty_like(tensor.data).copy_(tensor.data)
+                copied += tensor.numel() * tensor.element_size()
+    return copied
+
+
 def has_quantized_layers(model: torch.nn.Module) -> bool:
     """Whether some layer of ``model`` is a bitsandbytes 8-bit or 4-bit one."""
     import bitsandbytes as bnb
@@ -137,6 +160,10 @@ class Int8Method(LoraMethod):
         """The base loads already in 8 bits (LLM.int8, ``outlier_threshold``), on the training
         device, the head in full precision."""
         return bnb_loading(context, load_in_8bit=True, llm_int8_threshold=self.options.outlier_threshold)
+
+    def base_loaded(self, model: torch.nn.Module) -> None:
+        """Release the checkpoint's memory map (see :func:`own_full_precision_tensors`)."""
+        own_full_precision_tensors(model)
 
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
         if not has_quantized_layers(model):

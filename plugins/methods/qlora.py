@@ -47,7 +47,7 @@ import functools
 from typing import TYPE_CHECKING, Any, Literal
 
 from plugtune import hookimpl
-from plugtune.plugins.methods.int8 import bnb_loading, has_quantized_layers
+from plugtune.plugins.methods.int8 import bnb_loading, has_quantized_layers, own_full_precision_tensors
 from plugtune.plugins.methods.lora import LoraMethod, LoraOptions
 from plugtune.sdk import ModelError
 
@@ -137,8 +137,10 @@ class QloraMethod(LoraMethod):
                            bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype(context)))
 
     def base_loaded(self, model: torch.nn.Module) -> None:
-        """Turn off bitsandbytes' AVX-512-bf16 inference path (see :func:`keep_4bit_trainable`)."""
+        """Turn off bitsandbytes' AVX-512-bf16 inference path (see :func:`keep_4bit_trainable`)
+        and release the checkpoint's memory map (see :func:`own_full_precision_tensors`)."""
         keep_4bit_trainable(model)
+        own_full_precision_tensors(model)
 
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
         keep_4bit_trainable(model)
