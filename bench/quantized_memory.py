@@ -79,12 +79,17 @@ def section(results: dict[str, list[dict]], steps: int, rounds: int, command: st
             f"| {held[method]:,.0f} MB |")
     lines += [
         "",
-        "Peak RSS counts the whole process (Python, torch, the tokenizer, the data, activations, the optimizer) and the "
-        "pages of the checkpoint file the load touched, so it falls by less than the base's weights do (the last "
-        "column: the parameters and buffers of the loaded base; the embeddings, tied to the output head, stay in "
-        "fp32 in every case). On a CPU the quantized layers run "
-        "bitsandbytes' CPU kernels, slower than fp32 matmuls: the point there is memory. GPU figures (peak GPU "
-        "memory against bf16 LoRA) come from `bench/gpu_check.sh`.",
+        "Peak RSS (`ru_maxrss`) counts the whole process: Python, torch, the tokenizer, the data, activations, the "
+        "optimizer, and the pages of the checkpoint file that are mapped. An fp32 load keeps the base as views of "
+        "the checkpoint's memory map (no copy: the 540 MB file is the weights). A quantized load reads every page "
+        "of that file to quantize it, so while it loads, the file's pages and the quantized weights are both "
+        "resident; afterwards `base_loaded` copies the full-precision tensors (embeddings tied to the head, norms) "
+        "out of the map and the map's pages leave the process. So the peak of a short run on a small model falls by "
+        "less than the weights do (last column: the parameters and buffers the loaded base holds). bitsandbytes' "
+        "CPU kernels dequantize each layer's weight for its matmul: those temporaries are freed, but glibc keeps "
+        "freed heap memory unless `training.malloc_mmap_threshold` is set. On a CPU the quantized layers are slower "
+        "than fp32 matmuls: the point there is memory. GPU figures (peak GPU memory against bf16 LoRA) come from "
+        "`bench/gpu_check.sh`.",
         "",
     ]
     return "\n".join(lines)
@@ -94,11 +99,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--write-only", action="store_true", help="rewrite the section from bench/out/quantized_memory.json")
     args = parser.parse_args()
     command = "python bench/quantized_memory.py" + (f" --rounds {args.rounds}" if args.rounds != 2 else "") + (
         f" --steps {args.steps}" if args.steps != 8 else "")
     results: dict[str, list[dict]] = {m: [] for m in METHODS}
-    for _ in range(args.rounds):
+    if args.write_only:
+        results = json.loads((OUT / "quantized_memory.json").read_text())
+        args.rounds = len(results["lora"])
+        args.steps = results["lora"][0]["steps"]
+        command = "python bench/quantized_memory.py" + (f" --rounds {args.rounds}" if args.rounds != 2 else "") + (
+            f" --steps {args.steps}" if args.steps != 8 else "")
+    for _ in range(0 if args.write_only else args.rounds):
         for method in METHODS:
             results[method].append(run("recipes/quickstart.yaml", overrides(method, args.steps)))
             print(method, f"{results[method][-1]['peak_rss_mb']:.0f} MB", flush=True)

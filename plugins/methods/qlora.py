@@ -29,6 +29,9 @@ dtype for every method alike) and turn gradient checkpointing on (a trade of spe
 activation memory that the core does not make for the other methods either; at plugtune's
 sequence lengths the activations are small next to the weights).
 
+After the load, the full-precision tensors are copied out of the checkpoint's memory map
+(``base_loaded``), so the fp32 file's pages, all read to quantize them, leave the process.
+
 The fingerprint is the fp32 load's (the quantized weights are read from the checkpoint's
 safetensors for it), and the adapter is an ordinary LoRA adapter (``handler`` is
 :class:`~plugtune.plugins.methods.lora.LoraHandler`): the adapter host serves it on the
