@@ -24,6 +24,7 @@ CASES = [
     ("lora (bf16 base)", "recipes/quickstart.yaml", []),
     ("int8 + LoRA", "recipes/support-smollm2-int8.yaml", []),
     ("int8 + LoRA + 8-bit AdamW", "recipes/support-smollm2-int8.yaml", ["method.options.optimizer_8bit=true"]),
+    ("qlora (4-bit NF4 base, bf16 compute)", "recipes/quickstart.yaml", ["method.name=qlora"]),
     ("prefix (bf16 base)", "recipes/support-smollm2-prefix.yaml", []),
     ("full (fp32 master weights, bf16 autocast)", "recipes/support-smollm2-full.yaml", []),
 ]
@@ -45,7 +46,7 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         try:
-            name = Path(recipe).stem + ("-8bitopt" if extra else "")
+            name = Path(recipe).stem + ("-qlora" if "method.name=qlora" in extra else "-8bitopt" if extra else "")
             loaded = plugtune.load_recipe(ROOT / recipe, [*COMMON, *extra, f"name={name}", f"output.dir={out / name}"])
             result = plugtune.run(loaded, show_progress=False, overwrite=True)
             peak = torch.cuda.max_memory_allocated()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from plugtune.kernel.components import (
     AdapterHandler,
+    BaseLoading,
     BaseModelAlias,
     ChecksModel,
     RendersChat,
@@ -165,7 +166,7 @@ __all__ = [
     "ComponentOptions", "NoOptions", "DataPath", "DataFileOrFolder", "not_regular", "open_regular", "plugtune_home",
     "did_you_mean",
     # the kinds
-    "DataLoader", "RowStream", "Task", "Head", "TuningMethod", "PrepareContext", "Regularizer", "Evaluator", "BaseModelAlias",
+    "DataLoader", "RowStream", "Task", "Head", "TuningMethod", "PrepareContext", "BaseLoading", "Regularizer", "Evaluator", "BaseModelAlias",
     "PackagedModel", "ChecksModel", "ModelOutline",
     # the host side of a tuning method and its capabilities
     "AdapterHandler", "MixesRows", "Folds", "Merges", "StartsDecoding", "ReportsResidentBytes", "Combines",

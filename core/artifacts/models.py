@@ -27,9 +27,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from plugtune.kernel.components import Merges, _path_exists
+from plugtune.kernel.components import BaseLoading, Merges, _path_exists
 from plugtune.kernel.errors import AdapterError, ModelError
 from plugtune.kernel.paths import plugtune_home
 from plugtune.kernel.registry import PluginSystem, get_plugin_system, unknown_name_message
@@ -244,11 +245,24 @@ def load_base(
     plugins: PluginSystem | None = None,
     seed: int = 0,
     attn_implementation: str | None = None,
+    loading: Callable[[BaseLoading], dict[str, Any]] | None = None,
+    loaded: Callable[[torch.nn.Module], None] | None = None,
+    device: str = "cpu",
 ) -> LoadedBase:
     """Load tokenizer and model for ``task``, with the head it trains (``task.head``: a
     causal LM, or a sequence classifier sized by ``task.labels``). A classifier's head is new,
     initialised from ``seed``, and left out of the fingerprint. ``attn_implementation``
-    (``sdpa``, ``eager``) is passed to transformers; None keeps its default."""
+    (``sdpa``, ``eager``) is passed to transformers; None keeps its default.
+
+    ``loading``: a tuning method's ``base_loading`` (see
+    :class:`~plugtune.kernel.components.TuningMethod`), called with a
+    :class:`~plugtune.kernel.components.BaseLoading` for ``device`` once the checkpoint is a
+    local Hugging Face folder (a GGUF file converted first), before any weight is read; what
+    it returns is added to ``from_pretrained``'s arguments (a ``quantization_config``: the
+    weights are quantized as they are read), and ``loaded`` (the method's ``base_loaded``)
+    then gets the model before anything runs it. The fingerprint stays the ordinary load's.
+    An adapter folder as ``base_model`` is merged in full precision, so extra arguments for
+    it are refused."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -263,6 +277,8 @@ def load_base(
 
     location = resolve(base_model, plugins)
     if isinstance(location, Path) and is_adapter_dir(location):
+        if loading is not None and loading(BaseLoading(device=device, dtype=_dtype_name(dtype), head=task.head)):
+            raise ModelError(f"base_model {merged_base_refusal(base_model)}")
         return _load_merged(base_model, location, task, dtype=dtype, plugins=plugins, seed=seed)
     if isinstance(location, Path) and location.suffix == ".gguf":
         location = gguf_to_hf(location)
@@ -276,6 +292,12 @@ def load_base(
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": offline, "output_loading_info": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    extra = {}
+    if loading is not None:
+        context = BaseLoading(device=device, dtype=_dtype_name(dtype), head=task.head,
+                              head_modules=head_modules(location, task, offline=offline))
+        extra = loading(context) or {}
+        kwargs.update(extra)
     torch.manual_seed(seed)
     try:
         if task.head == "classifier":
@@ -297,16 +319,54 @@ def load_base(
         raise ModelError(f"base_model {base_model!r} cannot be used for task {task.type}: {exc}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if extra and loaded is not None:
+        loaded(model)
     # Newly initialised weights (a classification head) are not part of the pretrained base
     # the fingerprint identifies; tuning methods get them in PrepareContext.new_parameters.
     new = frozenset(loading.get("missing_keys", ()))
     info = BaseInfo(
         id=base_model,
         architecture=type(model).__name__,
-        fingerprint=fingerprint(model, exclude=new),
-        dtype=str(dtype).replace("torch.", ""),
+        fingerprint=fingerprint(model, exclude=new, checkpoint=location),
+        dtype=_dtype_name(dtype),
     )
     return LoadedBase(model=model, tokenizer=tokenizer, info=info, new_parameters=new)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def merged_base_refusal(base_model: str) -> str:
+    """Why a method that loads its base itself (``base_loading``: quantized) cannot train on
+    an adapter folder as ``base_model``, and what to do instead."""
+    return (f"{base_model!r} is an adapter folder, merged into its base in full precision, and this "
+            f"method loads its base quantized; write the merged base once with `plugtune merge {base_model} OUT` "
+            f"and use OUT as base_model")
+
+
+def head_modules(location: Path | str, task: Task, *, offline: bool = True) -> tuple[str, ...]:
+    """The top-level modules of ``task``'s model class for the checkpoint at ``location``
+    that lie outside its pretrained backbone (``base_model_prefix``): the output head and a
+    task head's new layers. Read from the class built on the ``meta`` device (no weights)."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = copy.deepcopy(AutoConfig.from_pretrained(location, local_files_only=offline))
+    with torch.device("meta"):
+        if task.head == "classifier":
+            config.num_labels = len(task.labels or []) or 2
+            skeleton = AutoModelForSequenceClassification.from_config(config)
+        else:
+            skeleton = AutoModelForCausalLM.from_config(config)
+    backbone = getattr(skeleton, "base_model_prefix", "") or ""
+    names = [name for name, child in skeleton.named_children()
+             if backbone and name != backbone and any(True for _ in child.parameters())]  # not a dropout
+    output = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+    names += [name for name, module in skeleton.named_modules() if output is not None and module is output and name]
+    return tuple(dict.fromkeys(names))
 
 
 def _load_merged(base_model: str, folder: Path, task: Task, *, dtype: Any, plugins: PluginSystem | None, seed: int) -> LoadedBase:
@@ -350,24 +410,129 @@ def _hub_message(base_model: str, exc: Exception) -> str:
     )
 
 
-def fingerprint(model: torch.nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> str:
+def fingerprint(model: torch.nn.Module, exclude: set[str] | frozenset[str] = frozenset(),
+                checkpoint: Path | str | None = None) -> str:
     """A short hash of a model's pretrained weights: names, shapes and a strided sample of
     values rounded to bfloat16 (so fp32 and bf16 loads of the same weights agree). Cheap
-    (milliseconds for a 135M model), and any retrained or different base changes it."""
-    import torch
+    (milliseconds for a 135M model), and any retrained or different base changes it.
 
+    A layer loaded quantized (its ``weight`` integer, or packed into another shape) no longer
+    holds the checkpoint's values; its weight is read from ``checkpoint``'s safetensors files
+    instead, one tensor at a time, so a 4-bit or 8-bit load records the same fingerprint as
+    the fp32 load of the same base, without an fp32 copy of it. Every tensor goes through
+    :func:`_digest_tensor`, whichever side it comes from."""
     digest = hashlib.sha256()
     state = model.state_dict()
+    quantized = _quantized_layers(model)
+    reader = _CheckpointReader(checkpoint, model) if quantized else None
     for name in sorted(state):
         if name in exclude or any(name.endswith(e) for e in exclude):
             continue
+        layer = _owner(name, quantized)
+        if layer is not None:
+            if name not in (f"{layer}.weight", f"{layer}.bias"):
+                continue  # quantization state (absmax, scales): not a checkpoint tensor
+            if name == f"{layer}.weight":
+                if reader is None or not reader.available:
+                    raise ModelError(f"cannot fingerprint the quantized layer {layer}: the base's safetensors "
+                                     f"checkpoint is not available to read its weights from")
+                _digest_tensor(digest, name, reader.tensor(name))
+                continue
         tensor = state[name]
-        if not tensor.is_floating_point():
-            continue
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
-        sample = flat[::step][:FINGERPRINT_SAMPLES].to("cpu", torch.bfloat16).view(torch.int16)
-        digest.update(name.encode())
-        digest.update(json.dumps(list(tensor.shape)).encode())
-        digest.update(sample.numpy().tobytes())
+        if tensor.is_floating_point():
+            _digest_tensor(digest, name, tensor)
     return "sha256:" + digest.hexdigest()[:32]
+
+
+def _digest_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Add one tensor to the fingerprint: its name, shape and :data:`FINGERPRINT_SAMPLES`
+    strided values rounded to bfloat16 (the one rule for tensors in memory and on disk)."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+    sample = flat[::step][:FINGERPRINT_SAMPLES].to("cpu", torch.bfloat16).view(torch.int16)
+    digest.update(name.encode())
+    digest.update(json.dumps(list(tensor.shape)).encode())
+    digest.update(sample.numpy().tobytes())
+
+
+def _quantized_layers(model: torch.nn.Module) -> set[str]:
+    """Dotted names of the linear-like layers whose ``weight`` does not hold the values a
+    full-precision load would (an integer dtype, or a packed shape other than out x in)."""
+    found = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        out_features, in_features = getattr(module, "out_features", None), getattr(module, "in_features", None)
+        if weight is None or out_features is None or in_features is None:
+            continue
+        if not weight.is_floating_point() or tuple(weight.shape) != (out_features, in_features):
+            found.add(name)
+    return found
+
+
+def _owner(name: str, layers: set[str]) -> str | None:
+    """The layer in ``layers`` that state-dict entry ``name`` belongs to, if any."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in layers:
+            return prefix
+    return None
+
+
+class _CheckpointReader:
+    """Tensors of a Hugging Face checkpoint's safetensors files, read one at a time by the
+    model's own parameter names (the checkpoint may name them without, or with, the model's
+    ``base_model_prefix``, as transformers maps them when it loads)."""
+
+    def __init__(self, checkpoint: Path | str | None, model: torch.nn.Module) -> None:
+        self.files = _safetensors_files(checkpoint) if checkpoint is not None else {}
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+
+    @property
+    def available(self) -> bool:
+        return bool(self.files)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        candidates = [name]
+        if self.prefix and name.startswith(self.prefix + "."):
+            candidates.append(name[len(self.prefix) + 1:])
+        elif self.prefix:
+            candidates.append(f"{self.prefix}.{name}")
+        for key in candidates:
+            if key in self.files:
+                with safe_open(str(self.files[key]), framework="pt") as fh:
+                    return fh.get_tensor(key)
+        raise ModelError(f"cannot fingerprint the quantized base: its checkpoint has no tensor {name!r} "
+                         f"(looked for {', '.join(candidates)})")
+
+
+def _safetensors_files(checkpoint: Path | str) -> dict[str, Path]:
+    """Tensor name -> safetensors file of the checkpoint in a local folder or, for a hub id,
+    in the hub cache (where ``from_pretrained`` just put it); {} when there is none."""
+    from safetensors import safe_open
+
+    folder = Path(checkpoint) if isinstance(checkpoint, Path) else _hub_snapshot(checkpoint)
+    if folder is None:
+        return {}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return {}
+    with safe_open(str(single), framework="pt") as fh:
+        return {name: single for name in fh.keys()}
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception:  # noqa: BLE001 - not cached: no files to read
+        return None

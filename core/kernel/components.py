@@ -330,6 +330,26 @@ class PrepareContext:
     total_steps: int | None = None
 
 
+@dataclass(frozen=True)
+class BaseLoading:
+    """What :meth:`TuningMethod.base_loading` is told, before the base's weights load.
+
+    ``device``: where the base will be trained (``"cpu"``, ``"cuda:0"``): a method that loads
+    the base quantized puts it there directly (``device_map``). ``dtype``: the dtype the core
+    loads the base's full-precision tensors in (``"float32"``, ``"bfloat16"``; from
+    ``training.base_dtype``). ``head``: the task's head (``"lm"``, ``"classifier"``).
+    ``head_modules``: dotted names of the top-level modules outside the pretrained backbone
+    (transformers' ``base_model_prefix`` submodule): the output head (``lm_head``), and the
+    layers a task head adds (``classifier``, ``score``, ``pre_classifier``), found on the
+    model class built on the ``meta`` device; a quantizing method keeps them in full
+    precision."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    head: Head = "lm"
+    head_modules: tuple[str, ...] = ()
+
+
 @runtime_checkable
 class TuningMethod(Protocol):
     """The training side of a tuning method: turns a base model into a trainable one and
@@ -359,6 +379,19 @@ class TuningMethod(Protocol):
       optimizer step and before the gradients are zeroed (``step`` counts from 1), with the
       model ``prepare`` returned (unwrapped from any distributed wrapper): for methods that
       change their structure while training (AdaLoRA's rank allocation reads the gradients).
+    * ``base_loading(self, context) -> dict`` -- called by the training run before the base's
+      weights load, with a :class:`BaseLoading`: extra keyword arguments for transformers'
+      ``from_pretrained`` (``quantization_config``, ``device_map``), so a method can have the
+      base loaded already quantized, never as a full-precision copy first; ``{}`` or absent:
+      the ordinary load. A base that loads with extra arguments records the fingerprint of
+      its ordinary load (read from the checkpoint for layers that no longer hold the
+      checkpoint's values), so its adapters are hosted on the full-precision base. Not
+      called by the adapter host, which always loads the full-precision base; a recipe whose
+      ``base_model`` is an adapter folder (merged in full precision) is refused for such a
+      method at validation.
+    * ``base_loaded(self, model) -> None`` -- called right after a base loaded with
+      ``base_loading``'s arguments, before anything runs it (the "before" evaluation): to
+      set what ``from_pretrained`` cannot (a quantized layer's kernel choice).
     """
 
     Options: ClassVar[type[ComponentOptions]]

@@ -485,6 +485,7 @@ def validate(
         if reason:
             problems.append(f"method.name: {reason}")
     base_model = raw.get("base_model")
+    problems.extend(_check_merged_base(plugins, base_model, method))
     if isinstance(base_model, str) and not _looks_like_path_or_hub_id(base_model) and not plugins.find("model", base_model):
         problems.append(
             "base_model: " + unknown_name_message("model", base_model, plugins.names("model"))
@@ -545,6 +546,24 @@ def _check_metric_directions(regularizers: list[Bound | None], evaluators: list[
         for problem in (check(bound.options, directions) if check else None) or []:
             problems.append(f"regularizers[{i}].{problem}")
     return problems
+
+
+def _check_merged_base(plugins: PluginSystem, base_model: Any, method: Bound | None) -> list[str]:
+    """An adapter folder as ``base_model`` is merged into its base in full precision; a
+    method that loads its base itself (``base_loading`` returns extra arguments: quantized)
+    cannot train on it. Checked on the local folder only, before anything loads."""
+    if method is None or not isinstance(base_model, str) or not hasattr(method.component.obj, "base_loading"):
+        return []
+    from plugtune.artifacts.adapters import is_adapter_dir
+    from plugtune.artifacts.models import local_location, merged_base_refusal
+    from plugtune.kernel.components import BaseLoading
+
+    location = local_location(base_model, plugins)
+    if location is None or not is_adapter_dir(location):
+        return []
+    if not guarded(method.build(), method.component).base_loading(BaseLoading()):
+        return []
+    return [f"base_model: {merged_base_refusal(base_model)}"]
 
 
 def _check_model(
@@ -908,6 +927,8 @@ def _format_errors(exc: ValidationError, model: type[BaseModel], prefix: tuple[A
         got = err.get("input")
         if err["type"] not in {"missing", "value_error"} and not isinstance(got, (dict, list)):
             message += f" (got {got!r})"
+        if err["type"] == "literal_error" and isinstance(got, str):  # a choice misspelt: the closest one
+            message += did_you_mean(got, re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", ""))))
         lines.append(f"{where}: {message}")
     return lines
 

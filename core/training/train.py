@@ -5,7 +5,8 @@ ones read (``_Process``, ``_Data``, ``_Trainee``, :class:`RunState` with its
 :class:`~plugtune.training.checkpoints.BestWeights`)::
 
     process   threads, allocator, accelerate
-    data      splits -> base model + tokenizer -> augment -> tokenize        (_Data)
+    data      splits -> method built -> base model + tokenizer (method.base_loading) -> augment
+              -> tokenize                                                    (_Data)
     output    the folder, the log (cut back to the checkpoint when resuming)
     before    the evaluators on the base model
     model     method.prepare -> regularizers.setup -> optimizer, schedule   (_Trainee)
@@ -320,6 +321,7 @@ class _Data:
     test_rows: list[Row]
     sources: MixedData | None = None  # each source's counts (core/data/mixture.py)
     stream: StreamedTraining | None = None  # the training split, when the loader streams it
+    method: Any = None  # the built tuning method (before the base: its base_loading may load it)
 
     @property
     def tokenizer(self) -> Any:
@@ -444,9 +446,13 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
     check_empty_fields(splits, task)
     task.setup(splits["train"])
     dtype = base_dtype(t.base_dtype, on_cuda, getattr(recipe.method.component.obj, "trains_base_weights", False))
+    # built before the base loads: the method may load it itself (base_loading: quantized)
+    method = guarded(recipe.method.build(), recipe.method.component)
+    loading = getattr(method, "base_loading", None)
     with console.status(f"loading {recipe.spec.base_model} ({str(dtype).replace('torch.', '')})"):
         base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins, dtype=dtype,
-                         attn_implementation=choose_attention(t.attention, on_cuda))
+                         attn_implementation=choose_attention(t.attention, on_cuda),
+                         loading=loading, loaded=getattr(method, "base_loaded", None), device=str(process.device))
     tokenizer = base.tokenizer
     bind_tokenizer(task, tokenizer)
     t = t.model_copy(update={"max_length": fit_to_context(t.max_length, base.model, console)})
@@ -489,11 +495,11 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
     for line in mixed.lines() if mixed.mixture else ():
         console.print(line, markup=False, highlight=False)
     if stream is None:
-        return _Data(task, base, t, regularizers, train_rows, test_rows, mixed)
+        return _Data(task, base, t, regularizers, train_rows, test_rows, mixed, method=method)
     streamed = StreamedTraining(stream, task, tokenizer, max_length=t.max_length, overlong=t.overlong,
                                 batch_size=t.batch_size, seed=t.seed)
     console.print(f"train: streamed, shuffled through a buffer of {streamed.buffer_size} rows and tokenized on the fly")
-    return _Data(task, base, t, regularizers, train_rows, test_rows, mixed, streamed)
+    return _Data(task, base, t, regularizers, train_rows, test_rows, mixed, streamed, method=method)
 
 
 def _open_output(process: _Process, out: Path, overwrite: bool, resuming: Checkpoint | None,
@@ -526,7 +532,7 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process) -> _Trainee:
 
     t, task, regularizers = data.training, data.task, data.regularizers
     set_seed(t.seed)
-    method = guarded(recipe.method.build(), recipe.method.component)
+    method = data.method
     if data.stream is not None and not t.max_steps:
         raise RecipeError(["training.max_steps: the training split is streamed and has no length to count epochs "
                            "in; set training.max_steps"])

@@ -13,6 +13,12 @@ layer the base did not have (a new classification head), stay in full precision.
         optimizer_8bit: false   # bitsandbytes' AdamW8bit (state of tensors >= 4096 elements)
         outlier_threshold: 6.0  # LLM.int8 mixed-precision decomposition threshold (0: off)
 
+The base is loaded already quantized (:meth:`Int8Method.base_loading`: transformers'
+``BitsAndBytesConfig`` through ``from_pretrained``, each weight quantized as it is read), never
+held in fp32 first, on the CPU or a GPU; its fingerprint is still the fp32 load's (the
+quantized layers' weights are read from the checkpoint for it). An adapter folder as
+``base_model`` (merged in full precision) is refused: ``plugtune merge`` it first.
+
 The adapter is an ordinary LoRA adapter: it applies to the full-precision base (the adapter
 host serves it with the other LoRA adapters) as well as to an 8-bit one, and plain peft
 loads it. Made for CUDA GPUs; bitsandbytes >= 0.46.1 also runs the 8-bit layers on the CPU
@@ -29,12 +35,12 @@ from pydantic import Field
 
 from plugtune import hookimpl
 from plugtune.plugins.methods.lora import LoraMethod, LoraOptions
+from plugtune.sdk import ModelError
 
 if TYPE_CHECKING:
     import torch
 
-    from plugtune.sdk import Task
-    from plugtune.sdk import PrepareContext
+    from plugtune.sdk import BaseLoading, PrepareContext, Task
 
 
 class Int8Options(LoraOptions):
@@ -66,11 +72,54 @@ def int8_unavailable_reason() -> str | None:
     return None
 
 
+def bnb_loading(context: BaseLoading, **config: Any) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the base already quantized by bitsandbytes
+    (``config``: ``BitsAndBytesConfig``'s fields), on ``context.device``, the output head
+    and a task's new layers (``context.head_modules``) kept in full precision."""
+    from transformers import BitsAndBytesConfig
+
+    skip = list(context.head_modules) or None  # None: transformers' own guess (tied and last modules)
+    return {"quantization_config": BitsAndBytesConfig(llm_int8_skip_modules=skip, **config),
+            "device_map": {"": context.device}}
+
+
+def own_full_precision_tensors(model: torch.nn.Module) -> int:
+    """Copy the base's full-precision parameters and buffers (embeddings, norms, the head)
+    out of the checkpoint file into memory of their own; returns the bytes copied.
+
+    transformers reads a safetensors checkpoint through one memory map, and a tensor it
+    does not convert stays a view of that map. After a quantized load every page of the
+    file has been read (to quantize it), and those views keep the whole map, and the pages,
+    in the process: the fp32 file's size on top of the quantized weights. With the copies,
+    the map is released and its pages leave the process's memory. Tied tensors stay tied."""
+    import torch
+
+    copied, seen = 0, set()
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for tensor in tensors.values():
+                if tensor is None or id(tensor) in seen or not tensor.is_floating_point() or tensor.device.type != "cpu":
+                    continue
+                seen.add(id(tensor))
+                tensor.data = torch.empty_like(tensor.data).copy_(tensor.data)
+                copied += tensor.numel() * tensor.element_size()
+    return copied
+
+
+def has_quantized_layers(model: torch.nn.Module) -> bool:
+    """Whether some layer of ``model`` is a bitsandbytes 8-bit or 4-bit one."""
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in model.modules())
+
+
 def quantize_linear_layers(model: torch.nn.Module, threshold: float = 6.0,
                            new_parameters: frozenset[str] = frozenset()) -> int:
     """Replace the model's ``nn.Linear`` layers by 8-bit ones in place; returns how many. The
     output head and newly initialised layers (those owning ``new_parameters``, from
-    :class:`~plugtune.kernel.components.PrepareContext`) stay in full precision."""
+    :class:`~plugtune.kernel.components.PrepareContext`) stay in full precision. For a model
+    already loaded in full precision (a run loads the base quantized instead, through
+    :meth:`Int8Method.base_loading`, without an fp32 copy)."""
     import bitsandbytes as bnb
     import torch
 
@@ -107,8 +156,20 @@ class Int8Method(LoraMethod):
     def preflight(self) -> str | None:
         return int8_unavailable_reason()
 
+    def base_loading(self, context: BaseLoading) -> dict[str, Any]:
+        """The base loads already in 8 bits (LLM.int8, ``outlier_threshold``), on the training
+        device, the head in full precision."""
+        return bnb_loading(context, load_in_8bit=True, llm_int8_threshold=self.options.outlier_threshold)
+
+    def base_loaded(self, model: torch.nn.Module) -> None:
+        """Release the checkpoint's memory map (see :func:`own_full_precision_tensors`)."""
+        own_full_precision_tensors(model)
+
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
-        quantize_linear_layers(model, self.options.outlier_threshold, context.new_parameters)
+        if not has_quantized_layers(model):
+            raise ModelError("int8 trains on a base loaded in 8 bits (its base_loading), and this model was loaded "
+                             "in full precision: train it with `plugtune run`, which loads the base quantized, or "
+                             "quantize it first (quantize_linear_layers)")
         return super().prepare(model, task, context)
 
     def optimizer(self, param_groups: list[dict[str, Any]], lr: float) -> Any:
