@@ -154,7 +154,7 @@ class Int8Method(LoraMethod):
         self.options: Int8Options = options
 
     def preflight(self) -> str | None:
-        return int8_unavailable_reason()
+        return int8_unavailable_reason() or super().preflight()  # LoRA's own (init: loftq)
 
     def base_loading(self, context: BaseLoading) -> dict[str, Any]:
         """The base loads already in 8 bits (LLM.int8, ``outlier_threshold``), on the training

@@ -123,7 +123,8 @@ class QloraMethod(LoraMethod):
 
     def preflight(self) -> str | None:
         o = self.options
-        return qlora_unavailable_reason(o.quant_type, None if o.compute_dtype == "auto" else o.compute_dtype)
+        return (qlora_unavailable_reason(o.quant_type, None if o.compute_dtype == "auto" else o.compute_dtype)
+                or super().preflight())  # LoRA's own (init: loftq)
 
     def compute_dtype(self, context: BaseLoading) -> str:
         """The dtype of the 4-bit matmuls: the option, or (``auto``) the base's load dtype."""
