@@ -57,6 +57,7 @@ from plugtune.kernel.components import (
     original_module,
     remove_wrapper,
     replace_module,
+    beneath_wrappers,
 )
 from plugtune.kernel.errors import (
     AdapterError,
@@ -171,6 +172,7 @@ __all__ = [
     # the host side of a tuning method and its capabilities
     "AdapterHandler", "MixesRows", "Folds", "Merges", "StartsDecoding", "ReportsResidentBytes", "Combines",
     "Combined", "Adapter", "mixes_rows", "original_module", "replace_module", "remove_wrapper",
+    "beneath_wrappers",
     # records the core hands components
     "Example", "EvalBatch", "EvalContext", "EvalMetrics", "Decision", "Direction", "MetricDirections", "RunState",
     # the batch format and the helpers task plugins share

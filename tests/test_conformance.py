@@ -130,3 +130,27 @@ def test_builtin_evaluator_meets_the_contract(name: str, task: Any) -> None:
 def test_builtin_task_meets_the_contract(tmp_path: Path, name: str, options: dict, bad: list) -> None:
     task = check_task(name, options, tmp_path=tmp_path, bad_options=bad)
     assert task.type == name
+
+
+# Classifiers: a head saved whole (peft's modules_to_save) by several handlers on one base.
+CLASSIFIER_METHODS = {
+    "loha": ({"r": 4, "alpha": 8, "target_modules": ["query", "value"]}, {"learning_rate": 1e-2}),
+    "prompt_tuning": ({"num_virtual_tokens": 4}, {"learning_rate": 5e-2}),
+}
+
+
+@pytest.fixture(scope="module")
+def classifier_kits(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_data: Path) -> dict[str, MethodKit]:
+    first = None
+    kits = {}
+    for name, (options, training) in CLASSIFIER_METHODS.items():
+        kits[name] = MethodKit(name, options, tmp_path=tmp_path_factory.mktemp(f"kit-cls-{name}"), classification=True,
+                               training=training, base_model=tiny_bert, data_dir=tiny_data, lora_from=first)
+        first = first or kits[name]
+    return kits
+
+
+@pytest.mark.parametrize("method", CLASSIFIER_METHODS)
+@pytest.mark.parametrize("check", ["save_reload", "composes_with_lora", "mixed_batch"])
+def test_classifier_heads_of_several_handlers_compose(classifier_kits: dict[str, MethodKit], method: str, check: str) -> None:
+    getattr(classifier_kits[method], f"check_{check}")()

@@ -15,8 +15,8 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, ClassVar, Literal, Protocol, runtime_checkable
@@ -637,6 +637,32 @@ def remove_wrapper(model: nn.Module, path: str, wrapper: nn.Module) -> None:
         replace_module(model, path, inner)
     else:
         setattr(above, _inner_name(above), inner)
+
+
+@contextmanager
+def beneath_wrappers(model: nn.Module, paths: Iterable[str],
+                     keep: Callable[[nn.Module], bool] = lambda module: False) -> Iterator[None]:
+    """Run the block with the wrappers above each of ``paths`` lifted off (down to the bare
+    module, or to the first module ``keep`` accepts); afterwards the lifted wrappers go back on
+    top of whatever the block left at the path. For a handler that lets a library wrap modules
+    itself (peft's ``ModulesToSaveWrapper`` around a classification head): the library then
+    wraps the module, not another handler's wrapper of it, and the other wrappers stay on top."""
+    lifted: dict[str, tuple[nn.Module, nn.Module]] = {}
+    for path in paths:
+        top = model.get_submodule(path)
+        lowest_lifted = None
+        current: nn.Module | None = top
+        while current is not None and current is not original_module(current) and not keep(current):
+            lowest_lifted, current = current, _inner(current)
+        if lowest_lifted is not None and current is not None:
+            lifted[path] = (top, lowest_lifted)
+            replace_module(model, path, current)
+    try:
+        yield
+    finally:
+        for path, (top, lowest) in lifted.items():
+            setattr(lowest, _inner_name(lowest), model.get_submodule(path))
+            replace_module(model, path, top)
 
 
 def _inner_name(module: nn.Module) -> str:

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from plugtune import hookimpl
-from plugtune.sdk import AdapterError, ComponentOptions, NoOptions, remove_wrapper
+from plugtune.sdk import AdapterError, ComponentOptions, NoOptions, beneath_wrappers, remove_wrapper
 
 if TYPE_CHECKING:
     import torch
@@ -107,6 +107,30 @@ def _auxiliary_modules(model: torch.nn.Module) -> list[tuple[str, Any]]:
     return [(path, m) for path, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
 
 
+def _is_auxiliary(module: torch.nn.Module) -> bool:
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return isinstance(module, AuxiliaryTrainingWrapper)
+
+
+def _head_paths(model: torch.nn.Module, config: Any) -> list[str]:
+    """The paths peft will wrap in a ``ModulesToSaveWrapper`` for ``config``: its
+    ``modules_to_save`` and, for sequence classification, peft's ``classifier``/``score``."""
+    names = set(getattr(config, "modules_to_save", None) or [])
+    if _peft_type_of_task(config) == "SEQ_CLS":
+        names |= {"classifier", "score"}
+    paths = []
+    for path, _ in model.named_children():
+        if path in names:
+            paths.append(path)
+    return paths
+
+
+def _peft_type_of_task(config: Any) -> str:
+    value = getattr(config, "task_type", None)
+    return str(getattr(value, "value", value))
+
+
 def _enable_auxiliary_modules(model: torch.nn.Module, enabled: bool) -> None:
     """Switch peft's copies of trainable modules (a classification head) on or off."""
     for _, module in _auxiliary_modules(model):
@@ -155,13 +179,16 @@ class PromptLearningHandler:
             raise AdapterError(f"adapter {name!r} does not fit this base: prompt_embeddings are {prompt.shape[1]} wide, "
                                f"this base takes {width}")
         wrapper = self._wrappers.get(kind)
-        if wrapper is None:
-            wrapper = self._wrappers[kind] = peft_model(model, peft_config, adapter_name=name)
-        else:
-            wrapper.add_adapter(name, peft_config)
-        self._types[name] = kind
+        # peft wraps and names the head itself: other handlers' wrappers of it are lifted meanwhile
+        heads = beneath_wrappers(model, _head_paths(model, peft_config), keep=_is_auxiliary)
         try:
-            result = set_peft_model_state_dict(wrapper, state, adapter_name=name)
+            with heads:
+                if wrapper is None:
+                    wrapper = self._wrappers[kind] = peft_model(model, peft_config, adapter_name=name)
+                else:
+                    wrapper.add_adapter(name, peft_config)
+                self._types[name] = kind
+                result = set_peft_model_state_dict(wrapper, state, adapter_name=name)
         except RuntimeError as exc:  # size mismatch (a head of another shape)
             self.detach(model, name)
             raise AdapterError(f"adapter {name!r} does not fit this base: {str(exc).splitlines()[0]}") from None
