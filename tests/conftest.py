@@ -14,3 +14,21 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("repeatable", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def method_kits(tmp_path_factory, tiny_llama, tiny_data):
+    """A conformance kit per built-in method (test_conformance.METHODS) on the tiny llama, all
+    sharing one LoRA adapter; each trains its adapters on first use, once per session."""
+    from plugtune.testing import MethodKit
+    from test_conformance import METHODS
+
+    first, kits = None, {}
+    for name, (options, training) in METHODS.items():
+        kits[name] = MethodKit(name, options, tmp_path=tmp_path_factory.mktemp(f"kit-{name}"), training=training,
+                               base_model=tiny_llama, data_dir=tiny_data, lora_from=first)
+        first = first or kits[name]
+    return kits

@@ -1,7 +1,8 @@
 """The built-in plugins through the conformance kit plugin authors use (plugtune.testing).
 
-Each method's kit trains its adapters once (module-scoped) and every contract is its own
-test, so a failure names the method and the contract.
+Each method's kit trains its adapters once (the session fixture ``method_kits`` in conftest.py,
+whose adapters test_peft_tuners.py hosts together) and every contract is its own test, so a
+failure names the method and the contract.
 """
 
 from __future__ import annotations
@@ -72,22 +73,11 @@ KNOWN_GAPS = {
 }
 
 
-@pytest.fixture(scope="module")
-def kits(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_data: Path) -> dict[str, MethodKit]:
-    first = None
-    kits = {}
-    for name, (options, training) in METHODS.items():  # one LoRA adapter for every kit (it is trained once)
-        kits[name] = MethodKit(name, options, tmp_path=tmp_path_factory.mktemp(f"kit-{name}"), training=training,
-                               base_model=tiny_llama, data_dir=tiny_data, lora_from=first)
-        first = first or kits[name]
-    return kits
-
-
 @pytest.mark.parametrize("method, check", [
     pytest.param(m, c, marks=_marks(m, c)) for m in METHODS for c in MethodKit.CHECKS
 ])
-def test_builtin_method_meets_the_contract(kits: dict[str, MethodKit], method: str, check: str) -> None:
-    getattr(kits[method], f"check_{check}")()
+def test_builtin_method_meets_the_contract(method_kits: dict[str, MethodKit], method: str, check: str) -> None:
+    getattr(method_kits[method], f"check_{check}")()
 
 
 def test_table_loader_meets_the_contract(tiny_data: Path) -> None:

@@ -108,18 +108,12 @@ def test_adalora_allocates_ranks_while_training(tmp_path: Path, tiny_llama: Path
 
 
 @pytest.fixture(scope="module")
-def every_method(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_data: Path) -> dict[str, Path]:
-    """One adapter of every built-in tuning method that runs here, trained on the tiny llama."""
-    from test_conformance import _int8_unavailable
+def every_method(method_kits: dict[str, Any]) -> dict[str, Path]:
+    """One adapter of every built-in tuning method that runs here (the conformance kits' ``a``)."""
+    from test_conformance import _int8_unavailable, _qlora_unavailable
 
-    tmp = tmp_path_factory.mktemp("every-method")
-    folders = {}
-    for name, (options, training) in METHODS.items():
-        if name == "int8" and _int8_unavailable():
-            continue
-        recipe = _write(tmp, tiny_llama, tiny_data, {"name": name, "options": options}, tag=name, **{**training, "max_steps": 3})
-        folders[name] = Path(plugtune.run(recipe, show_progress=False).adapter_dir)
-    return folders
+    unavailable = {"int8": _int8_unavailable(), "qlora": _qlora_unavailable()}
+    return {name: kit.trained("a")[0] for name, kit in method_kits.items() if not unavailable.get(name)}
 
 
 def test_every_builtin_method_is_in_the_method_table() -> None:
