@@ -4,6 +4,7 @@ BENCHMARKS.md ("methods" section), from one command.
     python bench/methods.py                    # or: make bench; about 25 minutes on 2 CPU cores
     python bench/methods.py --methods lora,dora  # those rows again; the others are kept
     python bench/methods.py --quick            # smoke run: tiny sizes, one process, no BENCHMARKS.md
+    python bench/methods.py --rewrite          # the sections again from bench/results/methods.json
 
 What every method gets alike (``FULL`` below): its recipe in ``bench/recipes/methods/<name>.yaml``
 (MiniLM-L6, ``minilm-l6``, with a new classifier head; BERT module names query/key/value/dense),
@@ -356,12 +357,12 @@ def section(results: dict[str, Any]) -> str:
 
 def runs_line(runs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     """When the rows were measured: the whole table in one run, or rows from --methods runs."""
-    ran = {r["method"] for r in rows if r["status"] != "not run"}
     parts = []
     for run in runs:
-        which = "every method" if set(run["methods"]) >= ran and len(runs) == 1 else ", ".join(run["methods"])
-        parts.append(f"{which} in {run['wall_minutes']:.1f} min wall time ({run['date']}, 1-minute load average "
-                     f"{run['load']:.1f} at the start)")
+        which = "every method" if set(run["methods"]) >= {m.name for m in METHODS} else ", ".join(run["methods"])
+        peak = f", up to {run['load_max']:.1f} during it" if "load_max" in run else ""
+        parts.append(f"{which} in {run['wall_minutes']:.1f} min wall time ({run['date']}; 1-minute load average "
+                     f"{run['load']:.1f} at the start{peak})")
     return "; ".join(parts)
 
 
@@ -424,10 +425,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one rate, all in this process; prints, writes no BENCHMARKS.md")
     parser.add_argument("--methods", help="comma-separated method names (default: all); their rows replace those in the table")
+    parser.add_argument("--rewrite", action="store_true", help=f"only rewrite the sections from {RESULTS.relative_to(ROOT)}")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.job:
         _job_main(args.job)
+        return 0
+    if args.rewrite:
+        kept = json.loads(RESULTS.read_text())
+        sizes = Sizes(**{**kept["sizes"], "grid": tuple(kept["sizes"]["grid"])})
+        results = merged([], kept, {"machine": kept["meta"]["machine"], "runs": []}, sizes, whole=True)
+        write_section(section(results))
+        write_section(readme_table(results), key="methods-table", path=ROOT / "README.md")
         return 0
     chosen = METHODS
     if args.methods:
@@ -443,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     installed = installed_methods()
     load, started = os.getloadavg()[0], time.perf_counter()
+    loads = [load]
     rows = []
     machine = f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}, fp32"
     previous = json.loads(RESULTS.read_text()) if args.methods and not args.quick and RESULTS.is_file() else None
@@ -451,8 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     for m in chosen:
         rows.append(bench_method(m, sizes, fresh=not args.quick, installed=installed))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "sst2"} | {"summary": _row(rows[-1])}), flush=True)
+        loads.append(os.getloadavg()[0])  # other jobs on the machine slow every figure here: say how busy it was
         run = {"methods": [r["method"] for r in rows], "wall_minutes": (time.perf_counter() - started) / 60, "load": load,
-               "date": time.strftime("%Y-%m-%d")}
+               "load_max": max(loads), "date": time.strftime("%Y-%m-%d")}
         results = merged(rows, previous, {"machine": machine, "runs": [run]}, sizes, whole=not args.methods)
         if not args.quick:  # after every method, so a stopped run keeps the rows it finished
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
