@@ -130,7 +130,7 @@ def run_case(name: str, out: Path, device: str = "cuda") -> dict[str, Any]:
     del result
     gc.collect()
     host = AdapterHost.from_adapters(out / name, device=device)  # a fresh base: bf16 on the GPU
-    record["sample"] = host.generate(["Message: My card was charged twice this month.\nDepartment:"], max_new_tokens=3)[0]
+    record["sample"] = host.generate(["My card was charged twice this month."], max_new_tokens=3)[0]  # the task template adds the rest
     del host
     record["wall_seconds"] = time.perf_counter() - started
     return record

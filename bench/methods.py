@@ -1,7 +1,7 @@
 """Every tuning method side by side on MiniLM-L6, SST-2 and AG News: the methods table in
 BENCHMARKS.md ("methods" section), from one command.
 
-    python bench/methods.py                    # or: make bench; about 25 minutes on 2 CPU cores
+    python bench/methods.py                    # or: make bench; about 30 minutes on 2 idle CPU cores
     python bench/methods.py --methods lora,dora  # those rows again; the others are kept
     python bench/methods.py --quick            # smoke run: tiny sizes, one process, no BENCHMARKS.md
     python bench/methods.py --rewrite          # the sections again from bench/results/methods.json
@@ -34,6 +34,13 @@ What the columns are and where they come from:
 * mixes rows / merges / combines: read from the hosting handler's capabilities
   (``plugtune.testing.handler_capabilities``: ``MixesRows``; ``Folds`` or ``Merges``;
   ``Combines``), never from a list kept here.
+
+Time: about 100 s per LoRA-sized method on 2 idle cores (3 SST-2 trainings of 64 steps at
+0.16 s/step with their loading and validation, the 6,735-row dev pass, one AG News training,
+two process starts), so about 30 minutes for the 17 methods (estimated from idle-machine
+step times and the cost ratios of a measured run; the runs here so far shared the cores with
+other jobs and took 5-20x longer). ``Sizes`` is the one knob: fewer training rows shorten
+every method alike.
 
 A method in ``METHODS`` whose plugin is not installed is listed as such; one that fails says
 how in its row, and the run goes on (and exits 1 at the end). ``EXCLUDED`` names registered
@@ -118,7 +125,7 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(train_rows=48, val_rows=32, batch_size=16, warmup_steps=1, dev_rows=256, agnews_dev_rows=128,
+QUICK = Sizes(train_rows=48, val_rows=32, batch_size=16, warmup_steps=1, dev_rows=128, agnews_dev_rows=64,
               grid=(1.0,), switches=21)
 
 
@@ -339,6 +346,10 @@ def section(results: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | :---: | :---: |",
     ]
     lines += [_row(r) for r in rows]
+    if any(run.get("load_max", run["load"]) > 2.5 for run in meta["runs"]):
+        lines += ["", "Other jobs shared the 2 cores while rows were measured (the load averages above): seconds per step "
+                  "are several times an idle machine's (LoRA's SST-2 step: 0.16 s idle), and rows from different runs "
+                  "saw different loads; accuracy, sizes, parameters and capabilities do not depend on it."]
     searched = [r for r in rows if "search" in r.get("sst2", {})]
     if searched:
         lines += ["", "The search (SST-2 validation accuracy at each rate; the chosen one in bold):", ""]
