@@ -419,6 +419,11 @@ def write_section(text: str, key: str = "methods", path: Path | None = None) -> 
     path.write_text(current)
 
 
+def comparable(previous: dict[str, Any], sizes: Sizes, machine: str) -> bool:
+    """Whether rows kept in RESULTS were measured with these sizes on this kind of machine."""
+    return previous["sizes"] == json.loads(json.dumps(asdict(sizes))) and previous["meta"].get("machine") == machine
+
+
 def merged(rows: list[dict[str, Any]], previous: dict[str, Any] | None, meta: dict[str, Any], sizes: Sizes,
            whole: bool) -> dict[str, Any]:
     """The table's records: this run's rows, then (for a --methods run) the previous run's
@@ -467,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     machine = f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}, fp32"
     previous = json.loads(RESULTS.read_text()) if args.methods and not args.quick and RESULTS.is_file() else None
-    if previous is not None and (previous["sizes"] != asdict(sizes) or previous["meta"].get("machine") != machine):
+    if previous is not None and not comparable(previous, sizes, machine):
         previous = None  # other sizes or another machine: the old rows cannot stand beside the new ones
     for m in chosen:
         rows.append(bench_method(m, sizes, fresh=not args.quick, installed=installed))

@@ -4,6 +4,7 @@ records as the run writes them. Fast: nothing trains here."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def test_a_methods_run_keeps_the_previous_rows_of_the_other_methods() -> None:
     meta = lambda names: {"machine": "m", "runs": [{"methods": names, "wall_minutes": 2.0, "load": 1.0, "date": "d"}]}  # noqa: E731
     previous = {"sizes": asdict(methods.FULL), "meta": meta(["lora", "prefix"]),
                 "rows": [_record("lora", []), _record("prefix", [])]}
+    previous = json.loads(json.dumps(previous))  # as bench/results/methods.json holds it
+    assert methods.comparable(previous, methods.FULL, "m")
+    assert not methods.comparable(previous, methods.QUICK, "m") and not methods.comparable(previous, methods.FULL, "other")
     again = _record("prefix", ["Folds"])
     results = methods.merged([again], previous, meta(["prefix"]), methods.FULL, whole=False)
     by_name = {r["method"]: r for r in results["rows"]}
