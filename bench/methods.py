@@ -358,7 +358,9 @@ def section(results: dict[str, Any]) -> str:
             cells = [(f"**{_rate(s['learning_rate'])}: {s['accuracy']:.3f}**" if s["learning_rate"] == w
                       else f"{_rate(s['learning_rate'])}: {s['accuracy']:.3f}") for s in r["sst2"]["search"]]
             wall = r["sst2"].get("wall_seconds", 0) + r.get("agnews", {}).get("wall_seconds", 0)
-            lines.append(f"* {r['method']}: " + ", ".join(cells) + f" ({wall / 60:.1f} min for the method's runs)")
+            rates = [x["learning_rate"] for x in r["sst2"]["search"]]
+            edge = "; at the edge of its grid, so a wider search may find a better rate" if len(rates) > 1 and w in (min(rates), max(rates)) else ""
+            lines.append(f"* {r['method']}: " + ", ".join(cells) + f" ({wall / 60:.1f} min for the method's runs{edge})")
     if EXCLUDED:
         lines += ["", "Registered but not in the table: " + "; ".join(f"`{k}` ({v})" for k, v in sorted(EXCLUDED.items())) + "."]
     lines += ["", "On a CPU, int8 and 4-bit run bitsandbytes' CPU kernels: they hold the base in less memory but are not "
