@@ -148,6 +148,19 @@ def test_one_host_holds_every_method_and_switches_exactly(tiny_llama: Path, ever
     assert_base_unchanged(host, fresh, "after every method was loaded, switched and unloaded")
 
 
+def test_resident_bytes_are_the_adapters_own_tensors(tiny_llama: Path, every_method: dict[str, Path]) -> None:
+    """A host reports what an adapter adds, not the base weights its layers wrap."""
+    from plugtune.artifacts.adapters import read_adapter
+
+    task = build_task(read_manifest(every_method["lora"]).task)
+    host = AdapterHost.from_base(str(tiny_llama), task, device="cpu")
+    for name in ("dora", "ia3", "loha", "vera", "adalora", "ln_tuning", "oft"):
+        host.load(every_method[name], name)
+        stored = sum(t.nbytes for t in read_adapter(every_method[name]).state.values())
+        resident = next(r["resident_bytes"] for r in host.list() if r["name"] == name)
+        assert stored <= resident <= 2 * stored + 4096, f"{name}: {resident} bytes resident for {stored} stored"
+
+
 def test_mixed_batch_of_dora_lora_loha_and_base_rows_equals_each_row_alone(tiny_llama: Path, every_method: dict[str, Path]) -> None:
     texts = list(PROBE_TEXTS)[:4]
     names = ["dora", "lora", "loha", None]

@@ -216,7 +216,7 @@ class PeftLayers:
         resident.whole = {path: self._check_whole(name, path, params, leaves) for path, params in whole.items()}
         for layer in resident.layers.values():
             layer.eval()  # the host never trains: no dropout
-        resident.nbytes = sum(t.nbytes for t in _adapter_tensors(resident))
+        resident.nbytes = sum(t.nbytes for t in _adapter_tensors(resident, leaves))
         self.resident[name] = resident
         for path, layer in resident.layers.items():
             self._wrapper(path).runs[name] = layer
@@ -376,11 +376,12 @@ def _tuner_layers(tree: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
-def _adapter_tensors(resident: Resident) -> list[torch.Tensor]:
-    """The adapter's own tensors on the host (its layers' parameters and buffers except the
-    base module's, the tuner's shared ones, the whole modules' values), each once."""
+def _adapter_tensors(resident: Resident, leaves: dict[str, nn.Module]) -> list[torch.Tensor]:
+    """The adapter's own tensors on the host: everything its tuner holds (layers, shared
+    state such as VeRA's projections) except the base's modules the skeleton borrowed, and
+    the whole modules' values; each once."""
     seen: dict[int, torch.Tensor] = {}
-    base = {id(t) for layer in resident.layers.values() for t in [*layer.get_base_layer().parameters(), *layer.get_base_layer().buffers()]}
+    base = {id(t) for module in leaves.values() for t in [*module.parameters(), *module.buffers()]}
     tuner = resident.shadow.base_model
     for tensor in [*tuner.parameters(), *tuner.buffers(), *(v for p in resident.whole.values() for v in p.values())]:
         if id(tensor) not in base:
