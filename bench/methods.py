@@ -339,7 +339,9 @@ def section(results: dict[str, Any]) -> str:
         f"AG News dev: {agnews_rows(rows)} rows of `../shared/data/agnews/dev.tsv` ({sizes.train_rows:,} training rows of its train file). "
         "s/step and peak RSS: the AG News run (longer inputs), alone in a fresh process. Resident: the adapter's tensors on an "
         f"`AdapterHost`; switch: `host.use` between two adapters of the method, median of {sizes.switches}. "
-        "Mixes / merges / combines: the hosting handler's declared capabilities (`MixesRows`; `Folds` or `Merges`; `Combines`).",
+        "Mixes / merges / combines: the hosting handler's declared capabilities (`MixesRows`; `Folds` or `Merges`; `Combines`). "
+        "The peft tuners' handler combines through an exact conversion to LoRA, so at combine time it refuses, with the "
+        "reason, adapters whose update is not an added matrix (IA3, OFT, BOFT, DoRA, LN tuning).",
         "",
         "| method | SST-2 dev acc | SST-2 dev acc, 15+ words | AG News dev acc | lr | trainable parameters | adapter file "
         "| s/step | peak RSS | resident on host | switch | mixes rows | merges | combines |",
