@@ -221,6 +221,22 @@ def check_config(name: str, config: dict[str, Any]) -> None:
             raise AdapterError(f"adapter {name!r} uses {label}, which the adapter host's LoRA layers do not support")
 
 
+def fit_whole(name: str, path: str, params: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """The values of a module an adapter saves whole (``path``'s parameters by name), checked
+    against the base's ``module`` and moved to its device and dtype; :class:`AdapterError`
+    naming the first that does not fit. Shared by every handler that hosts whole modules."""
+    own = dict(module.named_parameters())
+    checked = {}
+    for pname, value in params.items():
+        target = own.get(pname)
+        if target is None or tuple(target.shape) != tuple(value.shape):
+            expected = tuple(target.shape) if target is not None else "no such parameter"
+            raise AdapterError(f"adapter {name!r} does not fit this base: {path}.{pname} has shape "
+                               f"{tuple(value.shape)}, the base's is {expected}")
+        checked[pname] = value.to(device=target.device, dtype=target.dtype)
+    return checked
+
+
 def scaling_for(config: dict[str, Any], module: str, rank: int) -> float:
     """peft's scaling: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), per-module alpha from
     ``alpha_pattern``."""
@@ -305,16 +321,7 @@ class HostedLoras:
                            scaling_for(config, path, a.shape[0]))
 
     def check_whole(self, name: str, path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        base = original_module(self._current(path))
-        own = dict(base.named_parameters())
-        checked = {}
-        for pname, value in params.items():
-            target = own.get(pname)
-            if target is None or tuple(target.shape) != tuple(value.shape):
-                expected = tuple(target.shape) if target is not None else "no such parameter"
-                raise AdapterError(f"adapter {name!r} does not fit this base: {path}.{pname} has shape {tuple(value.shape)}, the base's is {expected}")
-            checked[pname] = value.to(device=target.device, dtype=target.dtype)
-        return checked
+        return fit_whole(name, path, params, original_module(self._current(path)))
 
     # -- wrapping -----------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from plugtune.plugins.methods.lora_hosting import fit_whole
 from plugtune.sdk import AdapterError, original_module, remove_wrapper, replace_module
 
 PEFT_PREFIX = "base_model.model."
@@ -213,7 +214,7 @@ class PeftLayers:
             raise AdapterError(f"adapter {name!r} has no {peft_config.peft_type} tensors")
         resident = Resident(self._inject(name, peft_config, tuner_state, leaves))
         resident.layers = {path: module for path, module in _tuner_layers(resident.shadow.base_model.model)}
-        resident.whole = {path: self._check_whole(name, path, params, leaves) for path, params in whole.items()}
+        resident.whole = {path: fit_whole(name, path, params, leaves[path]) for path, params in whole.items()}
         for layer in resident.layers.values():
             layer.eval()  # the host never trains: no dropout
         resident.nbytes = sum(t.nbytes for t in _adapter_tensors(resident, leaves))
@@ -253,19 +254,6 @@ class PeftLayers:
         if missing:
             raise AdapterError(f"adapter {name!r} lacks tensor(s) its config needs: {sorted(missing)[:3]}")
         return shadow
-
-    def _check_whole(self, name: str, path: str, params: dict[str, torch.Tensor],
-                     leaves: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-        own = dict(leaves[path].named_parameters())
-        checked = {}
-        for pname, value in params.items():
-            target = own.get(pname)
-            if target is None or tuple(target.shape) != tuple(value.shape):
-                expected = tuple(target.shape) if target is not None else "no such parameter"
-                raise AdapterError(f"adapter {name!r} does not fit this base: {path}.{pname} has shape "
-                                   f"{tuple(value.shape)}, the base's is {expected}")
-            checked[pname] = value.to(device=target.device, dtype=target.dtype)
-        return checked
 
     def _wrapper(self, path: str) -> RoutedModule:
         if path not in self.wrappers:
