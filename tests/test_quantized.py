@@ -12,13 +12,11 @@ import pytest
 import torch
 
 import plugtune
-from plugtune import hookimpl
 from plugtune.artifacts.adapters import MANIFEST_FILE
 from plugtune.artifacts.models import fingerprint, load_base
 from plugtune.data.tasks import build_task
 from plugtune.kernel.components import BaseLoading
 from plugtune.kernel.errors import ModelError
-from plugtune.kernel.registry import build_plugin_system, set_plugin_system
 from plugtune.serving.host import AdapterHost
 
 TEXTS = ["question : what is the colour of the sky ? answer : blue", "the film was great and fun"]
@@ -49,27 +47,7 @@ def _layer_type(name: str):
     return {"qlora": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}[name]
 
 
-class Keeper:
-    """The trained model, and the base right after it loaded (before anything ran it)."""
-
-    model = None
-    loaded_types: dict[str, str] | None = None
-
-    @hookimpl
-    def on_train_start(self, run):
-        self.model = run.model
-
-    @hookimpl
-    def on_train_end(self, run):
-        self.model = run.model
-
-
-@pytest.fixture
-def keeper():
-    keeper = Keeper()
-    set_plugin_system(build_plugin_system(extra_plugins=[("keeper", keeper)]))
-    yield keeper
-    set_plugin_system(None)
+from test_methods import keeper  # noqa: E402,F401  the fixture capturing the trained model (one Keeper for both files)
 
 
 def _train(make_recipe, method: str, classification: bool = False, **options):
