@@ -165,6 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from plugtune.data.datacheck import bind_tokenizer
     from plugtune.data.encoding import encode_split
     from plugtune.training.evaluation import evaluate
+    from plugtune.training.reference import has_reference, precompute
     from plugtune.serving.host import AdapterHost
     from plugtune.training.recipe import load_recipe
     from plugtune.training.train import comparison_table
@@ -190,6 +191,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if recipe.training.max_eval_examples:
         rows = rows[: recipe.training.max_eval_examples]
     evaluators = [b.build(task) for b in recipe.evaluators]
+    if has_reference(task):  # the reference is the base, as in training
+        with host.using(None):
+            precompute(host.model, rows, task, batch_size=recipe.training.batch_size * 2,
+                       pad_id=host.tokenizer.pad_token_id, device=host._device())
     columns = {}
     for name in [None, *names]:
         with host.using(name):

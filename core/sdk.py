@@ -24,6 +24,8 @@ from plugtune.kernel.components import (
     BaseLoading,
     BaseModelAlias,
     ChecksModel,
+    ComputesLoss,
+    ReferenceMode,
     RendersChat,
     Combined,
     Combines,
@@ -50,6 +52,7 @@ from plugtune.kernel.components import (
     RowStream,
     StartsDecoding,
     Task,
+    TaskLoss,
     TuningMethod,
     mixes_rows,
     not_regular,
@@ -103,6 +106,8 @@ _LAZY = {
     **{name: "plugtune.data.conversations" for name in (
         "BUILTIN_TEMPLATES", "ChatTemplate", "Message", "Span", "check_messages", "describe_formats",
         "cut_points", "detect_format", "format_keys", "to_messages", "token_mask", "tokenize_pieces", "tokenize_with_offsets")},
+    # sequence log-probabilities for tasks that compute their own loss (core/training/loss.py)
+    "answer_log_probs": "plugtune.training.loss",
     # artifacts
     "Adapter": "plugtune.artifacts.adapters",
     "PackagedModel": "plugtune.artifacts.models",
@@ -143,6 +148,7 @@ if TYPE_CHECKING:
         natural_key,
         template_fields,
     )
+    from plugtune.training.loss import answer_log_probs
     from plugtune.training.train import RunState
 
 
@@ -182,6 +188,8 @@ __all__ = [
     "BUILTIN_TEMPLATES", "ChatTemplate", "Message", "Span", "check_messages", "describe_formats", "detect_format",
     "to_messages", "token_mask", "tokenize_with_offsets", "tokenize_pieces", "cut_points", "format_keys",
     "RendersChat",
+    # tasks that compute their own loss (preference objectives, reward models)
+    "ComputesLoss", "TaskLoss", "ReferenceMode", "answer_log_probs",
     # errors
     "PlugtuneError", "RecipeError", "DataError", "ModelError", "AdapterError", "PluginError", "TrainingError",
 ]

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 Row = dict[str, Any]  # an encoded example: input_ids, labels, and the raw "example"
+REFERENCE = "reference"  # a row's reference scores, when precomputed (core/training/reference.py)
 
 
 def encode_split(rows: list[dict[str, Any]], task: Task, tokenizer: Any, max_length: int, split: str, *,
@@ -53,4 +54,15 @@ def batches(rows: list[Row], batch_size: int, pad_id: int, task: Task) -> Iterat
     """Consecutive chunks of ``rows`` and each one collated by the task."""
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        yield chunk, task.collate(chunk, pad_id)
+        yield chunk, collate_rows(task, chunk, pad_id)
+
+
+def collate_rows(task: Task, rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """``task.collate(rows)``, plus the rows' precomputed reference scores as
+    ``batch["reference"]`` ``(B, k)`` when every row has them."""
+    batch = task.collate(rows, pad_id)
+    if rows and all(REFERENCE in row for row in rows):
+        import torch
+
+        batch[REFERENCE] = torch.tensor([row[REFERENCE] for row in rows], dtype=torch.float32)
+    return batch

@@ -392,6 +392,14 @@ class TuningMethod(Protocol):
     * ``base_loaded(self, model) -> None`` -- called right after a base loaded with
       ``base_loading``'s arguments, before anything runs it (the "before" evaluation): to
       set what ``from_pretrained`` cannot (a quantized layer's kernel choice).
+    * ``adapter_disabled(self, model) -> ContextManager`` -- the training side's
+      activate-none: while the block runs, the model ``prepare`` returned computes exactly
+      what the base computed before ``prepare`` (its adapter switched off, nothing copied);
+      afterwards the adapter is back, its weights and gradients untouched. A task with a
+      reference (:class:`ComputesLoss`, preference objectives) takes its reference scores
+      from the resident base this way instead of from a second model. Absent (full
+      fine-tuning changes the base's own weights): such tasks precompute the reference
+      before ``prepare`` or keep a copy (:data:`ReferenceMode`).
     """
 
     Options: ClassVar[type[ComponentOptions]]
@@ -694,6 +702,59 @@ class EvalBatch:
     losses: list[float] = field(default_factory=list)  # per example: cross-entropy of the reference (mean over its tokens)
     generated: list[str] | None = None  # greedy generations (only for evaluators with needs_generation)
     reference_texts: list[str] | None = None  # the filled response template, as text
+    values: dict[str, list[float]] = field(default_factory=dict)  # named per-example values a task reports (chosen_logp, chosen_reward, ...)
+
+
+ReferenceMode = Literal["none", "auto", "adapter_off", "precomputed", "copy"]
+"""Where a task with a reference (:class:`ComputesLoss`) gets its reference scores:
+``"adapter_off"``: from the model being trained with its adapter switched off (the method's
+``adapter_disabled``), in every step, no second model; ``"precomputed"``: once, from the
+base before ``prepare``, over every training row, kept on the rows (no second model, one
+extra pass; not for a streamed split or a regularizer that rewrites batches); ``"copy"``: a
+frozen copy of the base kept beside the trained model (a second model's memory: for full
+fine-tuning on a stream); ``"auto"``: ``adapter_off`` when the method has
+``adapter_disabled``, else ``precomputed``, else ``copy``; ``"none"``: the objective needs no
+reference (ORPO, SimPO, reward models). Evaluation rows always get theirs from the base,
+before training (the base is the reference)."""
+
+
+@dataclass
+class TaskLoss:
+    """What :meth:`ComputesLoss.loss` returns: the loss to minimise for the batch (a scalar
+    tensor with its graph), the batch's real tokens (for tokens/s) and terms to log for the
+    step (``rewards/margin``, ``sft/loss``), each a float."""
+
+    loss: torch.Tensor
+    tokens: int
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ComputesLoss(Protocol):
+    """Optional on a task: it computes its own training loss and evaluation batch from the
+    model, instead of the core's cross-entropy over ``labels`` (preference objectives such
+    as DPO compare two answers' log-probabilities; a reward model compares two scores).
+
+    ``reference``: a :data:`ReferenceMode`. When it is not ``"none"`` the core gives the task
+    reference scores: ``reference_scores(model, batch)`` is called under ``torch.no_grad`` with
+    the reference model (the trained model with its adapter off, the base before ``prepare``
+    or a copy of it) and returns a float tensor ``(B, k)``, one row per example of the batch;
+    the core stores precomputed rows' scores and hands them back as ``batch["reference"]``.
+
+    ``loss(model, batch)`` runs the trainable model on a training batch (``batch["reference"]``
+    present when the task has a reference) and returns a :class:`TaskLoss`;
+    ``evaluate_batch(model, batch)`` returns the :class:`EvalBatch` of an evaluation batch
+    (called under ``torch.no_grad``), with per-example ``values`` evaluators read. The batch
+    is what :meth:`Task.collate` made; it need not follow the core's format, but must hold
+    ``input_ids`` and ``attention_mask`` (regularizers and the token count read them)."""
+
+    reference: ReferenceMode
+
+    def reference_scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskLoss: ...
+
+    def evaluate_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> EvalBatch: ...
 
 
 @dataclass

@@ -66,10 +66,13 @@ def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: li
                 and any(getattr(ev, "needs_generation", False) for ev in evaluators))
 
     head = output_head(model) if logits_on_labels_only and task.head == "lm" else None
+    own = getattr(task, "evaluate_batch", None)
 
     def run(chunk: list[Row], batch: dict[str, torch.Tensor]) -> EvalBatch:
         batch = {k: v.to(device) for k, v in batch.items()}
-        if head is not None:
+        if own is not None:  # a task that runs the model itself (ComputesLoss)
+            result = own(model, batch)
+        elif head is not None:
             result = eval_batch_at_labels(model, head, batch)
         else:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -98,6 +101,8 @@ def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: li
             merged.examples += part.examples
             merged.loss_sum += part.loss_sum
             merged.n_targets += part.n_targets
+            for key, values in part.values.items():
+                merged.values.setdefault(key, []).extend(values)
         return merged
 
     metrics: dict[str, float] = {}

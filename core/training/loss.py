@@ -33,8 +33,11 @@ from plugtune.kernel.components import EvalBatch
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The module that turns hidden states into vocabulary logits, or None."""
+    """The module that turns hidden states into vocabulary logits, or None (looked up through
+    a distributed wrapper's ``module``)."""
     getter = getattr(model, "get_output_embeddings", None)
+    if getter is None and isinstance(getattr(model, "module", None), torch.nn.Module):
+        return output_head(model.module)
     try:
         head = getter() if getter is not None else None
     except (AttributeError, NotImplementedError):
@@ -111,3 +114,15 @@ def eval_batch_at_labels(model: torch.nn.Module, head: torch.nn.Module, batch: d
     positions only: the same per-example predictions, references, scores and losses,
     without the LM head over the positions no metric reads."""
     return eval_batch_from_label_logits(*label_position_logits(model, batch, head))
+
+
+def answer_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                     head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``batch``: the summed log-probability of its label tokens ``(B,)`` (with the
+    graph, for a loss) and how many label tokens it has ``(B,)``, from logits at the label
+    positions only (:func:`label_position_logits`). For objectives over whole answers
+    (preference pairs): the head never runs over the prompt's positions."""
+    token_losses, positions = label_token_losses(model, batch, head)  # (N,)
+    sums = token_losses.new_zeros(positions.batch_size).index_add(0, positions.rows, -token_losses)
+    counts = torch.bincount(positions.rows, minlength=positions.batch_size).to(sums.dtype)
+    return sums, counts

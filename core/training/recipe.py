@@ -504,6 +504,8 @@ def validate(
                     problems.extend(_check_columns(source.loader, source.task or task, spec, source))
         problems.extend(_check_task(task, method, regularizers, evaluators))
     problems.extend(_check_streaming(loader, sources, spec, regularizers))
+    if task is not None and method is not None:
+        problems.extend(_check_reference(task, method, loader, regularizers))
     problems.extend(_check_metric_directions(regularizers, evaluators))
     problems.extend(_check_model(plugins, raw.get("base_model"), task, method, regularizers, evaluators))
     if spec is not None and task is not None:
@@ -879,6 +881,19 @@ def _check_streaming(loader: Bound | None, sources: list[Source], spec: RecipeSp
             problems.append(f"regularizers[{i}]: {bound.name} rewrites the training rows in memory, which a streamed "
                             f"training split never is; drop it or stop streaming")
     return problems
+
+
+def _check_reference(task: Task, method: Bound, loader: Bound | None, regularizers: list[Bound | None]) -> list[str]:
+    """A task with a reference model (preference objectives) can get its scores the way
+    ``task.reference`` asks with this method and data (core/training/reference.py)."""
+    from plugtune.training.reference import choose_mode, has_reference, mode_problems
+
+    if not has_reference(task):
+        return []
+    streamed = loader is not None and bool(getattr(loader.build(), "streams", False))
+    rewrites = [b.name for b in regularizers if b is not None and hasattr(b.component.obj, "transform_batch")]
+    mode = choose_mode(task.reference, method.component.obj, streamed=streamed, rewrites_batches=bool(rewrites))
+    return mode_problems(mode, method.component.obj, method.name, streamed=streamed, rewrites_batches=rewrites)
 
 
 def _option_naming(task: Task, column: str) -> str:

@@ -66,8 +66,9 @@ from plugtune.training.evaluation import evaluate
 from plugtune.kernel.errors import DataError, PlugtuneError, RecipeError, TrainingError
 from plugtune.kernel.faults import guarded
 from plugtune.training.loss import label_token_losses, output_head, supports_label_positions
+from plugtune.training import reference as references
 from plugtune.artifacts.models import BaseInfo, LoadedBase, load_base
-from plugtune.data.encoding import Row
+from plugtune.data.encoding import REFERENCE, Row, collate_rows
 from plugtune.data.streaming import StreamedTraining
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
 from plugtune.training.recipe import Recipe, TrainingBlock
@@ -227,8 +228,9 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     data = _data_phase(recipe, plugins, process)
     _open_output(process, out, overwrite, resuming, inputs)
     scoring = _Scoring.for_run(recipe, data, process, plugins)
+    reference = _reference_phase(recipe, data, process, scoring)
     before = _score_base(recipe, data, scoring, resuming)
-    trainee = _model_phase(recipe, data, process)
+    trainee = _model_phase(recipe, data, process, reference)
     state = RunState(recipe, data.task, trainee.model, data.tokenizer, data.base.info, out, trainee.total_steps)
     checkpointer = Checkpointer(out, recipe.raw, every=data.training.checkpoint_every, keep=data.training.checkpoint_keep,
                                 model=trainee.model, optimizer=trainee.optimizer, scheduler=trainee.scheduler,
@@ -349,6 +351,8 @@ class _Trainee:
     head: torch.nn.Module | None
     label_only: bool
     lengths: list[int] | None
+    own_loss: Any = None  # the task, when it computes its own loss (ComputesLoss)
+    reference: references.LiveReference | None = None  # reference scores computed in every step
 
 
 @dataclass
@@ -524,7 +528,43 @@ def _score_base(recipe: Recipe, data: _Data, scoring: _Scoring, resuming: Checkp
         return scoring.score_lazily(lambda: data.base.model.to(device), data.test_rows)
 
 
-def _model_phase(recipe: Recipe, data: _Data, process: _Process) -> _Trainee:
+@dataclass
+class _Reference:
+    """How a task with a reference gets its scores in this run (core/training/reference.py):
+    the resolved mode, and the frozen copy of the base for ``copy``."""
+
+    mode: str
+    copy: torch.nn.Module | None = None
+
+
+def _reference_phase(recipe: Recipe, data: _Data, process: _Process, scoring: _Scoring) -> _Reference | None:
+    """Before the method touches the base: the evaluation rows' reference scores (the base is
+    the reference), the training rows' too for ``precomputed``, a copy of the base for
+    ``copy``. Nothing for a task without a reference."""
+    task = data.task
+    if not references.has_reference(task):
+        return None
+    rewrites = [name for name, reg in data.regularizers if hasattr(reg, "transform_batch")]
+    mode = references.choose_mode(task.reference, data.method, streamed=data.stream is not None,
+                                  rewrites_batches=bool(rewrites))
+    problems = references.mode_problems(mode, data.method, recipe.method.name, streamed=data.stream is not None,
+                                        rewrites_batches=rewrites)
+    if problems:
+        raise RecipeError(problems)
+    t, model = data.training, data.base.model.to(process.device)
+    rows = data.test_rows + (data.train_rows if mode == "precomputed" else [])
+    with process.console.status(f"reference scores of {len(rows)} rows from the base"):
+        references.precompute(model, rows, task, batch_size=t.eval_batch_size or t.batch_size * 2,
+                              pad_id=data.tokenizer.pad_token_id, device=process.device,
+                              autocast=process.accelerator.autocast)
+    how = {"adapter_off": f"the base with the {recipe.method.name} adapter switched off, in every step; no second model",
+           "precomputed": "the base, scored once before training; no second model",
+           "copy": "a frozen copy of the base kept in memory"}[mode]
+    process.console.print(f"reference: {mode} ({how})")
+    return _Reference(mode, references.frozen_copy(model) if mode == "copy" else None)
+
+
+def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Reference | None = None) -> _Trainee:
     """The method prepares the base; regularizers set up; optimizer and schedule are built
     and everything goes through ``accelerator.prepare``."""
     from accelerate.utils import set_seed
@@ -563,8 +603,14 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process) -> _Trainee:
     lengths = [len(r["input_ids"]) for r in data.train_rows] if t.group_by_length and data.stream is None else None
     label_only = (t.logits_on_labels_only and not task.is_classification
                   and supports_label_positions(unwrapped, [reg for _, reg in regularizers]))
+    own_loss = task if hasattr(task, "loss") else None
+    live = None
+    if reference is not None and reference.mode == "adapter_off":
+        live = references.LiveReference(task, unwrapped, method.adapter_disabled)
+    elif reference is not None and reference.mode == "copy":
+        live = references.LiveReference(task, reference.copy)
     return _Trainee(method, model, unwrapped, optimizer, scheduler, trainable, total, total_steps,
-                    output_head(unwrapped), label_only, lengths)
+                    output_head(unwrapped), label_only and own_loss is None, lengths, own_loss, live)
 
 
 def _evaluate_and_decide(tag: str, state: RunState, scoring: _Scoring, trainee: _Trainee,
@@ -617,7 +663,7 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
                     if len(rows) < world:
                         continue  # a tail batch too small to give every process a row: all skip it
                     rows = shard(rows, process.rank, world)
-                batch = data.task.collate(rows, pad_id)
+                batch = collate_rows(data.task, rows, pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 for _, reg in regularizers:
                     if hasattr(reg, "transform_batch"):
@@ -693,12 +739,14 @@ def _micro_step(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torc
     (on a sync step) clipping, ``after_backward`` and the optimizer/scheduler step. Returns
     the outputs, the global batch's real tokens and the regularizers' logged terms."""
     world = accelerator.num_processes
-    if trainee.label_only:
+    terms: dict[str, float] = {}
+    if trainee.own_loss is not None:
+        loss, outputs, batch_tokens, terms = _task_loss(model, trainee, batch, world)
+    elif trainee.label_only:
         loss, outputs, batch_tokens = _label_position_loss(model, trainee.head, batch, accelerator)
     else:
         outputs = model(**batch)
         loss, batch_tokens = outputs.loss, int(batch["attention_mask"].sum()) * world
-    terms: dict[str, float] = {}
     for name, reg in regularizers:
         term = reg.loss_term(model, batch, outputs, state.step) if hasattr(reg, "loss_term") else None
         if term is not None:
@@ -796,6 +844,18 @@ def _rescue(recipe: Recipe, process: _Process, state: RunState, checkpointer: Ch
                              f"failed too ({type(exc).__name__}: {exc}); free space or fix the cause and train again")
     return TrainingError(f"saving the adapter failed: {reason}; the trained weights are kept in {saved}; "
                          f"fix the cause, then save them with: {resume_command(recipe)}")
+
+
+def _task_loss(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torch.Tensor],
+               world: int) -> tuple[torch.Tensor, Any, int, dict[str, float]]:
+    """The loss of a task that computes its own (:class:`~plugtune.kernel.components.ComputesLoss`),
+    with the step's reference scores when they are computed live; returns the loss, an
+    outputs object for regularizers (``loss``, ``logits`` None), the batch's real tokens (all
+    processes) and the task's logged terms."""
+    if trainee.reference is not None and REFERENCE not in batch:
+        batch[REFERENCE] = trainee.reference.scores(batch)
+    result = trainee.own_loss.loss(model, batch)
+    return result.loss, SimpleNamespace(loss=result.loss.detach(), logits=None), result.tokens * world, dict(result.terms)
 
 
 def _label_position_loss(model: torch.nn.Module, head: torch.nn.Module | None, batch: dict[str, torch.Tensor],

@@ -197,11 +197,21 @@ class LoraHandler:
         return combine_loras(model, parents, weights, **dict(options))
 
 
+def peft_adapter_off(self: Any, model: Any) -> contextlib.AbstractContextManager[None]:
+    """``adapter_disabled`` of every method whose ``prepare`` returns a ``PeftModel``: peft's
+    ``disable_adapter``, which runs the base as loaded (tuner layers bypassed, saved modules'
+    originals used, prompt-learning's virtual tokens left out) and restores the adapter on
+    exit. The reference of preference tasks (core/training/reference.py) comes from here."""
+    return model.disable_adapter()
+
+
 class LoraMethod:
     """LoRA through peft. Adapters are peft-native: ``PeftModel.from_pretrained`` loads them."""
 
     Options = LoraOptions
     handler: ClassVar[type] = LoraHandler
+
+    adapter_disabled = peft_adapter_off
 
     def __init__(self, options: LoraOptions) -> None:
         self.options = options

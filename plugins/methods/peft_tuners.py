@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import ConfigDict, Field, TypeAdapter, create_model, field_validator, model_validator
 
 from plugtune import hookimpl
+from plugtune.plugins.methods.lora import peft_adapter_off
 from plugtune.sdk import Combined, ComponentOptions, PrepareContext, RecipeError, Task
 
 if TYPE_CHECKING:
@@ -322,6 +323,7 @@ class PeftTunerMethod:
 
     Options: ClassVar[type[ComponentOptions]] = PeftOptions
     handler: ClassVar[type] = PeftHandler
+    adapter_disabled = peft_adapter_off
 
     def __init__(self, options: ComponentOptions) -> None:
         self.options = options

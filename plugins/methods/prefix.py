@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from plugtune import hookimpl
+from plugtune.plugins.methods.lora import peft_adapter_off
 from plugtune.plugins.methods.prompt_learning import PromptLearningHandler, peft_model
 from plugtune.sdk import ComponentOptions
 
@@ -51,6 +52,7 @@ class PrefixMethod:
 
     Options = PrefixOptions
     handler = PromptLearningHandler
+    adapter_disabled = peft_adapter_off
 
     def __init__(self, options: PrefixOptions) -> None:
         self.options = options

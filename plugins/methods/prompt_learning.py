@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from plugtune import hookimpl
+from plugtune.plugins.methods.lora import peft_adapter_off
 from plugtune.sdk import AdapterError, ComponentOptions, NoOptions, beneath_wrappers, remove_wrapper
 
 if TYPE_CHECKING:
@@ -349,6 +350,7 @@ class PromptTuningMethod:
 
     Options = PromptTuningOptions
     handler = PromptLearningHandler
+    adapter_disabled = peft_adapter_off
 
     def __init__(self, options: PromptTuningOptions) -> None:
         self.options = options
@@ -418,6 +420,7 @@ class PTuningMethod:
 
     Options = PTuningOptions
     handler = PromptLearningHandler
+    adapter_disabled = peft_adapter_off
 
     def __init__(self, options: PTuningOptions) -> None:
         self.options = options

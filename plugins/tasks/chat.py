@@ -70,16 +70,15 @@ MAX_TEMPLATE_BYTES = 1 << 20  # a chat template file; the longest shipped ones a
 ROLE_NAMES = ("system", "user", "assistant", "tool")
 
 
-class ChatOptions(ComponentOptions):
-    format: Literal["auto", "openai", "sharegpt", "alpaca"] = "auto"
-    messages: str = Field("messages", min_length=1, description="the column holding the OpenAI-style list of messages")
+class TemplateOptions(ComponentOptions):
+    """The chat-template options of every task that renders conversations (``chat``, and
+    ``preference`` for rows in messages): which template, its recorded text and hash, and a
+    default system message."""
+
     template: str = Field("tokenizer", description="tokenizer | chatml | llama-3 | path to a .jinja file")
     template_text: str | None = Field(None, description="the template's Jinja text (filled from template; recorded in manifests)")
     template_sha256: str | None = None
     system: str | None = Field(None, description="system message for conversations that have none")
-    roles: list[Literal["system", "user", "assistant", "tool"]] = Field(default_factory=lambda: ["assistant"], min_length=1)
-    last_turn_only: bool = False
-    train_end_of_turn: bool = True
 
     @field_validator("template")
     @classmethod
@@ -95,7 +94,7 @@ class ChatOptions(ComponentOptions):
                          "or a path to a .jinja file)")
 
     @model_validator(mode="after")
-    def _read_template(self, info: ValidationInfo) -> ChatOptions:
+    def _read_template(self, info: ValidationInfo) -> TemplateOptions:
         """A file template is read now, so a missing file or bad Jinja fails validation and the
         manifest records the text; recorded text must match its recorded hash."""
         if self.template_text is None and _is_path(self.template):
@@ -107,6 +106,14 @@ class ChatOptions(ComponentOptions):
                 raise ValueError("template_sha256 does not match template_text (the manifest was edited or damaged)")
             self.__dict__["template_sha256"] = digest
         return self
+
+
+class ChatOptions(TemplateOptions):
+    format: Literal["auto", "openai", "sharegpt", "alpaca"] = "auto"
+    messages: str = Field("messages", min_length=1, description="the column holding the OpenAI-style list of messages")
+    roles: list[Literal["system", "user", "assistant", "tool"]] = Field(default_factory=lambda: ["assistant"], min_length=1)
+    last_turn_only: bool = False
+    train_end_of_turn: bool = True
 
 
 def _base_dir(info: ValidationInfo) -> Path:
