@@ -392,7 +392,7 @@ class MethodKit:
     """
 
     CHECKS = ("loss_falls", "save_reload", "peft_format", "base_untouched", "composes_with_lora", "mixed_batch",
-              "fold_unfold", "kill_and_resume", "strict_attach")
+              "fold_unfold", "kill_and_resume", "strict_attach", "adapter_disabled")
 
     def __init__(self, name: str, options: dict[str, Any] | None = None, *, tmp_path: Path,
                  classification: bool = False, extra_plugins: list[tuple[str, Any]] | None = None,
@@ -650,6 +650,49 @@ class MethodKit:
                 assert_base_unchanged(host, fresh, f"{self.name}: after refusing the {label} adapter")
                 assert torch.equal(host.logits(texts, "a"), logits), f"{self.name}: refusing the {label} adapter changed adapter a's logits"
 
+    def check_adapter_disabled(self) -> None:
+        """A method with ``adapter_disabled``: inside the block the prepared model (its
+        trainable weights moved off their start, so the adapter does something) gives the
+        base's logits, and after it its own again; nothing to check for a method without."""
+        import torch
+
+        from plugtune.artifacts.models import load_base
+        from plugtune.kernel.components import PrepareContext, call_prepare
+        from plugtune.training.recipe import load_recipe
+
+        with plugin_system_with(self.extra_plugins) as system:
+            recipe = load_recipe(self.recipe("disabled"), plugins=system)
+            method = recipe.method.build()
+            if not hasattr(method, "adapter_disabled"):
+                return
+            base = load_base(str(self._base()), recipe.task, plugins=system, seed=0,
+                             loading=getattr(method, "base_loading", None), loaded=getattr(method, "base_loaded", None))
+            batch = base.tokenizer(self._probe_texts(), return_tensors="pt", padding=True)
+            mask = batch["attention_mask"].bool()
+            with torch.no_grad():
+                bare = _at(real_token_logits(base.model(**batch).logits, batch["input_ids"]), mask)
+            context = PrepareContext(new_parameters=base.new_parameters, tokenizer=base.tokenizer, seed=0, device="cpu",
+                                     total_steps=self.training.get("max_steps"))
+            model = call_prepare(method, base.model, recipe.task, context)
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.requires_grad and param.is_floating_point():
+                        param.add_(torch.randn(param.shape, generator=generator).to(param) * 0.5)
+                model.eval()
+
+                def logits() -> Any:
+                    return _at(real_token_logits(model(**batch).logits, batch["input_ids"]), mask)
+
+                adapted = logits()
+                with method.adapter_disabled(model):
+                    off = logits()
+                again = logits()
+        assert _close(off, bare, self.atol) <= self.atol, \
+            f"{self.name}: inside adapter_disabled the model is not the base (max |diff| {_close(off, bare, self.atol):.2e})"
+        assert _close(adapted, bare, self.atol) > self.atol, f"{self.name}: the perturbed adapter changed nothing; the check proves nothing"
+        assert torch.equal(again, adapted), f"{self.name}: after adapter_disabled the adapter did not come back"
+
     def run_all(self, skip: tuple[str, ...] = ()) -> None:
         """Every check but ``skip`` (names from :attr:`CHECKS`), in order."""
         for check in self.CHECKS:
@@ -904,6 +947,9 @@ def check_task(name_or_cls: Any, options: dict[str, Any], *, tmp_path: Path, bad
       ``(B, T)`` with ``-100`` on padding or ``(B,)``), right-padded with the pad id;
     * ``eval_batch`` on the tiny model's real logits gives one prediction and one reference
       per example (the references are the class indices for a classifier);
+    * a task with its own loss (:class:`~plugtune.sdk.ComputesLoss`) instead: ``collate`` gives
+      2-D long ``input_ids``/``attention_mask``, ``reference_scores`` one row per example,
+      ``training_loss`` a finite scalar with a graph, ``evaluate_batch`` one prediction per example;
     * ``to_dict()`` is JSON-able and ``build_task`` of it gives an equal task;
     * with ``train``, a short training run (``method``, default LoRA) with the task lowers the
       held-out loss.
@@ -989,35 +1035,10 @@ def check_task(name_or_cls: Any, options: dict[str, Any], *, tmp_path: Path, bad
         # collate
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         batch = task.collate(rows, pad_id)
-        n, width = len(rows), max(len(r["input_ids"]) for r in rows)
-        for key in ("input_ids", "attention_mask", "labels"):
-            assert key in batch, f"{name}: collate() gave keys {sorted(batch)}, no {key!r}"
-            assert batch[key].dtype == torch.long, f"{name}: collate()[{key!r}] is {batch[key].dtype}, not torch.long"
-        for key in ("input_ids", "attention_mask", *(() if classification else ("labels",))):
-            assert tuple(batch[key].shape) == (n, width), f"{name}: collate()[{key!r}] has shape {tuple(batch[key].shape)}, not {(n, width)}"
-        if classification:
-            assert tuple(batch["labels"].shape) == (n,), f"{name}: a classifier's labels collate to (B,), got {tuple(batch['labels'].shape)}"
-            assert batch["labels"].tolist() == [r["labels"][0] for r in rows], f"{name}: collate() changed the class indices"
-        for i, row in enumerate(rows):
-            k = len(row["input_ids"])
-            mask, ids = batch["attention_mask"][i], batch["input_ids"][i]
-            assert mask[:k].eq(1).all() and mask[k:].eq(0).all(), f"{name}: collate() row {i}: attention_mask is not 1 on its {k} tokens then 0"
-            assert ids[:k].tolist() == row["input_ids"] and ids[k:].eq(pad_id).all(), f"{name}: collate() row {i} is not right-padded with {pad_id}"
-            if not classification:
-                assert batch["labels"][i, :k].tolist() == row["labels"] and batch["labels"][i, k:].eq(IGNORE_INDEX).all(), \
-                    f"{name}: collate() row {i}: labels are not the row's, then {IGNORE_INDEX} on padding"
-
-        # eval_batch on real logits
-        model = _tiny_head_model(base, task)
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        result = task.eval_batch(logits, batch)
-        assert len(result.predictions) == n and len(result.references) == n, \
-            f"{name}: eval_batch gave {len(result.predictions)} predictions and {len(result.references)} references for {n} examples"
-        if classification:
-            assert result.references == batch["labels"].tolist(), f"{name}: a classifier's references are its class indices"
-        assert result.n_targets > 0, f"{name}: eval_batch counted no targets"
-
+        if hasattr(task, "training_loss"):  # a task with its own loss: its batch has its own shape
+            _check_own_loss(name, task, batch, _tiny_head_model(base, task), len(rows))
+        else:
+            _check_batch_and_eval(name, task, batch, rows, pad_id, base, classification)
         # to_dict round-trip
         recorded = task.to_dict()
         json.dumps(recorded)
@@ -1035,3 +1056,72 @@ def check_task(name_or_cls: Any, options: dict[str, Any], *, tmp_path: Path, bad
             before, after = result_run.before["loss"], result_run.after["loss"]
             assert after < before, f"{name}: training with this task did not lower the held-out loss ({before:.4f} -> {after:.4f})"
     return task
+
+
+def _check_batch_and_eval(name: str, task: Any, batch: dict[str, Any], rows: list[dict[str, Any]], pad_id: int,
+                          base: Path, classification: bool) -> None:
+    """The core's batch format (see :class:`~plugtune.sdk.Task`) and ``eval_batch`` on the
+    tiny model's real logits."""
+    import torch
+
+    from plugtune.data.labels import IGNORE_INDEX
+
+    n, width = len(rows), max(len(r["input_ids"]) for r in rows)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert key in batch, f"{name}: collate() gave keys {sorted(batch)}, no {key!r}"
+        assert batch[key].dtype == torch.long, f"{name}: collate()[{key!r}] is {batch[key].dtype}, not torch.long"
+    for key in ("input_ids", "attention_mask", *(() if classification else ("labels",))):
+        assert tuple(batch[key].shape) == (n, width), f"{name}: collate()[{key!r}] has shape {tuple(batch[key].shape)}, not {(n, width)}"
+    if classification:
+        assert tuple(batch["labels"].shape) == (n,), f"{name}: a classifier's labels collate to (B,), got {tuple(batch['labels'].shape)}"
+        assert batch["labels"].tolist() == [r["labels"][0] for r in rows], f"{name}: collate() changed the class indices"
+    for i, row in enumerate(rows):
+        k = len(row["input_ids"])
+        mask, ids = batch["attention_mask"][i], batch["input_ids"][i]
+        assert mask[:k].eq(1).all() and mask[k:].eq(0).all(), f"{name}: collate() row {i}: attention_mask is not 1 on its {k} tokens then 0"
+        assert ids[:k].tolist() == row["input_ids"] and ids[k:].eq(pad_id).all(), f"{name}: collate() row {i} is not right-padded with {pad_id}"
+        if not classification:
+            assert batch["labels"][i, :k].tolist() == row["labels"] and batch["labels"][i, k:].eq(IGNORE_INDEX).all(), \
+                f"{name}: collate() row {i}: labels are not the row's, then {IGNORE_INDEX} on padding"
+
+    # eval_batch on real logits
+    model = _tiny_head_model(base, task)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    result = task.eval_batch(logits, batch)
+    assert len(result.predictions) == n and len(result.references) == n, \
+        f"{name}: eval_batch gave {len(result.predictions)} predictions and {len(result.references)} references for {n} examples"
+    if classification:
+        assert result.references == batch["labels"].tolist(), f"{name}: a classifier's references are its class indices"
+    assert result.n_targets > 0, f"{name}: eval_batch counted no targets"
+
+
+def _check_own_loss(name: str, task: Any, batch: dict[str, Any], model: Any, n: int) -> None:
+    """A :class:`~plugtune.sdk.ComputesLoss` task: the batch holds long ``input_ids`` and
+    ``attention_mask``; ``reference_scores`` give one row per example; ``training_loss`` is a
+    finite scalar whose graph reaches the model's weights; ``evaluate_batch`` gives one
+    prediction and one reference per example."""
+    import torch
+
+    for key in ("input_ids", "attention_mask"):
+        assert key in batch and batch[key].dtype == torch.long and batch[key].dim() == 2, \
+            f"{name}: collate() must give a 2-D long {key!r} (regularizers and the token count read it)"
+    mode = getattr(task, "reference", None)
+    assert mode in ("none", "auto", "adapter_off", "precomputed", "copy"), f"{name}: reference is {mode!r}, not a ReferenceMode"
+    if mode != "none":
+        with torch.no_grad():
+            scores = task.reference_scores(model, batch)
+        assert isinstance(scores, torch.Tensor) and scores.dim() == 2 and scores.size(0) == n, \
+            f"{name}: reference_scores must be a (B, k) tensor for {n} examples, got {getattr(scores, 'shape', scores)!r}"
+        batch = {**batch, "reference": scores.float()}
+    result = task.training_loss(model, batch)
+    loss = result.loss
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and torch.isfinite(loss), f"{name}: training_loss gave {loss!r}"
+    assert loss.requires_grad, f"{name}: training_loss has no graph back to the model's weights"
+    assert isinstance(result.tokens, int) and result.tokens > 0, f"{name}: TaskLoss.tokens is {result.tokens!r}"
+    assert all(isinstance(v, float) for v in result.terms.values()), f"{name}: TaskLoss.terms must be floats"
+    with torch.no_grad():
+        evaluated = task.evaluate_batch(model, batch)
+    assert len(evaluated.predictions) == n and len(evaluated.references) == n, \
+        f"{name}: evaluate_batch gave {len(evaluated.predictions)} predictions for {n} examples"
+    assert all(len(v) == n for v in evaluated.values.values()), f"{name}: evaluate_batch values are not one per example"

@@ -720,7 +720,7 @@ before training (the base is the reference)."""
 
 @dataclass
 class TaskLoss:
-    """What :meth:`ComputesLoss.loss` returns: the loss to minimise for the batch (a scalar
+    """What :meth:`ComputesLoss.training_loss` returns: the loss to minimise for the batch (a scalar
     tensor with its graph), the batch's real tokens (for tokens/s) and terms to log for the
     step (``rewards/margin``, ``sft/loss``), each a float."""
 
@@ -741,7 +741,7 @@ class ComputesLoss(Protocol):
     or a copy of it) and returns a float tensor ``(B, k)``, one row per example of the batch;
     the core stores precomputed rows' scores and hands them back as ``batch["reference"]``.
 
-    ``loss(model, batch)`` runs the trainable model on a training batch (``batch["reference"]``
+    ``training_loss(model, batch)`` runs the trainable model on a training batch (``batch["reference"]``
     present when the task has a reference) and returns a :class:`TaskLoss`;
     ``evaluate_batch(model, batch)`` returns the :class:`EvalBatch` of an evaluation batch
     (called under ``torch.no_grad``), with per-example ``values`` evaluators read. The batch
@@ -752,7 +752,7 @@ class ComputesLoss(Protocol):
 
     def reference_scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskLoss: ...
+    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskLoss: ...
 
     def evaluate_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> EvalBatch: ...
 

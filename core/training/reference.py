@@ -39,7 +39,7 @@ from plugtune.data.encoding import REFERENCE, Row, batches
 
 def has_reference(task: Any) -> bool:
     """Whether ``task`` computes its own loss against a reference model."""
-    return hasattr(task, "loss") and getattr(task, "reference", "none") != "none"
+    return hasattr(task, "training_loss") and getattr(task, "reference", "none") != "none"
 
 
 def choose_mode(requested: str, method: Any, *, streamed: bool, rewrites_batches: bool) -> str:

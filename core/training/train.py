@@ -603,7 +603,7 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
     lengths = [len(r["input_ids"]) for r in data.train_rows] if t.group_by_length and data.stream is None else None
     label_only = (t.logits_on_labels_only and not task.is_classification
                   and supports_label_positions(unwrapped, [reg for _, reg in regularizers]))
-    own_loss = task if hasattr(task, "loss") else None
+    own_loss = task if hasattr(task, "training_loss") else None
     live = None
     if reference is not None and reference.mode == "adapter_off":
         live = references.LiveReference(task, unwrapped, method.adapter_disabled)
@@ -854,7 +854,7 @@ def _task_loss(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torch
     processes) and the task's logged terms."""
     if trainee.reference is not None and REFERENCE not in batch:
         batch[REFERENCE] = trainee.reference.scores(batch)
-    result = trainee.own_loss.loss(model, batch)
+    result = trainee.own_loss.training_loss(model, batch)
     return result.loss, SimpleNamespace(loss=result.loss.detach(), logits=None), result.tokens * world, dict(result.terms)
 
 

@@ -92,7 +92,8 @@ class ObjectiveOptions(ComponentOptions):
 
     @model_validator(mode="after")
     def _own_parameters(self) -> ObjectiveOptions:
-        for key in sorted(self.model_fields_set - {"name", "beta", "sft_weight"} - OWN_PARAMETERS[self.name]):
+        foreign = self.model_fields_set - {"name", "beta", "sft_weight"} - OWN_PARAMETERS[self.name]
+        for key in sorted(k for k in foreign if getattr(self, k) != type(self).model_fields[k].default):
             takes = [n for n, own in OWN_PARAMETERS.items() if key in own]
             raise ValueError(f"{key} is a parameter of {' and '.join(takes)}, not of {self.name}")
         if self.name == "orpo" and self.sft_weight:
@@ -100,6 +101,11 @@ class ObjectiveOptions(ComponentOptions):
         if self.beta is None:
             self.__dict__["beta"] = DEFAULT_BETA[self.name]  # no re-validation loop
         return self
+
+    def recorded(self) -> dict[str, Any]:
+        """What a manifest records: the name, beta, sft_weight and this objective's own parameters."""
+        keep = {"name", "beta", "sft_weight", *OWN_PARAMETERS[self.name]}
+        return {k: v for k, v in self.model_dump(mode="json").items() if k in keep}
 
     @property
     def uses_reference(self) -> bool:
@@ -118,6 +124,7 @@ class PreferenceOptions(TemplateOptions):
     rejected: str = Field("rejected", min_length=1)
     completion: str = Field("completion", min_length=1, description="unpaired rows (kto): the answer's column")
     label: str = Field("label", min_length=1, description="unpaired rows (kto): true when the answer is desirable")
+    prompts: Literal["auto", "text", "chat"] = Field("auto", description="the prompts' shape (filled from the data; recorded in manifests)")
 
     @model_validator(mode="after")
     def _reference_fits(self) -> PreferenceOptions:
@@ -178,6 +185,7 @@ class Preference(Task):
         if example.get(o.chosen) is not None and example.get(o.rejected) is not None:
             prompt, chosen, rejected = self._pair(example)
             self.shapes["pairs with chat prompts" if isinstance(prompt, list) else "text pairs"] += 1
+            self._saw(prompt)
             return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
         if example.get(o.completion) is not None and o.label in example:
             if o.objective.paired:
@@ -185,10 +193,20 @@ class Preference(Task):
                                 f"needs pairs; use objective kto")
             prompt = self._prompt(example)
             self.shapes["unpaired answers"] += 1
+            self._saw(prompt)
             return {"prompt": prompt, "completion": _answer(example[o.completion], o.completion, prompt),
                     "desirable": _flag(example[o.label], o.label)}
         raise DataError(f"neither a pair ({o.chosen!r}, {o.rejected!r}) nor an unpaired answer ({o.completion!r}, "
                         f"{o.label!r}) (keys: {', '.join(map(str, example)) or 'none'})")
+
+    def _saw(self, prompt: Any) -> None:
+        """Record whether the prompts are chat messages (``prompts``): a host then renders chat
+        requests with the template, or, for text prompts, uses the last user message as the
+        prompt, as training saw it. Chat wins when a split has both."""
+        if self.options.prompts != "chat":
+            shape = "chat" if isinstance(prompt, list) else "text"
+            if shape != self.options.prompts:
+                self.options = self.options.model_copy(update={"prompts": shape})
 
     def _prompt(self, example: Example) -> str | list[dict[str, str]]:
         prompt = example.get(self.options.prompt)
@@ -356,7 +374,7 @@ class Preference(Task):
         chosen = s["desirable"]
         return -s["logps"][chosen].sum() / s["counts"][chosen].sum().clamp(min=1)
 
-    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> TaskLoss:
+    def training_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> TaskLoss:
         s = self._scores(model, batch)
         loss = self._per_sequence_loss(s, batch).mean()
         terms = {}
@@ -404,11 +422,23 @@ class Preference(Task):
         return None
 
     def encode_chat(self, messages: list[dict[str, str]], tokenizer: Any) -> list[int]:
-        """A chat request rendered as training rendered message prompts."""
-        return self.chat.encode_chat(messages, tokenizer)
+        """A chat request as training saw prompts: rendered with the chat template for an
+        adapter trained on message prompts, the last user message as it is for one trained on
+        text prompts."""
+        if self.options.prompts != "text":
+            return self.chat.encode_chat(messages, tokenizer)
+        users = [m for m in check_messages(messages) if m["role"] == "user"]
+        if not users:
+            raise DataError("this adapter was trained on text prompts and answers the last user message; send one")
+        return self._prompt_ids(users[-1]["content"], tokenizer)
 
     def end_of_turn_ids(self, tokenizer: Any) -> set[int]:
-        return self.chat.end_of_turn_ids(tokenizer)
+        if self.options.prompts == "text":
+            return set()
+        try:
+            return self.chat.end_of_turn_ids(tokenizer)
+        except DataError:  # no template to read one from (a base without one, text prompts)
+            return set()
 
     # -- identity -----------------------------------------------------------------------
 
@@ -418,7 +448,7 @@ class Preference(Task):
     __hash__ = None  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **self.options.model_dump(mode="json")}
+        return {"type": self.type, **self.options.model_dump(mode="json"), "objective": self.objective.recorded()}
 
 
 # -- helpers ----------------------------------------------------------------------------------
