@@ -45,6 +45,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/serving.py
 	HF_HUB_OFFLINE=1 $(PY) bench/throughput.py
 	HF_HUB_OFFLINE=1 $(PY) bench/loader_memory.py
+	HF_HUB_OFFLINE=1 $(PY) bench/dpo_vs_trl.py   # TRL from $$PLUGTUNE_TRL_PATH or bench/out/trl; without it, the memory part only
 
 clean:
 	rm -rf $(VENV) .pytest_cache
