@@ -221,8 +221,11 @@ def test_sft_weight_mixes_in_the_chosen_cross_entropy(tmp_path, tiny_llama, pair
 def test_every_objective_trains_toward_the_chosen_answers(tmp_path, tiny_llama, pairs, objective):
     result = plugtune.run(recipe(tmp_path, tiny_llama, pairs, task={"objective": objective}, max_steps=30),
                           show_progress=False)
-    assert result.after["preference/logp_accuracy"] > result.before["preference/logp_accuracy"]
     assert result.after["loss"] < result.before["loss"]
+    if objective == "orpo":  # mostly the chosen answers' cross-entropy at this beta
+        assert result.after["preference/chosen_logp"] > result.before["preference/chosen_logp"]
+    else:
+        assert result.after["preference/logp_accuracy"] > result.before["preference/logp_accuracy"]
 
 
 # -- rows ----------------------------------------------------------------------------------------------
@@ -275,7 +278,7 @@ def test_a_malformed_row_in_a_run_names_its_split_and_row(tmp_path, tiny_llama):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     raw = yaml.safe_load(recipe(tmp_path, tiny_llama, path).read_text())
     raw["data"]["options"]["test_size"] = 0.1
-    with pytest.raises(DataError, match=r"row 7: 'chosen' is empty"):
+    with pytest.raises(DataError, match=r"^(train|test) row \d+: 'chosen' is empty"):
         plugtune.run(load_recipe(raw=raw, base_dir=tmp_path), show_progress=False)
 
 
@@ -331,3 +334,39 @@ def test_plugtune_eval_scores_a_dpo_adapter_as_training_did(tmp_path, tiny_llama
     host.load(result.adapter_dir, "dpo")
     prompt = "what is the colour of the sky ? answer :"
     assert host.chat_prompt([{"role": "user", "content": prompt}], "dpo") == host.tokenizer(prompt)["input_ids"]
+
+
+def test_preview_shows_both_answers_of_a_pair(tmp_path, tiny_llama, pairs, capsys):
+    from plugtune.cli import main
+
+    assert main(["preview", str(recipe(tmp_path, tiny_llama, pairs)), "--rows", "1"]) == 0
+    out = "".join(capsys.readouterr())
+    shown = [line for line in out.splitlines() if "answer :" in line]
+    assert len(shown) == 2 and shown[0].split("answer :")[0] == shown[1].split("answer :")[0]  # one prompt, two answers
+    assert "rejected · " in out
+
+
+def _preflight(name: str) -> str | None:
+    from plugtune.kernel.registry import get_plugin_system
+
+    cls = get_plugin_system().get("method", name).obj
+    return cls(cls.Options()).preflight() if hasattr(cls, "preflight") else None
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "prefix", "options": {"num_virtual_tokens": 4}},
+    {"name": "dora", "options": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+    {"name": "int8", "options": {"r": 4, "alpha": 8, "target_modules": "all-linear"}},
+    {"name": "qlora", "options": {"r": 4, "alpha": 8, "target_modules": "all-linear"}},
+], ids=lambda m: m["name"])
+def test_dpo_runs_on_other_methods_with_the_reference_from_the_same_base(tmp_path, tiny_llama, pairs, method, capfd):
+    reason = _preflight(method["name"])
+    if reason:
+        pytest.skip(reason)
+    result = plugtune.run(recipe(tmp_path, tiny_llama, pairs, method=method, max_steps=3), show_progress=False)
+    assert "reference: adapter_off" in capfd.readouterr().err
+    log = train_log(Path(result.adapter_dir))
+    assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
+    if method["name"] != "prefix":  # a fresh adapter is the base: the first loss is log 2 (8-bit kernels: to 1e-4)
+        assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert result.before["preference/accuracy"] == 0.5

@@ -250,6 +250,17 @@ def render_example(row: dict[str, Any], tokenizer: Any) -> Any:
     return text
 
 
+def _other_sequences(row: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The row's further token sequences besides ``input_ids``: ``<name>_input_ids`` with
+    ``<name>_labels`` (a preference pair's ``rejected_...``), non-empty ones only."""
+    out = []
+    for key, ids in row.items():
+        name = key.removesuffix("_input_ids")
+        if key.endswith("_input_ids") and ids and isinstance(row.get(f"{name}_labels"), list):
+            out.append((name, {"input_ids": ids, "labels": row[f"{name}_labels"]}))
+    return out
+
+
 def _style(state: tuple[bool, bool] | None) -> str:
     trained, special = state or (False, False)
     if special:
@@ -284,6 +295,9 @@ def render(preview: Preview, console: Any, *, split: str = "train", rows: int = 
             head += f" · label {labels[row['labels'][0]]!s}"
         console.print(Text(head, style="bold cyan"))
         console.print(render_example(row, preview.tokenizer))
+        for name, other in _other_sequences(row):  # a pair's rejected answer, shown the same way
+            console.print(Text(f"   {name} · {len(other['input_ids'])} tokens, {trained_tokens(other)} trained", style="cyan"))
+            console.print(render_example(other, preview.tokenizer))
     if not stats.encoded:
         console.print(f"no {split} rows to show")
     table = Table(title="lengths in tokens, before truncation")

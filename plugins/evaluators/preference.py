@@ -3,8 +3,9 @@
 For tasks that report preference values (``preference``, ``reward``), per row of the split:
 
 ``preference/accuracy``
-    how often the chosen answer's implicit reward beats the rejected one's (a tie counts a
-    half: the base scored against itself ties every pair, so its accuracy is 0.5);
+    how often the chosen answer's implicit reward beats the rejected one's (a tie, rewards
+    within 1e-5, counts a half: the base scored against itself ties every pair, so its
+    accuracy is 0.5);
 ``preference/margin``
     the mean reward margin, chosen minus rejected;
 ``preference/chosen_logp``, ``preference/rejected_logp``
@@ -71,8 +72,11 @@ def _paired(chosen: list[float], rejected: list[float]) -> list[tuple[float, flo
     return [(c, r) for c, r in zip(chosen, rejected) if not (math.isnan(c) or math.isnan(r))]
 
 
+TIE = 1e-5  # rewards this close are a tie: float summation noise, e.g. the base against itself in other padding
+
+
 def _wins(pairs: list[tuple[float, float]]) -> float:
-    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in pairs) / len(pairs)
+    return sum(0.5 if abs(c - r) <= TIE else 1.0 if c > r else 0.0 for c, r in pairs) / len(pairs)
 
 
 @hookimpl
