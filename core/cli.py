@@ -280,6 +280,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     pairs = list(zip(args.inputs, names)) if args.per_input else [(t, n) for n in names for t in args.inputs]
     results = host.classify([p for p, _ in pairs], [n for _, n in pairs])
     for (text, name), result in zip(pairs, results):
+        if "label" not in result:  # a scoring adapter (a reward model): one number per text
+            console.print(f"[bold]{name}[/] score {result['score']:.4f} <- {text!r}")
+            continue
         score = result["scores"][result["label"]]
         console.print(f"[bold]{name}[/] {result['label']} ({score:.2f}) <- {text!r}")
     return 0
@@ -444,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     for name, func, helptext in (("generate", cmd_generate, "generate text with the base and/or adapters"),
-                                 ("classify", cmd_classify, "classify texts with classification adapters")):
+                                 ("classify", cmd_classify, "classify texts with classification adapters (scores, with reward adapters)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("inputs", nargs="+", metavar="TEXT")
         p.add_argument("--adapter", action="append", default=[], metavar="DIR",

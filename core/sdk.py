@@ -27,6 +27,7 @@ from plugtune.kernel.components import (
     ComputesLoss,
     ReferenceMode,
     RendersChat,
+    ScoresTexts,
     Combined,
     Combines,
     ComponentOptions,
@@ -189,7 +190,7 @@ __all__ = [
     "to_messages", "token_mask", "tokenize_with_offsets", "tokenize_pieces", "cut_points", "format_keys",
     "RendersChat",
     # tasks that compute their own loss (preference objectives, reward models)
-    "ComputesLoss", "TaskLoss", "ReferenceMode", "answer_log_probs",
+    "ComputesLoss", "TaskLoss", "ReferenceMode", "answer_log_probs", "ScoresTexts",
     # errors
     "PlugtuneError", "RecipeError", "DataError", "ModelError", "AdapterError", "PluginError", "TrainingError",
 ]

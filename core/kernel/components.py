@@ -228,7 +228,8 @@ class Task(Protocol):
     * encoded rows may carry ``turns_cut: [n]`` besides ``input_ids``/``labels``: how many whole
       turns were left out to fit ``max_length`` (the core reports the total per split).
 
-    A task that renders conversations for hosts and servers implements :class:`RendersChat`.
+    A task that renders conversations for hosts and servers implements :class:`RendersChat`;
+    one whose classifier head outputs a score (a reward model), :class:`ScoresTexts`.
     """
 
     Options: ClassVar[type[ComponentOptions]]
@@ -308,6 +309,21 @@ class RendersChat(Protocol):
     def encode_chat(self, messages: list[dict[str, str]], tokenizer: Any) -> list[int]: ...
 
     def end_of_turn_ids(self, tokenizer: Any) -> set[int]: ...
+
+
+@runtime_checkable
+class ScoresTexts(Protocol):
+    """A task whose classifier head has one output, a score (a reward model), not class
+    logits: ``AdapterHost.score``/``classify``, ``plugtune classify`` and the server's
+    ``/v1/classify`` return that number per input for its adapters instead of softmaxed
+    class probabilities.
+
+    ``encode_scored(item, tokenizer, max_length)``: the ids to score for one input (a text,
+    or a list of ``{"role", "content"}`` messages ending with the answer), encoded exactly as
+    training encoded a scored sequence, at most ``max_length`` long; a
+    :class:`~plugtune.kernel.errors.DataError` for an input it cannot score."""
+
+    def encode_scored(self, item: Any, tokenizer: Any, max_length: int) -> list[int]: ...
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import torch
 from plugtune.artifacts.adapters import Manifest, read_adapter, read_manifest
 from plugtune.artifacts.handlers import resolve_handler
 from plugtune.serving.decoding import DecodeGroup, TextStream, no_prefix
-from plugtune.kernel.components import Folds, RendersChat, ReportsResidentBytes, StartsDecoding, mixes_rows
+from plugtune.kernel.components import Folds, RendersChat, ReportsResidentBytes, ScoresTexts, StartsDecoding, mixes_rows
 from plugtune.kernel.errors import AdapterError, DataError
 from plugtune.artifacts.models import LoadedBase, load_base
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
@@ -412,7 +412,8 @@ class AdapterHost:
         (a client gone). Rows are decoded with a KV cache; a row leaves its group's batch in
         the step it finishes, and a group whose rows have all finished stops running forwards."""
         if self.task.is_classification:
-            raise AdapterError("this host holds a classifier base; use classify()")
+            use = "score() or classify()" if self.scores else "classify()"
+            raise AdapterError(f"this host holds a classifier base ({self.task.type}): its adapters do not generate; use {use}")
         names = self._per_row(prompts, adapters)
         texts = [p if raw or not isinstance(p, str) else self.format_prompt(p, n) for p, n in zip(prompts, names)]
         ends = [self.adapters[n].end_of_turn if n is not None else frozenset() for n in names]
@@ -434,11 +435,55 @@ class AdapterHost:
             pass
         return [t.strip() for t in stream.texts]
 
+    @property
+    def scores(self) -> bool:
+        """Whether this host's adapters score texts (a reward model's one-output head,
+        :class:`~plugtune.kernel.components.ScoresTexts`) rather than classify them."""
+        return isinstance(self.task, ScoresTexts)
+
+    @torch.no_grad()
+    def score(self, texts: Sequence[str | Sequence[dict[str, Any]]], adapters: Any = ACTIVE) -> list[float]:
+        """One score per input from a scoring adapter (a reward model): each input a text or
+        a conversation (messages ending with the answer), encoded by the adapter's task as
+        training encoded its pairs (:meth:`~plugtune.kernel.components.ScoresTexts.encode_scored`);
+        ``adapters`` as in :meth:`generate`. Rows of different adapters share a forward
+        where their method allows."""
+        from plugtune.data.datacheck import context_length
+
+        if not self.scores:
+            kind = "a language-model" if not self.task.is_classification else f"a {self.task.type} classifier"
+            raise AdapterError(f"this host holds {kind} base, not a scoring one (a reward model); "
+                               f"use {'classify()' if self.task.is_classification else 'generate()'}")
+        names = self._per_row(texts, adapters)
+        longest = context_length(self.base.model) or 10**9
+        ids = []
+        for text, name in zip(texts, names):
+            task = self._get(name).task if name is not None else self.task
+            ids.append(task.encode_scored(text if isinstance(text, str) else list(text), self.tokenizer, longest))
+        pad = self.tokenizer.pad_token_id
+
+        def run(batch: list[list[int]], group: DecodeGroup) -> list[float]:
+            width = max(len(row) for row in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T), right-padded
+            mask = torch.zeros_like(input_ids)
+            for i, row in enumerate(batch):
+                input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+                mask[i, : len(row)] = 1
+            device = self._device()
+            logits = group.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (B, 1)
+            return logits.float()[:, 0].tolist()
+
+        return self._grouped(ids, names, run)
+
     @torch.no_grad()
     def classify(self, texts: Sequence[str], adapters: Any = ACTIVE) -> list[dict[str, Any]]:
-        """Label and class probabilities per text; ``adapters`` as in :meth:`generate`."""
+        """Label and class probabilities per text; ``adapters`` as in :meth:`generate`. On a
+        scoring host (:attr:`scores`: reward models) each result is ``{"score": ...}``,
+        from :meth:`score`."""
         if not self.task.is_classification:
             raise AdapterError("this host holds a language-model base; use generate()")
+        if self.scores:
+            return [{"score": value} for value in self.score(texts, adapters)]
         labels = self.task.labels or []
 
         names = self._per_row(texts, adapters)

@@ -945,7 +945,8 @@ def create_app(service: Service) -> Any:
         events, jobs = submit("classify", texts, adapter)
         results = await unless_disconnected(request, jobs, classification_results(events, jobs))
         tokens = sum(counts)
-        data = [{"object": "classification", "index": i, "label": r["label"], "scores": r["scores"]}
+        data = [{"object": "classification", "index": i, "score": r["score"]} if "label" not in r  # a reward model
+                else {"object": "classification", "index": i, "label": r["label"], "scores": r["scores"]}
                 for i, r in enumerate(results)]
         return {"object": "list", "model": model_name, "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
