@@ -186,7 +186,7 @@ def test_the_loss_is_trl_s_bradley_terry_with_margin_and_centring() -> None:
     chosen, rejected, margin = torch.tensor([0.7, 0.3]), torch.tensor([0.2, 0.5]), torch.tensor([0.5, 0.0])
     expected = (-torch.nn.functional.logsigmoid(chosen - rejected - margin).mean()
                 + 0.01 * torch.mean((chosen + rejected) ** 2))
-    result = task.loss(Scores(), batch)
+    result = task.training_loss(Scores(), batch)
     assert float(result.loss) == pytest.approx(float(expected), rel=1e-6)
     assert result.terms["rewards/accuracy"] == 0.5
     assert result.terms["rewards/margin"] == pytest.approx(float((chosen - rejected).mean()))
@@ -263,3 +263,14 @@ def test_the_server_returns_a_score_per_input(bert_rm) -> None:
         assert one[0]["score"] == pytest.approx(expected[0], abs=1e-5)
         refused = client.post("/v1/completions", json={"model": "rm", "prompt": "review :"})
         assert refused.status_code == 400 and "classify" in refused.text
+
+
+def test_the_reward_task_meets_the_task_contract(tmp_path, tiny_bert) -> None:
+    from plugtune.testing import check_task
+
+    data = write_pairs(tmp_path / "data")
+    task = check_task("reward", {}, tmp_path=tmp_path, data=data, base_model=tiny_bert,
+                      method={"name": "lora", "options": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}},
+                      training={"max_steps": 24, "learning_rate": 1e-2},
+                      bad_options=[{"center_rewards_coefficient": -1}, {"margin": ""}])
+    assert task.labels == ["score"]

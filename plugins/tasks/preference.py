@@ -183,7 +183,7 @@ class Preference(Task):
         the prompt a string or a list of messages, each answer a string."""
         o = self.options
         if example.get(o.chosen) is not None and example.get(o.rejected) is not None:
-            prompt, chosen, rejected = self._pair(example)
+            prompt, chosen, rejected = self.read_pair(example)
             self.shapes["pairs with chat prompts" if isinstance(prompt, list) else "text pairs"] += 1
             self._saw(prompt)
             return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -217,7 +217,7 @@ class Preference(Task):
                             f"not {type(prompt).__name__}" if prompt is not None else f"no {self.options.prompt!r}")
         return prompt
 
-    def _pair(self, example: Example) -> tuple[Any, str, str]:
+    def read_pair(self, example: Example) -> tuple[Any, str, str]:
         o = self.options
         chosen, rejected = example[o.chosen], example[o.rejected]
         if o.prompt not in example and isinstance(chosen, list) and isinstance(rejected, list):
@@ -258,8 +258,8 @@ class Preference(Task):
             answers, desirable = [example["completion"]], int(bool(example["desirable"]))
         else:
             answers, desirable = [example["chosen"], example["rejected"]], 1
-        prompt_ids, encoded = self._encode_answers(example["prompt"], answers, tokenizer)
-        prompt_ids, encoded = _fit(prompt_ids, encoded, max_length)
+        prompt_ids, encoded = self.encode_answers(example["prompt"], answers, tokenizer)
+        prompt_ids, encoded = fit_pair(prompt_ids, encoded, max_length)
         first = encoded[0]
         second = encoded[1] if len(encoded) > 1 else []
         return {"input_ids": prompt_ids + first, "labels": [IGNORE_INDEX] * len(prompt_ids) + first,
@@ -267,7 +267,7 @@ class Preference(Task):
                 "rejected_labels": [IGNORE_INDEX] * len(prompt_ids) + second if second else [],
                 "desirable": [desirable], "prompt_length": [len(prompt_ids)]}
 
-    def _encode_answers(self, prompt: Any, answers: list[str], tokenizer: Any) -> tuple[list[int], list[list[int]]]:
+    def encode_answers(self, prompt: Any, answers: list[str], tokenizer: Any) -> tuple[list[int], list[list[int]]]:
         """The prompt's ids and each answer's ids after it."""
         if isinstance(prompt, list):
             prompt_ids = self.chat.encode_chat(prompt, tokenizer)
@@ -294,7 +294,7 @@ class Preference(Task):
         sequences = [(r["input_ids"], r["labels"]) for r in rows]
         sequences += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows if r["rejected_input_ids"]]
         desirable = [r["desirable"][0] for r in rows] + [0 for r in rows if r["rejected_input_ids"]]
-        batch = _pad(sequences, pad_id)
+        batch = pad_sequences(sequences, pad_id)
         batch["desirable"] = torch.tensor(desirable, dtype=torch.long)
         batch["pairs"] = torch.tensor([bool(r["rejected_input_ids"]) for r in rows], dtype=torch.bool)
         if not self.objective.paired:
@@ -304,7 +304,7 @@ class Preference(Task):
                 n, m = row["prompt_length"][0], other["prompt_length"][0]
                 answer = other["input_ids"][m:]
                 mismatched.append((row["input_ids"][:n] + answer, [IGNORE_INDEX] * n + answer))
-            batch.update({f"kl_{k}": v for k, v in _pad(mismatched, pad_id).items()})
+            batch.update({f"kl_{k}": v for k, v in pad_sequences(mismatched, pad_id).items()})
         return batch
 
     # -- the objective ------------------------------------------------------------------
@@ -503,7 +503,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _fit(prompt: list[int], answers: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+def fit_pair(prompt: list[int], answers: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
     """Cut a row to ``max_length`` tokens: the prompt loses its start, down to half the
     length, then the answers lose their ends (every answer keeps at least one token)."""
     longest = max(len(a) for a in answers)
@@ -515,7 +515,7 @@ def _fit(prompt: list[int], answers: list[list[int]], max_length: int) -> tuple[
     return prompt, [a[:room] for a in answers]
 
 
-def _pad(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     import torch
 
     width = max(len(ids) for ids, _ in sequences)

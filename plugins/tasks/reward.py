@@ -32,7 +32,7 @@ from pydantic import Field
 
 from plugtune import hookimpl
 from plugtune.plugins.tasks.chat import TemplateOptions
-from plugtune.plugins.tasks.preference import Preference, PreferenceOptions, _fit, _pad
+from plugtune.plugins.tasks.preference import Preference, PreferenceOptions, fit_pair, pad_sequences
 from plugtune.sdk import DataError, EvalBatch, Example, Head, Task, TaskLoss, check_messages
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class Reward(Task):
         if missing:
             raise DataError(f"a reward model trains on pairs, and this row has no {missing[0]!r} answer "
                             f"(keys: {', '.join(map(str, example)) or 'none'}); drop the row or fill it in")
-        prompt, chosen, rejected = self.pairs._pair(example)
+        prompt, chosen, rejected = self.pairs.read_pair(example)
         self.pairs.shapes["pairs with chat prompts" if isinstance(prompt, list) else "text pairs"] += 1
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": _margin(example.get(o.margin), o.margin)}
 
@@ -117,8 +117,8 @@ class Reward(Task):
         ``rejected_input_ids`` (prompt and answer each; cut as the preference task cuts a
         pair), ``labels`` ``[0]`` (the score) and the margin in millionths."""
         row = example if "chosen" in example and "rejected" in example else self.normalize(example)
-        prompt_ids, answers = self.pairs._encode_answers(row["prompt"], [row["chosen"], row["rejected"]], tokenizer)
-        prompt_ids, answers = _fit(prompt_ids, answers, max_length)
+        prompt_ids, answers = self.pairs.encode_answers(row["prompt"], [row["chosen"], row["rejected"]], tokenizer)
+        prompt_ids, answers = fit_pair(prompt_ids, answers, max_length)
         margin = float(row.get("margin") or 0.0)
         return {"input_ids": prompt_ids + answers[0], "rejected_input_ids": prompt_ids + answers[1], "labels": [0],
                 "margin": [round(margin * MARGIN_SCALE)]}
@@ -145,7 +145,7 @@ class Reward(Task):
         import torch
 
         sequences = [(r["input_ids"], []) for r in rows] + [(r["rejected_input_ids"], []) for r in rows]
-        batch = _pad(sequences, pad_id)
+        batch = pad_sequences(sequences, pad_id)
         del batch["labels"]
         batch["margin"] = torch.tensor([r["margin"][0] / MARGIN_SCALE for r in rows], dtype=torch.float32)
         return batch
@@ -167,7 +167,7 @@ class Reward(Task):
 
         return -F.logsigmoid(chosen - rejected - batch["margin"].to(chosen.device))
 
-    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> TaskLoss:
+    def training_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> TaskLoss:
         chosen, rejected = self._rewards(model, batch)
         loss = self._per_pair(chosen, rejected, batch).mean()
         c = self.options.center_rewards_coefficient
