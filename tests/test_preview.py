@@ -62,10 +62,11 @@ def test_the_guard_refuses_a_model_load(no_weights, tiny_llama) -> None:
 
 
 def tiny_base_for(path: Path, tiny_llama: Path, tiny_bert: Path, tiny_chat_llama: Path) -> Path:
-    """The tiny model for a recipe's head; a chat recipe gets the one whose tokenizer has a
-    chat template (the shipped ones render with the base tokenizer's own)."""
+    """The tiny model for a recipe's head; a chat recipe (or one whose prompts are chat
+    messages) gets the one whose tokenizer has a chat template (the shipped ones render with
+    the base tokenizer's own)."""
     task = yaml.safe_load(path.read_text(encoding="utf-8"))["task"]
-    if task.get("type") == "chat":
+    if task.get("type") == "chat" or task.get("template") == "tokenizer":  # preference pairs with chat prompts too
         return tiny_chat_llama
     return tiny_bert if task.get("type") == "sequence-classification" else tiny_llama
 
