@@ -115,7 +115,7 @@ def test_build_task_refuses_unknown_types_and_bad_options_in_one_line(plugin_sys
     with pytest.raises(PluginError) as err:
         build_task({"type": "dialogue", "prompt": "{q}"}, where="adapter a/b: task")
     assert str(err.value) == ("adapter a/b: task.type: unknown task 'dialogue' "
-                              "(installed: causal-lm, chat, sequence-classification)")
+                              "(installed: causal-lm, chat, preference, reward, sequence-classification)")
     with pytest.raises(PluginError, match=r"^task\.labels: Input should be a valid list$"):
         build_task({"type": "sequence-classification", "labels": "a,b"})
     with pytest.raises(PluginError, match=r"^task\.type: unknown task 'None'"):

@@ -4,8 +4,9 @@ For tasks that report preference values (``preference``, ``reward``), per row of
 
 ``preference/accuracy``
     how often the chosen answer's implicit reward beats the rejected one's (a tie, rewards
-    within 1e-5, counts a half: the base scored against itself ties every pair, so its
-    accuracy is 0.5);
+    within 1e-5, counts a half: with a reference, the base scored against itself ties every
+    pair, so its accuracy is 0.5; ORPO's and SimPO's rewards need no reference, so a base
+    starts at its own preference there);
 ``preference/margin``
     the mean reward margin, chosen minus rejected;
 ``preference/chosen_logp``, ``preference/rejected_logp``
