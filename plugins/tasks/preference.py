@@ -37,7 +37,7 @@ own loss on the held-out pairs (``log 2`` for DPO at the base; ORPO's includes i
 cross-entropy), not a language-model loss.
 
 The reference's cost, measured on SmolLM2-135M (BENCHMARKS.md, "Preference tuning"):
-``adapter_off`` runs one no-grad forward of the pair per step (about 40% of a DPO step on a
+``adapter_off`` runs one no-grad forward of the pair per step (about 30% of a DPO step on a
 CPU) and holds no second model; ``precomputed`` spends that once before training instead;
 ``copy`` holds a second copy of the base.
 """
