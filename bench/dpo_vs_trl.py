@@ -481,17 +481,18 @@ WHY_TRL = [
     "padded position through the 49,152-word head, in tiles, and also computes the entropy, mean logit and top-1 "
     "per position for its logged metrics, in the policy's forward and its backward (which recomputes each tile). "
     "plugtune's `answer_log_probs` runs the head on the answer tokens only (a pre-hook on the head gathers their "
-    "hidden states): 22% of the padded positions of these batches, so the head, about a fifth of SmolLM2-135M's "
-    "compute per position, runs on under a quarter of the positions. plugtune's CPU attention is also grouped-query "
+    "hidden states): about a quarter of the padded positions of these batches (22% on the stand-in pairs, 27% on "
+    "the shipped ones, whose answers are longer), so the head, about a fifth of SmolLM2-135M's "
+    "compute per position, runs on about a quarter of the positions. plugtune's CPU attention is also grouped-query "
     "SDPA. Length grouping is not a difference here: TRL trains on plugtune's length-grouped batches (with its "
     "default random sampler it would pad more). With `precomputed` neither tool runs the reference forward in the "
     "step; the pass before training (128 training pairs; plugtune also scores the 16 evaluation pairs, which it "
     "does in every mode) is timed on its own: \"with the reference pass\" counts it.",
     "- **Peak RSS.** Both hold one fp32 base and no reference copy (TRL disables the PEFT adapter, plugtune switches "
-    "it off). Before the first step TRL's process holds about 0.6 GB (1.1-1.9 GB with its reference pass) and "
-    "plugtune's about 0.9 GB (its tokenized splits, the evaluator, the plugin registry): bench/results/dpo.json "
-    "(`rss_after_trainer_mb`, `rss_before_reference_mb`). The rest of each peak is the training step: about 3.8 GB "
-    "for TRL against 2.0 GB for plugtune. TRL's head tiles are fp32 `[positions, 32,768]` buffers (about 180 MB "
+    "it off). Before the first step both processes hold under 1 GB (measured on the stand-in pairs: TRL about "
+    "0.6 GB, plugtune about 0.9 GB with its tokenized splits, the evaluator and the plugin registry); the rest of "
+    "each peak is the training step, whose difference is the head's buffers: "
+"TRL's head tiles are fp32 `[positions, 32,768]` buffers (about 180 MB "
     "for a batch here) with the same-size temporaries of its torch-op fold on the CPU, over every position; "
     "plugtune's logits are `[answer tokens, 49,152]`. Run-to-run spread of a peak here is about 150 MB; "
     "`precomputed` is within it of `adapter_off` (its reference pass runs batches of twice the training batch, "
@@ -575,8 +576,8 @@ def section(results: dict[str, Any]) -> str:
         lines += [
             "### The reference without a second model: peak RSS", "",
             f"Command: `{meta['command']}` (its memory part). plugtune alone, the same DPO settings, {m['steps']} steps "
-            f"each on {m['steps'] * s.batch_size} pairs of the same data (prefix: 16 virtual tokens, rate 1e-2), each run a "
-            "fresh process; "
+            f"each on {m['steps'] * s.batch_size} pairs of {meta.get('data', 'the same data')} (run "
+            f"{meta.get('date', 'with the section above')}; prefix: 16 virtual tokens, rate 1e-2), each run a fresh process; "
             "`adapter_off` scores the reference with the method's adapter switched off (no second model), `copy` "
             "keeps a frozen copy of the base beside the trained one.", "",
             "| method | peak RSS, adapter_off | peak RSS, copy | copy - adapter_off | s/step adapter_off / copy |",
