@@ -313,6 +313,7 @@ def test_chat_prompts_train_the_answer_turn_and_serve_as_trained(tmp_path, tiny_
     assert answer.replace(" ", "") == "blue<|im_end|>"
     host = AdapterHost.from_base(str(tiny_chat_llama), task)
     host.load(result.adapter_dir, "dpo")
+    assert host.chat_prompt(prompt, "dpo") == row["input_ids"][:n]  # the host's rendering is training's prompt
     assert isinstance(host.chat(prompt, adapter="dpo", max_new_tokens=3), str)
 
 

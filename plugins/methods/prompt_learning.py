@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -345,23 +345,42 @@ def text_init_ids(tokenizer: Any, text: str, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-class PromptTuningMethod:
+class _VirtualTokensMethod:
+    """What prompt tuning and p-tuning share: peft's prompt-learning model, hosted by
+    :class:`PromptLearningHandler`, switched off by peft's ``disable_adapter``; language-model
+    tasks only, the virtual tokens checked against the base's outline; the adapter saved as
+    peft saves it, in inference mode (the virtual tokens as they were trained)."""
+
+    handler = PromptLearningHandler
+    adapter_disabled = peft_adapter_off
+    method_name: ClassVar[str]  # the name errors use
+    options: Any
+
+    @classmethod
+    def check_task(cls, task: Task) -> str | None:
+        return _check_prompt_task(cls.method_name, task)
+
+    def check_model(self, outline: ModelOutline, task: Task) -> list[str]:
+        return _check_prompt_model(self.method_name, outline, task, self.options.num_virtual_tokens)
+
+    def adapter_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return _adapter_state(model)
+
+    def adapter_config(self, model: torch.nn.Module) -> dict[str, Any]:
+        data = model.peft_config[model.active_adapter].to_dict()
+        data["inference_mode"] = True
+        return data
+
+
+class PromptTuningMethod(_VirtualTokensMethod):
     """Prompt tuning through peft (``PromptTuningConfig``); hosted by :class:`PromptLearningHandler`."""
 
     Options = PromptTuningOptions
-    handler = PromptLearningHandler
-    adapter_disabled = peft_adapter_off
+    method_name = "prompt_tuning"
 
     def __init__(self, options: PromptTuningOptions) -> None:
         self.options = options
         self._tokenizer_name = ""
-
-    @classmethod
-    def check_task(cls, task: Task) -> str | None:
-        return _check_prompt_task("prompt_tuning", task)
-
-    def check_model(self, outline: ModelOutline, task: Task) -> list[str]:
-        return _check_prompt_model("prompt_tuning", outline, task, self.options.num_virtual_tokens)
 
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
         import torch
@@ -382,12 +401,8 @@ class PromptTuningMethod:
             self._tokenizer_name = str(getattr(context.tokenizer, "name_or_path", "") or "base")
         return wrapped
 
-    def adapter_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return _adapter_state(model)
-
     def adapter_config(self, model: torch.nn.Module) -> dict[str, Any]:
-        data = model.peft_config[model.active_adapter].to_dict()
-        data["inference_mode"] = True
+        data = super().adapter_config(model)
         if self.options.init == "text":  # recorded as peft's own TEXT init (not run again at load: inference mode)
             data.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=self.options.init_text,
                         tokenizer_name_or_path=self._tokenizer_name or "base")
@@ -414,23 +429,16 @@ class PTuningOptions(ComponentOptions):
         return self
 
 
-class PTuningMethod:
+class PTuningMethod(_VirtualTokensMethod):
     """P-tuning through peft (``PromptEncoderConfig``): virtual tokens produced by a small
-    trained encoder; saved as the encoder's output, hosted by :class:`PromptLearningHandler`."""
+    trained encoder; saved as the encoder's output (peft saves the encoder's output
+    embeddings: no encoder at load), hosted by :class:`PromptLearningHandler`."""
 
     Options = PTuningOptions
-    handler = PromptLearningHandler
-    adapter_disabled = peft_adapter_off
+    method_name = "p_tuning"
 
     def __init__(self, options: PTuningOptions) -> None:
         self.options = options
-
-    @classmethod
-    def check_task(cls, task: Task) -> str | None:
-        return _check_prompt_task("p_tuning", task)
-
-    def check_model(self, outline: ModelOutline, task: Task) -> list[str]:
-        return _check_prompt_model("p_tuning", outline, task, self.options.num_virtual_tokens)
 
     def prepare(self, model: torch.nn.Module, task: Task, context: PrepareContext) -> torch.nn.Module:
         from peft import PromptEncoderConfig
@@ -441,14 +449,6 @@ class PTuningMethod:
                                      encoder_hidden_size=o.encoder_hidden, encoder_num_layers=o.encoder_layers,
                                      encoder_dropout=o.encoder_dropout)
         return peft_model(model, config)
-
-    def adapter_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return _adapter_state(model)  # peft saves the encoder's output embeddings (training mode)
-
-    def adapter_config(self, model: torch.nn.Module) -> dict[str, Any]:
-        data = model.peft_config[model.active_adapter].to_dict()
-        data["inference_mode"] = True  # the saved embeddings are the encoder's output: no encoder at load
-        return data
 
 
 @hookimpl
