@@ -37,7 +37,8 @@ import torch
 
 from plugtune.artifacts.adapters import Manifest, read_adapter, read_manifest
 from plugtune.artifacts.handlers import resolve_handler
-from plugtune.serving.decoding import DecodeGroup, TextStream, no_prefix
+from plugtune.serving.decoding import DecodeGroup, as_list, eos_ids, stops_per_row
+from plugtune.serving.engine import DecodeEngine, GroupParts, RowSpec, TextStream
 from plugtune.kernel.components import Folds, RendersChat, ReportsResidentBytes, ScoresTexts, StartsDecoding, mixes_rows
 from plugtune.kernel.errors import AdapterError, DataError
 from plugtune.artifacts.models import LoadedBase, load_base
@@ -352,29 +353,72 @@ class AdapterHost:
                 stack.enter_context(handler.mixed_rows(self.base.model, rows))
             yield
 
-    def _groups(self, names: list[str | None], decoding: bool = False) -> list[DecodeGroup]:
-        """Rows that share a forward: every row of a mixing handler (LoRA's, and any other
-        that declares :class:`~plugtune.kernel.components.MixesRows`) and every bare-base
-        row together, then one group per adapter of any other handler. ``decoding``: models
-        and starts for the KV-cached decode loop (a prefix adapter decodes through the bare
-        base from its prefix cache)."""
+    def _groups(self, names: list[str | None]) -> list[DecodeGroup]:
+        """Rows that share a forward (see :meth:`group_key`), for scoring, classifying and
+        logits."""
         for name in names:
             if name is not None:
                 self._get(name)
         self._check_not_merged(names)
-        if self.merged is not None:  # every row names the merged adapter: the base as it is
-            return [DecodeGroup(list(range(len(names))), self.base.model, lambda rows: contextlib.nullcontext())]
+        keys = [self.group_key(n) for n in names]
         groups = []
-        shared = [i for i, n in enumerate(names) if self._mixable(n)]
-        if shared:
-            groups.append(DecodeGroup(shared, self.base.model, lambda rows: self._routed([names[i] for i in rows])))
-        for name in dict.fromkeys(n for n in names if not self._mixable(n)):
-            hosted = self.adapters[name]
-            rows = [i for i, n in enumerate(names) if n == name]
-            starts = decoding and isinstance(hosted.method, StartsDecoding)
-            model, start = hosted.method.decode_parts(self.base.model, name) if starts else (hosted.runner, no_prefix)
-            groups.append(DecodeGroup(rows, model, lambda _, name=name: self.using(name), start))
+        for key in dict.fromkeys(keys):
+            rows = [i for i, k in enumerate(keys) if k == key]
+            name = names[rows[0]]
+            if key == "shared":
+                groups.append(DecodeGroup(rows, self.base.model, lambda rows: self._routed([names[i] for i in rows])))
+            elif key == "merged":
+                groups.append(DecodeGroup(rows, self.base.model, lambda rows: contextlib.nullcontext()))
+            else:
+                groups.append(DecodeGroup(rows, self.adapters[name].runner, lambda _, name=name: self.using(name)))
         return groups
+
+    def group_key(self, name: str | None) -> Any:
+        """Which forward a row of adapter ``name`` shares: ``"shared"`` for every row of a
+        mixing handler (LoRA's, and any other that declares
+        :class:`~plugtune.kernel.components.MixesRows`) and every bare-base row;
+        ``("adapter", name)`` for an adapter of any other handler; ``"merged"`` while an
+        adapter is merged (every row then names it)."""
+        if self.merged is not None:
+            return "merged"
+        return "shared" if self._mixable(name) else ("adapter", name)
+
+    def group_parts(self, key: Any) -> GroupParts:
+        """How the rows of group ``key`` (:meth:`group_key`) decode: the model, how to put
+        their adapters in place, and a decode start (a prefix adapter decodes through the
+        bare base from its prefix cache)."""
+        if key == "shared":
+            return GroupParts(self.base.model, self._routed)
+        if key == "merged":
+            return GroupParts(self.base.model, lambda names: contextlib.nullcontext())
+        name = key[1]
+        hosted = self._get(name)
+        if isinstance(hosted.method, StartsDecoding):
+            model, start = hosted.method.decode_parts(self.base.model, name)
+            return GroupParts(model, lambda names: self.using(name), start)
+        return GroupParts(hosted.runner, lambda names: self.using(name))
+
+    def decode_engine(self, *, max_rows: int = 16, step_tokens: int = 512, chunk_tokens: int = 256,
+                      mask_fn: Any = None, seed: int | None = None) -> DecodeEngine:
+        """A continuous-batching :class:`~plugtune.serving.engine.DecodeEngine` over this
+        host's adapters (the server runs one; :meth:`stream` makes one per call)."""
+        eos = eos_ids(self.tokenizer, self.base.model.generation_config)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos, default=0)
+        return DecodeEngine(self.tokenizer, group_key=self.group_key, parts=self.group_parts, eos=eos, pad=pad,
+                            device=self._device(), max_rows=max_rows, step_tokens=step_tokens,
+                            chunk_tokens=chunk_tokens, mask_fn=mask_fn, seed=seed)
+
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt's token ids (ids are used as given); an empty prompt starts from the BOS
+        token (or an end-of-sequence token when the tokenizer has none), as a model needs one
+        position."""
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer(prompt)["input_ids"]
+        if ids:
+            return ids
+        if self.tokenizer.bos_token_id is not None:
+            return [self.tokenizer.bos_token_id]
+        eos = eos_ids(self.tokenizer, self.base.model.generation_config)
+        return [min(eos | ({self.tokenizer.pad_token_id} if self.tokenizer.pad_token_id is not None else set()))]
 
     def _grouped(self, items: Sequence[str], adapters: Any, fn: Any) -> list[Any]:
         """``fn(batch, group)`` once per group of rows that share a forward."""
@@ -406,7 +450,7 @@ class AdapterHost:
         ``max_new_tokens`` is one budget or one per row; ``stop`` is one list of strings for
         every row or one list per row, so one batch can serve requests with other settings.
 
-        The returned :class:`~plugtune.serving.decoding.TextStream` also tells, per row,
+        The returned :class:`~plugtune.serving.engine.TextStream` also tells, per row,
         ``finish_reasons`` (``"stop"``, ``"length"`` or ``"cancelled"`` once finished, ``None``
         before), ``prompt_tokens`` and ``completion_tokens``; its ``cancel(i)`` takes a row out
         (a client gone). Rows are decoded with a KV cache; a row leaves its group's batch in
@@ -415,11 +459,25 @@ class AdapterHost:
             use = "score() or classify()" if self.scores else "classify()"
             raise AdapterError(f"this host holds a classifier base ({self.task.type}): its adapters do not generate; use {use}")
         names = self._per_row(prompts, adapters)
+        for name in names:
+            if name is not None:
+                self._get(name)
+        self._check_not_merged(names)
         texts = [p if raw or not isinstance(p, str) else self.format_prompt(p, n) for p, n in zip(prompts, names)]
-        ends = [self.adapters[n].end_of_turn if n is not None else frozenset() for n in names]
-        return TextStream(self.tokenizer, self.base.model.generation_config, texts, self._groups(names, decoding=True),
-                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                          stop=stop, device=self._device(), ignore_eos=ignore_eos, stop_ids=ends)
+        n = len(texts)
+        budgets = as_list(max_new_tokens, n, "max_new_tokens", cast=int)
+        temperatures, top_ps = as_list(temperature, n, "temperature"), as_list(top_p, n, "top_p")
+        stops = stops_per_row(stop, n)
+        ids = self.tokenizer([t for t in texts if isinstance(t, str)])["input_ids"] if any(isinstance(t, str) for t in texts) else []
+        words = iter(ids)
+        specs = [RowSpec(self.prompt_ids(next(words) if isinstance(t, str) else t), names[i], budgets[i], temperatures[i],
+                         top_ps[i], None, stops[i], set() if ignore_eos else self._end_of_turn(names[i]), ignore_eos)
+                 for i, t in enumerate(texts)]
+        engine = self.decode_engine(max_rows=max(1, n), step_tokens=10**9, chunk_tokens=10**9, seed=seed)
+        return TextStream(engine, specs)
+
+    def _end_of_turn(self, name: str | None) -> frozenset[int]:
+        return self.adapters[name].end_of_turn if name is not None else frozenset()
 
     def generate(self, prompts: Sequence[str | list[int]], adapters: Any = ACTIVE, *, max_new_tokens: int | Sequence[int] = 32,
                  raw: bool = False, temperature: float | Sequence[float] = 0.0,
