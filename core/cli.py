@@ -308,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.adapters, base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
           max_batch=args.max_batch, allow_pickle=args.allow_pickle, log_level=args.log_level, threads=args.threads,
-          api_key=os.environ.get("PLUGTUNE_API_KEY"))
+          api_key=os.environ.get("PLUGTUNE_API_KEY"), dtype=args.dtype, max_adapters=args.max_adapters)
     return 0
 
 
@@ -318,6 +318,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
     check_count(args.port, "--port", least=0, most=65535)
     check_count(args.max_batch, "--max-batch", most=4096)
     check_count(args.threads, "--threads", most=4096)
+    check_count(args.max_adapters, "--max-adapters", most=100_000)
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -326,10 +327,18 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR", help="adapters to load at start (they share one base)")
     p.add_argument("--base", help="base model (default: the one the first adapter names); alone: a causal LM with no adapters")
     p.add_argument("--adapters-root", default="adapters", metavar="DIR",
-                   help="POST /v1/adapters loads only from inside this folder (default: adapters)")
+                   help="adapter folders under it load when a request names them (model=FOLDER), and POST "
+                        "/v1/adapters loads only from inside it (default: adapters)")
+    p.add_argument("--max-adapters", type=int, metavar="N",
+                   help="most adapters resident at once; the least recently used is unloaded to make room "
+                        "(adapters named on the command line stay; default: no limit)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights' precision; auto: bf16 where this CPU has native bf16 and a start-up probe "
+                        "shows it faster (bf16 on a GPU), fp32 otherwise")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests run together in one batch")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="most rows decoding at once; new requests join the running batch at the next step")
     p.add_argument("--allow-pickle", action="store_true", help="let adapters load pickled (.bin) weights; only for files you trust")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's; 1 suits a shared machine)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

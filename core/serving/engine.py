@@ -303,7 +303,7 @@ class DecodeEngine:
         if spec.seed is not None:
             row.generator = torch.Generator(device=self.device)
             row.generator.manual_seed(spec.seed)
-        if spec.max_new_tokens <= 0:  # nothing to decode: it never enters a forward
+        if spec.max_new_tokens <= 0 and not spec.prompt_logprobs:  # nothing to decode: it never enters a forward
             row.finish_reason = "length"
         self.waiting.append(row)
         return row
@@ -334,13 +334,15 @@ class DecodeEngine:
         self._drop_finished(events)
         self._admit(events)
         decoding = [s for s in self.segments if not s.prefilling and s.next_input is not None]
-        budget = self.step_tokens - sum(len(s.rows) for s in decoding)
+        fed = sum(len(s.rows) for s in decoding)
+        budget = self.step_tokens - fed
         with torch.no_grad():
             for seg in [s for s in self.segments if s.prefilling]:
                 if budget <= 0:
                     break
                 width = max(1, min(self.chunk_tokens, budget // max(1, len(seg.rows)), seg.pending.shape[1]))
                 budget -= width * len(seg.rows)
+                fed += width * len(seg.rows)
                 self._run(seg, self._prefill, events, width)
             for seg in decoding:
                 self._run(seg, self._decode, events)
@@ -348,6 +350,7 @@ class DecodeEngine:
         self._merge_ready()
         self.steps += 1
         self.last_step_rows = self.running
+        self.last_step_tokens = fed
         self.largest = max(self.largest, self.last_step_rows)
         return list(events.values())
 
@@ -367,7 +370,7 @@ class DecodeEngine:
             if row.finish_reason is not None:  # cancelled while waiting
                 self._event(events, row).finished = row.finish_reason
                 continue
-            if row.spec.max_new_tokens <= len(row.generated):
+            if row.spec.max_new_tokens <= len(row.generated) and row.generated:
                 row.finish_reason = "length"
                 self._event(events, row).finished = "length"
                 continue
@@ -502,6 +505,11 @@ class DecodeEngine:
         seg.next_input = chosen[:, None]
         for j, row in enumerate(seg.rows):
             if row.finish_reason is not None:
+                continue
+            if len(row.generated) >= row.spec.max_new_tokens:  # a prompt scored only (echo, no budget)
+                row.finish_reason = "length"
+                self._event(events, row).finished = "length"
+                self._event(events, row).first = True
                 continue
             self._advance(row, picked[j], infos.get(j), self._event(events, row))
 

@@ -83,6 +83,7 @@ class AdapterHost:
         # One handler per tuning method class: it keeps that method's host-side state (peft's
         # wrapper, the base values a full-weight delta overwrote) for all its adapters.
         self.handlers: dict[type, Any] = {}
+        self.precision: Any = None  # how the serving dtype was chosen (plugtune serve --dtype), if it was
         base.model.eval()
 
     @property

@@ -41,6 +41,7 @@ import queue
 import re
 import socket
 import stat
+import sys
 import threading
 import time
 import uuid
@@ -55,6 +56,9 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from plugtune.kernel.errors import AdapterError, DataError, PlugtuneError
+from plugtune.serving.cache import AdapterCache, CacheFull
+from plugtune.serving.decoding import eos_ids
+from plugtune.serving.metrics import ServingMetrics
 
 log = logging.getLogger("plugtune.serving.server")
 
@@ -62,7 +66,18 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Names an adapter may be loaded under over HTTP: no slashes, no leading dot, at most 64."""
 BASE_ALIAS = "base"
 DEFAULT_BATCH_WINDOW_S = 0.005
+DEFAULT_STEP_TOKENS = 512
+"""Tokens one engine step feeds at most (the running rows' decode tokens, then prompt chunks)."""
+DEFAULT_CHUNK_TOKENS = 128
+"""Most prompt tokens one row feeds in a step: a long prompt is prefilled over several steps
+while the running rows keep decoding."""
 MAX_MESSAGES = 1024
+ACCOUNTED = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/classify"})
+"""Endpoints whose requests the metrics count (per adapter and status) and time."""
+MAX_N = 16
+"""Most choices (``n``) one request may ask for per prompt."""
+MAX_LOGPROBS = 20
+"""Most alternatives per token ``logprobs`` / ``top_logprobs`` may ask for (as vLLM)."""
 """Most messages one chat request may carry."""
 MAX_ADAPTER_FILES = 1000
 """Most entries an adapter folder loaded over HTTP may hold (each is resolved and checked)."""
@@ -136,15 +151,19 @@ class _Request(BaseModel):
 
 
 class _Sampling(_Request):
+    # structured output (response_format, vLLM's guided_* and structured_outputs) is read
+    # from the raw body by the constraints module: extra fields are kept for it
+    model_config = ConfigDict(extra="allow")
+
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     seed: int | None = None
-    logprobs: bool | int | None = None
     best_of: int | None = None
+    ignore_eos: bool = False  # vLLM's extra: decode exactly max_tokens (benchmarks)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -155,11 +174,29 @@ class _Sampling(_Request):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    def top_logprobs_wanted(self) -> int | None:
+        """``None``: no logprobs; else how many alternatives per token."""
+        raise NotImplementedError
+
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)  # OpenAI's default for completions; 0 only with echo (scoring a prompt)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt per row: a string, a list of strings, a list of token ids (one prompt)
+        or a list of lists of token ids, as OpenAI's API takes them."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return [x if isinstance(x, str) else list(x) for x in p]  # type: ignore[union-attr]
 
 
 class ChatMessage(BaseModel):
@@ -182,6 +219,13 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def top_logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs: set logprobs to true to get them", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -203,12 +247,14 @@ class LoadRequest(BaseModel):
 
 @dataclass
 class Job:
-    """One row of a batch: a prompt to continue, or a text to classify.
+    """One row of a request: a prompt to continue, or a text to classify.
 
     The worker reports on ``events`` (an asyncio queue of the request's loop) with tuples
-    ``(index, kind, payload)``: ``("start", None)`` when its batch begins, ``("delta", text)``
-    per piece of new text, ``("done", (finish_reason, completion_tokens))`` or
-    ``("result", classification)`` at the end, ``("error", ApiError)`` on failure.
+    ``(index, kind, payload)``: ``("start", None)`` when it joins the running batch,
+    ``("prompt", [TokenInfo])`` once, for ``echo`` with logprobs (each prompt token after the
+    first), ``("delta", (text, [TokenInfo]))`` per piece of new text (with the new tokens'
+    logprobs when asked), ``("done", (finish_reason, completion_tokens))`` or ``("result",
+    classification)`` at the end, ``("error", ApiError)`` on failure.
     """
 
     kind: Literal["generate", "classify"]
@@ -222,10 +268,13 @@ class Job:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: the chosen token's and the top k alternatives'
+    echo: bool = False  # also the prompt's tokens and their logprobs
+    constraint: Any = None  # a factory of the row's output constraint (structured output)
+    ignore_eos: bool = False
     cancelled: bool = False  # the client went away: stop sending, drop the row when possible
     ended: bool = False  # its last event ("done", "result" or "error") was sent
-    sent: str = ""  # the text sent so far ("delta" events), so that a row can be resumed alone
-    sent_tokens: int = 0  # the tokens generated so far
+    submitted_at: float = field(default_factory=time.monotonic)
 
     def emit(self, kind: str, payload: Any = None) -> None:
         if kind in ("done", "result", "error"):
@@ -237,33 +286,65 @@ class Job:
 
 
 class BatchWorker:
-    """The one thread that runs the model.
+    """The one thread that runs the model: continuous batching on a
+    :class:`~plugtune.serving.engine.DecodeEngine`.
 
-    It takes the first waiting job, then (holding ``lock``) the jobs queued behind it and
-    those arriving within ``window_s``, and runs up to ``max_batch`` of them as one batch,
-    each row with its own adapter. Jobs that arrive while a batch runs wait for the next. A job with a sampling ``seed`` runs in a batch of its own, so
-    the same seed gives the same text whatever else is waiting. ``lock`` is held while a
-    batch runs; take it to change the adapter set between batches.
+    Every engine step it takes the jobs that arrived (holding ``lock``): generation jobs join
+    the running batch at once (their prompts prefilled in bounded chunks while the running
+    rows decode), classification jobs run together between steps. A finished or cancelled
+    row leaves the batch in the step it ends. ``lock`` is held for one step at a time: take
+    it to change the adapter set between steps. ``prepare(job)``, when given, runs on this
+    thread before a job joins (the adapter cache loads its adapter there) and returns whether
+    it can join now (``False``: it waits for a later step).
+
+    Figures: ``batches`` (steps in which requests joined), ``rows`` (rows that joined),
+    ``largest_batch`` (most rows running at once), ``steps``, ``submitted``.
     """
 
-    def __init__(self, host: Any, *, max_batch: int = 16, window_s: float = DEFAULT_BATCH_WINDOW_S) -> None:
+    def __init__(self, host: Any, *, max_batch: int = 16, window_s: float = DEFAULT_BATCH_WINDOW_S,
+                 step_tokens: int = DEFAULT_STEP_TOKENS, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 mask_fn: Any = None, observer: Any = None) -> None:
         if max_batch < 1:
             raise PlugtuneError(f"max_batch must be at least 1 (got {max_batch})")
         self.host = host
         self.max_batch = max_batch
         self.window_s = window_s
         self.lock = threading.RLock()
-        self.batches = 0
         self.rows = 0
-        self.largest_batch = 0
         self.submitted = 0  # jobs handed to submit(), ever (tests wait on it to batch requests together)
+        self.prepare: Any = None
+        self.observer = observer  # metrics: called with each step's figures and rows' first tokens and ends
+        self.engine = None if host.task.is_classification else host.decode_engine(
+            max_rows=max_batch, step_tokens=step_tokens, chunk_tokens=chunk_tokens, mask_fn=mask_fn)
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._deferred: collections.deque[Job] = collections.deque()
+        self._held: collections.deque[Job] = collections.deque()  # jobs that could not join yet
+        self._jobs: dict[int, Job] = {}  # engine row id -> job
+        self._rows: dict[int, Any] = {}  # engine row id -> row
+        self._classify_batches = 0
+        self._largest_classify = 0
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize() + len(self._deferred)
+        queued = self._queue.qsize() + len(self._held)
+        return queued + (len(self.engine.waiting) if self.engine is not None else 0)
+
+    @property
+    def running(self) -> int:
+        return self.engine.running if self.engine is not None else 0
+
+    @property
+    def batches(self) -> int:
+        return self.engine.waves if self.engine is not None else self._classify_batches
+
+    @property
+    def largest_batch(self) -> int:
+        return self.engine.largest if self.engine is not None else self._largest_classify
+
+    def in_use(self) -> set[str]:
+        """Adapters that running or admitted rows use (they must not be unloaded)."""
+        return self.engine.running_adapters() if self.engine is not None else set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="plugtune-batch-worker", daemon=True)
@@ -279,76 +360,124 @@ class BatchWorker:
         self._queue.put(job)
         self.submitted += 1
 
+    # -- the loop -----------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return bool(self._held) or (self.engine is not None and not self.engine.idle)
+
     def _loop(self) -> None:
+        while not self._stopping or self._busy():
+            arrived: list[Job] = []
+            if not self._busy():  # idle: wait for work, then a moment for requests arriving with it
+                first = self._queue.get()
+                if first is None:
+                    return
+                arrived.append(first)
+                deadline = time.monotonic() + self.window_s
+                while len(arrived) < self.max_batch:
+                    try:
+                        job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        self._stopping = True
+                        break
+                    arrived.append(job)
+            with self.lock:  # the adapter set changes only between steps
+                arrived += self._drain()
+                self._step(arrived)
+
+    def _drain(self) -> list[Job]:
+        jobs = []
         while True:
-            first = self._deferred.popleft() if self._deferred else self._queue.get()
-            if first is None:
-                return
-            with self.lock:  # the adapter set changes only between batches
-                batch = [job for job in self._fill(first) if not job.cancelled]
-                if batch:
-                    self._run(batch)
-
-    def _fill(self, first: Job) -> list[Job]:
-        """``first`` and the jobs that can join it: those waiting, then those arriving
-        within the window, up to ``max_batch``. Jobs that cannot join wait for a later batch."""
-        batch = [first]
-        if first.seed is not None:
-            return batch
-
-        def fits(job: Job) -> bool:
-            return job.seed is None and job.kind == first.kind
-
-        for job in list(self._deferred):  # earlier arrivals first
-            if len(batch) < self.max_batch and fits(job):
-                self._deferred.remove(job)
-                batch.append(job)
-        deadline = time.monotonic() + self.window_s
-        while len(batch) < self.max_batch:
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return jobs
             if job is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            if fits(job):
-                batch.append(job)
+                self._stopping = True
             else:
-                self._deferred.append(job)
-        return batch
+                jobs.append(job)
 
-    def _run(self, batch: list[Job]) -> None:
-        """Run ``batch``; if it fails, run each of its rows that had not ended again alone
-        (a generation resumes after the text it already sent), so that a failure that
-        belongs to one row ends that row alone, never its batch."""
-        self.batches += 1
-        self.rows += len(batch)
-        self.largest_batch = max(self.largest_batch, len(batch))
+    def _step(self, arrived: list[Job]) -> None:
+        """Admit what can join, run one engine step (or a batch of classifications), and
+        send each row's events."""
+        held, self._held = [*self._held, *arrived], collections.deque()
+        classify = []
+        for job in held:
+            if job.cancelled:
+                continue
+            if job.kind == "classify":
+                classify.append(job)
+            else:
+                self._admit(job)
+        if classify:
+            self._classify_all(classify)
+        if self.engine is None or self.engine.idle:
+            if self._held and not classify:
+                time.sleep(0.001)  # jobs wait for an adapter slot, nothing runs: do not spin
+            return
+        for row_id, job in list(self._jobs.items()):
+            if job.cancelled:
+                self.engine.cancel(self._rows[row_id])
         try:
-            self._run_kind(batch, resume=False)
-        except Exception as exc:  # the worker must outlive any one batch
-            if len(batch) == 1:
-                self._fail(batch[0], exc)
-                return
-            log.warning("a batch of %d rows failed (%s: %s); running its rows one at a time", len(batch),
-                        type(exc).__name__, _one_line(str(exc))[:200])
-            for job in batch:
-                if job.ended or job.cancelled:
-                    continue
-                try:
-                    self._run_kind([job], resume=True)
-                except Exception as row_exc:
-                    self._fail(job, row_exc)
+            events = self.engine.step()
+        except Exception as exc:  # a bug in the engine itself: every running row ends with it
+            log.error("a decode step failed", exc_info=exc)
+            events = []
+            for row_id, job in list(self._jobs.items()):
+                self._fail(job, exc)
+                self.engine.cancel(self._rows[row_id])
+        if self.observer is not None:
+            self.observer.step(self.engine.last_step_rows, self.engine.last_step_tokens, self.waiting)
+        for event in events:
+            self._report(event)
 
-    def _run_kind(self, batch: list[Job], *, resume: bool) -> None:
-        if batch[0].kind == "classify":
-            self._classify(batch, resume=resume)
-        else:
-            self._generate(batch, resume=resume)
+    def _admit(self, job: Job) -> None:
+        """``job`` joins the engine, or waits (its adapter cannot be made resident yet)."""
+        from plugtune.serving.engine import RowSpec
+
+        try:
+            if self.prepare is not None and not self.prepare(job):
+                self._held.append(job)
+                return
+            if job.adapter is not None and job.adapter not in self.host.adapters:
+                raise ApiError(404, f"adapter {job.adapter!r} was unloaded before the request ran", code="model_not_found")
+            spec = RowSpec(self.host.prompt_ids(job.text), job.adapter, job.max_tokens, job.temperature, job.top_p,
+                           job.seed, job.stop, set() if job.ignore_eos else self.host._end_of_turn(job.adapter),
+                           job.ignore_eos, job.logprobs, job.echo, job.constraint() if job.constraint else None)
+        except Exception as exc:
+            self._fail(job, exc)
+            return
+        row = self.engine.add(spec)
+        self._rows[row.id] = row
+        self._jobs[row.id] = job
+        self.rows += 1
+        job.emit("start")
+
+    def _report(self, event: Any) -> None:
+        row = event.row
+        job = self._jobs.get(row.id)
+        if job is None:
+            return
+        if event.first and self.observer is not None:
+            self.observer.first_token(job, time.monotonic() - job.submitted_at)
+        if event.first and job.echo and not job.cancelled:
+            job.emit("prompt", (row.spec.prompt, row.prompt_info))
+        if (event.text or event.tokens) and not job.cancelled:
+            job.emit("delta", (event.text, event.tokens))
+        if event.finished is not None:
+            del self._jobs[row.id]
+            self._rows.pop(row.id, None)
+            if event.finished == "error":
+                self._fail(job, row.error)
+            elif event.finished in ("stop", "length") and not job.ended:
+                job.emit("done", (event.finished, row.completion_tokens))
+            if self.observer is not None:
+                self.observer.row_done(job, row, time.monotonic() - job.submitted_at)
 
     @staticmethod
-    def _fail(job: Job, exc: Exception) -> None:
+    def _fail(job: Job, exc: BaseException) -> None:
         """Answer ``job`` with the error ``exc`` (logged with its traceback when it is a bug)."""
         error = _as_api_error(exc)
         if error.status >= 500:
@@ -356,8 +485,30 @@ class BatchWorker:
         if not job.ended:
             job.emit("error", error)
 
-    def _usable(self, batch: list[Job]) -> list[Job]:
-        """The jobs whose adapter is still loaded; the others are answered 404."""
+    def _classify_all(self, jobs: list[Job]) -> None:
+        """Classify ``jobs`` in batches of ``max_batch``; a batch that fails is rerun one job
+        at a time, so that a failure that belongs to one row ends that row alone."""
+        for at in range(0, len(jobs), self.max_batch):
+            batch = jobs[at: at + self.max_batch]
+            self._classify_batches += 1
+            self._largest_classify = max(self._largest_classify, len(batch))
+            self.rows += len(batch)
+            try:
+                self._classify(batch)
+            except Exception as exc:
+                if len(batch) == 1:
+                    self._fail(batch[0], exc)
+                    continue
+                log.warning("a batch of %d rows failed (%s: %s); running its rows one at a time", len(batch),
+                            type(exc).__name__, _one_line(str(exc))[:200])
+                for job in batch:
+                    if not job.ended and not job.cancelled:
+                        try:
+                            self._classify([job], started=True)
+                        except Exception as row_exc:
+                            self._fail(job, row_exc)
+
+    def _classify(self, batch: list[Job], started: bool = False) -> None:
         usable = []
         for job in batch:
             if job.adapter is not None and job.adapter not in self.host.adapters:
@@ -365,69 +516,41 @@ class BatchWorker:
                                            code="model_not_found"))
             else:
                 usable.append(job)
-        return usable
+                if not started:
+                    job.emit("start")
+        if usable:
+            results = self.host.classify([job.text for job in usable], [job.adapter for job in usable])
+            for job, result in zip(usable, results):
+                job.emit("result", result)
 
-    def _begin(self, batch: list[Job], resume: bool) -> list[Job]:
-        """The jobs of ``batch`` that can run (see :meth:`_usable`), told they started unless
-        they are ``resume``d rows of a failed batch (they were told then)."""
-        batch = self._usable(batch)
-        if not resume:
-            for job in batch:
-                job.emit("start")
-        return batch
 
-    def _classify(self, batch: list[Job], *, resume: bool = False) -> None:
-        batch = self._begin(batch, resume)
-        if not batch:
-            return
-        results = self.host.classify([job.text for job in batch], [job.adapter for job in batch])
-        for job, result in zip(batch, results):
-            job.emit("result", result)
+def _mask_fn() -> Any:
+    """The engine's batched constraint mask (structured output)."""
+    from plugtune.serving.constraints import apply_constraints
 
-    def _resumed(self, job: Job) -> str | list[int]:
-        """The job's prompt followed by the text it already sent (none unless resumed)."""
-        if isinstance(job.text, str):
-            return job.text + job.sent
-        return job.text + (self.host.tokenizer(job.sent, add_special_tokens=False)["input_ids"] if job.sent else [])
+    return apply_constraints
 
-    def _generate(self, batch: list[Job], *, resume: bool = False) -> None:
-        """Decode the batch as one stream, each row with its own adapter, sampling, token
-        budget and stop strings (the stream cuts each row and takes it out of the batch).
-        Before every step, rows whose client went away are cancelled, so they stop costing
-        forwards; after it, each row's new text and, once it has finished, its finish reason
-        and token count are sent to its request. ``resume``: the rows ran before in a batch
-        that failed; each continues from its prompt and the text it already sent, with what
-        is left of its token budget."""
-        batch = self._begin(batch, resume)
-        if not batch:
-            return
-        already = [job.sent_tokens for job in batch]
-        stream = self.host.stream(
-            [self._resumed(job) for job in batch], [job.adapter for job in batch], raw=True,
-            max_new_tokens=[max(0, job.max_tokens - job.sent_tokens) for job in batch],
-            stop=[job.stop for job in batch], temperature=[job.temperature for job in batch],
-            top_p=[job.top_p for job in batch], seed=batch[0].seed,
-        )
 
-        def report() -> None:
-            for i, job in enumerate(batch):
-                job.sent_tokens = already[i] + stream.completion_tokens[i]
-                if stream.finish_reasons[i] in ("stop", "length") and not job.ended:
-                    job.emit("done", (stream.finish_reasons[i], job.sent_tokens))
+class WorkerObserver:
+    """What the worker reports to the metrics: each step's rows and tokens and the queue,
+    each row's first token and its end."""
 
-        while True:
-            for i, job in enumerate(batch):
-                if job.cancelled:
-                    stream.cancel(i)
-            deltas = next(stream, None)
-            if deltas is None:  # every row has finished or been cancelled
-                break
-            for i, job in enumerate(batch):
-                if deltas[i] and not job.cancelled:
-                    job.sent += deltas[i]
-                    job.emit("delta", deltas[i])
-            report()
-        report()  # rows that finished before any step (no budget left)
+    def __init__(self, metrics: ServingMetrics) -> None:
+        self.metrics = metrics
+
+    def step(self, rows: int, tokens: int, waiting: int) -> None:
+        self.metrics.step(rows, tokens)
+        self.metrics.set_queue(waiting, rows)
+
+    def first_token(self, job: Job, seconds: float) -> None:
+        self.metrics.first_token(_label(job.adapter), seconds)
+
+    def row_done(self, job: Job, row: Any, seconds: float) -> None:
+        self.metrics.tokens(_label(job.adapter), row.prompt_tokens, row.completion_tokens)
+
+
+def _label(adapter: str | None) -> str:
+    return adapter if adapter is not None else BASE_ALIAS
 
 
 def _as_api_error(exc: BaseException) -> ApiError:
@@ -455,7 +578,9 @@ class Service:
     def __init__(self, host: Any, *, adapters_root: str | Path = "adapters", max_batch: int = 16,
                  base_name: str | None = None, allow_pickle: bool = False,
                  window_s: float = DEFAULT_BATCH_WINDOW_S, default_chat_tokens: int = 256,
-                 api_key: str | None = None, limits: RequestLimits | None = None) -> None:
+                 api_key: str | None = None, limits: RequestLimits | None = None,
+                 max_adapters: int | None = None, pinned: Sequence[str] = (),
+                 step_tokens: int = DEFAULT_STEP_TOKENS, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
         self.host = host
         self.adapters_root = Path(adapters_root).resolve()
         self.base_name = base_name or str(host.base.info.id)
@@ -463,7 +588,16 @@ class Service:
         self.api_key = checked_api_key(api_key)
         self.default_chat_tokens = default_chat_tokens
         self.limits = limits or RequestLimits.from_env()
-        self.worker = BatchWorker(host, max_batch=max_batch, window_s=window_s)
+        self.metrics = ServingMetrics()
+        self.worker = BatchWorker(host, max_batch=max_batch, window_s=window_s, step_tokens=step_tokens,
+                                  chunk_tokens=chunk_tokens, mask_fn=_mask_fn(), observer=WorkerObserver(self.metrics))
+        # adapters under the root load on first request; at most max_adapters stay resident
+        self.cache = AdapterCache(host, self.adapters_root, max_adapters=max_adapters, pinned=pinned,
+                                  allow_pickle=allow_pickle)
+        self.cache.on_event(self.metrics.adapter_event)
+        self.worker.prepare = self._prepare
+        self._compiler: Any = None
+        self._compiler_lock = threading.Lock()
         # Counting tokens and rendering chat templates run on these threads, never on the event
         # loop (a long prompt must not hold up /health or other clients), each thread with its
         # own copy of the tokenizer, so that none shares mutable tokenizer state with another
@@ -501,6 +635,81 @@ class Service:
         loaded = ", ".join(self.host.adapters) or "none"
         raise ApiError(404, f"no adapter or model named {name!r} (loaded adapters: {loaded}; "
                        f"{BASE_ALIAS!r} or {self.base_name!r} is the base)", code="model_not_found", param="model")
+
+    async def resolve_loading(self, request: _Request) -> tuple[str | None, str]:
+        """:meth:`resolve`, or, for a name that is not loaded, an adapter folder of that name
+        under the adapters root: its files are read now, off the model thread, and it is
+        attached when its request joins the batch (evicting the least recently used adapter
+        when ``max_adapters`` are resident)."""
+        try:
+            return self.resolve(request)
+        except ApiError as missing:
+            name = request.adapter if request.adapter is not None else request.model
+            if name is None or not ADAPTER_NAME.fullmatch(name) or name not in await self.off_loop(self.cache.available):
+                raise missing from None
+            try:
+                await asyncio.wrap_future(self.cache.prefetch(name))
+            except AdapterError as exc:
+                raise ApiError(400, _one_line(f"adapter {name!r} under {self.adapters_root}: {exc}"), param="model") from None
+            return name, name
+
+    def _prepare(self, job: Job) -> bool:
+        """On the model thread, before ``job`` joins: make its adapter resident (loading it
+        from the root, evicting another if needed). ``False``: every resident adapter is in
+        use or pinned; the job waits for a step in which one is free."""
+        if job.adapter is None or job.adapter in self.host.adapters and job.adapter in self.cache.resident():
+            if job.adapter is not None:
+                self.cache.touch(job.adapter)
+            return True
+        if job.adapter in self.host.adapters:  # loaded over HTTP or on the command line
+            return True
+        try:
+            self.cache.ensure(job.adapter, in_use=self.worker.in_use())
+        except CacheFull:
+            return False
+        except AdapterError as exc:
+            raise ApiError(400, _one_line(str(exc)), param="model") from None
+        return True
+
+    def constraint(self, body: dict[str, Any], adapter: str | None) -> Any:
+        """The factory of a request's output constraint (``response_format`` with a JSON schema
+        or ``json_object``; vLLM's ``guided_json``/``guided_regex``/``guided_choice`` or
+        ``structured_outputs``; ``guided_choice: "labels"``: the adapter's label words), or
+        ``None`` (call it through :meth:`off_loop`: compiling a grammar takes a moment, once
+        per schema)."""
+        from plugtune.serving.constraints import build_constraint, constraint_from_request
+
+        try:
+            if body.get("guided_choice") == "labels":
+                body = {**body, "guided_choice": self.label_choices(adapter)}
+            spec = constraint_from_request(body)
+            if spec is None:
+                return None
+            return build_constraint(spec, self.compiler())
+        except ValueError as exc:
+            raise ApiError(400, _one_line(str(exc))) from None
+
+    def label_choices(self, adapter: str | None) -> list[str]:
+        """What a classification-style causal adapter answers: its labels as its response
+        template renders them (``guided_choice: "labels"``)."""
+        task = self.host.adapters[adapter].task if adapter is not None else None
+        labels = getattr(task, "labels", None) if task is not None else None
+        if not labels:
+            raise ApiError(400, "guided_choice: 'labels' needs an adapter trained with labels (a causal-lm task "
+                           "with a label column); give the choices as a list of strings instead", param="guided_choice")
+        render = getattr(task, "label_response", None)
+        return [render(label) if render is not None else str(label) for label in labels]
+
+    def compiler(self) -> Any:
+        """The grammar compiler for this host's tokenizer (made on first use, then shared)."""
+        from plugtune.serving.constraints import ConstraintCompiler
+
+        with self._compiler_lock:
+            if self._compiler is None:
+                vocab = self.host.base.model.get_output_embeddings().weight.shape[0]
+                stops = sorted(eos_ids(self.host.tokenizer, self.host.base.model.generation_config))
+                self._compiler = ConstraintCompiler(self.host.tokenizer, vocab, stops)
+            return self._compiler
 
     def adapter_path(self, path: str) -> Path:
         """``path`` (relative to the adapters root, or absolute) resolved, refused unless it
@@ -581,12 +790,22 @@ class Service:
                 raise ApiError(400, _one_line(str(exc)), param="path") from None
         return self.describe(name)
 
-    def unload(self, name: str) -> dict[str, Any]:
-        with self.worker.lock:
-            if name not in self.host.adapters:
-                raise ApiError(404, f"no adapter named {name!r} is loaded", code="model_not_found")
-            self.host.unload(name)
-        return {"id": name, "object": "adapter", "deleted": True}
+    def unload(self, name: str, wait_s: float = 60.0) -> dict[str, Any]:
+        """Unload ``name`` once no running row uses it (waiting up to ``wait_s``; the rows
+        already running finish on it, new requests for it are refused once it is gone)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self.worker.lock:
+                if name not in self.host.adapters:
+                    raise ApiError(404, f"no adapter named {name!r} is loaded", code="model_not_found")
+                if name not in self.worker.in_use():
+                    self.cache.forget(name)
+                    self.host.unload(name)
+                    return {"id": name, "object": "adapter", "deleted": True}
+            if time.monotonic() > deadline:
+                raise ApiError(409, f"adapter {name!r} is still in use by running requests after {wait_s:.0f} s; "
+                               "try again later", param="name")
+            time.sleep(0.01)
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -771,6 +990,9 @@ def create_app(service: Service) -> Any:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Any:
+        if request.url.path in ACCOUNTED:
+            service.metrics.request_done(getattr(request.state, "adapter", "none"), request.url.path, exc.status,
+                                         time.monotonic() - getattr(request.state, "started", time.monotonic()))
         return _error(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -802,7 +1024,10 @@ def create_app(service: Service) -> Any:
         worker = service.worker
         return {"status": "ok", "base_model": service.base_name, "task": service.host.task.type,
                 "adapters": list(service.host.adapters), "waiting": worker.waiting, "batches": worker.batches,
-                "rows": worker.rows, "largest_batch": worker.largest_batch, "max_batch": worker.max_batch}
+                "rows": worker.rows, "largest_batch": worker.largest_batch, "max_batch": worker.max_batch,
+                "running": worker.running, "steps": worker.engine.steps if worker.engine is not None else 0,
+                "dtype": str(next(service.host.base.model.parameters()).dtype).removeprefix("torch."),
+                "precision": getattr(service.host.precision, "reason", None)}
 
     def model_card(name: str | None) -> dict[str, Any]:
         return {"id": name or service.base_name, "object": "model", "created": service.created, "owned_by": "plugtune",
@@ -821,7 +1046,21 @@ def create_app(service: Service) -> Any:
 
     @app.get("/v1/adapters")
     async def list_adapters() -> dict[str, Any]:
-        return {"object": "list", "data": [service.describe(name) for name in list(service.host.adapters)]}
+        """Resident adapters (``data``, least recently used first where the cache tracks it)
+        and the adapter folders under the root that load on first request (``available``)."""
+        available = await service.off_loop(service.cache.available)
+        return {"object": "list", "data": [service.describe(name) for name in list(service.host.adapters)],
+                "available": available, "max_adapters": service.cache.max_adapters,
+                "pinned": sorted(service.cache.pinned)}
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        """Prometheus metrics (text exposition format)."""
+        from fastapi.responses import Response
+
+        service.metrics.set_resident(len(service.host.adapters))
+        body, content_type = service.metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(body: LoadRequest) -> dict[str, Any]:
@@ -834,22 +1073,31 @@ def create_app(service: Service) -> Any:
     # -- inference ----------------------------------------------------------------------------
 
     def submit(kind: str, texts: list[str | list[int]], adapter: str | None, sampling: _Sampling | None = None,
-               max_tokens: int = 0) -> tuple[asyncio.Queue, list[Job]]:
+               max_tokens: int = 0, constraint: Any = None) -> tuple[asyncio.Queue, list[Job]]:
+        """One job per prompt and choice (``n`` of them per prompt: choice ``p * n + j``; with
+        a ``seed``, choice ``j`` samples with ``seed + j``, so choices differ and repeat)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         jobs = []
-        for index, text in enumerate(texts):
-            job = Job(kind, text, adapter, loop, events, index=index)  # type: ignore[arg-type]
-            if sampling is not None:
-                job.max_tokens, job.temperature, job.top_p = max_tokens, sampling.temperature, sampling.top_p
-                job.stop, job.seed = sampling.stops(), sampling.seed
-            jobs.append(job)
+        n = sampling.n if sampling is not None else 1
+        for p, text in enumerate(texts):
+            for j in range(n):
+                job = Job(kind, text, adapter, loop, events, index=p * n + j)  # type: ignore[arg-type]
+                if sampling is not None:
+                    job.max_tokens, job.temperature, job.top_p = max_tokens, sampling.temperature, sampling.top_p
+                    job.stop = sampling.stops()
+                    job.seed = sampling.seed + j if sampling.seed is not None else None
+                    job.logprobs = sampling.top_logprobs_wanted()
+                    job.echo = bool(getattr(sampling, "echo", False))
+                    job.ignore_eos = sampling.ignore_eos
+                    job.constraint = constraint
+                jobs.append(job)
         for job in jobs:
             service.worker.submit(job)
         return events, jobs
 
     async def started(events: asyncio.Queue, jobs: list[Job]) -> list[tuple[int, str, Any]]:
-        """Wait until every job's batch has begun; raise the first error before any
+        """Wait until every job has joined the running batch; raise the first error before any
         response is sent. Returns events that arrived meanwhile, in order."""
         waiting, early = {job.index for job in jobs}, []
         while waiting:
@@ -867,15 +1115,12 @@ def create_app(service: Service) -> Any:
     def check_generation(sampling: _Sampling) -> None:
         if service.classification:
             raise ApiError(400, "this server holds a classifier base; use POST /v1/classify")
-        if sampling.n != 1:
-            raise ApiError(400, "n: only n=1 is supported; send the request again for more samples", param="n")
-        if sampling.best_of not in (None, 1):
-            raise ApiError(400, "best_of: only 1 is supported", param="best_of")
-        if sampling.logprobs not in (None, False):
-            raise ApiError(400, "logprobs are not supported by this server; leave the field out", param="logprobs")
+        if sampling.best_of not in (None, 1, sampling.n):
+            raise ApiError(400, "best_of: only best_of equal to n is supported (every sample is returned)",
+                           param="best_of")
 
     async def generate(request: Request, texts: list[str | list[int]], adapter: str | None, sampling: _Sampling,
-                       max_tokens: int | None, chat: bool, model_name: str) -> Any:
+                       max_tokens: int | None, chat: bool, model_name: str, body: dict[str, Any]) -> Any:
         """``max_tokens`` ``None``: as much as the context leaves, up to the chat default."""
         prompt_tokens = await service.off_loop(service.count_all, texts)
         if max_tokens is None:
@@ -885,60 +1130,85 @@ def create_app(service: Service) -> Any:
             if n == 0:  # nothing to continue from (no BOS token): refused rather than batched
                 raise ApiError(400, "the prompt is empty: it encodes to no tokens", param="prompt")
             service.check_length(n, max_tokens)
-        events, jobs = submit("generate", texts, adapter, sampling, max_tokens)
+        constraint = await service.off_loop(service.constraint, body, adapter)
+        events, jobs = submit("generate", texts, adapter, sampling, max_tokens, constraint)
         early = await unless_disconnected(request, jobs, started(events, jobs))
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
+        prompts = [texts[job.index // sampling.n] for job in jobs]
+        render = LogprobRenderer(service.tokenizer, chat)
         if sampling.stream:
-            stream = _stream_events(events, jobs, early, head, chat, prompt_tokens, sampling.include_usage())
+            def finished(failed: bool) -> None:
+                service.metrics.request_done(_label(adapter), request.url.path, 500 if failed else 200,
+                                             time.monotonic() - request.state.started)
+
+            stream = _stream_events(events, jobs, early, head, chat, prompt_tokens, sampling, render, prompts, finished)
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts_out, finish, completion = ["" for _ in jobs], ["" for _ in jobs], [0 for _ in jobs]
+        out = [ChoiceText() for _ in jobs]
 
         async def collect() -> None:
             async with contextlib.aclosing(job_events(events, jobs, early)) as stream:
                 async for index, kind, payload in stream:
-                    if kind == "delta":
-                        texts_out[index] += payload
-                    elif kind == "done":
-                        finish[index], completion[index] = payload
-                    elif kind == "error":
+                    if kind == "error":
                         raise payload
+                    out[index].add(kind, payload)
 
         await unless_disconnected(request, jobs, collect())
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": f} for i, (t, f) in enumerate(zip(texts_out, finish))]
-        else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(texts_out, finish))]
-        usage = _usage(sum(prompt_tokens), sum(completion))
+        choices = []
+        for job, choice, prompt in zip(jobs, out, prompts):
+            logprobs = None
+            if job.logprobs is not None:
+                logprobs = render.logprobs(choice.prompt_info, choice.tokens, prompt if job.echo else None,
+                                           choice.prompt_ids)
+            if chat:
+                choices.append({"index": job.index, "message": {"role": "assistant", "content": choice.text},
+                                "logprobs": logprobs, "finish_reason": choice.finish})
+            else:
+                text = (render.prompt_text(prompt) if job.echo else "") + choice.text
+                choices.append({"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish})
+        usage = _usage(sum(prompt_tokens), sum(c.completion for c in out))
+        service.metrics.request_done(_label(adapter), request.url.path, 200, time.monotonic() - request.state.started)
         return JSONResponse({**head, "choices": choices, "usage": usage, "system_fingerprint": None})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        request.state.started = time.monotonic()
         check_generation(body)
-        if body.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
-        adapter, model_name = service.resolve(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        service.check_budget(prompts, "prompt")
-        return await generate(request, prompts, adapter, body, body.max_tokens, chat=False, model_name=model_name)
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens: 0 generates nothing; give at least 1, or set echo to score the prompt",
+                           param="max_tokens")
+        if body.echo and body.stream and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs is not streamed; send it with stream false", param="echo")
+        adapter, model_name = await service.resolve_loading(body)
+        request.state.adapter = _label(adapter)
+        prompts = body.prompts()
+        service.check_budget([p if isinstance(p, str) else " " * len(p) for p in prompts], "prompt")
+        if len(prompts) * body.n > service.limits.inputs:
+            raise ApiError(400, f"n: {len(prompts)} prompts times n={body.n} is more than the server's "
+                           f"{service.limits.inputs} rows per request", param="n")
+        return await generate(request, prompts, adapter, body, body.max_tokens, chat=False, model_name=model_name,
+                              body=body.model_dump())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        request.state.started = time.monotonic()
         check_generation(body)
-        adapter, model_name = service.resolve(body)
+        adapter, model_name = await service.resolve_loading(body)
+        request.state.adapter = _label(adapter)
         service.check_budget(["".join(m.text() for m in body.messages)], "messages")
         prompt = await service.off_loop(service.chat_prompt, body.messages, adapter)
-        return await generate(request, [prompt], adapter, body, body.token_budget(), chat=True, model_name=model_name)
+        return await generate(request, [prompt], adapter, body, body.token_budget(), chat=True, model_name=model_name,
+                              body=body.model_dump())
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request) -> Any:
         if not service.classification:
             raise ApiError(400, "this server holds a language-model base; use POST /v1/completions or /v1/chat/completions")
+        request.state.started = time.monotonic()
         adapter, model_name = service.resolve(body)
+        request.state.adapter = _label(adapter)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         service.check_budget(texts, "input")
         counts = await service.off_loop(service.count_all, texts)
@@ -948,6 +1218,7 @@ def create_app(service: Service) -> Any:
         data = [{"object": "classification", "index": i, "score": r["score"]} if "label" not in r  # a reward model
                 else {"object": "classification", "index": i, "label": r["label"], "scores": r["scores"]}
                 for i, r in enumerate(results)]
+        service.metrics.request_done(_label(adapter), "/v1/classify", 200, time.monotonic() - request.state.started)
         return {"object": "list", "model": model_name, "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
@@ -1024,18 +1295,114 @@ async def classification_results(events: asyncio.Queue, jobs: list[Job]) -> list
     return results
 
 
-async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tuple[int, str, Any]],
-                         head: dict[str, Any], chat: bool, prompt_tokens: list[int],
-                         include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending ``data: [DONE]``."""
-    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+@dataclass
+class ChoiceText:
+    """One choice of a non-streamed answer, gathered from its job's events."""
 
-    def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+    text: str = ""
+    finish: str | None = None
+    completion: int = 0
+    tokens: list[Any] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_info: list[Any] = field(default_factory=list)
+
+    def add(self, kind: str, payload: Any) -> None:
+        if kind == "delta":
+            text, tokens = payload
+            self.text += text
+            self.tokens += tokens
+        elif kind == "prompt":
+            self.prompt_ids, self.prompt_info = payload
+        elif kind == "done":
+            self.finish, self.completion = payload
+
+
+LOGPROB_FLOOR = -9999.0
+"""Log probabilities below this (``-inf`` included, which JSON cannot carry) are sent as it, as vLLM does."""
+
+
+class LogprobRenderer:
+    """Tokens and their log probabilities in OpenAI's two shapes: completions' ``{tokens,
+    token_logprobs, top_logprobs, text_offset}`` (with ``echo``, the prompt's tokens first,
+    the very first with ``None``) and chat's ``{content: [{token, logprob, bytes,
+    top_logprobs}]}``. A token's text is its own decoding (a piece of a multi-byte character
+    decodes to U+FFFD, as in vLLM)."""
+
+    def __init__(self, tokenizer: Any, chat: bool) -> None:
+        self.tokenizer = tokenizer
+        self.chat = chat
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def prompt_text(self, prompt: str | list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self.tokenizer.decode(prompt, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @staticmethod
+    def _value(logprob: float) -> float:
+        return max(float(logprob), LOGPROB_FLOOR)
+
+    def logprobs(self, prompt_info: list[Any], tokens: list[Any], prompt: Any = None, prompt_ids: list[int] | None = None,
+                 offset: int = 0) -> dict[str, Any]:
+        if self.chat:
+            return {"content": [self._chat_entry(t) for t in tokens], "refusal": None}
+        entries: list[tuple[str, float | None, dict[str, float] | None]] = []
+        if prompt is not None and prompt_ids:
+            entries.append((self.token(prompt_ids[0]), None, None))
+            entries += [(self.token(t.token), self._value(t.logprob), self._top(t)) for t in prompt_info]
+        entries += [(self.token(t.token), self._value(t.logprob), self._top(t)) for t in tokens]
+        offsets, at = [], offset
+        for text, _, _ in entries:
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [e[2] for e in entries], "text_offset": offsets}
+
+    def _top(self, info: Any) -> dict[str, float] | None:
+        if info.top is None:
+            return None
+        top: dict[str, float] = {}
+        for token_id, logprob in info.top:
+            top.setdefault(self.token(token_id), self._value(logprob))  # two ids may decode alike: the likelier stays
+        return top
+
+    def _chat_entry(self, info: Any) -> dict[str, Any]:
+        text = self.token(info.token)
+        return {"token": text, "logprob": self._value(info.logprob), "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [{"token": (t := self.token(i)), "logprob": self._value(lp), "bytes": list(t.encode("utf-8"))}
+                                 for i, lp in (info.top or [])]}
+
+
+async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tuple[int, str, Any]],
+                         head: dict[str, Any], chat: bool, prompt_tokens: list[int], sampling: Any,
+                         render: LogprobRenderer, prompts: list[Any],
+                         finished: Any = None) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending ``data: [DONE]``; with logprobs,
+    each chunk carries its new tokens'; with ``echo``, the prompt comes first."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    include_usage = sampling.include_usage()
+    by_index = {job.index: job for job in jobs}
+    offsets = {job.index: 0 for job in jobs}
+
+    def logprobs(index: int, tokens: list[Any]) -> Any:
+        job = by_index[index]
+        if job.logprobs is None:
+            return None
+        rendered = render.logprobs([], tokens, offset=offsets[index])
+        if not chat:
+            offsets[index] = (rendered["text_offset"][-1] + len(rendered["tokens"][-1])) if rendered["tokens"] else offsets[index]
+        return rendered
+
+    def chunk(index: int, text: str | None, finish: str | None, role: bool = False, tokens: list[Any] = ()) -> dict[str, Any]:
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs(index, list(tokens)) if tokens else None,
+                      "finish_reason": finish}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs(index, list(tokens)) if tokens else None,
+                      "finish_reason": finish}
         return {**head, "choices": [choice]}
 
     completion = [0 for _ in jobs]
@@ -1044,10 +1411,17 @@ async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tup
         if chat:
             for job in jobs:
                 yield _sse(chunk(job.index, None, None, role=True))
+        else:
+            for job in jobs:
+                if job.echo:
+                    text = render.prompt_text(prompts[jobs.index(job)])
+                    offsets[job.index] = len(text)
+                    yield _sse(chunk(job.index, text, None))
         async with contextlib.aclosing(job_events(events, jobs, early)) as stream:
             async for index, kind, payload in stream:
                 if kind == "delta":
-                    yield _sse(chunk(index, payload, None))
+                    text, tokens = payload
+                    yield _sse(chunk(index, text, None, tokens=tokens))
                 elif kind == "done":
                     reason, completion[index] = payload
                     yield _sse(chunk(index, None if chat else "", reason))
@@ -1057,6 +1431,8 @@ async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tup
         if include_usage and not failed:
             yield _sse({**head, "choices": [], "usage": _usage(sum(prompt_tokens), sum(completion))})
         yield _sse("[DONE]")
+        if finished is not None:
+            finished(failed)
     finally:
         for job in jobs:  # the stream closed before job_events started (the role chunks)
             job.cancelled = True
@@ -1065,20 +1441,53 @@ async def _stream_events(events: asyncio.Queue, jobs: list[Job], early: list[tup
 # -- running it -------------------------------------------------------------------------------
 
 
-def build_host(adapter_dirs: Sequence[str | Path], base: str | None = None, *, allow_pickle: bool = False) -> Any:
+def build_host(adapter_dirs: Sequence[str | Path], base: str | None = None, *, allow_pickle: bool = False,
+               dtype: str = "float32", rows: int = 16) -> Any:
     """The host ``plugtune serve`` holds: the base the first adapter names (or ``base``) and
     every adapter given, none of them active; with no adapters, ``base`` alone as a language model
-    (the installed task that serves raw prompts)."""
-    from plugtune.serving.host import AdapterHost
-    from plugtune.data.tasks import raw_prompt_task
+    (the installed task that serves raw prompts). ``dtype``: ``float32``, ``bfloat16``, or
+    ``auto`` (on a CPU, bf16 where the CPU has native bf16 and a probe at the model's shapes
+    and ``rows`` rows per step shows it faster; on a GPU, bf16); the choice is on
+    ``host.precision``."""
+    import torch
 
+    from plugtune.artifacts.adapters import read_manifest
+    from plugtune.data.tasks import build_task, raw_prompt_task
+    from plugtune.kernel.hardware import PrecisionChoice, choose_cpu_dtype
+    from plugtune.serving.host import AdapterHost
+
+    if dtype not in DTYPES:
+        raise PlugtuneError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     if adapter_dirs:
-        host = AdapterHost.from_adapters(*adapter_dirs, base_model=base, allow_pickle=allow_pickle)
-        host.use(None)  # a request names its adapter; none is active by default
-        return host
-    if not base:
+        first = read_manifest(adapter_dirs[0])
+        task = build_task(first.task, where=f"adapter {adapter_dirs[0]}: task")
+        base = base or first.base_model.id
+    elif not base:
         raise PlugtuneError("give adapter folders (plugtune serve adapters/NAME ...) or --base MODEL")
-    return AdapterHost.from_base(base, raw_prompt_task())
+    else:
+        task = raw_prompt_task()
+    gpu = torch.cuda.is_available()
+    host = AdapterHost.from_base(base, task, dtype=torch.bfloat16 if gpu and dtype != "float32" else torch.float32)
+    config = host.base.model.config
+    if dtype == "auto" and not gpu:
+        hidden = getattr(config, "hidden_size", None)
+        choice = choose_cpu_dtype(hidden, getattr(config, "intermediate_size", 4 * hidden), rows=rows) if hidden else \
+            PrecisionChoice(torch.float32, "fp32: the model's shapes are unknown")
+    elif dtype == "auto":
+        choice = PrecisionChoice(torch.bfloat16, "bf16: on a GPU")
+    else:
+        choice = PrecisionChoice(getattr(torch, dtype), f"{dtype}: as --dtype asked")
+    if choice.dtype != next(host.base.model.parameters()).dtype:
+        host.base.model.to(choice.dtype)
+    host.precision = choice
+    for directory in adapter_dirs:
+        host.load(directory, allow_pickle=allow_pickle)
+    host.use(None)  # a request names its adapter; none is active by default
+    return host
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+"""``plugtune serve --dtype`` choices."""
 
 
 @contextlib.contextmanager
@@ -1108,7 +1517,8 @@ def running(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "
 
 def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, adapters_root: str | Path = "adapters",
           host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, allow_pickle: bool = False,
-          log_level: str = "info", threads: int | None = None, api_key: str | None = None) -> None:
+          log_level: str = "info", threads: int | None = None, api_key: str | None = None,
+          dtype: str = "auto", max_adapters: int | None = None) -> None:
     """Load the host and serve it until interrupted (``plugtune serve``). ``threads``: torch's
     CPU threads (on a CPU shared with other work, 1 avoids threads waiting on each other);
     ``api_key``: require ``Authorization: Bearer KEY`` on every endpoint but /health."""
@@ -1126,7 +1536,12 @@ def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, a
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this port can run the model and load adapters from %s%s",
                     host, adapters_root, "" if api_key else "; there is no authentication (set PLUGTUNE_API_KEY)")
-    model_host = build_host(adapter_dirs, base, allow_pickle=allow_pickle)
+    if max_adapters is not None and max_adapters < max(1, len(adapter_dirs)):
+        raise PlugtuneError(f"--max-adapters {max_adapters} is fewer than the {len(adapter_dirs)} adapters named on the "
+                            "command line (they stay resident); raise it or name fewer")
+    model_host = build_host(adapter_dirs, base, allow_pickle=allow_pickle, dtype=dtype, rows=max_batch)
+    print(f"plugtune serve: precision {model_host.precision.reason}", file=sys.stderr, flush=True)
     service = Service(model_host, adapters_root=adapters_root, max_batch=max_batch, base_name=base,
-                      allow_pickle=allow_pickle, api_key=api_key, limits=limits)
+                      allow_pickle=allow_pickle, api_key=api_key, limits=limits, max_adapters=max_adapters,
+                      pinned=list(model_host.adapters))
     uvicorn.run(create_app(service), host=host, port=port, log_level=log_level)
