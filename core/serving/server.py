@@ -32,15 +32,12 @@ import asyncio
 import collections
 import contextlib
 import copy
-import errno
 import hmac
 import json
 import logging
 import os
 import queue
-import re
 import socket
-import stat
 import threading
 import time
 import uuid
@@ -55,17 +52,14 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from plugtune.kernel.errors import AdapterError, DataError, PlugtuneError
+from plugtune.serving.cache import ADAPTER_NAME, AdapterPathError, adapter_folder
 
 log = logging.getLogger("plugtune.serving.server")
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-"""Names an adapter may be loaded under over HTTP: no slashes, no leading dot, at most 64."""
 BASE_ALIAS = "base"
 DEFAULT_BATCH_WINDOW_S = 0.005
 MAX_MESSAGES = 1024
 """Most messages one chat request may carry."""
-MAX_ADAPTER_FILES = 1000
-"""Most entries an adapter folder loaded over HTTP may hold (each is resolved and checked)."""
 
 
 @dataclass(frozen=True)
@@ -504,48 +498,13 @@ class Service:
 
     def adapter_path(self, path: str) -> Path:
         """``path`` (relative to the adapters root, or absolute) resolved, refused unless it
-        lies inside the adapters root."""
-        given = Path(path)
+        and every file in it lie inside the adapters root
+        (:func:`plugtune.serving.cache.adapter_folder`)."""
         try:
-            full = (given if given.is_absolute() else self.adapters_root / given).resolve()
-        except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
-            raise ApiError(400, _one_line(f"adapter path {path!r} cannot be resolved ({exc})"), param="path") from None
-        if full != self.adapters_root and not full.is_relative_to(self.adapters_root):
-            raise ApiError(403, f"adapter path {path!r} is outside the adapters root {self.adapters_root}; "
-                           "put the adapter under it or restart the server with another --adapters-root", param="path")
-        try:  # one stat: is_dir() lets some errors through (a name too long for the file system)
-            is_dir = stat.S_ISDIR(full.stat().st_mode)
-        except OSError as exc:
-            is_dir, why = False, f" ({exc.strerror})" if exc.errno != errno.ENOENT else ""
-        else:
-            why = ""
-        if not is_dir:
-            raise ApiError(404, f"no adapter folder at {path!r} under {self.adapters_root}{why}", param="path")
-        self._check_inside(full, path)
-        return full
-
-    def _check_inside(self, folder: Path, path: str) -> None:
-        """Every entry of ``folder`` (files, folders, symlinks, at any depth), resolved, lies
-        inside the adapters root: a folder inside it whose files link elsewhere is refused,
-        as the folder itself would be. At most :data:`MAX_ADAPTER_FILES` entries are looked at."""
-        seen = 0
-        for top, dirs, files in os.walk(folder, followlinks=True):  # linked folders too; the cap ends any loop
-            for entry in (*dirs, *files):
-                seen += 1
-                if seen > MAX_ADAPTER_FILES:
-                    raise ApiError(400, f"adapter folder {path!r} holds more than {MAX_ADAPTER_FILES} entries; "
-                                   "an adapter is a few files", param="path")
-                link = Path(top, entry)
-                try:
-                    target = link.resolve(strict=True)
-                except (OSError, RuntimeError):  # dangling, a loop, unreadable
-                    raise ApiError(403, f"adapter path {path!r}: {link.relative_to(folder)} cannot be resolved "
-                                   "(a dangling or looping link); adapters loaded over HTTP must lie whole inside "
-                                   f"the adapters root {self.adapters_root}", param="path") from None
-                if not target.is_relative_to(self.adapters_root):
-                    raise ApiError(403, f"adapter path {path!r}: {link.relative_to(folder)} links outside the adapters "
-                                   f"root {self.adapters_root}; copy the file into the adapter folder or restart the "
-                                   "server with another --adapters-root", param="path")
+            return adapter_folder(self.adapters_root, path, fix="restart the server with another --adapters-root",
+                                  who="adapters loaded over HTTP")
+        except AdapterPathError as exc:
+            raise ApiError(exc.status, str(exc), param="path") from None
 
     # -- adapters -----------------------------------------------------------------------------
 
