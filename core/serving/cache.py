@@ -56,7 +56,6 @@ MAX_ADAPTER_FILES = 1000
 """Most entries an adapter folder loaded by request may hold (each is resolved and checked)."""
 ROOT_FIX = "use another adapters root (--adapters-root)"
 """The way out :func:`adapter_folder`'s messages suggest, unless told another."""
-EVENTS = ("load", "evict")
 
 
 class AdapterPathError(AdapterError):
