@@ -21,6 +21,7 @@ not match the manifest, or a manifest without the fields plugtune needs is an
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import io
 import json
@@ -93,8 +94,9 @@ class Adapter:
     config: dict[str, Any]
     weights_file: str = WEIGHTS_FILE  # a pickle file's name when one was allowed instead
 
-    @property
+    @functools.cached_property
     def size_bytes(self) -> int:
+        """The weights file's size, read once (a prefetching thread reads it with the tensors)."""
         return (self.path / self.weights_file).stat().st_size
 
 

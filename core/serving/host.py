@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from plugtune.artifacts.adapters import Manifest, read_adapter, read_manifest
+from plugtune.artifacts.adapters import Adapter, Manifest, read_adapter, read_manifest
 from plugtune.artifacts.handlers import resolve_handler
 from plugtune.serving.decoding import DecodeGroup, as_list, eos_ids, stops_per_row
 from plugtune.serving.engine import DecodeEngine, GroupParts, RowSpec, TextStream
@@ -127,8 +127,16 @@ class AdapterHost:
         """Attach the adapter in ``directory`` as ``name`` (default: its manifest name).
         The active adapter does not change; call :meth:`use` to switch to it. A pickled
         weights file (``adapter_model.bin``) is refused unless ``allow_pickle`` (then it is
-        read with ``torch.load(weights_only=True)``)."""
-        adapter = read_adapter(directory, allow_pickle=allow_pickle)
+        read with ``torch.load(weights_only=True)``). The same as :meth:`attach` of
+        :func:`~plugtune.artifacts.adapters.read_adapter`'s result."""
+        return self.attach(read_adapter(directory, allow_pickle=allow_pickle), name)
+
+    def attach(self, adapter: Adapter, name: str | None = None) -> str:
+        """Attach an adapter already read from disk (:func:`~plugtune.artifacts.adapters.read_adapter`)
+        as ``name`` (default: its manifest name), with :meth:`load`'s checks. Only this part
+        touches the model: the file read can happen on another thread (the adapter cache's
+        prefetch)."""
+        directory = adapter.path
         m = adapter.manifest
         name = name or m.name
         if name in self.adapters:

@@ -32,15 +32,12 @@ import asyncio
 import collections
 import contextlib
 import copy
-import errno
 import hmac
 import json
 import logging
 import os
 import queue
-import re
 import socket
-import stat
 import sys
 import threading
 import time
@@ -56,14 +53,12 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from plugtune.kernel.errors import AdapterError, DataError, PlugtuneError
-from plugtune.serving.cache import AdapterCache, CacheFull
+from plugtune.serving.cache import ADAPTER_NAME, AdapterCache, AdapterPathError, CacheFullError, adapter_folder
 from plugtune.serving.decoding import eos_ids
 from plugtune.serving.metrics import ServingMetrics
 
 log = logging.getLogger("plugtune.serving.server")
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-"""Names an adapter may be loaded under over HTTP: no slashes, no leading dot, at most 64."""
 BASE_ALIAS = "base"
 DEFAULT_BATCH_WINDOW_S = 0.005
 DEFAULT_STEP_TOKENS = 512
@@ -79,8 +74,6 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 """Most alternatives per token ``logprobs`` / ``top_logprobs`` may ask for (as vLLM)."""
 """Most messages one chat request may carry."""
-MAX_ADAPTER_FILES = 1000
-"""Most entries an adapter folder loaded over HTTP may hold (each is resolved and checked)."""
 
 
 @dataclass(frozen=True)
@@ -543,7 +536,7 @@ class WorkerObserver:
         self.metrics.set_queue(waiting, rows)
 
     def first_token(self, job: Job, seconds: float) -> None:
-        self.metrics.first_token(_label(job.adapter), seconds)
+        self.metrics.first_token(seconds)
 
     def row_done(self, job: Job, row: Any, seconds: float) -> None:
         self.metrics.tokens(_label(job.adapter), row.prompt_tokens, row.completion_tokens)
@@ -594,7 +587,7 @@ class Service:
         # adapters under the root load on first request; at most max_adapters stay resident
         self.cache = AdapterCache(host, self.adapters_root, max_adapters=max_adapters, pinned=pinned,
                                   allow_pickle=allow_pickle)
-        self.cache.on_event(self.metrics.adapter_event)
+        self.metrics.watch_cache(self.cache)
         self.worker.prepare = self._prepare
         self._compiler: Any = None
         self._compiler_lock = threading.Lock()
@@ -654,19 +647,21 @@ class Service:
             return name, name
 
     def _prepare(self, job: Job) -> bool:
-        """On the model thread, before ``job`` joins: make its adapter resident (loading it
-        from the root, evicting another if needed). ``False``: every resident adapter is in
-        use or pinned; the job waits for a step in which one is free."""
-        if job.adapter is None or job.adapter in self.host.adapters and job.adapter in self.cache.resident():
-            if job.adapter is not None:
-                self.cache.touch(job.adapter)
+        """On the model thread, before ``job`` joins: make its adapter resident (attaching
+        the files its request already read, evicting the least recently used adapter if
+        needed). ``False``: not yet (its files are still being read, or every resident
+        adapter is in use or pinned); the job waits for a later step, and the batch runs on."""
+        if job.adapter is None:
             return True
-        if job.adapter in self.host.adapters:  # loaded over HTTP or on the command line
-            return True
+        if not self.cache.ready(job.adapter):
+            self.cache.prefetch(job.adapter)
+            return False
         try:
             self.cache.ensure(job.adapter, in_use=self.worker.in_use())
-        except CacheFull:
+        except CacheFullError:
             return False
+        except AdapterPathError as exc:
+            raise ApiError(exc.status, _one_line(str(exc)), param="model") from None
         except AdapterError as exc:
             raise ApiError(400, _one_line(str(exc)), param="model") from None
         return True
@@ -692,13 +687,15 @@ class Service:
     def label_choices(self, adapter: str | None) -> list[str]:
         """What a classification-style causal adapter answers: its labels as its response
         template renders them (``guided_choice: "labels"``)."""
-        task = self.host.adapters[adapter].task if adapter is not None else None
-        labels = getattr(task, "labels", None) if task is not None else None
-        if not labels:
-            raise ApiError(400, "guided_choice: 'labels' needs an adapter trained with labels (a causal-lm task "
-                           "with a label column); give the choices as a list of strings instead", param="guided_choice")
+        task = self.host.adapters[adapter].task if adapter is not None and adapter in self.host.adapters else None
+        labels = (getattr(task, "labels", None) or list(getattr(task, "label_words", None) or {})) if task else None
         render = getattr(task, "label_response", None)
-        return [render(label) if render is not None else str(label) for label in labels]
+        choices = [render(str(label)) for label in labels or []] if render is not None else []
+        if not choices or any(c is None or not c.strip() for c in choices):
+            raise ApiError(400, "guided_choice: 'labels' needs an adapter trained on labels whose response template "
+                           "names only the label (e.g. response ' {label}' with labels declared); give the choices "
+                           "as a list of strings instead", param="guided_choice")
+        return choices
 
     def compiler(self) -> Any:
         """The grammar compiler for this host's tokenizer (made on first use, then shared)."""
@@ -713,48 +710,13 @@ class Service:
 
     def adapter_path(self, path: str) -> Path:
         """``path`` (relative to the adapters root, or absolute) resolved, refused unless it
-        lies inside the adapters root."""
-        given = Path(path)
+        and every file in it lie inside the adapters root
+        (:func:`plugtune.serving.cache.adapter_folder`)."""
         try:
-            full = (given if given.is_absolute() else self.adapters_root / given).resolve()
-        except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
-            raise ApiError(400, _one_line(f"adapter path {path!r} cannot be resolved ({exc})"), param="path") from None
-        if full != self.adapters_root and not full.is_relative_to(self.adapters_root):
-            raise ApiError(403, f"adapter path {path!r} is outside the adapters root {self.adapters_root}; "
-                           "put the adapter under it or restart the server with another --adapters-root", param="path")
-        try:  # one stat: is_dir() lets some errors through (a name too long for the file system)
-            is_dir = stat.S_ISDIR(full.stat().st_mode)
-        except OSError as exc:
-            is_dir, why = False, f" ({exc.strerror})" if exc.errno != errno.ENOENT else ""
-        else:
-            why = ""
-        if not is_dir:
-            raise ApiError(404, f"no adapter folder at {path!r} under {self.adapters_root}{why}", param="path")
-        self._check_inside(full, path)
-        return full
-
-    def _check_inside(self, folder: Path, path: str) -> None:
-        """Every entry of ``folder`` (files, folders, symlinks, at any depth), resolved, lies
-        inside the adapters root: a folder inside it whose files link elsewhere is refused,
-        as the folder itself would be. At most :data:`MAX_ADAPTER_FILES` entries are looked at."""
-        seen = 0
-        for top, dirs, files in os.walk(folder, followlinks=True):  # linked folders too; the cap ends any loop
-            for entry in (*dirs, *files):
-                seen += 1
-                if seen > MAX_ADAPTER_FILES:
-                    raise ApiError(400, f"adapter folder {path!r} holds more than {MAX_ADAPTER_FILES} entries; "
-                                   "an adapter is a few files", param="path")
-                link = Path(top, entry)
-                try:
-                    target = link.resolve(strict=True)
-                except (OSError, RuntimeError):  # dangling, a loop, unreadable
-                    raise ApiError(403, f"adapter path {path!r}: {link.relative_to(folder)} cannot be resolved "
-                                   "(a dangling or looping link); adapters loaded over HTTP must lie whole inside "
-                                   f"the adapters root {self.adapters_root}", param="path") from None
-                if not target.is_relative_to(self.adapters_root):
-                    raise ApiError(403, f"adapter path {path!r}: {link.relative_to(folder)} links outside the adapters "
-                                   f"root {self.adapters_root}; copy the file into the adapter folder or restart the "
-                                   "server with another --adapters-root", param="path")
+            return adapter_folder(self.adapters_root, path, fix="restart the server with another --adapters-root",
+                                  who="adapters loaded over HTTP")
+        except AdapterPathError as exc:
+            raise ApiError(exc.status, str(exc), param="path") from None
 
     # -- adapters -----------------------------------------------------------------------------
 
@@ -799,7 +761,6 @@ class Service:
                 if name not in self.host.adapters:
                     raise ApiError(404, f"no adapter named {name!r} is loaded", code="model_not_found")
                 if name not in self.worker.in_use():
-                    self.cache.forget(name)
                     self.host.unload(name)
                     return {"id": name, "object": "adapter", "deleted": True}
             if time.monotonic() > deadline:
@@ -974,6 +935,7 @@ def create_app(service: Service) -> Any:
         finally:
             await run_in_threadpool(service.worker.stop)
             service.tokenizing.shutdown(wait=False, cancel_futures=True)
+            service.cache.close()
 
     async def authorize(request: Request) -> None:
         """With an API key set, every endpoint but /health wants ``Authorization: Bearer KEY``."""
@@ -1051,15 +1013,14 @@ def create_app(service: Service) -> Any:
         available = await service.off_loop(service.cache.available)
         return {"object": "list", "data": [service.describe(name) for name in list(service.host.adapters)],
                 "available": available, "max_adapters": service.cache.max_adapters,
-                "pinned": sorted(service.cache.pinned)}
+                "pinned": service.cache.pinned}
 
     @app.get("/metrics")
-    async def metrics() -> Any:
-        """Prometheus metrics (text exposition format)."""
+    async def metrics(request: Request) -> Any:
+        """Prometheus metrics (text exposition format, or OpenMetrics when asked for)."""
         from fastapi.responses import Response
 
-        service.metrics.set_resident(len(service.host.adapters))
-        body, content_type = service.metrics.render()
+        body, content_type = service.metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
     @app.post("/v1/adapters", status_code=201)

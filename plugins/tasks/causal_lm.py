@@ -126,6 +126,14 @@ class CausalLm(Task):
     def format_prompt(self, text: str) -> str | None:
         return fill_one(self.prompt, text)
 
+    def label_response(self, label: str) -> str | None:
+        """The response this task trains for ``label`` (the response template filled with the
+        label's word), so that a server can hold generation to the label words
+        (``guided_choice: "labels"``); ``None`` when the template needs other fields."""
+        if self.response is None or template_fields(self.response) - {self.label}:
+            return None
+        return fill(self.response, self.verbalize({self.label: label}))
+
     def __eq__(self, other: object) -> bool:
         """Same task: same class and same recorded fields (as the manifest would show)."""
         return type(other) is type(self) and other.to_dict() == self.to_dict()  # type: ignore[attr-defined]
