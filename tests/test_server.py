@@ -422,8 +422,13 @@ def test_list_unload_and_load_adapters(client, host, adapters_root):
     assert client.delete("/v1/adapters/beta").json() == {"id": "beta", "object": "adapter", "deleted": True}
     assert "beta" not in host.adapters
     assert "beta" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
-    assert_error(client.post("/v1/completions", json={"model": "beta", "prompt": SKY}), 404, "'beta'")
+    assert "beta" in client.get("/v1/adapters").json()["available"]
+    assert_error(client.post("/v1/completions", json={"model": "gamma", "prompt": SKY}), 404, "'gamma'")
     assert_error(client.delete("/v1/adapters/beta"), 404, "no adapter named 'beta'")
+    # a request naming a folder under the adapters root loads it on first use
+    body = client.post("/v1/completions", json={"model": "beta", "prompt": SKY, "max_tokens": 5, "temperature": 0}).json()
+    assert body["choices"][0]["text"] == expected and "beta" in host.adapters
+    client.delete("/v1/adapters/beta")
 
     response = client.post("/v1/adapters", json={"name": "beta-again", "path": "beta"})
     assert response.status_code == 201 and response.json()["name"] == "beta-again"
@@ -513,9 +518,13 @@ def test_errors_are_openai_shaped_one_liners(client):
     assert_error(client.post("/v1/completions", json={"model": "alpha"}), 422, "prompt: Field required")
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "temperature": 5}), 422, "temperature")
     assert_error(client.post("/v1/chat/completions", json={"messages": []}), 422, "messages")
-    assert_error(client.post("/v1/completions", json={"prompt": SKY, "n": 2}), 400, "only n=1")
-    assert_error(client.post("/v1/completions", json={"prompt": SKY, "logprobs": 2}), 400, "logprobs are not supported")
-    assert_error(client.post("/v1/completions", json={"prompt": SKY, "echo": True}), 400, "echo")
+    assert_error(client.post("/v1/completions", json={"prompt": SKY, "n": 17}), 422, "n: Input should be less than or equal to 16")
+    assert_error(client.post("/v1/completions", json={"prompt": [SKY] * 8, "n": 9}), 400, "8 prompts times n=9")
+    assert_error(client.post("/v1/completions", json={"prompt": SKY, "n": 2, "best_of": 3}), 400, "best_of")
+    assert_error(client.post("/v1/completions", json={"prompt": SKY, "logprobs": 21}), 422, "logprobs")
+    assert_error(client.post("/v1/completions", json={"prompt": SKY, "max_tokens": 0}), 400, "set echo to score the prompt")
+    assert_error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+                 400, "set logprobs to true")
     assert_error(client.post("/v1/completions", json={"prompt": SKY, "max_tokens": 500}), 400, "context is 128 tokens")
     assert_error(client.post("/v1/classify", json={"input": "x"}), 400, "language-model base")
     assert_error(client.post("/v1/completions", json={"prompt": ""}), 400, "the prompt is empty")
