@@ -297,6 +297,18 @@ def test_logits_wider_than_the_compilers_vocabulary_are_masked_past_it(compiler)
         apply_constraints(torch.zeros(1, compiler.vocab_size - 1), [compiler.choice(["no"])()])
 
 
+def test_the_last_position_of_a_forwards_logits_is_masked_in_place(compiler) -> None:
+    """The engine passes ``logits[:, -1]`` of a (rows, positions, V) forward output: a view."""
+    output = torch.randn(3, 4, compiler.vocab_size)
+    earlier = output[:, :-1].clone()
+    apply_constraints(output[:, -1], [compiler.choice(["no"])(), None, compiler.choice(["yes"])()])
+    for row, word in ((0, "no"), (2, "yes")):
+        allowed = torch.isfinite(output[row, -1]).nonzero().flatten().tolist()
+        assert allowed and all(word.startswith(compiler.tokenizer.decode([t])) for t in allowed)
+        assert compiler.tokenizer.encode(word, add_special_tokens=False)[0] in allowed
+    assert torch.isfinite(output[1, -1]).all() and torch.equal(output[:, :-1], earlier)
+
+
 def test_a_terminated_row_allows_only_stop_tokens(compiler) -> None:
     row = compiler.choice(["no"])()
     for token in compiler.tokenizer.encode("no", add_special_tokens=False):

@@ -50,6 +50,15 @@ Choices made here, each because it matters for serving:
 * **Strict objects**: for a JSON schema, properties the schema does not declare are not
   generated (xgrammar's ``strict_mode``, OpenAI's ``strict: true``); ``json_object`` allows
   any properties.
+* **Two xgrammar 0.2.8 holes repaired** (found by random walks through grammars, see
+  ``tests/test_constraints.py``): a JSON string with ``minLength``/``maxLength`` admitted raw
+  control characters (a TAB inside a string: invalid JSON) and no escapes
+  (mlc-ai/xgrammar#800, fixes still open upstream); and every negated character class (JSON
+  strings, ``[^a]``, a regex's ``.``) admitted U+D800-U+DFFF as 3-byte sequences that are
+  not UTF-8, which byte-level tokenizers can spell and which decode to three U+FFFD. Both
+  are fixed by rewriting xgrammar's own EBNF before compiling it (:func:`_json_schema_grammar`,
+  :func:`_without_surrogates`); a release that no longer prints the faulty rules is left as
+  it is.
 * **Cache**: compiled grammars are kept per (kind, canonical value) in a bounded
   least-recently-used cache (64 by default; a grammar for SmolLM2's 49k vocabulary is about
   1 MB); xgrammar's own unbounded cache is off so that this is the one bound.
