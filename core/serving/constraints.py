@@ -50,6 +50,15 @@ Choices made here, each because it matters for serving:
 * **Strict objects**: for a JSON schema, properties the schema does not declare are not
   generated (xgrammar's ``strict_mode``, OpenAI's ``strict: true``); ``json_object`` allows
   any properties.
+* **Two xgrammar 0.2.8 holes repaired** (found by random walks through grammars, see
+  ``tests/test_constraints.py``): a JSON string with ``minLength``/``maxLength`` admitted raw
+  control characters (a TAB inside a string: invalid JSON) and no escapes
+  (mlc-ai/xgrammar#800, fixes still open upstream); and every negated character class (JSON
+  strings, ``[^a]``, a regex's ``.``) admitted U+D800-U+DFFF as 3-byte sequences that are
+  not UTF-8, which byte-level tokenizers can spell and which decode to three U+FFFD. Both
+  are fixed by rewriting xgrammar's own EBNF before compiling it (:func:`_json_schema_grammar`,
+  :func:`_without_surrogates`); a release that no longer prints the faulty rules is left as
+  it is.
 * **Cache**: compiled grammars are kept per (kind, canonical value) in a bounded
   least-recently-used cache (64 by default; a grammar for SmolLM2's 49k vocabulary is about
   1 MB); xgrammar's own unbounded cache is off so that this is the one bound.
@@ -69,7 +78,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import xgrammar as xgr
+
+try:
+    import xgrammar as xgr
+except ImportError as error:  # pragma: no cover - the serve extra brings it
+    raise ImportError("structured output needs xgrammar: pip install 'plugtune[serve]' (or xgrammar>=0.2.8)") from error
 
 __all__ = [
     "ConstraintCompiler",
@@ -279,15 +292,15 @@ class ConstraintCompiler:
 
     def json_object(self) -> ConstraintFactory:
         """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``), on one line."""
-        return self._get("json_object", None, lambda: self._xgr.compile_json_schema(
-            '{"type": "object"}', any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=False), "JSON object")
+        return self._get("json_object", None, lambda: self._xgr.compile_grammar(_repaired(xgr.Grammar.from_json_schema(
+            '{"type": "object"}', any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=False))), "JSON object")
 
     def regex(self, pattern: str) -> ConstraintFactory:
         """Text that the regular expression matches as a whole (xgrammar's dialect: that of
         JavaScript, without lookaround or backreferences)."""
         if not isinstance(pattern, str) or not pattern:
             raise ValueError("regex: give a non-empty string")
-        return self._get("regex", pattern, lambda: self._xgr.compile_regex(pattern), "regex")
+        return self._get("regex", pattern, lambda: self._xgr.compile_grammar(_repaired(xgr.Grammar.from_regex(pattern))), "regex")
 
     def choice(self, options: Sequence[str]) -> ConstraintFactory:
         """Exactly one of ``options`` (non-empty strings), as written."""
@@ -299,7 +312,7 @@ class ConstraintCompiler:
         """Text of an EBNF grammar in xgrammar's (GBNF-like) syntax, rule ``root`` first."""
         if not isinstance(ebnf, str) or not ebnf.strip():
             raise ValueError("grammar: give an EBNF grammar as a non-empty string")
-        return self._get("grammar", ebnf, lambda: self._xgr.compile_grammar(ebnf), "EBNF grammar")
+        return self._get("grammar", ebnf, lambda: self._xgr.compile_grammar(_repaired(xgr.Grammar.from_ebnf(ebnf))), "EBNF grammar")
 
     # -- the cache ------------------------------------------------------------------------
 
@@ -334,6 +347,50 @@ _JSON_CHARACTER = r' ::= (([^\0-\x1f\"\\]) | ("\\" plugtune_json_escape))'
 _JSON_ESCAPE_RULE = r'plugtune_json_escape ::= (([\"\\/bfnrt]) | ("u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9]))'
 
 
+_SURROGATES = r"\uD800-\uDFFF"
+_ANY_CHARACTER = r"[\0-\U0010ffff]"
+
+
+def _without_surrogates(ebnf: str) -> str:
+    """``ebnf`` with U+D800-U+DFFF taken out of every negated character class and out of
+    "any character" (a regex's ``.``): xgrammar 0.2.8 matches them there as their 3-byte
+    encodings, which are not UTF-8, so a byte-level tokenizer's byte tokens could spell one
+    and the decoded text would hold three U+FFFD instead (breaking ``maxLength`` and the
+    pattern). String literals are left alone."""
+    out: list[str] = []
+    i, n = 0, len(ebnf)
+    while i < n:
+        ch = ebnf[i]
+        if ch == '"':  # a string literal: copy to its closing quote
+            j = i + 1
+            while j < n and ebnf[j] != '"':
+                j += 2 if ebnf[j] == "\\" else 1
+            out.append(ebnf[i:j + 1])
+            i = j + 1
+        elif ch == "[":
+            j = i + 1
+            while j < n and ebnf[j] != "]":
+                j += 2 if ebnf[j] == "\\" else 1
+            cls = ebnf[i:j + 1]
+            if cls == _ANY_CHARACTER:
+                cls = f"[^{_SURROGATES}]"
+            elif cls.startswith("[^") and _SURROGATES not in cls:
+                cls = cls[:-1] + _SURROGATES + "]"
+            out.append(cls)
+            i = j + 1
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _repaired(grammar: xgr.Grammar) -> xgr.Grammar:
+    """``grammar`` without surrogates (:func:`_without_surrogates`), re-parsed."""
+    ebnf = str(grammar)
+    fixed = _without_surrogates(ebnf)
+    return grammar if fixed == ebnf else xgr.Grammar.from_ebnf(fixed)
+
+
 def _json_schema_grammar(text: str) -> xgr.Grammar:
     """xgrammar's grammar for the schema ``text``, one line, strict, with its length-bounded
     strings repaired: xgrammar 0.2.8 lowers a string with ``minLength``/``maxLength`` to a
@@ -346,9 +403,9 @@ def _json_schema_grammar(text: str) -> xgr.Grammar:
     ebnf = str(grammar)
     lines = ebnf.splitlines()
     repaired = [line[: -len(_BARE_CHARACTER)] + _JSON_CHARACTER if line.endswith(_BARE_CHARACTER) else line for line in lines]
-    if repaired == lines:
-        return grammar
-    return xgr.Grammar.from_ebnf("\n".join([*repaired, _JSON_ESCAPE_RULE]))
+    if repaired != lines:
+        grammar = xgr.Grammar.from_ebnf("\n".join([*repaired, _JSON_ESCAPE_RULE]))
+    return _repaired(grammar)
 
 
 def _canonical_schema(schema: Any, field: str) -> str:
