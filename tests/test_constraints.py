@@ -443,3 +443,8 @@ def test_a_compiler_needs_a_stop_token_inside_the_vocabulary() -> None:
     tokenizer = _tiny_bpe_tokenizer()
     with pytest.raises(ValueError, match=r"stop_token_ids \[9999\] outside the vocabulary of 464"):
         ConstraintCompiler(tokenizer, vocab_size=464, stop_token_ids=[9999])
+
+
+def test_a_tokenizer_xgrammar_cannot_read_is_a_one_line_error() -> None:
+    with pytest.raises(ValueError, match=r"^ConstraintCompiler: xgrammar cannot read the tokenizer object .*fast tokenizer$"):
+        ConstraintCompiler(object(), vocab_size=10, stop_token_ids=[1])

@@ -256,7 +256,11 @@ class ConstraintCompiler:
         self.vocab_size = int(vocab_size)
         self.stop_token_ids: tuple[int, ...] = tuple(stops)
         self.cache_size = int(cache_size)
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size, stop_token_ids=stops)
+        try:
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size, stop_token_ids=stops)
+        except (ValueError, RuntimeError, AttributeError) as error:
+            raise ValueError(f"ConstraintCompiler: xgrammar cannot read the tokenizer {type(tokenizer).__name__} "
+                             f"({_one_line(error)}); structured output needs a Hugging Face fast tokenizer") from None
         hidden = self._special_ids(tokenizer) - set(stops)
         if hidden:  # an empty token string is how xgrammar marks a token it never allows
             vocab = [""] * self.vocab_size
