@@ -92,6 +92,24 @@ def _tiny_llama_config(tokenizer: Any, max_positions: int) -> Any:
     )
 
 
+def build_tiny_bpe_llama(path: Path, seed: int = 0, max_positions: int = 256) -> Path:
+    """Write a tiny random Llama with a byte-level BPE tokenizer (a few hundred tokens over
+    the 256 byte symbols, so it can write any text: JSON, digits, punctuation), for tests
+    of structured output and byte-level decoding that a word-level vocabulary cannot spell."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = ['{"name": "Ada", "age": 36, "tags": ["x", "y"]}', '{"kind": "cat", "owner": {"id": 7, "vip": true}}',
+              " ".join(_vocabulary()), "true false null [1, 2, 3] 0 1 2 3 4 5 6 7 8 9 abc-12"] * 20
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", bos_token="<s>")
+    return save_tiny_model(path, LlamaForCausalLM, _tiny_llama_config(tokenizer, max_positions), tokenizer, seed)
+
+
 CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
                    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

@@ -43,6 +43,7 @@ import torch
 
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from plugtune.kernel.errors import DataError
 from plugtune.serving.decoding import pick_tokens
 
 Start = Callable[[int], tuple[Any, int]]  # batch size -> (initial cache or None, its length)
@@ -484,6 +485,11 @@ class DecodeEngine:
         if self.mask_fn is not None and any(c is not None for c in constraints):
             logits = logits.clone()
             self.mask_fn(logits, constraints)
+            for j in (~torch.isfinite(logits).any(-1)).nonzero().flatten().tolist():
+                row = seg.rows[j]  # the grammar allows no token this tokenizer has: it cannot go on
+                row.finish_reason = "error"
+                row.error = DataError("structured output: the grammar allows none of this model's tokens after "
+                                      f"{row.text!r}; its tokenizer cannot write what the grammar asks for")
         temperature = torch.tensor([r.spec.temperature for r in seg.rows], device=logits.device)
         top_p = torch.tensor([r.spec.top_p for r in seg.rows], device=logits.device)
         own = [j for j, r in enumerate(seg.rows) if r.generator is not None and r.spec.temperature > 0]
