@@ -334,6 +334,7 @@ class DecodeEngine:
         events: dict[int, StepEvent] = {}
         self._drop_finished(events)
         self._admit(events)
+        ran = self.running  # rows in this step's forwards
         decoding = [s for s in self.segments if not s.prefilling and s.next_input is not None]
         fed = sum(len(s.rows) for s in decoding)
         budget = self.step_tokens - fed
@@ -350,7 +351,7 @@ class DecodeEngine:
         self._drop_finished(events)
         self._merge_ready()
         self.steps += 1
-        self.last_step_rows = self.running
+        self.last_step_rows = ran
         self.last_step_tokens = fed
         self.largest = max(self.largest, self.last_step_rows)
         return list(events.values())
