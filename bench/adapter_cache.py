@@ -155,18 +155,25 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="plugtune serve --threads (default: its own)")
     parser.add_argument("--dtype", default=None, help="plugtune serve --dtype; passed only when given")
+    parser.add_argument("--cases", default="cached,resident", help="comma-separated: cached, resident (default both)")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     args = parser.parse_args()
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not cases or set(cases) - {"cached", "resident"}:
+        raise SystemExit(f"--cases: give cached, resident or both (got {args.cases!r})")
     if not 1 <= args.max_adapters <= args.adapters:
         raise SystemExit(f"--max-adapters must be between 1 and --adapters ({args.adapters}); got {args.max_adapters}")
     command = "python bench/adapter_cache.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     OUT.mkdir(parents=True, exist_ok=True)
     make_adapters(args.adapters, root=CACHE_ADAPTERS, prefix="cache", seeds=range(1000, 1000 + args.adapters))
     results = {}
-    for cached in (True, False):
-        print(f"[adapter-cache] {'cached' if cached else 'resident'}", file=sys.stderr, flush=True)
-        results["cached" if cached else "resident"] = measure(args, cached)
+    for case in cases:
+        print(f"[adapter-cache] {case}", file=sys.stderr, flush=True)
+        results[case] = measure(args, case == "cached")
         (OUT / "adapter_cache.json").write_text(json.dumps(results, indent=2))
+    if len(results) < 2:
+        print(json.dumps(results, indent=2))
+        return
     text = section(results, args, command)
     print(text)
     if not args.no_write:

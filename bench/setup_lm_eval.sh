@@ -23,10 +23,11 @@ else
     : > "$constraints"
     echo "setup_lm_eval: warning: no main venv at $main; plugtune's dependencies are not pinned to it" >&2
 fi
-if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('lm_eval') != '$version')" 2>/dev/null; then
-    "$venv/bin/python" -m pip install -q -c "$constraints" "lm-eval==$version"
+# The api extra: local-completions needs tenacity, aiohttp and tiktoken.
+if ! "$venv/bin/python" -c "import importlib.metadata as m, sys, tenacity, aiohttp; sys.exit(m.version('lm_eval') != '$version')" 2>/dev/null; then
+    "$venv/bin/python" -m pip install -q -c "$constraints" "lm-eval[api]==$version"
 fi
-# plugtune's own dependencies (the serve extra for httpx-free tests is not needed here) at the main venv's versions.
+# plugtune and its own dependencies, at the main venv's versions.
 if ! "$venv/bin/python" -c "import plugtune, sys; sys.exit(not plugtune.__file__.startswith('$root/'))" 2>/dev/null; then
     "$venv/bin/python" -m pip install -q -c "$constraints" -e "$root"
     rm -rf "$root"/*.egg-info "$root"/core/*.egg-info
