@@ -22,7 +22,8 @@ server's whole process tree (vLLM runs its engine in a child process).
 vLLM runs as its CPU docs recommend: tcmalloc and libiomp preloaded (bench/.venv-vllm/preload.env),
 ``--dtype bfloat16``, a KV cache of ``--vllm-kv-gib`` GiB, OpenMP threads bound to the cores
 it does not reserve for its scheduler process; ``--max-loras`` as many as there are adapters,
-so one batch can hold all of them. ``--vllm-untuned`` drops the preload and the binding.
+so one batch can hold all of them. ``--vllm-untuned``: no preload, ``--dtype auto`` (its
+defaults otherwise).
 """
 
 from __future__ import annotations
@@ -370,7 +371,7 @@ def summary(results: list[dict], server: str) -> dict | None:
 
 def section(results: list[dict], args: argparse.Namespace, command: str) -> str:
     cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}"
-    vllm = "untuned (no preload, no binding)" if args.vllm_untuned else (
+    vllm = f"untuned (no preload, `--dtype {args.vllm_dtype}`)" if args.vllm_untuned else (
         f"tuned as its CPU docs say: tcmalloc and libiomp preloaded, `--dtype {args.vllm_dtype}`, "
         f"`VLLM_CPU_KVCACHE_SPACE={args.vllm_kv_gib}`" + (f", `VLLM_CPU_OMP_THREADS_BIND={args.vllm_bind}`" if args.vllm_bind else ""))
     lines = [
@@ -448,12 +449,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="plugtune serve --threads (default: its own)")
     parser.add_argument("--dtype", default=None, help="plugtune serve --dtype (auto, float32, bfloat16); passed only when given")
     parser.add_argument("--baseline", action="store_true", help="also plugtune with --max-batch 1, once")
-    parser.add_argument("--vllm-dtype", default="bfloat16", help="vLLM --dtype (its CPU docs recommend bfloat16)")
+    parser.add_argument("--vllm-dtype", default=None,
+                        help="vLLM --dtype (default: bfloat16, as its CPU docs recommend; auto with --vllm-untuned)")
     parser.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE in GiB")
     parser.add_argument("--vllm-bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (default: vLLM's auto)")
-    parser.add_argument("--vllm-untuned", action="store_true", help="vLLM without the preload and the binding")
+    parser.add_argument("--vllm-untuned", action="store_true", help="vLLM without the preload, --dtype auto")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     args = parser.parse_args()
+    args.vllm_dtype = args.vllm_dtype or ("auto" if args.vllm_untuned else "bfloat16")
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(servers) - {"plugtune", "vllm"}
     if unknown or not servers:
