@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the adapter picks")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="plugtune serve --threads (default: its own)")
     parser.add_argument("--dtype", default=None, help="plugtune serve --dtype; passed only when given")
     parser.add_argument("--cases", default="cached,resident", help="comma-separated: cached, resident (default both)")

@@ -445,7 +445,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="plugtune serve --threads (default: its own)")
     parser.add_argument("--dtype", default=None, help="plugtune serve --dtype (auto, float32, bfloat16); passed only when given")
     parser.add_argument("--baseline", action="store_true", help="also plugtune with --max-batch 1, once")

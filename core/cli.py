@@ -308,7 +308,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.adapters, base=args.base, adapters_root=args.adapters_root, host=args.host, port=args.port,
           max_batch=args.max_batch, allow_pickle=args.allow_pickle, log_level=args.log_level, threads=args.threads,
-          api_key=os.environ.get("PLUGTUNE_API_KEY"), dtype=args.dtype, max_adapters=args.max_adapters)
+          api_key=os.environ.get("PLUGTUNE_API_KEY"), dtype=args.dtype, max_adapters=args.max_adapters,
+          prefix_cache_bytes=args.prefix_cache_mb * 2**20)
     return 0
 
 
@@ -319,6 +320,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
     check_count(args.max_batch, "--max-batch", most=4096)
     check_count(args.threads, "--threads", most=4096)
     check_count(args.max_adapters, "--max-adapters", most=100_000)
+    check_count(args.prefix_cache_mb, "--prefix-cache-mb", least=0, most=1_000_000)
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -332,12 +334,15 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--max-adapters", type=int, metavar="N",
                    help="most adapters resident at once; the least recently used is unloaded to make room "
                         "(adapters named on the command line stay; default: no limit)")
+    p.add_argument("--prefix-cache-mb", type=int, default=256, metavar="MB",
+                   help="room for prompt prefixes' keys and values: a request that starts like an earlier one on "
+                        "the same adapter feeds only the rest (default 256; 0: off)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights' precision; auto: bf16 where this CPU has native bf16 and a start-up probe "
                         "shows it faster (bf16 on a GPU), fp32 otherwise")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+    p.add_argument("--max-batch", type=int, default=64, metavar="N",
                    help="most rows decoding at once; new requests join the running batch at the next step")
     p.add_argument("--allow-pickle", action="store_true", help="let adapters load pickled (.bin) weights; only for files you trust")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's; 1 suits a shared machine)")

@@ -195,3 +195,24 @@ def test_slab_layer_grows_in_place_and_keeps_values():
 def test_rows_must_have_a_prompt(host):
     with pytest.raises(ValueError, match="at least one prompt token"):
         host.decode_engine().add(RowSpec([]))
+
+
+def test_the_prefix_cache_feeds_only_what_a_prompt_adds_and_answers_as_alone(host):
+    """Prompts sharing a 32-token start on one adapter: the second and later feed only their
+    own tail (the cache holds whole 16-token blocks, never the last token), answers equal to
+    decoding without the cache; another adapter or a reload never shares entries."""
+    start = " ".join(["question : what is the colour of the sky ?"] * 4)
+    prompts = [start + " answer :", start + " and the sea ? answer :", start + " answer :"]
+    engine = host.decode_engine(max_rows=4, prefix_cache_bytes=2**24)
+    rows = []
+    for p, name in zip(prompts, ["a", "a", None]):
+        rows.append(engine.add(RowSpec(ids(host, p), name, 6, ignore_eos=True)))
+        run(engine)
+    assert engine.prefix_hits == 32  # the second row reused the first's two blocks; the base row shares nothing
+    assert [r.generated for r in rows] == [alone(host, p, n, 6).generated for p, n in zip(prompts, ["a", "a", None])]
+    again = engine.add(RowSpec(ids(host, prompts[0]), "a", 6, ignore_eos=True))
+    mixed = engine.add(RowSpec(ids(host, prompts[1]), "b", 6, ignore_eos=True))
+    run(engine)
+    assert engine.prefix_hits == 64 and again.generated == rows[0].generated
+    assert mixed.generated == alone(host, prompts[1], "b", 6).generated
+    assert host.prefix_key("a") != host.prefix_key("b") and host.prefix_key(None) == ("base", 0)

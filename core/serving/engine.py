@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,6 +232,56 @@ def merge_caches(caches: list[Any], lengths: list[int], template: Any) -> Any:
     return template
 
 
+class PrefixCache:
+    """Keys and values of prompt prefixes already computed, per adapter, in whole blocks of
+    :data:`BLOCK` tokens (as vLLM's automatic prefix caching): a request whose prompt starts
+    like an earlier one's on the same adapter feeds only the rest. Entries are kept least
+    recently used first and dropped past ``budget_bytes``. ``owner`` names the weights the
+    values came from (the adapter and its load), so an adapter reloaded under the same name
+    never meets its predecessor's entries. At least the prompt's last token is always fed:
+    its logits give the first new token."""
+
+    BLOCK = 16
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.bytes = 0
+        self.entries: OrderedDict[tuple[Any, tuple[int, ...]], tuple[list[torch.Tensor], list[torch.Tensor], int]] = OrderedDict()
+
+    def _lengths(self, prompt: Sequence[int]) -> range:
+        """The block lengths a prompt can hit or store, longest first (never the last token)."""
+        top = (len(prompt) - 1) // self.BLOCK * self.BLOCK
+        return range(top, 0, -self.BLOCK)
+
+    def lookup(self, owner: Any, prompt: Sequence[int]) -> tuple[int, Any]:
+        for n in self._lengths(prompt):
+            entry = self.entries.get((owner, tuple(prompt[:n])))
+            if entry is not None:
+                self.entries.move_to_end((owner, tuple(prompt[:n])))
+                return n, entry
+        return 0, None
+
+    def wants(self, owner: Any, prompt: Sequence[int]) -> bool:
+        lengths = self._lengths(prompt)
+        return bool(lengths) and (owner, tuple(prompt[: lengths[0]])) not in self.entries
+
+    def store(self, owner: Any, prompt: Sequence[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Keep the prompt's block prefixes (one copy of its keys and values, shared by all)."""
+        per_token = sum(k.nbytes + v.nbytes for k, v in zip(keys, values)) // max(1, keys[0].shape[2])
+        for n in self._lengths(prompt):
+            key = (owner, tuple(prompt[:n]))
+            if key not in self.entries:
+                self.entries[key] = (keys, values, n * per_token)
+                self.bytes += n * per_token
+        while self.bytes > self.budget and self.entries:
+            _, (_, _, size) = self.entries.popitem(last=False)
+            self.bytes -= size
+
+    def forget(self, owner_test: Callable[[Any], bool]) -> None:
+        for key in [k for k in self.entries if owner_test(k[0])]:
+            self.bytes -= self.entries.pop(key)[2]
+
+
 @dataclass
 class Segment:
     """Rows of one group that share a KV cache: the group's decode batch, or rows still
@@ -267,7 +317,8 @@ class DecodeEngine:
                  parts: Callable[[Any], GroupParts], eos: Collection[int], pad: int, device: torch.device,
                  max_rows: int = 16, step_tokens: int = 512, chunk_tokens: int = 256,
                  mask_fn: Callable[[torch.Tensor, list[Any]], None] | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, prefix_key: Callable[[str | None], Any] | None = None,
+                 prefix_cache_bytes: int = 0) -> None:
         self.tokenizer = tokenizer
         self.group_key = group_key
         self.parts = parts
@@ -283,6 +334,9 @@ class DecodeEngine:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
+        self.prefix_key = prefix_key or (lambda adapter: None)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_key is not None and prefix_cache_bytes > 0 else None
+        self.prefix_hits = 0  # prompt tokens taken from the prefix cache instead of fed
         self.waiting: deque[Row] = deque()
         self.segments: list[Segment] = []
         self._ids = itertools.count()
@@ -387,19 +441,71 @@ class DecodeEngine:
 
     def _new_segment(self, key: Any, parts: GroupParts, rows: list[Row]) -> Segment:
         """A segment for ``rows``: their prompts left-padded to one width, all still to feed,
-        after the group's start (a prefix adapter's virtual tokens) where it has one."""
+        after the group's start (a prefix adapter's virtual tokens) where it has one, or after
+        the longest prompt prefix each row finds in the prefix cache (its keys and values
+        copied in; the mask keeps the rows' cached and fed parts apart)."""
         prompts = [self._input(r) for r in rows]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        hits = [self._cached_prefix(r, p, parts) for r, p in zip(rows, prompts)]
+        rest = [p[n:] for p, (n, _) in zip(prompts, hits)]
+        width = max(len(p) for p in rest)
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in rest], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rest], device=self.device)
         cache, offset = None, 0
         if parts.start is not None:
             with parts.activate([r.spec.adapter for r in rows]):
                 cache, offset = parts.start(len(rows))
-        if offset:
+        elif any(n for n, _ in hits):
+            cache, offset = self._cache_from_hits(hits, parts.model)
+            held = torch.tensor([[0] * (offset - n) + [1] * n for n, _ in hits], device=self.device)
+            mask = torch.cat([held, mask], dim=1)
+        if offset and parts.start is not None:
             mask = torch.cat([mask.new_ones(len(rows), offset), mask], dim=1)
+        self.prefix_hits += sum(n for n, _ in hits)
         return Segment(key, parts, rows, mask, torch.full((len(rows),), offset, device=self.device),
                        cache=slab_cache(cache, parts.model), cached=offset, pending=ids, offset=offset, width=width)
+
+    def _cached_prefix(self, row: Row, prompt: list[int], parts: GroupParts) -> tuple[int, Any]:
+        """How many of ``prompt``'s first tokens the prefix cache holds for this row's
+        adapter, and their keys and values (``0, None`` for none). Never for rows that score
+        their prompt (``echo``: every position's logits are needed) or groups with a start."""
+        if self.prefix_cache is None or parts.start is not None or row.spec.prompt_logprobs:
+            return 0, None
+        owner = self.prefix_key(row.spec.adapter)
+        return (0, None) if owner is None else self.prefix_cache.lookup(owner, prompt)
+
+    def _cache_from_hits(self, hits: list[tuple[int, Any]], model: torch.nn.Module) -> tuple[Any, int]:
+        """A cache for rows that found cached prefixes: each row's keys and values
+        right-aligned (left-padded with zeros, masked) to the longest hit."""
+        width = max(n for n, _ in hits)
+        template = next(entry for n, entry in hits if n)
+        fresh = slab_cache(None, model)
+        for layer_index, layer in enumerate(_layers(fresh)):
+            k0, v0 = template[0][layer_index], template[1][layer_index]
+            keys, values = [], []
+            for n, entry in hits:
+                k = entry[0][layer_index][:, :, :n] if n else k0.new_zeros(1, k0.shape[1], 0, k0.shape[3])
+                v = entry[1][layer_index][:, :, :n] if n else v0.new_zeros(1, v0.shape[1], 0, v0.shape[3])
+                pad = width - n
+                keys.append(torch.cat([k.new_zeros(1, k.shape[1], pad, k.shape[3]), k], dim=2) if pad else k)
+                values.append(torch.cat([v.new_zeros(1, v.shape[1], pad, v.shape[3]), v], dim=2) if pad else v)
+            layer._store(torch.cat(keys), torch.cat(values), room=self.chunk_tokens if self.chunk_tokens < 4096 else 64)
+        return fresh, width
+
+    def _remember_prefixes(self, seg: Segment) -> None:
+        """After a segment's prompts are fed: keep each row's prompt keys and values in the
+        prefix cache (whole blocks of it), for later requests that start alike."""
+        if self.prefix_cache is None or seg.parts.start is not None or not _is_slab(seg.cache):
+            return
+        layers = _layers(seg.cache)
+        for j, row in enumerate(seg.rows):
+            owner = self.prefix_key(row.spec.adapter)
+            prompt = self._input(row)
+            if owner is None or not self.prefix_cache.wants(owner, prompt):
+                continue
+            real = seg.mask[j, : seg.cached].nonzero().flatten()  # this row's cached positions, in order
+            keys = [layer.keys[j: j + 1].index_select(2, real) for layer in layers]
+            values = [layer.values[j: j + 1].index_select(2, real) for layer in layers]
+            self.prefix_cache.store(owner, prompt, keys, values)
 
     @staticmethod
     def _input(row: Row) -> list[int]:
@@ -447,6 +553,7 @@ class DecodeEngine:
             self._prompt_logprobs(seg, logits, before - seg.offset)
         if last:
             seg.positions = positions[:, -1] + 1
+            self._remember_prefixes(seg)
             self._choose(seg, logits[:, -1, :], events)
 
     def _prompt_logprobs(self, seg: Segment, logits: torch.Tensor, first_column: int) -> None:

@@ -67,6 +67,7 @@ class HostedAdapter:
     size_bytes: int
     task: Task  # built once from the manifest's task record (its chat template included)
     end_of_turn: frozenset[int] = frozenset()  # tokens that end its turns besides EOS (a chat task's)
+    serial: int = 0  # which load of this host it came from (a reload under the same name is another)
 
 
 class AdapterHost:
@@ -84,6 +85,7 @@ class AdapterHost:
         # wrapper, the base values a full-weight delta overwrote) for all its adapters.
         self.handlers: dict[type, Any] = {}
         self.precision: Any = None  # how the serving dtype was chosen (plugtune serve --dtype), if it was
+        self._loads = 0
         base.model.eval()
 
     @property
@@ -175,7 +177,9 @@ class AdapterHost:
         if runner is not self.base.model:
             runner.eval()
         end_of_turn = frozenset(task.end_of_turn_ids(self.tokenizer)) if isinstance(task, RendersChat) else frozenset()
-        self.adapters[name] = HostedAdapter(name, Path(directory), m, handler, runner, adapter.size_bytes, task, end_of_turn)
+        self._loads += 1
+        self.adapters[name] = HostedAdapter(name, Path(directory), m, handler, runner, adapter.size_bytes, task, end_of_turn,
+                                            self._loads)
         return name
 
     def unload(self, name: str) -> None:
@@ -407,15 +411,26 @@ class AdapterHost:
             return GroupParts(model, lambda names: self.using(name), start)
         return GroupParts(hosted.runner, lambda names: self.using(name))
 
+    def prefix_key(self, name: str | None) -> Any:
+        """Whose keys and values a prompt prefix has on adapter ``name`` (for the engine's
+        prefix cache): the adapter and its load, so a reload under the same name starts
+        afresh; ``None`` (no caching) while an adapter is merged into the base weights."""
+        if self.merged is not None:
+            return None
+        return ("base", 0) if name is None else (name, self._get(name).serial)
+
     def decode_engine(self, *, max_rows: int = 16, step_tokens: int = 512, chunk_tokens: int = 256,
-                      mask_fn: Any = None, seed: int | None = None) -> DecodeEngine:
+                      mask_fn: Any = None, seed: int | None = None, prefix_cache_bytes: int = 0) -> DecodeEngine:
         """A continuous-batching :class:`~plugtune.serving.engine.DecodeEngine` over this
-        host's adapters (the server runs one; :meth:`stream` makes one per call)."""
+        host's adapters (the server runs one; :meth:`stream` makes one per call).
+        ``prefix_cache_bytes``: room for prompt prefixes' keys and values, reused by later
+        requests that start alike on the same adapter (0: none)."""
         eos = eos_ids(self.tokenizer, self.base.model.generation_config)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos, default=0)
         return DecodeEngine(self.tokenizer, group_key=self.group_key, parts=self.group_parts, eos=eos, pad=pad,
                             device=self._device(), max_rows=max_rows, step_tokens=step_tokens,
-                            chunk_tokens=chunk_tokens, mask_fn=mask_fn, seed=seed)
+                            chunk_tokens=chunk_tokens, mask_fn=mask_fn, seed=seed, prefix_key=self.prefix_key,
+                            prefix_cache_bytes=prefix_cache_bytes)
 
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         """A prompt's token ids (ids are used as given); an empty prompt starts from the BOS

@@ -63,6 +63,9 @@ BASE_ALIAS = "base"
 DEFAULT_BATCH_WINDOW_S = 0.005
 DEFAULT_STEP_TOKENS = 512
 """Tokens one engine step feeds at most (the running rows' decode tokens, then prompt chunks)."""
+DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20
+"""Room for prompt prefixes' keys and values (requests that start alike on one adapter feed
+only the rest; ``--prefix-cache-mb``)."""
 DEFAULT_CHUNK_TOKENS = 128
 """Most prompt tokens one row feeds in a step: a long prompt is prefilled over several steps
 while the running rows keep decoding."""
@@ -296,7 +299,7 @@ class BatchWorker:
 
     def __init__(self, host: Any, *, max_batch: int = 16, window_s: float = DEFAULT_BATCH_WINDOW_S,
                  step_tokens: int = DEFAULT_STEP_TOKENS, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 mask_fn: Any = None, observer: Any = None) -> None:
+                 mask_fn: Any = None, observer: Any = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
         if max_batch < 1:
             raise PlugtuneError(f"max_batch must be at least 1 (got {max_batch})")
         self.host = host
@@ -308,7 +311,8 @@ class BatchWorker:
         self.prepare: Any = None
         self.observer = observer  # metrics: called with each step's figures and rows' first tokens and ends
         self.engine = None if host.task.is_classification else host.decode_engine(
-            max_rows=max_batch, step_tokens=step_tokens, chunk_tokens=chunk_tokens, mask_fn=mask_fn)
+            max_rows=max_batch, step_tokens=step_tokens, chunk_tokens=chunk_tokens, mask_fn=mask_fn,
+            prefix_cache_bytes=prefix_cache_bytes)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._held: collections.deque[Job] = collections.deque()  # jobs that could not join yet
         self._jobs: dict[int, Job] = {}  # engine row id -> job
@@ -573,7 +577,8 @@ class Service:
                  window_s: float = DEFAULT_BATCH_WINDOW_S, default_chat_tokens: int = 256,
                  api_key: str | None = None, limits: RequestLimits | None = None,
                  max_adapters: int | None = None, pinned: Sequence[str] = (),
-                 step_tokens: int = DEFAULT_STEP_TOKENS, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+                 step_tokens: int = DEFAULT_STEP_TOKENS, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
         self.host = host
         self.adapters_root = Path(adapters_root).resolve()
         self.base_name = base_name or str(host.base.info.id)
@@ -583,7 +588,8 @@ class Service:
         self.limits = limits or RequestLimits.from_env()
         self.metrics = ServingMetrics()
         self.worker = BatchWorker(host, max_batch=max_batch, window_s=window_s, step_tokens=step_tokens,
-                                  chunk_tokens=chunk_tokens, mask_fn=_mask_fn(), observer=WorkerObserver(self.metrics))
+                                  chunk_tokens=chunk_tokens, mask_fn=_mask_fn(), observer=WorkerObserver(self.metrics),
+                                  prefix_cache_bytes=prefix_cache_bytes)
         # adapters under the root load on first request; at most max_adapters stay resident
         self.cache = AdapterCache(host, self.adapters_root, max_adapters=max_adapters, pinned=pinned,
                                   allow_pickle=allow_pickle)
@@ -1479,7 +1485,8 @@ def running(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "
 def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, adapters_root: str | Path = "adapters",
           host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, allow_pickle: bool = False,
           log_level: str = "info", threads: int | None = None, api_key: str | None = None,
-          dtype: str = "auto", max_adapters: int | None = None) -> None:
+          dtype: str = "auto", max_adapters: int | None = None,
+          prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
     """Load the host and serve it until interrupted (``plugtune serve``). ``threads``: torch's
     CPU threads (on a CPU shared with other work, 1 avoids threads waiting on each other);
     ``api_key``: require ``Authorization: Bearer KEY`` on every endpoint but /health."""
@@ -1504,5 +1511,5 @@ def serve(adapter_dirs: Sequence[str | Path] = (), *, base: str | None = None, a
     print(f"plugtune serve: precision {model_host.precision.reason}", file=sys.stderr, flush=True)
     service = Service(model_host, adapters_root=adapters_root, max_batch=max_batch, base_name=base,
                       allow_pickle=allow_pickle, api_key=api_key, limits=limits, max_adapters=max_adapters,
-                      pinned=list(model_host.adapters))
+                      pinned=list(model_host.adapters), prefix_cache_bytes=prefix_cache_bytes)
     uvicorn.run(create_app(service), host=host, port=port, log_level=log_level)
