@@ -58,6 +58,11 @@ ROOT_FIX = "use another adapters root (--adapters-root)"
 """The way out :func:`adapter_folder`'s messages suggest, unless told another."""
 
 
+READS_HELD = 64
+"""Prefetched reads kept for requests that have not joined yet (more when ``max_adapters`` is
+large); the oldest is dropped past it, and its request then reads on joining."""
+
+
 class AdapterPathError(AdapterError):
     """An adapter name or path that does not lead to a folder inside the root. ``status``: the
     HTTP status a server answers with (400 malformed, 403 outside the root, 404 not there)."""
@@ -202,6 +207,13 @@ class AdapterCache:
             read = self._reads.get(name)
             return name in self.host.adapters or (read is not None and read.done())
 
+    def reading(self, name: str) -> bool:
+        """Whether a prefetched read of ``name`` is still under way (its request can wait a
+        step for it rather than read on the model thread)."""
+        with self._lock:
+            read = self._reads.get(name)
+            return read is not None and not read.done()
+
     def on_event(self, fn: Callable[[str, str], None]) -> None:
         """Call ``fn(kind, name)`` after each load (``"load"``) and eviction (``"evict"``),
         on the thread that called :meth:`ensure`; an exception it raises is logged."""
@@ -222,7 +234,7 @@ class AdapterCache:
             if read is None or (read.done() and read.exception() is not None):
                 read = self._reads[name] = self._pool.submit(self._read, name)
             self._reads.move_to_end(name)
-            while len(self._reads) > max(8, self.max_adapters or 0):  # reads nobody came for
+            while len(self._reads) > max(READS_HELD, 4 * (self.max_adapters or 0)):  # reads nobody came for
                 self._reads.popitem(last=False)
             return read
 

@@ -648,16 +648,12 @@ class DecodeEngine:
                     return
                 if spec.constraint.finished:
                     reason = "stop"
-            if reason is None and len(row.generated) >= self._budget(row):
+            if reason is None and len(row.generated) >= spec.max_new_tokens:
                 reason = "length"
         event.first = event.first or first
         event.text += self._emit(row, reason)
         if row.finish_reason is not None:
             event.finished = row.finish_reason
-
-    @staticmethod
-    def _budget(row: Row) -> int:
-        return row.spec.max_new_tokens
 
     def _emit(self, row: Row, reason: str | None) -> str:
         """The row's new visible text; holds back what may be the start of a stop string or

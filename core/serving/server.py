@@ -659,10 +659,9 @@ class Service:
         adapter is in use or pinned); the job waits for a later step, and the batch runs on."""
         if job.adapter is None:
             return True
-        if not self.cache.ready(job.adapter):
-            self.cache.prefetch(job.adapter)
+        if self.cache.reading(job.adapter):  # its files are being read: the batch runs on meanwhile
             return False
-        try:
+        try:  # resident, read, or (its read dropped) read now
             self.cache.ensure(job.adapter, in_use=self.worker.in_use())
         except CacheFullError:
             return False
@@ -782,9 +781,14 @@ class Service:
     def count_all(self, texts: list[str | list[int]]) -> list[int]:
         """Each prompt's token count, a prompt being text or token ids (call it through
         :meth:`off_loop`)."""
+        return [len(ids) for ids in self.encode_all(texts)]
+
+    def encode_all(self, texts: list[str | list[int]]) -> list[list[int]]:
+        """Each prompt's token ids (ids are kept as given), so that the model thread never
+        tokenizes (call it through :meth:`off_loop`)."""
         words = [t for t in texts if isinstance(t, str)]
-        counts = iter([len(ids) for ids in self.tokenizer(words)["input_ids"]] if words else [])
-        return [next(counts) if isinstance(t, str) else len(t) for t in texts]
+        encoded = iter(self.tokenizer(words)["input_ids"] if words else [])
+        return [list(next(encoded)) if isinstance(t, str) else list(t) for t in texts]
 
     def check_budget(self, texts: Sequence[str], field: str) -> None:
         """The request's count of texts and their total characters against :attr:`limits`,
@@ -1089,7 +1093,8 @@ def create_app(service: Service) -> Any:
     async def generate(request: Request, texts: list[str | list[int]], adapter: str | None, sampling: _Sampling,
                        max_tokens: int | None, chat: bool, model_name: str, body: dict[str, Any]) -> Any:
         """``max_tokens`` ``None``: as much as the context leaves, up to the chat default."""
-        prompt_tokens = await service.off_loop(service.count_all, texts)
+        encoded = await service.off_loop(service.encode_all, texts)
+        prompt_tokens = [len(ids) for ids in encoded]
         if max_tokens is None:
             room = (service.context_length or 0) - max(prompt_tokens)
             max_tokens = max(1, min(service.default_chat_tokens, room)) if service.context_length else service.default_chat_tokens
@@ -1098,7 +1103,7 @@ def create_app(service: Service) -> Any:
                 raise ApiError(400, "the prompt is empty: it encodes to no tokens", param="prompt")
             service.check_length(n, max_tokens)
         constraint = await service.off_loop(service.constraint, body, adapter)
-        events, jobs = submit("generate", texts, adapter, sampling, max_tokens, constraint)
+        events, jobs = submit("generate", encoded, adapter, sampling, max_tokens, constraint)
         early = await unless_disconnected(request, jobs, started(events, jobs))
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
