@@ -80,7 +80,8 @@ def start_server(adapter: Path, base: str, log: Path) -> tuple[subprocess.Popen,
     python = ROOT / ".venv" / "bin" / "python"
     port = free_port()
     command = [str(python if python.is_file() else sys.executable), "-m", "plugtune.cli", "serve", str(adapter),
-               "--base", base, "--adapters-root", str(adapter.parent), "--port", str(port), "--log-level", "warning"]
+               "--base", base, "--adapters-root", str(adapter.parent), "--port", str(port), "--log-level", "warning",
+               "--dtype", "float32"]  # as the harness model loads the base: the same numbers are expected
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
         fh.write("$ " + shlex.join(command) + "\n")

@@ -33,7 +33,9 @@ def test_completion_logprobs_are_the_models(client, host):
     assert choice["text"] == alone(host, SKY, "alpha", 5)[0]
     lp = choice["logprobs"]
     assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
-    assert "".join(lp["tokens"]).strip() == choice["text"].strip()
+    stopped = choice["finish_reason"] == "stop"  # the end-of-sequence token is listed last, not in the text
+    assert "".join(lp["tokens"][:-1] if stopped else lp["tokens"]).strip() == choice["text"].strip()
+    assert not stopped or lp["tokens"][-1] == host.tokenizer.eos_token
     prompt = host.tokenizer(SKY)["input_ids"]
     generated = host.tokenizer(choice["text"], add_special_tokens=False)["input_ids"]
     logp = forward_logprobs(host, prompt + generated, "alpha")
@@ -63,6 +65,19 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(client, host):
         assert lp["token_logprobs"][1: len(prompt)] == pytest.approx(want, abs=1e-4)
         assert body["choices"][0]["text"].startswith(host.tokenizer.decode(prompt))
         assert body["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_echo_with_a_stop_token_still_reports_its_logprob(client, host):
+    """A completion that ends at end-of-sequence lists that token's logprob last (its text is
+    not in the answer): lm-eval drops the last entry as the generated one."""
+    prompt = host.tokenizer(SKY)["input_ids"]
+    body = client.post("/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                "echo": True, "logprobs": 1}).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(prompt) + body["usage"]["completion_tokens"] + 1
+    assert lp["tokens"][-1] == host.tokenizer.eos_token
 
 
 def test_chat_logprobs_and_top_logprobs(client, host):

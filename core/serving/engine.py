@@ -632,8 +632,11 @@ class DecodeEngine:
         first = not row.generated and not row.tokens
         ends = (not spec.ignore_eos and token in self.eos) or token in spec.stop_ids
         reason = None
-        if ends:
+        if ends:  # the stop token is not text, but its logprob is reported (as vLLM does; lm-eval reads it)
             reason = "stop"
+            if info is not None:
+                row.tokens.append(info)
+                event.tokens.append(info)
         else:
             row.generated.append(token)
             if info is not None:
