@@ -780,6 +780,11 @@ class TextStream(Iterator[list[str]]):
         return [r.completion_tokens for r in self.rows]
 
     @property
+    def generated(self) -> list[list[int]]:
+        """Each row's generated token ids (an end-of-sequence token that stopped it excluded)."""
+        return [r.generated for r in self.rows]
+
+    @property
     def prompt_tokens(self) -> list[int]:
         return [r.prompt_tokens for r in self.rows]
 
