@@ -4,7 +4,7 @@
     python bench/decode_profile.py                  # fp32 and bf16, 1 thread
     python bench/decode_profile.py --threads 2 --profile
 
-Reports milliseconds per decode step (median over ``--steps`` steps after the prefill) for
+Reports the matrix products' rate at a projection's and the LM head's shapes, milliseconds per decode step (median over ``--steps`` steps after the prefill) for
 fp32 and bf16 weights, the greedy answers' agreement between the two, and with
 ``--profile`` the top operators of one step (torch.profiler). The weights' bytes read per
 step and the step time give the achieved memory bandwidth, beside what
@@ -37,6 +37,21 @@ def copy_bandwidth(megabytes: int = 256) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - start)
     return 2 * src.nbytes / min(times) / 1e9
+
+
+def matmul_rates(rows: int) -> None:
+    """GFLOP/s of one projection shape and of the LM head at ``rows`` rows, fp32 and bf16."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for n_out in (1536, 49152):
+            x, w = torch.randn(rows, 576, dtype=dtype), torch.randn(n_out, 576, dtype=dtype)
+            torch.nn.functional.linear(x, w)
+            repeats = 50 if n_out < 10_000 else 5
+            start = time.perf_counter()
+            for _ in range(repeats):
+                torch.nn.functional.linear(x, w)
+            seconds = (time.perf_counter() - start) / repeats
+            print(f"  {str(dtype).removeprefix('torch.')} {rows} x 576 x {n_out}: {seconds * 1000:.2f} ms, "
+                  f"{2 * rows * 576 * n_out / seconds / 1e9:.0f} GFLOP/s")
 
 
 def measure(dtype: torch.dtype, adapters: list[Path], rows: int, steps: int, profile: bool) -> tuple[float, list[list[int]], int]:
@@ -90,6 +105,7 @@ def main() -> None:
     adapters = make_adapters(4)
     print(f"native bf16: {native_bf16()}; probe: {choose_cpu_dtype(576, 1536, rows=args.rows).reason}")
     print(f"copy bandwidth: {copy_bandwidth():.1f} GB/s")
+    matmul_rates(args.rows)
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         ms, answers, weight_bytes = measure(dtype, adapters, args.rows, args.steps, args.profile)

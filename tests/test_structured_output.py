@@ -20,7 +20,7 @@ from plugtune.plugins.methods.lora import random_lora_adapter
 from plugtune.serving.host import AdapterHost
 from plugtune.serving.server import Service, create_app, running
 from plugtune.testing import build_tiny_bpe_llama
-from test_server import SKY, assert_error
+from test_server import SKY, assert_error, client  # noqa: F401 (client: this module's url)
 
 PROMPT = "pet:"
 
@@ -52,12 +52,6 @@ def url(tmp_path_factory, bpe_llama):
     service = Service(host, adapters_root=tmp_path_factory.mktemp("none"), max_batch=16, base_name="tiny")
     with running(create_app(service)) as base_url:
         yield base_url
-
-
-@pytest.fixture
-def client(url):
-    with httpx.Client(base_url=url, timeout=120) as c:
-        yield c
 
 
 def test_a_hundred_json_schema_requests_all_validate(url):

@@ -10,32 +10,20 @@ per row are spread by :func:`as_list` and :func:`stops_per_row`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-Start = Callable[[int], tuple[Any, int]]  # batch size -> (initial cache or None, its length)
-
-
-def no_prefix(batch_size: int) -> tuple[Any, int]:
-    return None, 0
-
-
 @dataclass
 class DecodeGroup:
-    """Rows decoded by one forward per step."""
+    """Rows that share one forward (scoring, classifying, logits): ``activate(rows)`` puts
+    their adapter(s) in place for ``model``."""
 
-    rows: list[int]  # the request rows still decoding in this group (finished rows leave the batch)
-    model: torch.nn.Module  # a transformers causal LM (takes cache, position_ids)
-    activate: Callable[[list[int]], contextlib.AbstractContextManager[Any]]  # puts these rows' adapter(s) in place
-    start: Start = no_prefix  # an initial cache (prefix tuning's virtual tokens), made with the group's adapter active
-    # decoding state
-    input_ids: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-    cache: Any = None
+    rows: list[int]
+    model: torch.nn.Module
+    activate: Callable[[list[int]], contextlib.AbstractContextManager[Any]]
 
 
 def as_list(value: Any, n: int, what: str, cast: Callable[[Any], Any] = float) -> list[Any]:

@@ -211,23 +211,29 @@ def _layers(cache: Any) -> list[Any]:
     return list(getattr(cache, "layers", []))
 
 
+def right_aligned(blocks: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """Key or value blocks ``(rows, heads, n_i, dim)`` side by side in one batch, each
+    left-padded with zeros to ``width`` positions (the rows' masks keep the padding out)."""
+    padded = [b if b.shape[2] == width else
+              torch.cat([b.new_zeros(b.shape[0], b.shape[1], width - b.shape[2], b.shape[3]), b], dim=2) for b in blocks]
+    return torch.cat(padded)
+
+
+def left_padded(rows: Sequence[Sequence[int]], width: int, pad: int) -> list[list[int]]:
+    """Each list of ``rows`` with ``pad`` in front up to ``width`` (prompts, and their masks)."""
+    return [[pad] * (width - len(r)) + list(r) for r in rows]
+
+
 def merge_caches(caches: list[Any], lengths: list[int], template: Any) -> Any:
     """One cache holding the rows of ``caches`` (each of cached length ``lengths[i]``) side by
-    side, shorter ones left-padded with zeros (the rows' masks keep them out). ``template``
-    is one of them: it becomes the merged cache."""
+    side, shorter ones right-aligned (:func:`right_aligned`). ``template`` is one of them: it
+    becomes the merged cache."""
     width = max(lengths)
-    for layer_index, layer in enumerate(_layers(template)):
-        parts_k, parts_v = [], []
-        for cache, n in zip(caches, lengths):
-            src = _layers(cache)[layer_index]
-            k, v = src.keys, src.values
-            if n < width:
-                k = torch.cat([k.new_zeros(k.shape[0], k.shape[1], width - n, k.shape[3]), k], dim=2)
-                v = torch.cat([v.new_zeros(v.shape[0], v.shape[1], width - n, v.shape[3]), v], dim=2)
-            parts_k.append(k)
-            parts_v.append(v)
+    for layer_index in range(len(_layers(template))):
+        sources = [_layers(cache)[layer_index] for cache in caches]
         merged = SlabLayer()
-        merged._store(torch.cat(parts_k), torch.cat(parts_v), room=32)
+        merged._store(right_aligned([l.keys for l in sources], width), right_aligned([l.values for l in sources], width),
+                      room=32)
         template.layers[layer_index] = merged
     return template
 
@@ -277,9 +283,6 @@ class PrefixCache:
             _, (_, _, size) = self.entries.popitem(last=False)
             self.bytes -= size
 
-    def forget(self, owner_test: Callable[[Any], bool]) -> None:
-        for key in [k for k in self.entries if owner_test(k[0])]:
-            self.bytes -= self.entries.pop(key)[2]
 
 
 @dataclass
@@ -448,15 +451,15 @@ class DecodeEngine:
         hits = [self._cached_prefix(r, p, parts) for r, p in zip(rows, prompts)]
         rest = [p[n:] for p, (n, _) in zip(prompts, hits)]
         width = max(len(p) for p in rest)
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in rest], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rest], device=self.device)
+        ids = torch.tensor(left_padded(rest, width, self.pad), device=self.device)
+        mask = torch.tensor(left_padded([[1] * len(p) for p in rest], width, 0), device=self.device)
         cache, offset = None, 0
         if parts.start is not None:
             with parts.activate([r.spec.adapter for r in rows]):
                 cache, offset = parts.start(len(rows))
         elif any(n for n, _ in hits):
             cache, offset = self._cache_from_hits(hits, parts.model)
-            held = torch.tensor([[0] * (offset - n) + [1] * n for n, _ in hits], device=self.device)
+            held = torch.tensor(left_padded([[1] * n for n, _ in hits], offset, 0), device=self.device)
             mask = torch.cat([held, mask], dim=1)
         if offset and parts.start is not None:
             mask = torch.cat([mask.new_ones(len(rows), offset), mask], dim=1)
@@ -474,21 +477,15 @@ class DecodeEngine:
         return (0, None) if owner is None else self.prefix_cache.lookup(owner, prompt)
 
     def _cache_from_hits(self, hits: list[tuple[int, Any]], model: torch.nn.Module) -> tuple[Any, int]:
-        """A cache for rows that found cached prefixes: each row's keys and values
-        right-aligned (left-padded with zeros, masked) to the longest hit."""
+        """A cache for rows that found cached prefixes: each row's first ``n`` keys and values
+        (none for a row without a hit), right-aligned to the longest hit."""
         width = max(n for n, _ in hits)
         template = next(entry for n, entry in hits if n)
         fresh = slab_cache(None, model)
-        for layer_index, layer in enumerate(_layers(fresh)):
-            k0, v0 = template[0][layer_index], template[1][layer_index]
-            keys, values = [], []
-            for n, entry in hits:
-                k = entry[0][layer_index][:, :, :n] if n else k0.new_zeros(1, k0.shape[1], 0, k0.shape[3])
-                v = entry[1][layer_index][:, :, :n] if n else v0.new_zeros(1, v0.shape[1], 0, v0.shape[3])
-                pad = width - n
-                keys.append(torch.cat([k.new_zeros(1, k.shape[1], pad, k.shape[3]), k], dim=2) if pad else k)
-                values.append(torch.cat([v.new_zeros(1, v.shape[1], pad, v.shape[3]), v], dim=2) if pad else v)
-            layer._store(torch.cat(keys), torch.cat(values), room=self.chunk_tokens if self.chunk_tokens < 4096 else 64)
+        for i, layer in enumerate(_layers(fresh)):
+            keys = [entry[0][i][:, :, :n] if n else template[0][i][:, :, :0] for n, entry in hits]
+            values = [entry[1][i][:, :, :n] if n else template[1][i][:, :, :0] for n, entry in hits]
+            layer._store(right_aligned(keys, width), right_aligned(values, width), room=32)
         return fresh, width
 
     def _remember_prefixes(self, seg: Segment) -> None:
@@ -704,7 +701,7 @@ class DecodeEngine:
                 layer.batch_select_indices(index)
         # positions no remaining row attends to (the left padding of longer rows gone)
         unused = int((seg.mask[:, : seg.cached].sum(0) == 0).cumprod(0).sum().item()) if seg.cached else 0
-        if unused and seg.cache is not None and all(isinstance(l, SlabLayer) for l in _layers(seg.cache)):
+        if unused and _is_slab(seg.cache):
             for layer in _layers(seg.cache):
                 layer.drop_front(unused)
             seg.mask = seg.mask[:, unused:]
@@ -723,8 +720,7 @@ class DecodeEngine:
             width = max(lengths)
             merged = segs[0]
             merged.cache = merge_caches([s.cache for s in segs], lengths, segs[0].cache)
-            merged.mask = torch.cat([torch.cat([s.mask.new_zeros(len(s.rows), width - s.cached), s.mask], dim=1)
-                                     for s in segs])
+            merged.mask = right_aligned([s.mask[:, None, :, None] for s in segs], width)[:, 0, :, 0]  # masks as 1-head blocks
             merged.positions = torch.cat([s.positions for s in segs])
             merged.next_input = torch.cat([s.next_input for s in segs])
             merged.rows = [r for s in segs for r in s.rows]
