@@ -426,7 +426,7 @@ def test_malformed_requests_are_one_line_errors_naming_the_field(body, message) 
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
      r'^response_format\.json_schema\.schema: invalid JSON schema: Unsupported type "nope"$'),
     ({"guided_json": {"type": "object", "properties": {"a": {"$ref": "#/defs/x"}}}},
-     r"^guided_json: invalid JSON schema: Cannot find field defs in #/defs/x$"),
+     r"^guided_json: invalid JSON schema: Cannot find field '?defs'? in #/defs/x$"),  # xgrammar 0.2.x quotes the name in later builds
     ({"guided_regex": "a(b"}, r"^guided_regex: invalid regex: Regex parsing error at position 4: The parenthesis is not closed\.$"),
     ({"structured_outputs": {"regex": "(?<=x)y"}}, r"^structured_outputs\.regex: invalid regex: .*Lookbehind is not supported"),
     ({"guided_grammar": "root ::= "}, r"^guided_grammar: invalid EBNF grammar: "),
