@@ -289,14 +289,45 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    from plugtune.artifacts.hub import is_hub_ref
+    from plugtune.artifacts.sharing import fetch_adapter
     from plugtune.artifacts.models import gguf_to_hf, resolve
 
     for name in args.models:
+        if is_hub_ref(name):  # an adapter on the hub: downloaded into the HF cache, then verified
+            _console().print(f"{name}: {fetch_adapter(name, endpoint=args.endpoint, token=args.token)}",
+                             markup=False, highlight=False, soft_wrap=True)
+            continue
         path = resolve(name)
         if isinstance(path, Path) and path.suffix == ".gguf":
             path = gguf_to_hf(path)
         _console().print(f"{name}: {path}")
     return 0
+
+
+# -- push (an adapter to the Hugging Face hub: core/artifacts/hub.py) --------------------------------
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from plugtune.artifacts.sharing import push_adapter
+
+    url, files = push_adapter(args.adapter, args.repo, private=args.private, revision=args.revision,
+                              endpoint=args.endpoint, token=args.token)
+    _console().print(f"pushed {args.adapter} to {args.repo} ({len(files)} files: {', '.join(files)}): {url}",
+                     markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def add_push_parser(sub: Any) -> None:
+    p = sub.add_parser("push", help="upload an adapter (weights, config, manifest, model card) to a hub model repo",
+                       epilog="The token comes from --token, HF_TOKEN or `hf auth login`; load it back with hf://ORG/NAME.")
+    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p.add_argument("repo", metavar="ORG/NAME")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created from main when missing)")
+    p.add_argument("--endpoint", help="hub endpoint (default: HF_ENDPOINT, else huggingface.co)")
+    p.add_argument("--token", help="hub token with write access (default: HF_TOKEN or `hf auth login`)")
+    p.set_defaults(func=cmd_push)
 
 
 # -- serve (plugtune serve: the HTTP server, core/server.py) ------------------------------------
@@ -474,9 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--raw", action="store_true", help="do not wrap inputs in the adapter's prompt template")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("fetch", help="fetch and cache base models (aliases) for offline use")
-    p.add_argument("models", nargs="+")
+    p = sub.add_parser("fetch", help="fetch and cache base models (aliases) and hub adapters (hf://ORG/NAME) for offline use")
+    p.add_argument("models", nargs="+", metavar="ALIAS_OR_HF_URL")
+    p.add_argument("--endpoint", help="hub endpoint for hf:// adapters (default: HF_ENDPOINT, else huggingface.co)")
+    p.add_argument("--token", help="hub token for private hf:// adapters (default: HF_TOKEN or `hf auth login`)")
     p.set_defaults(func=cmd_fetch)
+
+    add_push_parser(sub)
 
     add_serve_parser(sub)
     add_adapter_tool_parsers(sub)

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from plugtune.artifacts.card import CARD_FILE, is_ours, model_card
+from plugtune.artifacts.hub import cached_or_none, is_hub_ref, local_adapter
 from plugtune.artifacts.outputs import fsync_write, make_staging, recover_interrupted_swap, replace_dir
 from plugtune.kernel.bounds import read_json_file
 from plugtune.kernel.errors import AdapterError
@@ -143,6 +145,9 @@ def save_adapter(
         name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in blobs.items()
     }
     blobs[MANIFEST_FILE] = json.dumps(manifest, indent=2, default=_json_default).encode()
+    card, kept = _model_card(directory, json.loads(blobs[MANIFEST_FILE]), json.loads(blobs[CONFIG_FILE]))
+    if card is not None:
+        blobs[CARD_FILE] = card
 
     try:
         for line in recover_interrupted_swap(directory):  # what a killed earlier save left beside the folder
@@ -153,13 +158,32 @@ def save_adapter(
     try:
         for name, data in blobs.items():
             fsync_write(staging / name, data)
-        replace_dir(staging, directory, keep_extra=True, kept=ADAPTER_FILES)
+        replace_dir(staging, directory, keep_extra=True, kept=kept)
     except OSError as exc:
         raise AdapterError(f"could not write the adapter to {directory} ({exc.strerror or exc}); "
                            f"the previous adapter is unchanged") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _model_card(directory: Path, manifest: dict[str, Any], config: dict[str, Any]) -> tuple[bytes | None, tuple[str, ...]]:
+    """The model card to write with the adapter (core/artifacts/card.py), and the names the
+    swap must not carry over from the previous folder. A README.md the user wrote (no
+    plugtune marker; a link counts as theirs) is kept and no card is written, said once on
+    stderr. The card is best-effort: when it cannot be made, the adapter is saved without it,
+    with a warning, and a stale card of ours is not carried over."""
+    existing = directory / CARD_FILE
+    if existing.is_symlink() or (existing.exists() and not is_ours(existing)):
+        print(f"note: {existing} is not plugtune's model card; left it as it is (delete it to get the generated card)",
+              file=sys.stderr, flush=True)
+        return None, ADAPTER_FILES
+    try:
+        return str(model_card(manifest, config)).encode(), (*ADAPTER_FILES, CARD_FILE)
+    except Exception as exc:  # noqa: BLE001 - a card must never cost the trained adapter
+        print(f"warning: no model card for {directory} ({type(exc).__name__}: {exc}); the adapter is saved without one",
+              file=sys.stderr, flush=True)
+        return None, (*ADAPTER_FILES, CARD_FILE)
 
 
 def _json_default(value: Any) -> Any:
@@ -177,7 +201,9 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def read_manifest(directory: str | Path) -> Manifest:
-    directory = Path(directory)
+    """The manifest of the adapter in ``directory`` (a folder, or ``hf://org/name`` in the
+    local Hugging Face cache: core/artifacts/hub.py), after checking it and its base chain."""
+    directory = local_adapter(directory)
     path = directory / MANIFEST_FILE
     if not directory.is_dir():
         raise AdapterError(f"adapter folder not found: {directory}")
@@ -210,8 +236,10 @@ def _check_base_chain(directory: Path, base: str) -> None:
     own_base = base
     while True:
         try:
-            location = Path(base).expanduser().resolve()
+            location = cached_or_none(base) if is_hub_ref(base) else Path(base).expanduser().resolve()
         except (OSError, RuntimeError, ValueError):  # not a path (a hub id, an alias)
+            return
+        if location is None:  # an hf:// adapter not cached: loading it says so
             return
         if location in chain:
             loop = " -> ".join(str(p) for p in [*chain, location])
@@ -245,7 +273,7 @@ def read_adapter(directory: str | Path, *, verify_hashes: bool = True, allow_pic
     ranges against the data actually there, then the sha256. A pickled weights file
     (``adapter_model.bin``, ``*.pt``, ``*.pth``) is refused unless ``allow_pickle``; then it
     is read with ``torch.load(weights_only=True)`` (no arbitrary code runs)."""
-    directory = Path(directory)
+    directory = local_adapter(directory)
     manifest = read_manifest(directory)
     weights = directory / WEIGHTS_FILE
     if weights.is_file():

