@@ -41,7 +41,7 @@ def two_adapters(tmp_path_factory, tiny_llama, tiny_data):
 
 def test_artifact_layout_and_manifest(two_adapters, tiny_llama):
     alpha = two_adapters[0]
-    assert sorted(p.name for p in alpha.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "plugtune.json"]
+    assert sorted(p.name for p in alpha.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "plugtune.json"]
     manifest = json.loads((alpha / MANIFEST_FILE).read_text())
     assert manifest["method"]["name"] == "lora"
     assert manifest["method"]["distribution"] == "plugtune"

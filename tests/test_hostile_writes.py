@@ -222,7 +222,7 @@ def test_combine_with_overwrite_replaces_an_earlier_blend_and_reports_its_files(
     assert main(["combine", str(out), str(a), str(b), "--weights", "0.1", "0.9", "--overwrite"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed == (f"combined 2 adapters (linear, weights [0.1, 0.9]) into {out} "
-                       f"(3 files: adapter_config.json, adapter_model.safetensors, plugtune.json)")
+                       f"(4 files: README.md, adapter_config.json, adapter_model.safetensors, plugtune.json)")
     second = read_adapter(out)
     assert second.manifest.model_extra["combination"]["weights"] == [0.1, 0.9]
     assert any(not torch.equal(first[k], second.state[k]) for k in first)

@@ -82,6 +82,16 @@ def test_push_download_and_load_offline_give_the_same_logits(hub, hf_cache, adap
     assert host.adapters["from-hub"].path == folder
     assert torch.equal(host.logits(PROBE, "from-hub"), host.logits(PROBE, host.active))
 
+    from plugtune.serving.server import build_host
+
+    served = build_host(["hf://acme/tiny-lora"], dtype="float32")  # plugtune serve hf://acme/tiny-lora
+    assert torch.equal(served.logits(PROBE, "a"), host.logits(PROBE, "from-hub"))
+
+    blend = adapter.parent / "blend"
+    assert main(["combine", str(blend), "hf://acme/tiny-lora", str(adapter), "--weights", "0.5", "0.5"]) == 0
+    card = ModelCard.load(blend / CARD_FILE)
+    assert "## Combined from" in card.text and card.data.library_name == "peft"
+
     kit = method_kits["lora"]
     raw = recipe_dict("hf://acme/tiny-lora", kit._data(), name="stacked",
                       output={"dir": str(adapter.parent / "stacked")})
@@ -137,6 +147,18 @@ def test_push_refuses_a_folder_that_is_not_a_whole_adapter(hub, hf_cache, adapte
     (tmp_path / "empty").mkdir()
     assert _push(tmp_path / "empty", "acme/nothing", endpoint) == 5
     assert "is not an adapter" in capsys.readouterr().err
+    config = adapter / CONFIG_FILE
+    original = config.read_bytes()
+    config.write_bytes(original.replace(b'"r": 4', b'"r": 8'))  # same size, another rank: only the hash tells
+    assert _push(adapter, "acme/retuned", endpoint) == 5
+    assert "adapter_config.json: content does not match the manifest's sha256" in capsys.readouterr().err
+    config.write_bytes(original)
+    card = adapter / CARD_FILE
+    (tmp_path / "elsewhere.md").write_text("outside\n")
+    card.unlink()
+    card.symlink_to(tmp_path / "elsewhere.md")
+    assert _push(adapter, "acme/linked", endpoint) == 5
+    assert "a symbolic link" in capsys.readouterr().err
     weights = adapter / WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import io
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -292,6 +293,23 @@ def read_adapter(directory: str | Path, *, verify_hashes: bool = True, allow_pic
     config_path = directory / CONFIG_FILE
     config = read_json_file(config_path, AdapterError, what="an adapter config (a JSON object)") if config_path.is_file() else {}
     return Adapter(path=directory, manifest=manifest, state=state, config=config, weights_file=weights.name)
+
+
+SHAREABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # a plain file name: no folder, no glob
+
+
+def verify_listed_files(directory: Path, manifest: Manifest) -> None:
+    """Every file the manifest lists is a file in ``directory`` (a plain name; in the Hugging
+    Face cache, a link to its blob) with the recorded size and sha256: the stricter check for an adapter that changes
+    hands (``plugtune push`` and ``fetch``), where the config matters as much as the weights."""
+    for name, expected in manifest.files.items():
+        path = directory / name
+        if not SHAREABLE_NAME.fullmatch(name):
+            raise AdapterError(f"{directory / MANIFEST_FILE}: lists the file {name[:120]!r}; an adapter's files are plain names in its folder")
+        if not path.is_file():
+            raise AdapterError(f"{path}: listed in the manifest but missing; the adapter is incomplete")
+        data = path.read_bytes()
+        _check_recorded(path, len(data), data, expected)
 
 
 def _check_recorded(path: Path, size: int, data: bytes | None, expected: dict[str, Any] | None) -> None:

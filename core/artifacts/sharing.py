@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from plugtune.artifacts.adapters import ADAPTER_FILES, CONFIG_FILE, MANIFEST_FILE, read_adapter, read_manifest
+from plugtune.artifacts.adapters import (ADAPTER_FILES, CONFIG_FILE, MANIFEST_FILE, SHAREABLE_NAME, read_adapter,
+                                         read_manifest, verify_listed_files)
 from plugtune.artifacts.card import CARD_FILE, is_ours, model_card
 from plugtune.artifacts.hub import REPO_ID, REVISION, first_line, parse_hub_ref
 from plugtune.artifacts.outputs import fsync_write
@@ -61,17 +62,23 @@ def fetch_adapter(value: str, *, endpoint: str | None = None, token: str | None 
         folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, endpoint=endpoint, token=token))
     except Exception as exc:  # noqa: BLE001 - every failure of the download is one line
         raise network_error(f"fetching {ref}", exc, endpoint) from None
-    read_adapter(folder)  # a folder that is not an adapter, or whose files do not match its manifest, is refused
+    verify_listed_files(folder, read_adapter(folder).manifest)  # not an adapter, or files not as recorded: refused
     return folder
 
 
 def adapter_files(folder: Path) -> list[str]:
     """The files that make up the adapter in ``folder``: the weights, config and manifest, the
-    files the manifest lists, and the model card; never checkpoints, logs, staging or lock
-    files."""
+    files the manifest lists (checked: plain names, regular files, sizes and hashes as
+    recorded), and the model card; never checkpoints, logs, staging or lock files. Each is a
+    plain name (:data:`SHAREABLE_NAME`), so as an ``allow_patterns`` entry it matches itself only."""
     manifest = read_manifest(folder)
+    verify_listed_files(folder, manifest)
     names = [*ADAPTER_FILES, *manifest.files, CARD_FILE]
-    return [n for n in dict.fromkeys(names) if "/" not in n and (folder / n).is_file() and not (folder / n).is_symlink()]
+    for name in names:
+        if (folder / name).is_symlink():
+            raise AdapterError(f"{folder / name}: a symbolic link; push uploads only regular files inside the "
+                               f"adapter folder (copy the file in)")
+    return [n for n in dict.fromkeys(names) if SHAREABLE_NAME.fullmatch(n) and (folder / n).is_file()]
 
 
 def refresh_card(folder: Path, repo_id: str) -> None:
@@ -109,7 +116,8 @@ def push_adapter(folder: str | Path, repo_id: str, *, private: bool = False, rev
     if revision is not None and not REVISION.fullmatch(revision):
         raise AdapterError(f"--revision {revision[:200]!r} is not a branch name")
     path = Path(folder)
-    read_adapter(path)  # refuses a folder that is not an adapter or whose files do not match the manifest
+    read_adapter(path)  # refuses a folder that is not an adapter or whose weights do not match the manifest
+    adapter_files(path)  # every listed file as recorded: checked before the card is touched
     refresh_card(path, repo_id)
     files = adapter_files(path)
     endpoint = _endpoint(endpoint)
