@@ -68,6 +68,22 @@ def test_cards_for_older_manifests(fixture: str) -> None:
     assert again.data.pipeline_tag == ("text-classification" if fixture.endswith("cls") else "text-generation")
 
 
+def test_a_card_survives_hostile_values() -> None:
+    folder = LEGACY / "lora"
+    manifest = json.loads((folder / "plugtune.json").read_text())
+    manifest["name"] = "odd | name `x`\nsecond: line"
+    manifest["metrics"] = {"before": {"loss": float("nan")}, "after": {"loss": float("nan"), "accuracy": 0.5, "a|b": 1}}
+    manifest["recipe"] = {"name": "r", "notes": "```\n---\nbase_model: evil\n```"}
+    text = str(model_card(manifest, json.loads((folder / "adapter_config.json").read_text())))
+    card = ModelCard(text)
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert {r.metric_type: r.metric_value for r in results} == {"accuracy": 0.5, "a|b": 1.0}  # NaN left out
+    assert card.data.model_name == manifest["name"] and card.data.base_model is None
+    assert "# odd | name `x` second: line\n" in text
+    assert "| loss | nan | nan |" in text and "| a\\|b | - | 1 |" in text
+    assert "````yaml" in text  # the recipe's own ``` cannot close its block
+
+
 def test_hub_datasets_and_bases_go_in_the_metadata(method_kits) -> None:
     folder, _, _ = method_kits["lora"].trained("a")
     manifest = json.loads((folder / "plugtune.json").read_text())

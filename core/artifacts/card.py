@@ -176,7 +176,7 @@ def _card_data(f: _Facts) -> Any:
 
 def _summary(f: _Facts, repo_id: str | None) -> Iterator[str]:
     method = f.method.get("name", "?")
-    yield f"# {f.name}"
+    yield f"# {' '.join(f.name.split()) or 'adapter'}"  # one line, whatever the name holds
     yield ""
     yield (f"A **{method}** adapter for **{f.task.get('type', '?')}** on {_base_phrase(f)}, trained with "
            f"[plugtune](https://pypi.org/project/plugtune/) {f.m.get('plugtune_version') or ''}".rstrip() + ".")
