@@ -137,8 +137,9 @@ def test_an_adapter_not_in_the_cache_is_one_line_everywhere(hf_cache, make_recip
     recipe = make_recipe(base_model="hf://acme/missing")
     assert main(["validate", str(recipe)]) == 2
     assert f"base_model: {expected}" in capsys.readouterr().err
-    assert main(["generate", "hello", "--adapter", "hf://not a repo"]) == 5
-    assert "not a hub adapter reference" in capsys.readouterr().err
+    for bad in ("hf://not a repo", "hf://acme/x@../../../etc", "hf://acme/../x"):
+        assert main(["generate", "hello", "--adapter", bad]) == 5
+        assert "not a hub adapter reference" in capsys.readouterr().err
 
 
 def test_push_refuses_a_folder_that_is_not_a_whole_adapter(hub, hf_cache, adapter, tmp_path: Path, capsys) -> None:

@@ -45,7 +45,8 @@ def parse_hub_ref(value: Any, *, strict: bool = True) -> HubRef | None:
     if not is_hub_ref(value):
         return None
     repo_id, _, revision = value[len(SCHEME):].partition("@")
-    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or (revision and not REVISION.fullmatch(revision)):
+    if (not REPO_ID.fullmatch(repo_id) or ".." in repo_id
+            or (revision and (not REVISION.fullmatch(revision) or ".." in revision))):  # the revision names a cache file
         if not strict:
             return None
         raise AdapterError(f"{value[:200]!r} is not a hub adapter reference; write hf://ORG/NAME or hf://ORG/NAME@REVISION")

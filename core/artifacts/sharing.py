@@ -82,9 +82,9 @@ def adapter_files(folder: Path) -> list[str]:
 
 
 def refresh_card(folder: Path, repo_id: str) -> None:
-    """Rewrite plugtune's model card in ``folder`` so its loading snippets name ``repo_id``
-    (written atomically; a README the user wrote is left alone, and a card that cannot be
-    made leaves the folder as it was, with a warning)."""
+    """Rewrite plugtune's model card in ``folder`` (written when missing) so its loading
+    snippets name ``repo_id``, atomically; a README the user wrote is left alone, and a card
+    that cannot be made or written leaves the folder as it was, with a warning."""
     readme = folder / CARD_FILE
     if readme.is_symlink() or (readme.exists() and not is_ours(readme)):
         return
@@ -100,9 +100,10 @@ def refresh_card(folder: Path, repo_id: str) -> None:
     try:
         fsync_write(staged, text.encode())
         os.replace(staged, readme)
-    except OSError as exc:
+    except OSError as exc:  # a read-only folder still pushes, with the card it has
         staged.unlink(missing_ok=True)
-        raise AdapterError(f"could not write the model card in {folder} ({exc.strerror or exc})") from None
+        print(f"warning: could not refresh the model card in {folder} ({exc.strerror or exc}); pushing it as it is",
+              file=sys.stderr)
 
 
 def push_adapter(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -113,7 +114,7 @@ def push_adapter(folder: str | Path, repo_id: str, *, private: bool = False, rev
 
     if not REPO_ID.fullmatch(repo_id or "") or ".." in repo_id:
         raise AdapterError(f"repo {str(repo_id)[:200]!r} is not a hub repo id; write ORG/NAME (letters, digits, '.', '_', '-')")
-    if revision is not None and not REVISION.fullmatch(revision):
+    if revision is not None and (not REVISION.fullmatch(revision) or ".." in revision):
         raise AdapterError(f"--revision {revision[:200]!r} is not a branch name")
     path = Path(folder)
     read_adapter(path)  # refuses a folder that is not an adapter or whose weights do not match the manifest
