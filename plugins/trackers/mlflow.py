@@ -7,7 +7,9 @@ the run folder: ``sqlite:///<output dir>/mlruns/mlflow.db`` with artifacts under
 ``<output dir>/mlruns/artifacts``. A SQLite file rather than MLflow's ``./mlruns`` folder
 store because MLflow 3 put that store in maintenance mode and refuses it unless
 ``MLFLOW_ALLOW_FILE_STORE=true`` (a ``file:`` URI still works with that variable set).
-Browse it with ``mlflow ui --backend-store-uri sqlite:///<output dir>/mlruns/mlflow.db``.
+Browse it with the full ``mlflow`` package's ``mlflow ui --backend-store-uri
+sqlite:///<output dir>/mlruns/mlflow.db`` (the skinny one has no server), or read it with
+``MlflowClient(tracking_uri=...)``.
 
 What: the experiment is ``experiment`` (default: the recipe's name); params are the recipe
 flattened to dotted keys (``training.batch_size``), values cut to MLflow's length limit with

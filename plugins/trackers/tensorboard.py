@@ -6,8 +6,8 @@ numbers as ``train/<name>`` scalars (loss, lr, tokens_per_s, each regularizer's 
 evaluation as ``eval/<split>/<metric>`` at its step, the recipe as YAML text and as hparams
 (dotted keys), and at the end the adapter's folder as text (or the failure, on a failed run).
 
-``--resume``: the writer reopens the same folder with ``purge_step`` at the checkpoint's
-step, so TensorBoard hides the steps logged after the checkpoint by the interrupted run and
+``--resume``: the writer reopens the same folder with ``purge_step`` at the first step after
+the checkpoint, so TensorBoard hides what the interrupted run logged past its checkpoint and
 the curves continue without a doubled stretch.
 """
 
@@ -42,8 +42,9 @@ class TensorBoardTracker:
         from torch.utils.tensorboard.summary import hparams
 
         self.log_dir = Path(self.options.log_dir) if self.options.log_dir else Path(run.output_dir) / "tensorboard"
+        # resumed: events of the interrupted run from the first step this one logs again are hidden
         self.writer = SummaryWriter(str(self.log_dir), flush_secs=self.options.flush_secs,
-                                    purge_step=run.step if run.resumed and run.step else None)
+                                    purge_step=run.step + 1 if run.resumed else None)
         if run.resumed:
             return  # the recipe and hparams were written when the run started
         self.writer.add_text("recipe", "```yaml\n" + yaml.safe_dump(run.recipe.raw, sort_keys=False) + "```", 0)
