@@ -330,3 +330,45 @@ def test_mlflow_adapter_files_stay_inside_the_adapter(tmp_path):
     assert sorted(p.name for p in adapter_files(adapter)) == ["plugtune.json", "weights.bin"]
     (adapter / "plugtune.json").write_text("{truncated")
     assert [p.name for p in adapter_files(adapter)] == ["plugtune.json"]
+
+
+class _Broken(_Notebook):
+    """A tracker that cannot even close: its failure must not hide the run's own error."""
+
+    @hookimpl
+    def on_train_failed(self, error: BaseException) -> None:
+        raise OSError("tracker server gone")
+
+
+class _RegistersNotebooks:
+    @hookimpl
+    def register_trackers(self, register: Any) -> None:
+        register("notebook", _Notebook)
+        register("broken", _Broken)
+
+
+def _attached(system: Any) -> list[str]:
+    return [name for name, _ in system.pm.list_name_plugin() if name.startswith("tracking[")]
+
+
+def test_trackers_attach_on_the_main_process_only_and_always_detach(capsys):
+    from types import SimpleNamespace
+
+    from plugtune.training.recipe import Bound
+    from plugtune.training.signals import Interrupted
+    from plugtune.training.tracking import tracked
+
+    with plugin_system_with([("notebooks", _RegistersNotebooks())]) as system:
+        trackers = [Bound(n, system.get("tracker", n), system.get("tracker", n).obj.Options()) for n in ("notebook", "broken")]
+        recipe, state = SimpleNamespace(trackers=trackers), SimpleNamespace(step=3)
+        with tracked(recipe, system, state, main=False) as attached:
+            assert attached == [] and _attached(system) == []  # another process of a data-parallel run
+        _Notebook.sent.clear()
+        with pytest.raises(Interrupted, match="stopped"):
+            with tracked(recipe, system, state, main=True) as attached:
+                assert _attached(system) == ["tracking[0]:notebook", "tracking[1]:broken"]
+                assert system.plugins["tracking[0]:notebook"].distribution == "(registered in code)"
+                raise Interrupted("stopped at step 3")
+        assert _attached(system) == [] and not [n for n in system.plugins if n.startswith("tracking[")]
+        assert [tag for tag, _, _ in _Notebook.sent] == ["nb/failed"]  # called after the broken one (last in, first out) raised
+        assert "warning: plugin 'tracking[1]:broken'" in capsys.readouterr().err

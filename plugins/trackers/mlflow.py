@@ -28,6 +28,7 @@ point of a metric's history).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -71,6 +72,7 @@ class MlflowTracker:
         artifacts = None
         if uri is None:  # the default store lives in the run folder
             (out / "mlruns").mkdir(parents=True, exist_ok=True)
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
             uri, artifacts = f"sqlite:///{out / 'mlruns' / 'mlflow.db'}", (out / "mlruns" / "artifacts").as_uri()
         self.client = MlflowClient(tracking_uri=uri)
         record = read_run_record(out / RECORD) if run.resumed else {}

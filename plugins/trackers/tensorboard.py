@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from plugtune.sdk import ComponentOptions, FiniteScalars, flatten_params, hookimpl
 
 
@@ -27,7 +29,7 @@ class TensorBoardTracker:
 
     class Options(ComponentOptions):
         log_dir: str | None = None  # default <output dir>/tensorboard; relative to the current folder, as output.dir is
-        flush_secs: int = 30
+        flush_secs: int = Field(30, gt=0, le=3600, description="how often pending events are written out")
 
     def __init__(self, options: Options) -> None:
         self.options = options
