@@ -20,10 +20,10 @@ their step (written every ``flush_secs``, default 5, several steps per batch); e
 tag ``plugtune.adapter_dir``. The run ends FINISHED, FAILED (a failed run) or KILLED
 (Ctrl-C, SIGTERM).
 
-``--resume``: the run id is kept in ``<output dir>/mlflow-run.json``; a resumed training
-run reopens that MLflow run (status back to RUNNING) and goes on logging into it; the steps
-between the checkpoint and the interruption get a second point each (MLflow keeps every
-point of a metric's history).
+``--resume``: the run id is kept in ``<output dir>/mlflow-run.json`` (one per tracking URI);
+a resumed training run reopens that MLflow run (status back to RUNNING) and goes on logging
+into it; the steps between the checkpoint and the interruption get a second point each
+(MLflow keeps every point of a metric's history).
 """
 
 from __future__ import annotations
@@ -81,15 +81,17 @@ class MlflowTracker:
             logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
             uri, artifacts = f"sqlite:///{out / 'mlruns' / 'mlflow.db'}", (out / "mlruns" / "artifacts").as_uri()
         self.client = MlflowClient(tracking_uri=uri)
-        record = read_run_record(out / RECORD) if run.resumed else {}
-        if record.get("tracking_uri") == uri and isinstance(record.get("run_id"), str) and self._reopen(record["run_id"]):
+        # one run id per store: two mlflow entries of one recipe keep theirs apart
+        runs = read_run_record(out / RECORD).get("runs", {}) if (out / RECORD).exists() else {}
+        runs = runs if isinstance(runs, dict) else {}
+        if run.resumed and isinstance(runs.get(uri), str) and self._reopen(runs[uri]):
             return
         experiment = self.options.experiment or run.recipe.name
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, artifact_location=artifacts)
         tags = {"plugtune.recipe": run.recipe.name, "plugtune.base_model": str(run.recipe.spec.base_model), **self.options.tags}
         self.run_id = self.client.create_run(experiment_id, run_name=self.options.run_name, tags=tags).info.run_id
-        write_run_record(out / RECORD, {"tracking_uri": uri, "run_id": self.run_id})
+        write_run_record(out / RECORD, {"runs": {**runs, uri: self.run_id}})
         self._log_params(flatten_params(run.recipe.raw))
 
     @hookimpl

@@ -60,6 +60,7 @@ class WandbTracker:
             project=self.options.project or run.recipe.name, entity=self.options.entity, dir=str(folder), mode=mode,
             name=self.options.name, group=self.options.group, tags=self.options.tags or None, config=run.recipe.raw,
             id=run_id, resume="allow" if run_id and mode == "online" else None, reinit="create_new",
+            allow_val_change=bool(run_id),  # a resume may change what does not change training (tracking:, output:)
             settings=wandb.Settings(console="off", silent=True),  # the run's own progress bar stays as it is
         )
         write_run_record(out / RECORD, {"run_id": self.run.id, "mode": mode})
