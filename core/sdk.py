@@ -54,7 +54,10 @@ from plugtune.kernel.components import (
     StartsDecoding,
     Task,
     TaskLoss,
+    Tracker,
     TuningMethod,
+    FiniteScalars,
+    flatten_params,
     mixes_rows,
     not_regular,
     open_regular,
@@ -82,6 +85,7 @@ from plugtune.kernel.hookspecs import (
     RegisterMethods,
     RegisterRegularizers,
     RegisterTasks,
+    RegisterTrackers,
     hookimpl,
 )
 
@@ -169,7 +173,7 @@ def __dir__() -> list[str]:
 __all__ = [
     # hooks and registration
     "hookimpl", "Register", "RegisterMethods", "RegisterLoaders", "RegisterRegularizers", "RegisterEvaluators",
-    "RegisterTasks", "RegisterAliases",
+    "RegisterTasks", "RegisterAliases", "RegisterTrackers",
     # options
     "ComponentOptions", "NoOptions", "DataPath", "DataFileOrFolder", "not_regular", "open_regular", "plugtune_home",
     "did_you_mean",
@@ -191,6 +195,8 @@ __all__ = [
     "RendersChat",
     # tasks that compute their own loss (preference objectives, reward models)
     "ComputesLoss", "TaskLoss", "ReferenceMode", "answer_log_probs", "ScoresTexts",
+    # experiment trackers (tracking: in a recipe)
+    "Tracker", "FiniteScalars", "flatten_params",
     # errors
     "PlugtuneError", "RecipeError", "DataError", "ModelError", "AdapterError", "PluginError", "TrainingError",
 ]

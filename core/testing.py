@@ -866,6 +866,76 @@ def check_regularizer(name_or_cls: Any, options: dict[str, Any] | None = None, *
     return calls
 
 
+TRACKER_HOOKS = ("on_train_start", "on_step_end", "on_evaluate", "on_train_end", "on_train_failed")
+
+
+def _spying_tracker(cls: Any, calls: dict[str, list[dict[str, Any]]]) -> type:
+    """A subclass of the tracker ``cls`` whose lifecycle hooks record their arguments in
+    ``calls``; each keeps its ``hookimpl`` mark (``functools.wraps``), so pluggy sees it."""
+    import functools
+
+    def wrap(hook: str) -> Any:
+        original = getattr(cls, hook)
+
+        @functools.wraps(original)
+        def spy(self: Any, **kwargs: Any) -> Any:
+            calls.setdefault(hook, []).append(dict(kwargs))
+            return original(self, **kwargs)
+        return spy
+
+    return type(f"Spying{cls.__name__}", (cls,), {h: wrap(h) for h in TRACKER_HOOKS if hasattr(cls, h)})
+
+
+class _RegistersTracker:
+    """A plugin registering one tracker under a name."""
+
+    def __init__(self, name: str, cls: Any) -> None:
+        self.name, self.cls = name, cls
+
+    from plugtune.kernel.hookspecs import hookimpl as _hookimpl
+
+    @_hookimpl
+    def register_trackers(self, register: Any) -> None:
+        register(self.name, self.cls)
+
+
+def check_tracker(name_or_cls: Any, options: dict[str, Any] | None = None, *, tmp_path: Path,
+                  extra_plugins: list[tuple[str, Any]] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """A tracker's contract in a short real training run (3 steps, evaluated at steps 0, 2
+    and 3): it declares ``Options``, ``requires`` and ``install``; built from ``options``, it
+    gets every lifecycle hook it defines (``on_train_start`` and ``on_train_end`` once, the
+    latter with the adapter's folder; ``on_step_end`` at each step; ``on_evaluate`` at each
+    evaluation; ``on_train_failed`` never) and none of its hooks raises; after the run it is
+    no longer registered. Returns each hook's arguments, call by call."""
+    import plugtune
+
+    cls = _component("tracker", name_or_cls, extra_plugins)
+    for attribute, kind in (("Options", type), ("requires", tuple), ("install", str)):
+        assert isinstance(getattr(cls, attribute, None), kind), f"{cls.__name__}.{attribute} must be a {kind.__name__}"
+    calls: dict[str, list[dict[str, Any]]] = {}
+    tmp = Path(tmp_path).resolve()
+    raw = recipe_dict(build_tiny_llama(tmp / "base"), write_tiny_data(tmp / "data"), evaluators=["loss"],
+                      tracking=[{"name": "kit-tracker", "options": dict(options or {})}], output={"dir": str(tmp / "adapter")})
+    raw["training"].update(max_steps=3, eval_every=2, checkpoint_every=0)
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    plugin = ("plugtune-kit-tracker", _RegistersTracker("kit-tracker", _spying_tracker(cls, calls)))
+    with plugin_system_with([*(extra_plugins or []), plugin]) as system:
+        result = plugtune.run(recipe, plugins=system, show_progress=False)
+        left = [p for p in system.pm.get_plugins() if isinstance(p, cls)]
+    assert not left, f"{cls.__name__}: still registered as a plugin after the run"
+    expected = {"on_train_start": 1, "on_step_end": 3, "on_evaluate": 3, "on_train_end": 1, "on_train_failed": 0}
+    for hook, count in expected.items():
+        if hasattr(cls, hook):
+            got = len(calls.get(hook, []))
+            assert got == count, f"{cls.__name__}.{hook}: called {got} times in a 3-step run, expected {count} (check its @hookimpl mark and parameter names)"
+    if hasattr(cls, "on_step_end"):
+        assert [c["step"] for c in calls["on_step_end"] if "step" in c] in ([1, 2, 3], []), f"{cls.__name__}: steps out of order"
+    if calls.get("on_train_end") and "adapter_dir" in calls["on_train_end"][0]:
+        assert calls["on_train_end"][0]["adapter_dir"] == str(result.adapter_dir)
+    return calls
+
+
 def sample_eval_batches(task: Any) -> list[Any]:
     """Three small evaluation batches fitting ``task`` (class indices for classification,
     token-id tuples for causal LMs), with per-example scores and losses."""

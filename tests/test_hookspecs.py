@@ -16,7 +16,8 @@ SPECS = [name for name, fn in vars(hookspecs).items() if inspect.isfunction(fn) 
 
 def test_hookspecs_found():
     assert {"register_tuning_methods", "register_data_loaders", "register_regularizers", "register_evaluators",
-            "register_tasks", "register_base_models", "on_train_start", "on_step_end", "on_evaluate", "on_train_end"} == set(SPECS)
+            "register_tasks", "register_base_models", "register_trackers", "on_train_start", "on_step_end", "on_evaluate",
+            "on_train_end", "on_train_failed"} == set(SPECS)
 
 
 @pytest.mark.parametrize("name", SPECS)

@@ -927,6 +927,114 @@ class Regularizer(Protocol):
 
 
 # --------------------------------------------------------------------------------------------
+# Experiment trackers
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """Sends a run's parameters, metrics and adapter to an experiment tracker (TensorBoard,
+    MLflow, W&B...). Registered with ``register_trackers`` and chosen by name in a recipe's
+    ``tracking:`` list (``tracking: [name, {name: other, options: {...}}]``).
+
+    When: ``plugtune run`` builds one instance per ``tracking`` entry, ``Tracker(options)``,
+    on the main process only (a data-parallel run logs once), after the model is prepared;
+    it registers each instance as a pluggy plugin for the run's duration and unregisters it
+    at the end. So a tracker is a lifecycle plugin: its methods marked with
+    :data:`plugtune.hookimpl` receive ``on_train_start``, ``on_step_end``, ``on_evaluate``,
+    ``on_train_end`` and ``on_train_failed`` (a failed or interrupted run; a tracker closes
+    its run there) exactly like a module-level plugin (see :mod:`plugtune.kernel.hookspecs`).
+    Import the tracking library inside those methods, never at module level: the plugin
+    must import (and register its name) where the library is absent, so that validation can
+    say which extra installs it.
+
+    Class attributes:
+
+    * ``requires``: the modules the tracker imports (checked at validation with
+      ``importlib.util.find_spec``, without importing them);
+    * ``install``: how to install them, e.g. ``"pip install 'plugtune[mlflow]'"``; a recipe
+      naming the tracker where one is missing fails validation with
+      ``tracking[i]: NAME needs the 'MODULE' package: INSTALL``.
+
+    Metrics arrive as the run logs them (strings and counters among them, NaN possible):
+    send them through a :class:`FiniteScalars` so only finite numbers reach the tracker, and
+    :func:`flatten_params` gives the recipe as dotted keys. ``run.resumed`` is True when
+    ``--resume`` continues a run: keep the tracker's run id in ``run.output_dir`` to
+    continue the same tracker run where the library allows.
+    """
+
+    Options: ClassVar[type[ComponentOptions]]
+    requires: ClassVar[tuple[str, ...]]
+    install: ClassVar[str]
+
+    def __init__(self, options: Any) -> None: ...
+
+
+def missing_requirement(tracker: type) -> str | None:
+    """``"needs the 'mlflow' package: pip install ..."`` when a module in ``tracker.requires``
+    cannot be found (looked up, not imported: validation stays cheap), else None."""
+    import importlib.util
+
+    for module in getattr(tracker, "requires", ()) or ():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+            found = False
+        if not found:
+            install = getattr(tracker, "install", "") or f"pip install {module}"
+            return f"needs the {module!r} package: {install}"
+    return None
+
+
+def flatten_params(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested recipe as ``{"training.batch_size": 8, "regularizers.0.name": ...}``: lists
+    are indexed, values are kept as they are (str, int, float, bool, None). Trackers take
+    flat parameters; the dotted keys read as the recipe's own field paths."""
+    if isinstance(tree, Mapping):
+        items: Iterable[tuple[Any, Any]] = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {prefix or "value": tree}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, (Mapping, list, tuple)) and value:
+            flat.update(flatten_params(value, name))
+        else:
+            flat[name] = value if not isinstance(value, (Mapping, list, tuple)) else str(value)
+    return flat
+
+
+class FiniteScalars:
+    """Keeps the finite numbers of a metrics record for a tracker: strings and booleans are
+    dropped quietly (``event: train``), NaN and infinities are dropped with one warning per
+    metric name on stderr, so a diverging run never crashes its tracker nor fills its log.
+    One instance per tracker instance (the warnings are per tracker)."""
+
+    def __init__(self, tracker: str) -> None:
+        self.tracker = tracker
+        self.warned: set[str] = set()
+
+    def __call__(self, metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
+        import math
+        import sys
+
+        kept: dict[str, float] = {}
+        for name, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                kept[str(name)] = float(value)
+            elif name not in self.warned:
+                self.warned.add(name)
+                where = f" at step {step}" if step is not None else ""
+                print(f"warning: {self.tracker}: metric {name!r} is {value}{where}; not sent (trackers get finite "
+                      f"numbers only; later non-finite values of it are skipped silently)", file=sys.stderr)
+        return kept
+
+
+# --------------------------------------------------------------------------------------------
 # Checking a recipe against the base model, before its weights load
 # --------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from plugtune.kernel.components import BaseModelAlias, DataLoader, Evaluator, Regularizer, Task, TuningMethod
+    from plugtune.kernel.components import BaseModelAlias, DataLoader, Evaluator, Regularizer, Task, Tracker, TuningMethod
     from plugtune.training.train import RunState
 
 PROJECT = "plugtune"  # the hook marker name, the entry-point group and the import package
@@ -46,10 +46,11 @@ RegisterRegularizers = Callable[[str, "type[Regularizer]"], None]
 RegisterEvaluators = Callable[[str, "type[Evaluator]"], None]
 RegisterTasks = Callable[[str, "type[Task]"], None]
 RegisterAliases = Callable[[str, "BaseModelAlias"], None]
+RegisterTrackers = Callable[[str, "type[Tracker]"], None]
 
 
 # --------------------------------------------------------------------------------------------
-# Registration: the five component kinds, plus base-model aliases
+# Registration: the six component kinds, plus base-model aliases
 # --------------------------------------------------------------------------------------------
 
 
@@ -106,6 +107,17 @@ def register_tasks(register: RegisterTasks) -> None:
 
 
 @hookspec
+def register_trackers(register: RegisterTrackers) -> None:
+    """Register experiment trackers: ``register("tensorboard", TensorBoardTracker)``.
+
+    Called once, when the registry is built. A recipe picks trackers by name in its
+    ``tracking:`` list; during ``plugtune run`` each chosen tracker is built from its options
+    and registered as a lifecycle plugin for that run only, on the main process (see
+    :class:`plugtune.kernel.components.Tracker`). Returns nothing.
+    """
+
+
+@hookspec
 def register_base_models(register: RegisterAliases) -> None:
     """Register base-model aliases: ``register("smollm2-135m", BaseModelAlias(...))``.
 
@@ -146,3 +158,14 @@ def on_evaluate(run: RunState, split: str, step: int, metrics: dict[str, float])
 def on_train_end(run: RunState, adapter_dir: str, metrics: dict[str, float]) -> None:
     """Called once after the adapter has been saved, with its directory and the final
     evaluation metrics. Return value ignored."""
+
+
+@hookspec
+def on_train_failed(run: RunState, error: BaseException, interrupted: bool) -> None:
+    """Called once when a run stops with an error after ``on_train_start`` (a failed step, a
+    failed save, a plugin that raised), or is interrupted (Ctrl-C, SIGTERM: ``interrupted``
+    is True; a checkpoint may have been saved and ``--resume`` continues). ``on_train_end``
+    is then never called. For plugins holding something open for the run (a tracker's run,
+    a file, a connection) to close it with the right status. The run's own error is what
+    the user sees: an exception raised here is printed as a warning and does not replace
+    it. Return value ignored."""

@@ -44,6 +44,7 @@ KINDS: dict[str, str] = {
     "evaluator": "register_evaluators",
     "task": "register_tasks",
     "model": "register_base_models",
+    "tracker": "register_trackers",
 }
 KIND_LABELS = {
     "method": "tuning method",
@@ -52,6 +53,7 @@ KIND_LABELS = {
     "evaluator": "evaluator",
     "task": "task",
     "model": "base model alias",
+    "tracker": "tracker",
 }
 
 def _env_flag(name: str) -> bool:
@@ -168,13 +170,18 @@ class PluginSystem:
         """Call a lifecycle hook on every plugin, naming the plugin if one raises."""
         caller = getattr(self.pm.hook, hook)
         for impl in reversed(caller.get_hookimpls()):  # pluggy's own order: last in, first out
-            args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
-            try:
-                impl.function(**args)
-            except Exception as exc:  # noqa: BLE001 - any plugin failure becomes a named error
-                info = self.plugins.get(impl.plugin_name)
-                who = info.describe() if info else f"plugin {impl.plugin_name!r}"
-                raise PluginError(f"{who} failed in hook {hook}: {type(exc).__name__}: {exc}") from exc
+            self.call_one(impl, hook, kwargs)
+
+    def call_one(self, impl: Any, hook: str, kwargs: dict[str, Any]) -> None:
+        """One plugin's implementation of a lifecycle hook, with the arguments it names; a
+        failure becomes a :class:`PluginError` naming the plugin and the hook."""
+        args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
+        try:
+            impl.function(**args)
+        except Exception as exc:  # noqa: BLE001 - any plugin failure becomes a named error
+            info = self.plugins.get(impl.plugin_name)
+            who = info.describe() if info else f"plugin {impl.plugin_name!r}"
+            raise PluginError(f"{who} failed in hook {hook}: {type(exc).__name__}: {exc}") from exc
 
 
 def unknown_name_message(kind: str, name: str, known: list[str]) -> str:

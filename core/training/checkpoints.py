@@ -57,6 +57,7 @@ NOT_TRAINING = {
     ("training", "log_every"), ("training", "eval_batch_size"),
     ("training", "checkpoint_every"), ("training", "checkpoint_keep"),
     ("training", "malloc_mmap_threshold"),  # where freed memory goes, not what is computed
+    ("tracking",),  # where the run is reported, not what it computes: a resume may add or drop a tracker
 }
 
 

@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from plugtune.kernel.bounds import MAX_DEPTH, MAX_NODES, read_json_file
-from plugtune.kernel.components import DataPath, MetricDirections, _path_exists
+from plugtune.kernel.components import DataPath, MetricDirections, _path_exists, missing_requirement
 from plugtune.kernel.errors import DataError, PlugtuneError, RecipeError
 from plugtune.kernel.faults import guarded
 from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
@@ -192,6 +192,8 @@ class RecipeSpec(_Strict):
         None, description="default: every installed evaluator that declares itself a default (see default_evaluators)")
     training: TrainingBlock = Field(default_factory=TrainingBlock)
     output: OutputBlock = Field(default_factory=OutputBlock)
+    tracking: list[ComponentBlock] = Field(
+        default_factory=list, description="experiment trackers that receive the run (names of registered trackers)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +230,7 @@ class Recipe:
     regularizers: list[Bound]
     evaluators: list[Bound]
     sources: list[Source] = field(default_factory=list)  # every source, the single one too
+    trackers: list[Bound] = field(default_factory=list)  # the recipe's tracking: entries, built per run
     mix: Mix | None = None  # None: one loader, no mixture
 
     @property
@@ -396,7 +399,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 node = node[int(part)]
                 continue
             child = node.get(part)
-            if isinstance(child, str) and part in {"method"} | {"regularizers", "evaluators"}:
+            if isinstance(child, str) and part in {"method"} | {"regularizers", "evaluators", "tracking"}:
                 child = node[part] = {"name": child}
             if child is None:
                 child = node[part] = {}
@@ -480,6 +483,7 @@ def validate(
         _bind(plugins, "evaluator", block, ("evaluators", i), context, problems)
         for i, block in enumerate(_as_list(evaluator_blocks))
     ]
+    trackers = _bind_trackers(plugins, raw.get("tracking"), context, problems)
     if method is not None and hasattr(method.component.obj, "preflight"):
         reason = method.build().preflight()
         if reason:
@@ -526,6 +530,7 @@ def validate(
         evaluators=[e for e in evaluators if e is not None],
         sources=sources or [Source(loader.name, loader)],
         mix=mix,
+        trackers=trackers,
     )
 
 
@@ -721,6 +726,24 @@ def _bind(
         problems.extend(_format_errors(exc, options_model, prefix=path + ("options",)))
         return None
     return Bound(name, component, bound)
+
+
+def _bind_trackers(plugins: PluginSystem, blocks: Any, context: dict[str, Any], problems: list[str]) -> list[Bound]:
+    """The recipe's ``tracking:`` entries bound like any component block (unknown names get a
+    did-you-mean, options are checked at ``tracking[i].options``), and each tracker's library
+    looked up without importing it, so a missing one is a validation problem naming the
+    extra that installs it rather than an ImportError after the weights loaded."""
+    bound = []
+    for i, block in enumerate(_as_list(blocks)):
+        tracker = _bind(plugins, "tracker", block, ("tracking", i), context, problems)
+        if tracker is None:
+            continue
+        missing = missing_requirement(tracker.component.obj)
+        if missing:
+            problems.append(f"tracking[{i}]: {tracker.name} {missing}")
+            continue
+        bound.append(tracker)
+    return bound
 
 
 def _bind_task(plugins: PluginSystem, block: Any, context: dict[str, Any], problems: list[str]) -> Task | None:

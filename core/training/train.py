@@ -72,6 +72,7 @@ from plugtune.data.encoding import REFERENCE, Row, collate_rows
 from plugtune.data.streaming import StreamedTraining
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
 from plugtune.training.recipe import Recipe, TrainingBlock
+from plugtune.training.tracking import tracked
 from plugtune.training.runtime import (
     choose_attention,
     choose_precision,
@@ -102,6 +103,7 @@ class RunState:
     batch: int = 0  # index of the next batch of this epoch's order (a resumed run skips those before)
     history: list[dict[str, Any]] = field(default_factory=list)
     best: BestWeights | None = None  # the weights a regularizer (early stopping) marked best so far
+    resumed: bool = False  # --resume continues an earlier run (a tracker may continue its tracker run)
 
 
 @dataclass
@@ -231,7 +233,8 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     reference = _reference_phase(recipe, data, process, scoring)
     before = _score_base(recipe, data, scoring, resuming)
     trainee = _model_phase(recipe, data, process, reference)
-    state = RunState(recipe, data.task, trainee.model, data.tokenizer, data.base.info, out, trainee.total_steps)
+    state = RunState(recipe, data.task, trainee.model, data.tokenizer, data.base.info, out, trainee.total_steps,
+                     resumed=resuming is not None)
     checkpointer = Checkpointer(out, recipe.raw, every=data.training.checkpoint_every, keep=data.training.checkpoint_keep,
                                 model=trainee.model, optimizer=trainee.optimizer, scheduler=trainee.scheduler,
                                 regularizers=data.regularizers, unwrap=process.accelerator.unwrap_model,
@@ -241,19 +244,20 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
         process.console.print(f"resuming from {resuming.path} (step {state.step} of {trainee.total_steps})")
         if note:
             process.console.print(f"[yellow]{note}[/]")
-    plugins.call_lifecycle("on_train_start", run=state)
-    if data.training.eval_before and not resuming:
-        scoring.log_test(state, "before", before)
-    if resuming and resuming.meta.get("finished"):  # trained to the end; saving the adapter failed (_rescue)
-        train_seconds = float(resuming.meta["train_seconds"])
-        restore_rng(checkpointer.own_state(resuming)[0]["rng"])
-    else:
-        train_seconds = _loop_phase(recipe, data, process, trainee, scoring, state, checkpointer, before, resuming)
-    log_bytes = process.log_size()  # a rescue checkpoint resumes from here: the final evaluation runs again
-    with process.console.status("evaluating the adapter"):
-        after, _ = _evaluate_and_decide("after", state, scoring, trainee, data.regularizers, process.console)
-    return _artifact_phase(recipe, data, process, trainee, scoring, state, checkpointer,
-                           before=before, after=after, train_seconds=train_seconds, log_bytes=log_bytes)
+    with tracked(recipe, plugins, state, main=process.main):  # the recipe's trackers, closed however the run ends
+        plugins.call_lifecycle("on_train_start", run=state)
+        if data.training.eval_before and not resuming:
+            scoring.log_test(state, "before", before)
+        if resuming and resuming.meta.get("finished"):  # trained to the end; saving the adapter failed (_rescue)
+            train_seconds = float(resuming.meta["train_seconds"])
+            restore_rng(checkpointer.own_state(resuming)[0]["rng"])
+        else:
+            train_seconds = _loop_phase(recipe, data, process, trainee, scoring, state, checkpointer, before, resuming)
+        log_bytes = process.log_size()  # a rescue checkpoint resumes from here: the final evaluation runs again
+        with process.console.status("evaluating the adapter"):
+            after, _ = _evaluate_and_decide("after", state, scoring, trainee, data.regularizers, process.console)
+        return _artifact_phase(recipe, data, process, trainee, scoring, state, checkpointer,
+                               before=before, after=after, train_seconds=train_seconds, log_bytes=log_bytes)
 
 
 # -- the phases' typed state --------------------------------------------------------------
