@@ -270,3 +270,21 @@ def test_odd_run_names_are_escaped(tmp_path, two_runs) -> None:
     assert main(["report", str(run), "-o", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+
+
+def test_an_over_long_line_and_a_huge_log_are_read_in_bounded_pieces(tmp_path, monkeypatch, two_runs) -> None:
+    from plugtune.reporting import runs as reading
+
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    long_line = json.dumps({"event": "train", "step": 50, "loss": 1.0, "pad": "x" * 5000})
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], long_line, *lines[1:]]) + "\n")
+    monkeypatch.setattr(reading, "MAX_LINE_BYTES", 1000)
+    read = read_run(run)
+    assert 50 not in points(read.train, "loss")[0] and len(read.train) == 8
+    assert read.warnings == [f"{run / 'metrics.jsonl'}: skipped 1 unreadable line (first: line 2); reporting the rest"]
+    monkeypatch.setattr(reading, "MAX_LOG_BYTES", sum(len(line) + 1 for line in [lines[0], long_line, *lines[1:5]]))  # data, eval at 0, steps 1-3
+    read = read_run(run)
+    assert [r["step"] for r in read.train] == [1, 2, 3]  # the records inside the limit
+    assert any("reporting its first" in w for w in read.warnings)
