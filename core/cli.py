@@ -419,12 +419,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from plugtune.reporting.report import default_output, png_path, write_report
     from plugtune.reporting.runs import ReportError, read_runs
 
+    runs = read_runs(args.runs)  # first: a missing run folder is named as such, not as the default output's folder
     out = Path(args.output) if args.output else default_output(args.runs)
     if png_path(out) == out:
         raise ReportError(f"-o {out}: the PNG of the loss is written beside the page as <stem>.png; give an .html file")
     for path in (out, png_path(out)):
         check_output_file(path, "-o")
-    runs = read_runs(args.runs)
     for run in runs:
         for warning in run.warnings:
             print(f"warning: {warning}", file=sys.stderr)

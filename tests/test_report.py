@@ -193,6 +193,7 @@ def test_a_folder_that_is_neither_a_run_nor_an_adapter_is_one_line(tmp_path, cap
     err = _fails(["report", str(two_runs[0]), str(tmp_path / "empty"), "-o", str(out)], capsys)
     assert str(tmp_path / "empty") in err and "metrics.jsonl" in err and "plugtune.json" in err
     assert "does not exist" in _fails(["report", str(tmp_path / "missing"), "-o", str(out)], capsys)
+    assert _fails(["report", str(tmp_path / "missing")], capsys).startswith(f"error: {tmp_path / 'missing'} does not exist")
     assert not out.exists() and not list(tmp_path.glob(".*"))
 
 

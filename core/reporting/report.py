@@ -153,9 +153,9 @@ def _these(runs: list[Run]) -> str:
     return "this run" if len(runs) == 1 else "these runs"
 
 
-def _labelled(run: Run, several_splits: bool, split: str, suffix: str = "") -> str:
-    split_part = f" · {split}" if several_splits else ""
-    return f"{run.name}{split_part}{suffix}"
+def _labelled(run: Run, several_splits: bool, split: str) -> str:
+    """The legend entry of a run's line: the run, and the split when the page has several."""
+    return f"{run.name} · {split}" if several_splits else run.name
 
 
 def curve_plot(runs: list[Run], colour: dict[str, str], key: str, title: str, div_id: str) -> Plot:
