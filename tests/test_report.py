@@ -289,3 +289,19 @@ def test_an_over_long_line_and_a_huge_log_are_read_in_bounded_pieces(tmp_path, m
     read = read_run(run)
     assert [r["step"] for r in read.train] == [1, 2, 3]  # the records inside the limit
     assert any("reporting its first" in w for w in read.warnings)
+
+
+def test_an_adapter_without_its_log_reports_its_manifest(tmp_path, two_runs) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(two_runs[1], adapter)
+    (adapter / "metrics.jsonl").unlink()
+    run = read_run(adapter)
+    manifest = json.loads((adapter / "plugtune.json").read_text())["metrics"]
+    from plugtune.reporting.report import before_after
+
+    rows = {metric: (first, last) for _, metric, first, last, _, _ in before_after(run)}
+    assert rows["accuracy"] == (manifest["before"]["accuracy"], manifest["after"]["accuracy"])
+    assert main(["report", str(adapter)]) == 0
+    page = (adapter / "report.html").read_text()
+    assert "training and evaluation loss: not recorded in this run" in page
+    assert "train 192 rows" in page  # the data summary from the manifest
