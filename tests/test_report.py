@@ -305,3 +305,23 @@ def test_an_adapter_without_its_log_reports_its_manifest(tmp_path, two_runs) -> 
     page = (adapter / "report.html").read_text()
     assert "training and evaluation loss: not recorded in this run" in page
     assert "train 192 rows" in page  # the data summary from the manifest
+
+
+def test_the_confusion_matrix_details_are_its_cells_as_json() -> None:
+    from plugtune.data.tasks import build_task
+    from plugtune.plugins.evaluators.classification import ConfusionMatrix, ConfusionOptions
+    from plugtune.sdk import EvalBatch
+
+    task = build_task(dict(type="sequence-classification", text="{text}", labels=["a", "b", "c"]))
+    for normalize in (False, True):
+        matrix = ConfusionMatrix(ConfusionOptions(normalize=normalize), task)
+        matrix.reset()
+        matrix.update(EvalBatch([0, 1, 1, 0], [0, 1, 0, 0], 0.0, 4))  # no example of class c
+        flat, (name, details), = matrix.compute(), *matrix.details().items()
+        assert name == "confusion_matrix" and details["rows"] == details["columns"] == ["a", "b", "c"]
+        for t, row in zip(details["rows"], details["values"]):
+            for p, value in zip(details["columns"], row):
+                cell = flat[f"confusion/{t}/{p}"]
+                assert value == (None if cell != cell else cell)  # a NaN cell (normalized, class c absent) is null
+        json.dumps(details, allow_nan=False)  # strict JSON: no NaN in the log's details
+    assert details["values"][0] == pytest.approx([2 / 3, 1 / 3, 0.0]) and details["values"][2] == [None, None, None]
