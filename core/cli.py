@@ -444,6 +444,34 @@ def add_adapter_tool_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_merge)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``plugtune report``: the runs read, then one HTML page and its PNG written
+    (core/reporting); a warning line for each log line or file it had to skip."""
+    from plugtune.reporting.report import default_output, png_path, write_report
+    from plugtune.reporting.runs import ReportError, read_runs
+
+    runs = read_runs(args.runs)  # first: a missing run folder is named as such, not as the default output's folder
+    out = Path(args.output) if args.output else default_output(args.runs)
+    if png_path(out) == out:
+        raise ReportError(f"-o {out}: the PNG of the loss is written beside the page as <stem>.png; give an .html file")
+    for path in (out, png_path(out)):
+        check_output_file(path, "-o")
+    for run in runs:
+        for warning in run.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    page, png = write_report(runs, out)
+    print(f"wrote {page} and {png} ({len(runs)} run{'s' if len(runs) != 1 else ''})")
+    return 0
+
+
+def add_report_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page of runs' curves, evaluations and data, and a PNG of the loss")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_ADAPTER_DIR", help="run or adapter folders; several are overlaid")
+    p.add_argument("-o", "--output", metavar="FILE.html",
+                   help="the page (default: DIR/report.html for one run, ./report.html for several); the PNG goes beside it as <stem>.png")
+    p.set_defaults(func=cmd_report)
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -515,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_adapter_tool_parsers(sub)
+    add_report_parser(sub)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     for command in sub.choices.values():  # also after the command: plugtune run R --debug
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)

@@ -1,8 +1,8 @@
 """The house: the core is laid out by layer, imports only downward, and names no built-in.
 
 Layers, lowest first: ``kernel`` <- ``data`` <- ``artifacts`` <- ``training`` | ``serving``
-(siblings: neither imports the other) <- the top floor (``cli``, ``sdk``, ``testing``, the
-package itself). Imports under ``if TYPE_CHECKING:`` are annotations only and not counted.
+(siblings: neither imports the other) <- ``reporting`` (reads what runs wrote) <- the top
+floor (``cli``, ``sdk``, ``testing``, the package itself). Imports under ``if TYPE_CHECKING:`` are annotations only and not counted.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 CORE = Path(__file__).resolve().parent.parent / "core"
-RANK = {"kernel": 0, "data": 1, "artifacts": 2, "training": 3, "serving": 3}
-TOP = 4
+RANK = {"kernel": 0, "data": 1, "artifacts": 2, "training": 3, "serving": 3, "reporting": 4}
+TOP = 5
 
 
 def _modules() -> dict[str, Path]:

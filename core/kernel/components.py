@@ -842,11 +842,15 @@ class MetricDirections:
 class EvalMetrics(dict[str, float]):
     """One evaluation's metrics (a plain ``dict`` of name -> value) that also knows which
     way each improves. Regularizers' ``after_evaluate`` and the ``on_evaluate`` hook receive
-    one; ``metrics.direction(name)`` reads the declared :data:`Direction` (or None)."""
+    one; ``metrics.direction(name)`` reads the declared :data:`Direction` (or None).
+    ``details``: the evaluators' structured results (``Evaluator.details()``), by name, kept
+    apart from the float metrics (shapes in core/training/metrics_log.py)."""
 
-    def __init__(self, metrics: Mapping[str, float], directions: MetricDirections | None = None) -> None:
+    def __init__(self, metrics: Mapping[str, float], directions: MetricDirections | None = None,
+                 details: Mapping[str, Any] | None = None) -> None:
         super().__init__(metrics)
         self.directions = directions or MetricDirections()
+        self.details: dict[str, Any] = dict(details or {})
 
     def direction(self, metric: str) -> Direction | None:
         return self.directions.direction(metric)
@@ -866,7 +870,10 @@ class Evaluator(Protocol):
     (class attribute) to receive greedy generations in ``EvalBatch.generated``;
     ``compute_with(context: EvalContext) -> dict`` to run the model on examples of its own
     after the pass; ``check_task(task) -> str | None`` (classmethod), called at validation:
-    a reason the evaluator cannot serve this task.
+    a reason the evaluator cannot serve this task; ``details() -> dict[str, dict]``, called
+    after ``compute``: structured results that are no single number (a confusion matrix),
+    JSON-serializable, logged in the evaluation record's ``details`` and never seen by early
+    stopping or trackers' scalars (shapes in core/training/metrics_log.py).
     """
 
     Options: ClassVar[type[ComponentOptions]]

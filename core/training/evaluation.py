@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from plugtune.kernel.components import EvalBatch, EvalContext
+from plugtune.kernel.components import EvalBatch, EvalContext, EvalMetrics
 from plugtune.data.encoding import Row, batches, encode_split
 from plugtune.data.tasks import Task
 
@@ -52,8 +52,9 @@ def _stopping(model: torch.nn.Module, task: Task, tokenizer: Any) -> dict[str, A
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: list[Any], *, batch_size: int,
              pad_id: int, device: torch.device, tokenizer: Any = None, max_new_tokens: int = 32,
-             max_length: int = 256, logits_on_labels_only: bool = False) -> dict[str, float]:
-    """Run every evaluator over ``rows``; returns the merged metrics. With
+             max_length: int = 256, logits_on_labels_only: bool = False) -> EvalMetrics:
+    """Run every evaluator over ``rows``; returns the merged metrics, with the evaluators'
+    structured ``details()`` (no directions: the caller knows the recipe's). With
     ``logits_on_labels_only`` a causal LM's head runs at the label positions only
     (core/loss.py); the metrics are the same."""
     from plugtune.training.loss import eval_batch_at_labels, output_head
@@ -106,10 +107,13 @@ def evaluate(model: torch.nn.Module, rows: list[Row], task: Task, evaluators: li
         return merged
 
     metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
     context = EvalContext(examples=[r["example"] for r in rows], task=task, predict=predict)
     for ev in evaluators:
         metrics.update(ev.compute())
         if hasattr(ev, "compute_with"):
             metrics.update(ev.compute_with(context))
+        if hasattr(ev, "details"):
+            details.update(ev.details())
     model.train(was_training)
-    return metrics
+    return EvalMetrics(metrics, details=details)

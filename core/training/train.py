@@ -63,6 +63,7 @@ from plugtune.data.datacheck import (
     turns_cut_line,
 )
 from plugtune.training.evaluation import evaluate
+from plugtune.training.metrics_log import data_record
 from plugtune.kernel.errors import DataError, PlugtuneError, RecipeError, TrainingError
 from plugtune.kernel.faults import guarded
 from plugtune.training.loss import label_token_losses, output_head, supports_label_positions
@@ -229,6 +230,8 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     process = _start_process(recipe, console or Console(stderr=True), show_progress)
     data = _data_phase(recipe, plugins, process)
     _open_output(process, out, overwrite, resuming, inputs)
+    if not resuming:  # a resumed log keeps the first run's record
+        process.log(_data_summary(data))
     scoring = _Scoring.for_run(recipe, data, process, plugins)
     reference = _reference_phase(recipe, data, process, scoring)
     before = _score_base(recipe, data, scoring, resuming)
@@ -291,7 +294,8 @@ class _Process:
         return self.accelerator.device
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record to ``metrics.jsonl`` (main process only)."""
+        """Append one record to ``metrics.jsonl`` (main process only); the records' shapes
+        are documented in core/training/metrics_log.py."""
         if not self.main:
             return
         try:
@@ -391,11 +395,12 @@ class _Scoring:
         """:meth:`score` of the module ``model()`` returns, called on the main process only."""
         with self.process.accelerator.autocast():
             metrics = self.process.on_main(lambda: evaluate(model(), rows, self.task, self.evaluators, **self.kwargs))
-        return EvalMetrics(metrics, self.directions)
+        return EvalMetrics(metrics, self.directions, details=metrics.details)
 
     def log_test(self, state: RunState, tag: str, metrics: dict[str, float]) -> EvalMetrics:
         metrics = metrics if isinstance(metrics, EvalMetrics) else EvalMetrics(metrics, self.directions)
-        self.process.log({"event": "eval", "split": "test", "step": state.step, "when": tag, **metrics})
+        self.process.log({"event": "eval", "split": "test", "step": state.step, "when": tag, **metrics,
+                          **({"details": metrics.details} if metrics.details else {})})
         self.plugins.call_lifecycle("on_evaluate", run=state, split="test", step=state.step, metrics=metrics)
         return metrics
 
@@ -518,6 +523,13 @@ def _open_output(process: _Process, out: Path, overwrite: bool, resuming: Checkp
         if resuming:
             truncate_log(process.metrics_log, int(resuming.meta["metrics_bytes"]))
     process.accelerator.wait_for_everyone()
+
+
+def _data_summary(data: _Data) -> dict[str, Any]:
+    """The log's ``data`` record (core/training/metrics_log.py): rows and token lengths per
+    split, each source's counts."""
+    return data_record({"train": data.train_rows, "test": data.test_rows},
+                       data.sources.records() if data.sources is not None else None, streamed=data.stream is not None)
 
 
 def _score_base(recipe: Recipe, data: _Data, scoring: _Scoring, resuming: Checkpoint | None) -> dict[str, float]:
@@ -741,7 +753,8 @@ def _micro_step(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torc
                 t: TrainingBlock) -> tuple[Any, int, dict[str, float]]:
     """One micro-batch inside ``accelerator.accumulate``: forward, loss terms, backward, and
     (on a sync step) clipping, ``after_backward`` and the optimizer/scheduler step. Returns
-    the outputs, the global batch's real tokens and the regularizers' logged terms."""
+    the outputs, the global batch's real tokens and the logged terms: the regularizers' and,
+    on a sync step, ``grad_norm``."""
     world = accelerator.num_processes
     terms: dict[str, float] = {}
     if trainee.own_loss is not None:
@@ -760,8 +773,7 @@ def _micro_step(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torc
         raise TrainingError(f"loss became {float(loss.detach())} at step {state.step + 1}; lower training.learning_rate or check the data")
     accelerator.backward(loss)
     if accelerator.sync_gradients:
-        if t.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        terms["grad_norm"] = _grad_norm(model, accelerator, t.max_grad_norm)
         for name, reg in regularizers:
             if hasattr(reg, "after_backward"):
                 terms.update({f"{name}/{k}": v for k, v in (reg.after_backward(model, state.step) or {}).items()})
@@ -771,6 +783,18 @@ def _micro_step(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torc
         trainee.method.on_step(trainee.unwrapped, state.step + 1)  # the step this optimizer update completes
     trainee.optimizer.zero_grad()
     return outputs, batch_tokens, terms
+
+
+def _grad_norm(model: torch.nn.Module, accelerator: Any, max_norm: float | None) -> float:
+    """The total L2 norm of the gradients before clipping, logged every step as ``grad_norm``;
+    clipped to ``max_norm`` when one is set (clipping computes the norm anyway). Without
+    clipping it is computed on its own: one norm per gradient and one over those (measured
+    in BENCHMARKS.md at well under 1% of a step)."""
+    if max_norm:
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    accelerator.unscale_gradients()  # fp16 autocast: take the loss scale out first; a no-op otherwise
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _artifact_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Trainee, scoring: _Scoring,

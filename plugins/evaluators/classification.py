@@ -200,7 +200,7 @@ class ConfusionMatrix:
     prediction matched no reference.
 
     Its cells declare no direction (more is better on the diagonal, worse off it): they are
-    shown, never selected on."""
+    shown, never selected on. :meth:`details` gives the same cells as one matrix."""
 
     Options = ConfusionOptions
     directions: dict[str, str] = {}
@@ -218,7 +218,9 @@ class ConfusionMatrix:
         self.pairs.update(zip(batch.references, batch.predictions))
         self.names.update(batch)
 
-    def compute(self) -> dict[str, float]:
+    def _cells(self) -> tuple[list[str], list[str], Counter[tuple[str, str]], Counter[str]]:
+        """The true and predicted class names, in order, the count of each (true, predicted)
+        pair and each true class's total."""
         references = {r for r, _ in self.pairs}
         counts: Counter[tuple[str, str]] = Counter()
         for (r, p), n in self.pairs.items():
@@ -233,12 +235,25 @@ class ConfusionMatrix:
         totals: Counter[str] = Counter()
         for (t, _), n in counts.items():
             totals[t] += n
-        metrics: dict[str, float] = {}
-        for t in true_names:
-            for p in pred_names:
-                n = counts[t, p]
-                metrics[f"confusion/{t}/{p}"] = (n / totals[t] if totals[t] else float("nan")) if self.options.normalize else n
-        return metrics
+        return true_names, pred_names, counts, totals
+
+    def _value(self, counts: Counter[tuple[str, str]], totals: Counter[str], t: str, p: str) -> float:
+        n = counts[t, p]
+        return (n / totals[t] if totals[t] else float("nan")) if self.options.normalize else n
+
+    def compute(self) -> dict[str, float]:
+        true_names, pred_names, counts, totals = self._cells()
+        return {f"confusion/{t}/{p}": self._value(counts, totals, t, p) for t in true_names for p in pred_names}
+
+    def details(self) -> dict[str, dict[str, Any]]:
+        """The same cells as one matrix (the log's ``details``, a heatmap in ``plugtune report``):
+        rows the true classes, columns the predicted ones; a NaN cell (normalized, a class
+        absent from the split) is null."""
+        true_names, pred_names, counts, totals = self._cells()
+        values = [[None if (v := self._value(counts, totals, t, p)) != v else v for p in pred_names] for t in true_names]
+        return {"confusion_matrix": {"kind": "matrix", "rows": true_names, "columns": pred_names, "values": values,
+                                     "row_title": "true", "column_title": "predicted", "metrics_prefix": "confusion/",
+                                     "normalized": self.options.normalize}}
 
 
 @hookimpl
