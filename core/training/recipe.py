@@ -42,6 +42,7 @@ from plugtune.kernel.faults import guarded
 from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
 from plugtune.data.mixture import Mix, MixedData, MixedLoader, Source, load_data, path_options
 from plugtune.data.tasks import Task, make_task, template_fields
+from plugtune.training.budget import Budget, parse_budget
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +138,10 @@ class TrainingBlock(_Strict):
 
     epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, allow_inf_nan=False)
     max_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
+    budget: str | float | None = Field(
+        None, description="train for a time (10m, 90s, 1h30m) or a number of tokens (2M tokens) instead of epochs or "
+                          "max_steps: the run times its first steps and chooses the steps and the schedule to fit "
+                          "(core/training/budget.py); explicit epochs cap it")
     batch_size: int = Field(8, gt=0, le=MAX_COUNT)
     grad_accum: int = Field(1, gt=0, le=MAX_COUNT)
     learning_rate: float = Field(2e-4, gt=0, allow_inf_nan=False)
@@ -171,6 +176,24 @@ class TrainingBlock(_Strict):
         description="opt-in memory saver for CPU runs on Linux: tensors of at least this many bytes get their own memory "
                     "mapping, given back to the OS when freed (1048576: about 7-12% lower peak RSS, steps 3-6% slower on "
                     "the benchmark); null or 0: glibc's default")
+
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_parses(cls, value: Any) -> Any:
+        if value is not None:
+            parse_budget(value)  # its ValueError names the accepted forms
+        return value
+
+    @model_validator(mode="after")
+    def _budget_or_steps(self) -> "TrainingBlock":
+        if self.budget is not None and self.max_steps is not None:
+            raise ValueError("budget and max_steps both set the number of steps; keep one of them")
+        return self
+
+    def parsed_budget(self) -> Budget | None:
+        """The budget as a :class:`~plugtune.training.budget.Budget`, or None."""
+        return None if self.budget is None else parse_budget(self.budget)
 
 
 class OutputBlock(_Strict):
@@ -873,9 +896,9 @@ def _check_streaming(loader: Bound | None, sources: list[Source], spec: RecipeSp
     if loader is None or not getattr(loader.build(), "streams", False):
         return []
     problems = []
-    if spec is not None and spec.training.max_steps is None:
+    if spec is not None and spec.training.max_steps is None and spec.training.budget is None:
         problems.append("training.max_steps: the data loader streams the training split, which has no length to "
-                        "count epochs in; set training.max_steps")
+                        "count epochs in; set training.max_steps or training.budget")
     for i, bound in enumerate(regularizers):
         if bound is not None and hasattr(bound.component.obj, "augment_examples"):
             problems.append(f"regularizers[{i}]: {bound.name} rewrites the training rows in memory, which a streamed "
