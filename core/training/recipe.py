@@ -20,6 +20,7 @@ current directory (default ``adapters/<name>``).
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,9 @@ class TrainingBlock(_Strict):
                           "(core/training/budget.py); explicit epochs cap it")
     batch_size: int = Field(8, gt=0, le=MAX_COUNT)
     grad_accum: int = Field(1, gt=0, le=MAX_COUNT)
-    learning_rate: float = Field(2e-4, gt=0, allow_inf_nan=False)
+    learning_rate: float | Literal["auto"] = Field(
+        "auto", description="AdamW's rate, or auto: the method's reference rate scaled to the model's width and the "
+                            "rows per step, a new classification head at a fresh layer's rate (core/training/rates.py)")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -177,6 +180,20 @@ class TrainingBlock(_Strict):
                     "mapping, given back to the OS when freed (1048576: about 7-12% lower peak RSS, steps 3-6% slower on "
                     "the benchmark); null or 0: glibc's default")
 
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _rate_or_auto(cls, value: Any) -> Any:
+        """One message for any bad rate (a union would report each branch)."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            rate = float(value) if not isinstance(value, bool) else float("nan")
+        except (TypeError, ValueError):
+            rate = float("nan")
+        if not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"give a positive number such as 1e-3, or auto (got {value!r})")
+        return rate
 
     @field_validator("budget", mode="before")
     @classmethod

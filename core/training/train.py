@@ -72,6 +72,7 @@ from plugtune.data.encoding import REFERENCE, Row, collate_rows
 from plugtune.data.streaming import StreamedTraining
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
 from plugtune.training.budget import CALIBRATION_STEPS, OVERRUN, BudgetPlanner, Plan, rebuild_schedule
+from plugtune.training.rates import ChosenRates, choose_rates, is_new_parameter, with_head_rate
 from plugtune.training.recipe import Recipe, TrainingBlock
 from plugtune.training.runtime import (
     choose_attention,
@@ -360,6 +361,7 @@ class _Trainee:
     own_loss: Any = None  # the task, when it computes its own loss (ComputesLoss)
     reference: references.LiveReference | None = None  # reference scores computed in every step
     planner: BudgetPlanner | None = None  # training.budget: chooses total_steps (core/training/budget.py)
+    rates: ChosenRates | None = None  # learning_rate: auto's choice (core/training/rates.py)
 
 
 @dataclass
@@ -603,8 +605,11 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
     # A group decays nothing unless a regularizer's param_groups says so (torch's AdamW and
     # bitsandbytes' would otherwise decay every weight by their own default of 0.01).
     groups = [dict(NO_DECAY, **group) for group in groups]
+    rate, rates = _learning_rate(t, method, data, process, named)
+    if rates is not None and rates.head is not None:
+        groups = with_head_rate(groups, named, data.base.new_parameters, rates.head)
     make_optimizer = getattr(method, "optimizer", None)
-    optimizer = make_optimizer(groups, t.learning_rate) if make_optimizer else torch.optim.AdamW(groups, lr=t.learning_rate)
+    optimizer = make_optimizer(groups, rate) if make_optimizer else torch.optim.AdamW(groups, lr=rate)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
     model, optimizer, scheduler = process.accelerator.prepare(model, optimizer, scheduler)
     unwrapped = process.accelerator.unwrap_model(model)  # evaluation runs on the main process, outside DDP
@@ -619,7 +624,18 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
     elif reference is not None and reference.mode == "copy":
         live = references.LiveReference(task, reference.copy)
     return _Trainee(method, model, unwrapped, optimizer, scheduler, trainable, total, total_steps,
-                    output_head(unwrapped), label_only and own_loss is None, lengths, own_loss, live, planner)
+                    output_head(unwrapped), label_only and own_loss is None, lengths, own_loss, live, planner, rates)
+
+
+def _learning_rate(t: TrainingBlock, method: Any, data: _Data, process: _Process,
+                   named: list[tuple[str, Any]]) -> tuple[float, ChosenRates | None]:
+    """``training.learning_rate``, or with ``auto`` the rule's choice (printed once)."""
+    if t.learning_rate != "auto":
+        return float(t.learning_rate), None
+    trains_new_layer = any(is_new_parameter(n, data.base.new_parameters) for n, _ in named)
+    rates = choose_rates(method, data.base.model.config, t.batch_size * t.grad_accum, trains_new_layer)
+    process.console.print(rates.describe())
+    return rates.adapter, rates
 
 
 def _budget_planner(t: TrainingBlock, data: _Data, epoch_steps: int, process: _Process) -> BudgetPlanner | None:
@@ -678,7 +694,8 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=process.console, disable=not process.show_progress,
     )
-    bar = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"), lr=t.learning_rate, tps=0.0)
+    bar = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"),
+                            lr=trainee.scheduler.get_last_lr()[0], tps=0.0)
     model.train()
     earlier_seconds = float(resuming.meta["train_seconds"]) if resuming else 0.0
     started = time.perf_counter()
@@ -891,6 +908,7 @@ def _manifest(recipe: Recipe, data: _Data, trainee: _Trainee, state: RunState, *
             "steps": state.step, "train_seconds": round(train_seconds, 2),
             "best_step": state.best.step if state.best else state.step,
             **({"plan": trainee.planner.plan.record()} if trainee.planner and trainee.planner.plan else {}),
+            "learning_rate": trainee.rates.record() if trainee.rates else float(data.training.learning_rate),
             "trainable_parameters": trainee.trainable, "total_parameters": trainee.total,
             "train_rows": data.stream.rows_read if data.stream else len(data.train_rows), "test_rows": len(data.test_rows),
             **({"sources": data.sources.records()} if data.sources is not None else {}),
