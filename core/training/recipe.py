@@ -192,7 +192,7 @@ class TrainingBlock(_Strict):
         except (TypeError, ValueError):
             rate = float("nan")
         if not math.isfinite(rate) or rate <= 0:
-            raise ValueError(f"give a positive number such as 1e-3, or auto (got {value!r})")
+            raise ValueError(f"Input should be a finite number above 0 such as 1e-3, or auto (got {value!r})")
         return rate
 
     @field_validator("budget", mode="before")
