@@ -146,3 +146,22 @@ def test_a_time_budget_chooses_steps_to_fit_and_the_schedule_ends_at_them(make_r
     if plans[-1]["reason"] != "overrun":  # a machine this shared may slow down mid-run: then the stop is logged
         assert lrs[-1] == 0.0 and lrs[-2] == pytest.approx(1e-2 / result.steps, rel=1e-6)  # the rebuilt schedule ends there
     assert json.loads((out / "plugtune.json").read_text())["training"]["plan"]["total_steps"] == result.steps
+
+
+def test_a_validation_split_is_carved_from_train_and_the_test_split_is_not_read(make_recipe, tmp_path: Path) -> None:
+    path = make_recipe(training={"device": "cpu"})
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["validation"] = 0.25
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path)
+    plain = load_recipe(path, ["data.validation=null"]).load_data()
+    data = recipe.load_data()
+    train_before = plain.splits["train"]
+    assert len(data.splits["test"]) == round(0.25 * len(train_before))
+    assert len(data.splits["train"]) + len(data.splits["test"]) == len(train_before)
+    assert all(row in train_before for row in data.splits["test"])
+    assert not any(row in plain.splits["test"] for row in data.splits["test"] if row not in train_before)
+    assert [r for r in recipe.load_data().splits["test"]] == data.splits["test"]  # seeded: the same rows again
+    assert data.counts[0].kept["test"] == len(data.splits["test"])
+    with pytest.raises(Exception, match=r"data.validation: .* leaves no rows"):
+        load_recipe(path, [f"data.validation={len(train_before)}"]).load_data()

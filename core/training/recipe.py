@@ -41,7 +41,7 @@ from plugtune.kernel.components import DataPath, MetricDirections, _path_exists
 from plugtune.kernel.errors import DataError, RecipeError
 from plugtune.kernel.faults import guarded
 from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
-from plugtune.data.mixture import Mix, MixedData, MixedLoader, Source, load_data, path_options
+from plugtune.data.mixture import Mix, MixedData, MixedLoader, Source, carve_validation, load_data, path_options
 from plugtune.data.tasks import Task, make_task, template_fields
 from plugtune.training.budget import Budget, parse_budget
 
@@ -102,6 +102,10 @@ class DataBlock(_Strict):
     mix: Literal["concat", "sample"] = "concat"
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="the mixture's seed (default: training.seed)")
     size: int | None = Field(None, gt=0, le=MAX_COUNT, description="mix: sample: the mixed training rows (default: all sources' together)")
+    validation: float | None = Field(
+        None, gt=0, le=MAX_COUNT, allow_inf_nan=False,
+        description="evaluate on this fraction (below 1) or number of training rows, carved out with the seed, instead of "
+                    "the test split (for choosing between runs without reading the test split)")
 
     @field_validator("options", mode="before")
     @classmethod
@@ -114,7 +118,7 @@ class DataBlock(_Strict):
             raise ValueError("give a loader (one source: {loader, options}) or sources (a mixture: {sources: [...]})")
         if self.loader is not None and self.sources is not None:
             raise ValueError("give either loader (one source) or sources (a mixture), not both")
-        given = sorted(k for k in ("mix", "seed", "size") if k in self.model_fields_set)
+        given = sorted(k for k in ("mix", "seed", "size") if k in self.model_fields_set)  # validation: either way
         if self.sources is None and given:
             raise ValueError(f"{', '.join(given)} apply to a mixture (data.sources); a single loader takes none")
         if self.sources is not None and self.options:
@@ -280,7 +284,11 @@ class Recipe:
         caller's copy of the recipe's task, which normalizes a single source's rows (and keeps
         what it noted); default a fresh copy. ``seed``: default ``training.seed``."""
         task = task if task is not None else copy.deepcopy(self.task)
-        return load_data(self.sources, task, self.training.seed if seed is None else seed, self.mix)
+        seed = self.training.seed if seed is None else seed
+        data = load_data(self.sources, task, seed, self.mix)
+        if self.spec.data.validation is not None:
+            data = carve_validation(data, self.spec.data.validation, seed)
+        return data
 
     @property
     def name(self) -> str:
@@ -916,6 +924,9 @@ def _check_streaming(loader: Bound | None, sources: list[Source], spec: RecipeSp
     if spec is not None and spec.training.max_steps is None and spec.training.budget is None:
         problems.append("training.max_steps: the data loader streams the training split, which has no length to "
                         "count epochs in; set training.max_steps or training.budget")
+    if spec is not None and spec.data.validation is not None:
+        problems.append("data.validation: the data loader streams the training split, which is never all in memory to "
+                        "carve rows from; give the loader a test split, or stop streaming")
     for i, bound in enumerate(regularizers):
         if bound is not None and hasattr(bound.component.obj, "augment_examples"):
             problems.append(f"regularizers[{i}]: {bound.name} rewrites the training rows in memory, which a streamed "
