@@ -146,7 +146,7 @@ class TrainingBlock(_Strict):
     budget: str | float | None = Field(
         None, description="train for a time (10m, 90s, 1h30m) or a number of tokens (2M tokens) instead of epochs or "
                           "max_steps: the run times its first steps and chooses the steps and the schedule to fit "
-                          "(core/training/budget.py); explicit epochs cap it")
+                          "(core/training/budget.py); max_steps and explicit epochs cap it")
     batch_size: int = Field(8, gt=0, le=MAX_COUNT)
     grad_accum: int = Field(1, gt=0, le=MAX_COUNT)
     learning_rate: float | Literal["auto"] = Field(
@@ -205,12 +205,6 @@ class TrainingBlock(_Strict):
         if value is not None:
             parse_budget(value)  # its ValueError names the accepted forms
         return value
-
-    @model_validator(mode="after")
-    def _budget_or_steps(self) -> "TrainingBlock":
-        if self.budget is not None and self.max_steps is not None:
-            raise ValueError("budget and max_steps both set the number of steps; keep one of them")
-        return self
 
     def parsed_budget(self) -> Budget | None:
         """The budget as a :class:`~plugtune.training.budget.Budget`, or None."""

@@ -640,13 +640,14 @@ def _learning_rate(t: TrainingBlock, method: Any, data: _Data, process: _Process
 
 def _budget_planner(t: TrainingBlock, data: _Data, epoch_steps: int, process: _Process) -> BudgetPlanner | None:
     """The planner for ``training.budget`` (None without one). A step's tokens: the rows it
-    takes (the global batch times grad_accum) times the training rows' mean length; explicit
-    ``epochs`` cap the steps (a stream has no epochs)."""
+    takes (the global batch times grad_accum) times the training rows' mean length;
+    ``max_steps`` and explicit ``epochs`` cap the steps (a stream has no epochs)."""
     budget = t.parsed_budget()
     if budget is None:
         return None
     mean_length = sum(len(r["input_ids"]) for r in data.train_rows) / max(len(data.train_rows), 1)
-    cap = epoch_steps if "epochs" in t.model_fields_set and data.stream is None else None
+    caps = [epoch_steps] if "epochs" in t.model_fields_set and data.stream is None else []
+    cap = min(caps + [t.max_steps]) if t.max_steps else (caps[0] if caps else None)
     planner = BudgetPlanner(budget, mean_length * t.batch_size * t.grad_accum, cap=cap)
     return planner
 
@@ -800,8 +801,8 @@ def _follow_budget(planner: BudgetPlanner, state: RunState, trainee: _Trainee, t
     if process.world == 1 and planner.overrun(elapsed) and state.step < trainee.total_steps:
         process.console.print(f"[yellow]budget {planner.budget}: overrun by more than {OVERRUN:.0%} (the machine "
                               f"slowed down); stopping at step {state.step} of {trainee.total_steps}[/]")
-        process.log({"event": "plan", "step": state.step, "budget": str(planner.budget), "total_steps": state.step,
-                     "reason": "overrun"})
+        plan = planner.fixed(state.step, f"overrun: stopped past {1 + OVERRUN:.0%} of the budget")
+        process.log({"event": "plan", "step": state.step, **plan.record()})
         return trainee.total_steps, True
     return trainee.total_steps, stop
 
