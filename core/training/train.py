@@ -733,6 +733,11 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
                     continue
                 state.step += 1
                 state.batch = batch_index + 1
+                if planner is not None:  # before the record: its lr is the next step's, under the new plan
+                    total_steps, stop = _follow_budget(planner, state, trainee, t, process, window_rows_tokens,
+                                                       time.perf_counter() - started, stop)
+                    progress.update(bar, total=total_steps)
+                window_rows_tokens = 0
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "event": "train", "step": state.step, "loss": window_loss / window_micro,
@@ -745,11 +750,6 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
                         record.update({f"{name}/{k}": v for k, v in reg.report(model).items()})
                 window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
                 window_cpu = time.process_time()
-                if planner is not None:
-                    total_steps, stop = _follow_budget(planner, state, trainee, t, process, window_rows_tokens,
-                                                       time.perf_counter() - started, stop)
-                    progress.update(bar, total=total_steps)
-                window_rows_tokens = 0
                 state.history.append(record)
                 if state.step % t.log_every == 0 or state.step == total_steps:
                     process.log(record)
