@@ -85,6 +85,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from plugtune.training.sweep import DEFAULT_VALIDATION, Sweep
+
+    console = _console(stderr=True)
+    sweep = Sweep(args.recipe, args.overrides, args.space, trials=args.trials, budget=args.budget, metric=args.metric,
+                  validation=args.validation or DEFAULT_VALIDATION, folder=args.dir, overwrite=args.overwrite,
+                  fresh=args.fresh, seed=args.seed, console=console)
+    results = sweep.run()
+    out = _console()
+    out.print(sweep.table(results))
+    board = sweep.write_leaderboard(results)
+    best = sweep.keep_best(results)
+    if best is None:
+        raise PlugtuneError(f"no trial finished; their logs are in {sweep.folder / 'logs'}")
+    out.print(f"best: trial {best.number} ({sweep.metric} {best.value:.4f} on the validation rows), copied to "
+              f"[bold]{sweep.output}[/]; leaderboard: {board}")
+    if args.no_test:
+        return 0
+    console.print("evaluating the best adapter once on the recipe's test split")
+    return subprocess.run([sys.executable, "-m", "plugtune.cli", "eval", args.recipe, *args.overrides,
+                           "--adapter", str(sweep.output), "--json", str(sweep.folder / "test.json")]).returncode
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from plugtune.kernel.registry import KIND_LABELS, get_plugin_system
 
@@ -490,6 +515,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train data-parallel in N local processes (DDP through accelerate; gloo on CPUs)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("sweep", help="search recipe fields with optuna; every trial an adapter, the best one kept")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
+    p.add_argument("--space", required=True, metavar="FILE",
+                   help="YAML: recipe field -> list of choices or {low, high, log, step}")
+    p.add_argument("--trials", type=_positive_int, default=8, metavar="N", help="trials to finish (default 8)")
+    p.add_argument("--budget", metavar="TIME", help="the whole sweep's time (30m, 2h): shared among the trials left, "
+                                                    "each training under training.budget")
+    p.add_argument("--metric", help="select on this metric (default: the first one the recipe's evaluators declare)")
+    p.add_argument("--validation", type=float, metavar="F",
+                   help="the fraction (or count) of training rows the trials are scored on (default 0.1); the test "
+                        "split is read once, for the best trial")
+    p.add_argument("--dir", metavar="DIR", help="the sweep's folder (default: the recipe's output folder + .sweep)")
+    p.add_argument("--seed", type=int, help="the sampler's and trials' seed (default: training.seed)")
+    p.add_argument("--overwrite", action="store_true", help="replace the recipe's output folder with the best trial")
+    p.add_argument("--fresh", action="store_true", help="discard an earlier sweep in --dir instead of continuing it")
+    p.add_argument("--no-test", action="store_true", help="skip the best trial's evaluation on the test split")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("validate", help="check a recipe without loading any model")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
@@ -554,6 +598,13 @@ DEBUG_HELP = "show the traceback of an internal error (also: PLUGTUNE_DEBUG=1)"
 
 
 OVERRIDES_HELP = "key.sub=value overrides of the recipe, anywhere after it (between flags too)"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a count; use 1 or more")
+    return value
 
 
 def _is_override(arg: str) -> bool:

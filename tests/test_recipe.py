@@ -268,7 +268,7 @@ def test_shape_and_name_mistakes_reported_together(qa_dir: Path) -> None:
         "method.name": ["unknown tuning method 'loar'; did you mean 'lora'?"],
         "training.epoch": ["unknown key; did you mean 'epochs'?"],
         "training.batch_size": ["greater than 0", "(got -4)"],
-        "training.learning_rate": ["valid number", "(got 'fast')"],
+        "training.learning_rate": ["finite number above 0", "or auto", "(got 'fast')"],
         "data.options.path": [f"file not found: {qa_dir / 'missing.csv'}"],
         "evaluators[1].name": ["unknown evaluator 'acuracy'; did you mean 'accuracy'?"],
         "base_model": ["unknown base model alias 'smollm-135m'; did you mean 'smollm2-135m'?"],

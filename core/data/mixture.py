@@ -174,6 +174,30 @@ class MixedData:
         return [c.line(total) for c in self.counts]
 
 
+def carve_validation(data: MixedData, size: float, seed: int) -> MixedData:
+    """Move a seeded sample of the training rows into the evaluation split, replacing the
+    test split: ``size`` below 1 is a fraction of the training rows, from 1 a row count. For
+    choosing among runs (``plugtune sweep``, a rate search) without ever reading the test
+    split; the test rows are not kept. Each source's counts follow its rows."""
+    import random
+
+    train = data.splits["train"]
+    count = round(size * len(train)) if size < 1 else int(size)
+    if not 1 <= count < len(train):
+        raise DataError(f"data.validation: {size:g} leaves no rows on one side of the {len(train)} training rows; "
+                        f"give a fraction between 0 and 1 or a count below {len(train)}")
+    chosen = set(random.Random(seed).sample(range(len(train)), count))
+    validation = [row for i, row in enumerate(train) if i in chosen]
+    rest = [row for i, row in enumerate(train) if i not in chosen]
+    data.splits = {**data.splits, "train": rest, "test": validation}
+    for i, counts in enumerate(data.counts):
+        counts.kept["test"] = sum(1 for row in validation if data.owner.get(id(row), 0 if len(data.counts) == 1 else None) == i)
+        counts.kept["train"] = sum(1 for row in rest if data.owner.get(id(row), 0 if len(data.counts) == 1 else None) == i)
+    data.notes.append(f"validation: {count} of the {len(train)} training rows (seed {seed}) are the evaluation split; "
+                      f"the test split is not read")
+    return data
+
+
 def load_data(sources: list[Source], task: Task, seed: int, mix: Mix | None = None) -> MixedData:
     """Load every source (``loader.load(seed)``), normalize its rows with its task, check
     their task fields are filled, and combine them as ``mix`` says (None: one source, its

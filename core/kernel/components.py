@@ -388,7 +388,12 @@ class TuningMethod(Protocol):
     * ``preflight(self) -> str | None`` -- called while the recipe is validated, before any
       model loads: a one-line reason the method cannot run on this machine, or None.
     * ``optimizer(self, param_groups, lr) -> torch.optim.Optimizer`` -- called once after
-      ``prepare`` with the trainable parameters' groups; default torch's AdamW.
+      ``prepare`` with the trainable parameters' groups; default torch's AdamW. A group may
+      carry its own ``lr`` (a new classification head's, under ``learning_rate: auto``): keep it.
+    * ``reference_learning_rate(self) -> float`` -- AdamW's rate for this method (with these
+      options) on a 512-wide model with 16 rows per optimizer step; ``learning_rate: auto``
+      scales it to the model's width and the batch (:mod:`plugtune.training.rates`). Absent:
+      1e-3, and the run says it assumed it.
     * ``check_task(task) -> str | None`` (classmethod) -- called at validation: a reason the
       method cannot train this task (e.g. language-model heads only), or None.
     * ``on_step(self, model, step) -> None`` -- called by the training loop after every

@@ -432,7 +432,7 @@ class Checkpointer:
         if self.world > 1:
             training_state["processes"] = processes
         meta = {
-            "step": state.step, "epoch": state.epoch, "batch": state.batch,
+            "step": state.step, "epoch": state.epoch, "batch": state.batch, "total_steps": state.total_steps,
             "recipe": self.recipe_raw, "train_rows": train_rows,
             "metrics_bytes": metrics_bytes if metrics_bytes is not None else (metrics_log.stat().st_size if metrics_log.exists() else 0),
             "before": before, "train_seconds": train_seconds, "history": state.history,

@@ -20,6 +20,7 @@ current directory (default ``adapters/<name>``).
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,9 @@ from plugtune.kernel.components import DataPath, MetricDirections, _path_exists,
 from plugtune.kernel.errors import DataError, PlugtuneError, RecipeError
 from plugtune.kernel.faults import guarded
 from plugtune.kernel.registry import Component, PluginSystem, did_you_mean, get_plugin_system, unknown_name_message
-from plugtune.data.mixture import Mix, MixedData, MixedLoader, Source, load_data, path_options
+from plugtune.data.mixture import Mix, MixedData, MixedLoader, Source, carve_validation, load_data, path_options
 from plugtune.data.tasks import Task, make_task, template_fields
+from plugtune.training.budget import Budget, parse_budget
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +102,10 @@ class DataBlock(_Strict):
     mix: Literal["concat", "sample"] = "concat"
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="the mixture's seed (default: training.seed)")
     size: int | None = Field(None, gt=0, le=MAX_COUNT, description="mix: sample: the mixed training rows (default: all sources' together)")
+    validation: float | None = Field(
+        None, gt=0, le=MAX_COUNT, allow_inf_nan=False,
+        description="evaluate on this fraction (below 1) or number of training rows, carved out with the seed, instead of "
+                    "the test split (for choosing between runs without reading the test split)")
 
     @field_validator("options", mode="before")
     @classmethod
@@ -112,7 +118,7 @@ class DataBlock(_Strict):
             raise ValueError("give a loader (one source: {loader, options}) or sources (a mixture: {sources: [...]})")
         if self.loader is not None and self.sources is not None:
             raise ValueError("give either loader (one source) or sources (a mixture), not both")
-        given = sorted(k for k in ("mix", "seed", "size") if k in self.model_fields_set)
+        given = sorted(k for k in ("mix", "seed", "size") if k in self.model_fields_set)  # validation: either way
         if self.sources is None and given:
             raise ValueError(f"{', '.join(given)} apply to a mixture (data.sources); a single loader takes none")
         if self.sources is not None and self.options:
@@ -137,9 +143,15 @@ class TrainingBlock(_Strict):
 
     epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, allow_inf_nan=False)
     max_steps: int | None = Field(None, gt=0, le=MAX_COUNT)
+    budget: str | float | None = Field(
+        None, description="train for a time (10m, 90s, 1h30m) or a number of tokens (2M tokens) instead of epochs or "
+                          "max_steps: the run times its first steps and chooses the steps and the schedule to fit "
+                          "(core/training/budget.py); max_steps and explicit epochs cap it")
     batch_size: int = Field(8, gt=0, le=MAX_COUNT)
     grad_accum: int = Field(1, gt=0, le=MAX_COUNT)
-    learning_rate: float = Field(2e-4, gt=0, allow_inf_nan=False)
+    learning_rate: float | Literal["auto"] = Field(
+        "auto", description="AdamW's rate, or auto: the method's reference rate scaled to the model's width and the "
+                            "rows per step, a new classification head at a fresh layer's rate (core/training/rates.py)")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -171,6 +183,32 @@ class TrainingBlock(_Strict):
         description="opt-in memory saver for CPU runs on Linux: tensors of at least this many bytes get their own memory "
                     "mapping, given back to the OS when freed (1048576: about 7-12% lower peak RSS, steps 3-6% slower on "
                     "the benchmark); null or 0: glibc's default")
+
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _rate_or_auto(cls, value: Any) -> Any:
+        """One message for any bad rate (a union would report each branch)."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            rate = float(value) if not isinstance(value, bool) else float("nan")
+        except (TypeError, ValueError):
+            rate = float("nan")
+        if not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"Input should be a finite number above 0 such as 1e-3, or auto (got {value!r})")
+        return rate
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_parses(cls, value: Any) -> Any:
+        if value is not None:
+            parse_budget(value)  # its ValueError names the accepted forms
+        return value
+
+    def parsed_budget(self) -> Budget | None:
+        """The budget as a :class:`~plugtune.training.budget.Budget`, or None."""
+        return None if self.budget is None else parse_budget(self.budget)
 
 
 class OutputBlock(_Strict):
@@ -243,7 +281,11 @@ class Recipe:
         caller's copy of the recipe's task, which normalizes a single source's rows (and keeps
         what it noted); default a fresh copy. ``seed``: default ``training.seed``."""
         task = task if task is not None else copy.deepcopy(self.task)
-        return load_data(self.sources, task, self.training.seed if seed is None else seed, self.mix)
+        seed = self.training.seed if seed is None else seed
+        data = load_data(self.sources, task, seed, self.mix)
+        if self.spec.data.validation is not None:
+            data = carve_validation(data, self.spec.data.validation, seed)
+        return data
 
     @property
     def name(self) -> str:
@@ -912,9 +954,12 @@ def _check_streaming(loader: Bound | None, sources: list[Source], spec: RecipeSp
     if loader is None or not getattr(loader.build(), "streams", False):
         return []
     problems = []
-    if spec is not None and spec.training.max_steps is None:
+    if spec is not None and spec.training.max_steps is None and spec.training.budget is None:
         problems.append("training.max_steps: the data loader streams the training split, which has no length to "
-                        "count epochs in; set training.max_steps")
+                        "count epochs in; set training.max_steps or training.budget")
+    if spec is not None and spec.data.validation is not None:
+        problems.append("data.validation: the data loader streams the training split, which is never all in memory to "
+                        "carve rows from; give the loader a test split, or stop streaming")
     for i, bound in enumerate(regularizers):
         if bound is not None and hasattr(bound.component.obj, "augment_examples"):
             problems.append(f"regularizers[{i}]: {bound.name} rewrites the training rows in memory, which a streamed "

@@ -72,6 +72,8 @@ from plugtune.artifacts.models import BaseInfo, LoadedBase, load_base
 from plugtune.data.encoding import REFERENCE, Row, collate_rows
 from plugtune.data.streaming import StreamedTraining
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
+from plugtune.training.budget import CALIBRATION_STEPS, OVERRUN, BudgetPlanner, Plan, rebuild_schedule
+from plugtune.training.rates import ChosenRates, choose_rates, is_new_parameter, with_head_rate
 from plugtune.training.recipe import Recipe, TrainingBlock
 from plugtune.training.tracking import tracked
 from plugtune.training.runtime import (
@@ -244,9 +246,14 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
                                 rank=process.rank, world=process.world)
     if resuming:
         note = checkpointer.restore(resuming, state, data.train_count)
+        _resume_plan(trainee, state, data.training, process, resuming)
         process.console.print(f"resuming from {resuming.path} (step {state.step} of {trainee.total_steps})")
         if note:
             process.console.print(f"[yellow]{note}[/]")
+    elif trainee.planner is not None:
+        plan = trainee.planner.plan
+        process.console.print(f"budget {plan.budget}: {plan.total_steps:,} steps ({plan.reason})" if plan.final else
+                              f"budget {plan.budget}: the steps are chosen after the first {CALIBRATION_STEPS + 1} are timed")
     with tracked(recipe, plugins, state, main=process.main):  # the recipe's trackers, closed however the run ends
         plugins.call_lifecycle("on_train_start", run=state)
         if data.training.eval_before and not resuming:
@@ -361,6 +368,8 @@ class _Trainee:
     lengths: list[int] | None
     own_loss: Any = None  # the task, when it computes its own loss (ComputesLoss)
     reference: references.LiveReference | None = None  # reference scores computed in every step
+    planner: BudgetPlanner | None = None  # training.budget: chooses total_steps (core/training/budget.py)
+    rates: ChosenRates | None = None  # learning_rate: auto's choice (core/training/rates.py)
 
 
 @dataclass
@@ -589,12 +598,14 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
     t, task, regularizers = data.training, data.task, data.regularizers
     set_seed(t.seed)
     method = data.method
-    if data.stream is not None and not t.max_steps:
+    if data.stream is not None and not t.max_steps and t.budget is None:
         raise RecipeError(["training.max_steps: the training split is streamed and has no length to count epochs "
-                           "in; set training.max_steps"])
+                           "in; set training.max_steps or training.budget"])
     batches_per_epoch = math.ceil(len(data.train_rows) / t.batch_size)  # what epoch_batches cuts, grouped or not
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    epoch_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+    planner = _budget_planner(t, data, epoch_steps, process)
+    total_steps = planner.initial_steps().total_steps if planner else (t.max_steps or epoch_steps)
     context = PrepareContext(new_parameters=data.base.new_parameters, tokenizer=data.tokenizer, seed=t.seed,
                              device=str(process.accelerator.device), total_steps=total_steps)
     model = call_prepare(method, data.base.model, task, context)
@@ -610,8 +621,11 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
     # A group decays nothing unless a regularizer's param_groups says so (torch's AdamW and
     # bitsandbytes' would otherwise decay every weight by their own default of 0.01).
     groups = [dict(NO_DECAY, **group) for group in groups]
+    rate, rates = _learning_rate(t, method, data, process, named)
+    if rates is not None and rates.head is not None:
+        groups = with_head_rate(groups, named, data.base.new_parameters, rates.head)
     make_optimizer = getattr(method, "optimizer", None)
-    optimizer = make_optimizer(groups, t.learning_rate) if make_optimizer else torch.optim.AdamW(groups, lr=t.learning_rate)
+    optimizer = make_optimizer(groups, rate) if make_optimizer else torch.optim.AdamW(groups, lr=rate)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
     model, optimizer, scheduler = process.accelerator.prepare(model, optimizer, scheduler)
     unwrapped = process.accelerator.unwrap_model(model)  # evaluation runs on the main process, outside DDP
@@ -626,7 +640,41 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
     elif reference is not None and reference.mode == "copy":
         live = references.LiveReference(task, reference.copy)
     return _Trainee(method, model, unwrapped, optimizer, scheduler, trainable, total, total_steps,
-                    output_head(unwrapped), label_only and own_loss is None, lengths, own_loss, live)
+                    output_head(unwrapped), label_only and own_loss is None, lengths, own_loss, live, planner, rates)
+
+
+def _learning_rate(t: TrainingBlock, method: Any, data: _Data, process: _Process,
+                   named: list[tuple[str, Any]]) -> tuple[float, ChosenRates | None]:
+    """``training.learning_rate``, or with ``auto`` the rule's choice (printed once)."""
+    if t.learning_rate != "auto":
+        return float(t.learning_rate), None
+    trains_new_layer = any(is_new_parameter(n, data.base.new_parameters) for n, _ in named)
+    rates = choose_rates(method, data.base.model.config, t.batch_size * t.grad_accum, trains_new_layer)
+    process.console.print(rates.describe())
+    return rates.adapter, rates
+
+
+def _budget_planner(t: TrainingBlock, data: _Data, epoch_steps: int, process: _Process) -> BudgetPlanner | None:
+    """The planner for ``training.budget`` (None without one). A step's tokens: the rows it
+    takes (the global batch times grad_accum) times the training rows' mean length;
+    ``max_steps`` and explicit ``epochs`` cap the steps (a stream has no epochs)."""
+    budget = t.parsed_budget()
+    if budget is None:
+        return None
+    mean_length = sum(len(r["input_ids"]) for r in data.train_rows) / max(len(data.train_rows), 1)
+    caps = [epoch_steps] if "epochs" in t.model_fields_set and data.stream is None else []
+    cap = min(caps + [t.max_steps]) if t.max_steps else (caps[0] if caps else None)
+    planner = BudgetPlanner(budget, mean_length * t.batch_size * t.grad_accum, cap=cap)
+    return planner
+
+
+def _apply_plan(plan: Plan, trainee: _Trainee, state: RunState, t: TrainingBlock, process: _Process) -> None:
+    """Adopt a new horizon: the schedule rebuilt over it from this step, the counters and the
+    log told, one line printed."""
+    trainee.total_steps = state.total_steps = plan.total_steps
+    rebuild_schedule(trainee.scheduler, t.scheduler, t.warmup_steps, plan.total_steps, state.step)
+    process.log({"event": "plan", "step": state.step, **plan.record()})
+    process.console.print(f"budget {plan.budget}: {plan.total_steps:,} steps ({plan.reason})")
 
 
 def _evaluate_and_decide(tag: str, state: RunState, scoring: _Scoring, trainee: _Trainee,
@@ -663,12 +711,17 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=process.console, disable=not process.show_progress,
     )
-    bar = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"), lr=t.learning_rate, tps=0.0)
+    bar = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"),
+                            lr=trainee.scheduler.get_last_lr()[0], tps=0.0)
     model.train()
     earlier_seconds = float(resuming.meta["train_seconds"]) if resuming else 0.0
     started = time.perf_counter()
     window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
     window_cpu = time.process_time()  # CPU seconds of all threads: the step's work, whatever else shares the cores
+    window_rows_tokens = 0  # the global batch's real tokens this step, as the budget counts them
+    planner = trainee.planner
+    if planner is not None:
+        planner.spent, planner.start_step = earlier_seconds, state.step
     if resuming:
         restore_rng(checkpointer.own_state(resuming)[0]["rng"])  # last: everything before drew from the RNGs as the first run did
     stop = False
@@ -678,7 +731,10 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
                 if world > 1:  # t.batch_size is the global batch; each process takes its rows of it
                     if len(rows) < world:
                         continue  # a tail batch too small to give every process a row: all skip it
+                    window_rows_tokens += sum(len(r["input_ids"]) for r in rows)
                     rows = shard(rows, process.rank, world)
+                else:
+                    window_rows_tokens += sum(len(r["input_ids"]) for r in rows)
                 batch = collate_rows(data.task, rows, pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 for _, reg in regularizers:
@@ -693,6 +749,11 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
                     continue
                 state.step += 1
                 state.batch = batch_index + 1
+                if planner is not None:  # before the record: its lr is the next step's, under the new plan
+                    total_steps, stop = _follow_budget(planner, state, trainee, t, process, window_rows_tokens,
+                                                       time.perf_counter() - started, stop)
+                    progress.update(bar, total=total_steps)
+                window_rows_tokens = 0
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "event": "train", "step": state.step, "loss": window_loss / window_micro,
@@ -731,6 +792,35 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
             if stop:
                 break
     return earlier_seconds + time.perf_counter() - started
+
+
+def _resume_plan(trainee: _Trainee, state: RunState, t: TrainingBlock, process: _Process, resuming: Checkpoint) -> None:
+    """A resumed budget run keeps the horizon its checkpoint recorded (the schedule the
+    checkpoint's optimizer followed), fixed from here on."""
+    if trainee.planner is None or "total_steps" not in resuming.meta:
+        return
+    plan = trainee.planner.fixed(int(resuming.meta["total_steps"]), f"as planned before {resuming.path.name}")
+    trainee.total_steps = state.total_steps = plan.total_steps
+    rebuild_schedule(trainee.scheduler, t.scheduler, t.warmup_steps, plan.total_steps, state.step)
+
+
+def _follow_budget(planner: BudgetPlanner, state: RunState, trainee: _Trainee, t: TrainingBlock, process: _Process,
+                   step_tokens: int, elapsed: float, stop: bool) -> tuple[int, bool]:
+    """After a step under ``training.budget``: time it, make or revise the plan where due (the
+    main process's plan, on every process), and stop a single-process run that overran its
+    time budget. Returns the horizon and whether to stop."""
+    planner.record(state.step, elapsed, step_tokens)
+    if planner.due(state.step):
+        plan = process.on_main(lambda: planner.replan(state.step, elapsed))
+        if planner.adopt(plan):
+            _apply_plan(plan, trainee, state, t, process)
+    if process.world == 1 and planner.overrun(elapsed) and state.step < trainee.total_steps:
+        process.console.print(f"[yellow]budget {planner.budget}: overrun by more than {OVERRUN:.0%} (the machine "
+                              f"slowed down); stopping at step {state.step} of {trainee.total_steps}[/]")
+        plan = planner.fixed(state.step, f"overrun: stopped past {1 + OVERRUN:.0%} of the budget")
+        process.log({"event": "plan", "step": state.step, **plan.record()})
+        return trainee.total_steps, True
+    return trainee.total_steps, stop
 
 
 def _epoch(data: _Data, trainee: _Trainee, state: RunState) -> Iterator[tuple[int, list[Row]]]:
@@ -846,6 +936,8 @@ def _manifest(recipe: Recipe, data: _Data, trainee: _Trainee, state: RunState, *
         training={
             "steps": state.step, "train_seconds": round(train_seconds, 2),
             "best_step": state.best.step if state.best else state.step,
+            **({"plan": trainee.planner.plan.record()} if trainee.planner and trainee.planner.plan else {}),
+            "learning_rate": trainee.rates.record() if trainee.rates else float(data.training.learning_rate),
             "trainable_parameters": trainee.trainable, "total_parameters": trainee.total,
             "train_rows": data.stream.rows_read if data.stream else len(data.train_rows), "test_rows": len(data.test_rows),
             **({"sources": data.sources.records()} if data.sources is not None else {}),

@@ -172,6 +172,12 @@ class FullMethod:
 
     # -- training -----------------------------------------------------------------------
 
+    def reference_learning_rate(self) -> float:
+        """AdamW's rate at a 512-wide model with 16 rows per step (bench/methods.py's search chose 3e-4
+        for every weight of MiniLM-L6, width 384); ``learning_rate: auto`` scales it to the model
+        and batch (core/training/rates.py)."""
+        return 2e-4
+
     def _selected(self, name: str, last_layer: int) -> bool:
         o = self.options
         if name in self._new:

@@ -218,6 +218,12 @@ class LoraMethod:
 
     # -- training -----------------------------------------------------------------------
 
+    def reference_learning_rate(self) -> float:
+        """AdamW's rate at a 512-wide model with 16 rows per step (bench/methods.py's search chose 3e-3
+        at MiniLM's width 384; the SmolLM2 recipes train at 1e-3 with 8 rows); ``learning_rate:
+        auto`` scales it to the model and batch (core/training/rates.py)."""
+        return 2e-3
+
     def _config(self, model: torch.nn.Module, task: Task) -> LoraConfig:
         from peft import LoftQConfig, LoraConfig
 

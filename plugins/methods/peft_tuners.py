@@ -68,6 +68,7 @@ class Entry:
     renames: Mapping[str, str] = dataclasses.field(default_factory=dict)
     fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     hidden: frozenset[str] = frozenset()
+    reference_rate: float = 2e-3  # AdamW's rate at a 512-wide model, 16 rows per step (core/training/rates.py)
 
 
 # LoRA variants other methods (or no host) implement: not offered by the dora entry
@@ -78,16 +79,16 @@ _LORA_VARIANTS = frozenset({"use_qalora", "qalora_group_size", "lora_bias", "tar
 ENTRIES: dict[str, Entry] = {
     "dora": Entry("LORA", {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"},
                   {"use_dora": True}, _LORA_VARIANTS),
-    "ia3": Entry("IA3", {"init": "init_ia3_weights"}),
-    "loha": Entry("LOHA", {"init": "init_weights"}),
-    "lokr": Entry("LOKR", {"init": "init_weights"}),
-    "vera": Entry("VERA", {"dropout": "vera_dropout", "init": "init_weights"}),
+    "ia3": Entry("IA3", {"init": "init_ia3_weights"}, reference_rate=2e-2),
+    "loha": Entry("LOHA", {"init": "init_weights"}, reference_rate=6e-3),
+    "lokr": Entry("LOKR", {"init": "init_weights"}, reference_rate=6e-3),
+    "vera": Entry("VERA", {"dropout": "vera_dropout", "init": "init_weights"}, reference_rate=2e-2),
     "oft": Entry("OFT", {"block_size": "oft_block_size", "dropout": "module_dropout", "init": "init_weights"}),
     "boft": Entry("BOFT", {"block_size": "boft_block_size", "block_num": "boft_block_num",
                            "n_butterfly_factor": "boft_n_butterfly_factor", "dropout": "boft_dropout", "init": "init_weights"}),
     "adalora": Entry("ADALORA", {"alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"}, {},
-                     _LORA_VARIANTS - {"use_dora"} | {"r", "use_dora"}),
-    "ln_tuning": Entry("LN_TUNING"),
+                     _LORA_VARIANTS - {"use_dora"} | {"r", "use_dora"}, reference_rate=6e-3),
+    "ln_tuning": Entry("LN_TUNING", reference_rate=6e-3),
 }
 
 
@@ -327,6 +328,13 @@ class PeftTunerMethod:
 
     def __init__(self, options: ComponentOptions) -> None:
         self.options = options
+
+    def reference_learning_rate(self) -> float:
+        """AdamW's rate at a 512-wide model with 16 rows per step: the named entry's (from
+        bench/methods.py's rate search on MiniLM-L6, moved to that width), LoRA's for the generic
+        method; ``learning_rate: auto`` scales it (core/training/rates.py)."""
+        entry = getattr(self, "entry", None)
+        return entry.reference_rate if entry is not None else 2e-3
 
     def _config(self, task: Task, total_steps: int | None) -> Any:
         return peft_config(self.options, task_type="SEQ_CLS" if task.is_classification else "CAUSAL_LM",

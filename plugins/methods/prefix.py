@@ -54,6 +54,12 @@ class PrefixMethod:
     handler = PromptLearningHandler
     adapter_disabled = peft_adapter_off
 
+    def reference_learning_rate(self) -> float:
+        """AdamW's rate at a 512-wide model with 16 rows per step (bench/methods.py chose 3e-2 at
+        MiniLM's width; the SmolLM2 recipe trains at 1e-2 with 8 rows); ``learning_rate: auto``
+        scales it to the model and batch (core/training/rates.py)."""
+        return 2e-2
+
     def __init__(self, options: PrefixOptions) -> None:
         self.options = options
 

@@ -378,6 +378,13 @@ class PromptTuningMethod(_VirtualTokensMethod):
     Options = PromptTuningOptions
     method_name = "prompt_tuning"
 
+    def reference_learning_rate(self) -> float:
+        """AdamW's rate at a 512-wide model with 16 rows per step (virtual input embeddings move
+        slowly: peft's examples train them at 3e-2 and more); ``learning_rate: auto`` scales it to
+        the model and batch (core/training/rates.py)."""
+        return 3e-2
+
+
     def __init__(self, options: PromptTuningOptions) -> None:
         self.options = options
         self._tokenizer_name = ""
@@ -436,6 +443,12 @@ class PTuningMethod(_VirtualTokensMethod):
 
     Options = PTuningOptions
     method_name = "p_tuning"
+
+    def reference_learning_rate(self) -> float:
+        """AdamW's rate at a 512-wide model with 16 rows per step (an encoder producing the virtual
+        tokens: bench/methods.py's centre, 1e-2); ``learning_rate: auto`` scales it to the model and
+        batch (core/training/rates.py)."""
+        return 1e-2
 
     def __init__(self, options: PTuningOptions) -> None:
         self.options = options
