@@ -278,11 +278,21 @@ def _data_section(f: _Facts) -> Iterator[str]:
     yield ""
 
 
+def _rate(chosen: Any, asked: Any) -> Any:
+    """The rate the run trained at: ``learning_rate: auto``'s choice (and the new head's) or
+    the recipe's number."""
+    if isinstance(chosen, dict) and isinstance(chosen.get("adapter"), (int, float)):
+        head = f", new head {chosen['head']:.3g}" if isinstance(chosen.get("head"), (int, float)) else ""
+        return f"{chosen['adapter']:.3g}{head} (auto)"
+    return asked if asked is not None else chosen
+
+
 def _training_section(f: _Facts) -> Iterator[str]:
     t, spec = f.training, f.recipe.get("training") or {}
     facts = [(what, value) for what, value in (
         ("steps", t.get("steps")), ("best step", t.get("best_step") if t.get("best_step") != t.get("steps") else None),
-        ("batch size", spec.get("batch_size")), ("learning rate", spec.get("learning_rate")),
+        ("batch size", spec.get("batch_size")), ("learning rate", _rate(t.get("learning_rate"), spec.get("learning_rate"))),
+        ("budget", (t.get("plan") or {}).get("budget")),
         ("epochs", spec.get("epochs")), ("max length", spec.get("max_length")),
         ("training time", f"{t['train_seconds']:.1f} s" if _finite(t.get("train_seconds")) else None),
         ("trained parameters", f"{t['trainable_parameters']:,} of {t['total_parameters']:,}"

@@ -28,6 +28,12 @@ for ``eval_train_examples``)::
 
 ``grad_norm`` is the total L2 norm of the gradients before clipping (absent in older logs).
 
+``plan`` (``training.budget``: each time the number of steps is chosen or revised,
+core/training/budget.py)::
+
+    {"event": "plan", "step": 4, "budget": "10m", "total_steps": 1150, "reason": str,
+     "seconds_per_token": float | None, "tokens_per_step": float | None}
+
 ``best`` (when a regularizer kept earlier weights than the last)::
 
     {"event": "best", "step": 12, "<metric>": float, ...}
