@@ -46,8 +46,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                   f"{escape(recipe.spec.base_model)}, {recipe.task.type}, {escape(data)}, "
                   f"evaluators {', '.join(b.name for b in recipe.evaluators) or 'none'}, "
                   f"regularizers {', '.join(b.name for b in recipe.regularizers) or 'none'} -> {escape(str(recipe.output_dir))}")
+    print_estimate_line(recipe, console)  # before the data line, which stays last
     console.print(validate_summary(recipe), markup=False, highlight=False, soft_wrap=True)  # one line, piped or not
-    print_estimate_line(recipe, console)
     return 0
 
 
@@ -63,6 +63,12 @@ def print_estimate_line(recipe: Any, console: Any) -> None:
         est = estimate(recipe)
     except EstimateUnavailable as exc:
         console.print(f"estimate skipped: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return
+    except PlugtuneError:
+        raise  # the recipe's own problem (its data): validate reports it as it would without the estimate
+    except Exception as exc:  # noqa: BLE001 - the estimate is advice: a bug in it never fails validation
+        console.print(f"estimate skipped: {internal_error_line('estimate', exc).removeprefix('error: ')}",
+                      markup=False, highlight=False, soft_wrap=True)
         return
     console.print(summary_line(est), markup=False, highlight=False, soft_wrap=True)
     warning = warning_line(est)

@@ -377,10 +377,13 @@ class MemoryHints:
     scales included (8-bit with one fp32 scale per row: about 1; 4-bit in blocks of 64 with
     double-quantized scales: about 0.52). ``optimizer_bytes_per_param``: optimizer state per
     trainable parameter (torch's AdamW: two moments in the parameter's dtype, 8 for fp32;
-    an 8-bit AdamW: 2)."""
+    an 8-bit AdamW: 2). ``host_bytes_per_trainable_param``: host memory the method keeps per
+    trainable parameter besides the optimizer (full fine-tuning's copy of the initial weights,
+    4 for fp32), counted in a CPU run's peak."""
 
     linear_bytes_per_param: float | None = None
     optimizer_bytes_per_param: float | None = None
+    host_bytes_per_trainable_param: float | None = None
 
 
 @runtime_checkable

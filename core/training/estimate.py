@@ -23,8 +23,8 @@ How, in order (nothing here reads a weight; the tests delete the weights file fi
    saved for backward is seen (its storage counted once, parameters left out), with the LM
    head at the label positions only when ``training.logits_on_labels_only`` applies (the
    run's path, core/training/loss.py) and the full ``(B, T, V)`` logits otherwise; a
-   sequence classifier's head is its own small layer. Saved tensors whose last dimension is
-   the vocabulary are the **logits** part, the rest **activations**. The same pass runs under
+   sequence classifier's head is its own small layer. What is saved from the LM head's input
+   on (its forward pre-hook) is the **logits** part, the rest **activations**. The same pass runs under
    ``torch.utils.flop_counter.FlopCounterMode`` with its backward, which counts the FLOPs
    of the step as autograd runs them (frozen weights get no weight-gradient matmuls: about
    2x the forward for a frozen base, 3x for full fine-tuning, from the graph, not assumed).
@@ -335,7 +335,7 @@ def _sequences(batch: dict[str, Any]) -> list[tuple[Any, Any]]:
     return out
 
 
-def trace_step(model: Any, batch: dict[str, Any], *, label_only: bool, vocab: int) -> Traced:
+def trace_step(model: Any, batch: dict[str, Any], *, label_only: bool) -> Traced:
     """Run one training step of ``batch`` (collated, on the CPU) on the meta ``model``: the
     forward with every tensor saved for backward recorded, then the backward, both under the
     FLOP counter. The attention mask is left out (building it reads values, which meta
@@ -348,14 +348,19 @@ def trace_step(model: Any, batch: dict[str, Any], *, label_only: bool, vocab: in
 
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, tuple[int, bool]] = {}
+    in_head = [False]  # from the LM head's input on, what is saved is the logits' (and the loss's)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage._cdata not in params:
-            saved[storage._cdata] = (storage.nbytes(), tensor.dim() > 0 and tensor.size(-1) == vocab)
+            saved[storage._cdata] = (storage.nbytes(), in_head[0])
         return tensor
 
+    def entering_head(module: Any, args: Any) -> None:
+        in_head[0] = True
+
     head = output_head(model)
+    hook = head.register_forward_pre_hook(entering_head) if head is not None else None
     counter = FlopCounterMode(display=False)
     losses, rows, width, labelled = [], 0, 0, 0
     model.train()
@@ -363,6 +368,7 @@ def trace_step(model: Any, batch: dict[str, Any], *, label_only: bool, vocab: in
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             for ids, labels in _sequences(batch):
                 b, t = ids.shape
+                in_head[0] = False
                 rows, width = rows + b, max(width, t)
                 meta_ids = torch.zeros(b, t, dtype=torch.long, device="meta")
                 if labels is not None and labels.dim() == 1:  # a classifier: one class per row
@@ -382,6 +388,8 @@ def trace_step(model: Any, batch: dict[str, Any], *, label_only: bool, vocab: in
                     targets = torch.zeros(b, t - 1, dtype=torch.long, device="meta")
                     labelled += b * (t - 1)
                     losses.append(torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets))
+        if hook is not None:
+            hook.remove()
         loss = torch.stack(losses).sum()
         if loss.requires_grad:
             loss.backward()
@@ -413,6 +421,7 @@ class ParameterBytes:
     trainable: int
     gradients: int
     optimizer: int
+    method_state: int
     trainable_count: int
     total_count: int
 
@@ -433,8 +442,9 @@ def count_parameter_bytes(model: Any, quantizable: set[int], hints: MemoryHints)
     """Bytes of the prepared model's parameters: frozen ones as the base stores them
     (``hints.linear_bytes_per_param`` for the quantizable weights), trainable ones with their
     gradients and optimizer state (``hints.optimizer_bytes_per_param``, else AdamW's two
-    moments in the parameter's dtype)."""
-    base = trainable = optimizer = 0
+    moments in the parameter's dtype) and what the method keeps beside them
+    (``hints.host_bytes_per_trainable_param``)."""
+    base = trainable = optimizer = kept = 0
     trainable_count = total = 0
     for p in model.parameters():  # tied weights once
         size = p.numel() * p.element_size()
@@ -444,11 +454,12 @@ def count_parameter_bytes(model: Any, quantizable: set[int], hints: MemoryHints)
             trainable_count += p.numel()
             per = hints.optimizer_bytes_per_param
             optimizer += int(p.numel() * per) if per is not None else 2 * size
+            kept += int(p.numel() * (hints.host_bytes_per_trainable_param or 0))
         elif hints.linear_bytes_per_param is not None and id(p) in quantizable:
             base += int(p.numel() * hints.linear_bytes_per_param)
         else:
             base += size
-    return ParameterBytes(base, trainable, trainable, optimizer, trainable_count, total)
+    return ParameterBytes(base, trainable, trainable, optimizer, kept, trainable_count, total)
 
 
 def checkpoint_file(location: Path) -> tuple[int | None, set[str]]:
@@ -542,12 +553,11 @@ def estimate(recipe: Recipe, plugins: PluginSystem | None = None) -> Estimate:
     regularizers = [b.build() for b in recipe.regularizers]
     label_only = (t.logits_on_labels_only and not task.is_classification
                   and supports_label_positions(model, regularizers))
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
     traced = []
     for batch_rows in candidate_batches(rows, recipe):
         batch = collate_rows(task, batch_rows, pad_id if pad_id is not None else 0)
         try:
-            traced.append(trace_step(model, batch, label_only=label_only and output_head(model) is not None, vocab=vocab))
+            traced.append(trace_step(model, batch, label_only=label_only and output_head(model) is not None))
         except Exception as exc:  # noqa: BLE001 - an op without a meta kernel in a plugin's layer
             raise EstimateUnavailable(f"the training step could not be traced on the meta device "
                                       f"({type(exc).__name__}: {str(exc)[:200]})") from None
@@ -559,6 +569,7 @@ def estimate(recipe: Recipe, plugins: PluginSystem | None = None) -> Estimate:
         notes.append(how)
     parts = {"framework": framework, "base weights": params.base, "trainable parameters": params.trainable,
              "gradients": params.gradients, "optimizer state": params.optimizer,
+             "method state": 0 if on_cuda else params.method_state,
              "activations": int(ACTIVATION_FACTOR * worst.activations), "logits": int(ACTIVATION_FACTOR * worst.logits)}
     file_bytes, file_dtypes = checkpoint_file(outline.location)
     converts = hints.linear_bytes_per_param is not None or (
