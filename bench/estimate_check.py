@@ -1,6 +1,7 @@
 """``plugtune estimate`` against real runs: every shipped recipe, estimated and then trained for
 a few steps, each in a fresh child process. Writes bench/results/estimate.md (the table in
-BENCHMARKS.md's "Memory estimate" section).
+BENCHMARKS.md's "Memory estimate" section) and estimate.json (every part of every estimate
+beside the measurements: what the constants of core/training/estimate.py were fitted on).
 
     flock /tmp/plugtune-heavy.lock .venv/bin/python bench/estimate_check.py [recipes/x.yaml ...]
 
@@ -122,6 +123,7 @@ def main(argv: list[str]) -> int:
     text = table(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)
+    RESULTS.with_suffix(".json").write_text(json.dumps(rows, indent=1))  # every part, for refitting the constants
     print(text)
     measured = [r for r in rows if "measured" in r and r["measured"]["status"] == 0]
     worst = max((abs(r["estimate"]["peak_bytes"] / r["measured"]["peak"] - 1) for r in measured), default=0.0)

@@ -158,7 +158,7 @@ def test_meta_saved_tensors_match_a_real_step(tiny_llama, tiny_data, tmp_path) -
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         losses, _ = label_token_losses(models[0], batch)
     real_bytes = sum(saved.values())
-    assert 0.5 < (traced_meta.activations + traced_meta.logits) / real_bytes < 2.0
+    assert 0.8 < (traced_meta.activations + traced_meta.logits) / real_bytes < 1.5  # 1.16 on the tiny llama
 
 
 def test_estimate_near_a_real_run(tiny_llama, tiny_data, tmp_path) -> None:

@@ -31,15 +31,19 @@ How, in order (nothing here reads a weight; the tests delete the weights file fi
 4. **The rule** (calibrated on the shipped recipes, SmolLM2-135M, 2 CPU cores, torch 2.13;
    BENCHMARKS.md "Memory estimate")::
 
-       train peak = framework + base + trainable + gradients + optimizer
-                    + ACTIVATION_FACTOR x (activations + logits)
+       train peak = framework + base + trainable + gradients + optimizer + method state
+                    + ACTIVATION_FACTOR x activations + LOGITS_FACTOR x logits
        load peak  = framework + checkpoint file pages + base   (only when the load converts:
                     another dtype than the file's, or quantized; else the weights are the
                     file's pages)
-       peak       = max(train peak, load peak)
+       eval peak  = framework + base + trainable + optimizer + method state
+                    + LOGITS_FACTOR x an evaluation batch's fp32 logits (no graph kept)
+       peak       = max(train peak, load peak, eval peak)
 
    ``ACTIVATION_FACTOR`` covers what backward allocates beside the saved tensors (the
-   gradient of the widest activation, the allocator's slack). **framework** is what the
+   gradients of the activations as they flow back, the allocator's slack: glibc keeps freed
+   heap); ``LOGITS_FACTOR`` the log-softmax saved for backward, its gradient and the
+   logits' gradient, alive together when backward starts. **framework** is what the
    process holds before any weight: on a CPU, measured in this process (the training stack
    imported, the tokenizer loaded) plus ``RUN_OVERHEAD`` for what a run adds (accelerate,
    the encoded splits, the progress display); on CUDA the device memory outside tensors,
@@ -74,7 +78,10 @@ from plugtune.kernel.registry import PluginSystem, get_plugin_system
 from plugtune.training.recipe import Recipe
 
 ACTIVATION_FACTOR = 1.0
-"""Measured peak over saved tensors, for the activations and logits (see the module rule)."""
+"""Measured peak over saved tensors, for the activations (see the module rule)."""
+LOGITS_FACTOR = 3.0
+"""The logits part over what the loss saves of them (the fp32 log-softmax, ``(N, V)``): at
+the start of backward that tensor, its gradient and the logits' gradient are alive at once."""
 RUN_OVERHEAD = 0
 """Bytes a training process holds beyond this process's framework baseline (CPU)."""
 CUDA_FRAMEWORK = 512 << 20
@@ -110,13 +117,14 @@ class BatchShape:
 @dataclass
 class Estimate:
     """The estimate of one recipe. ``parts``: bytes by name, in the order printed; the train
-    peak is their sum, the peak the larger of it and ``load_peak``."""
+    peak is their sum, the peak the largest of it, ``load_peak`` and ``eval_peak``."""
 
     recipe: str
     device: str
     what: str  # "peak RSS" | "peak device memory"
     parts: dict[str, int]
     load_peak: int
+    eval_peak: int
     batch: BatchShape
     step_flops: float
     seconds_per_step: float
@@ -125,6 +133,7 @@ class Estimate:
     available_source: str
     trainable_parameters: int
     total_parameters: int
+    saved: tuple[int, int] = (0, 0)  # bytes autograd keeps of the worst batch: (activations, logits), before the factors
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -133,7 +142,7 @@ class Estimate:
 
     @property
     def peak(self) -> int:
-        return max(self.train_peak, self.load_peak)
+        return max(self.train_peak, self.load_peak, self.eval_peak)
 
     @property
     def fits(self) -> bool | None:
@@ -141,12 +150,13 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "device": self.device, "what": self.what, "peak_bytes": self.peak,
-                "train_peak_bytes": self.train_peak, "load_peak_bytes": self.load_peak, "parts": dict(self.parts),
+                "train_peak_bytes": self.train_peak, "load_peak_bytes": self.load_peak, "eval_peak_bytes": self.eval_peak, "parts": dict(self.parts),
                 "batch": {"rows": self.batch.rows, "length": self.batch.length, "label_tokens": self.batch.label_tokens},
                 "step_flops": self.step_flops, "seconds_per_step": self.seconds_per_step,
                 "matmul_flops_per_s": self.matmul_rate, "available_bytes": self.available,
                 "available_source": self.available_source, "trainable_parameters": self.trainable_parameters,
-                "total_parameters": self.total_parameters, "notes": list(self.notes)}
+                "total_parameters": self.total_parameters, "saved_activations_bytes": self.saved[0],
+                "saved_logits_bytes": self.saved[1], "notes": list(self.notes)}
 
 
 def human_bytes(n: float) -> str:
@@ -517,8 +527,9 @@ def estimate(recipe: Recipe, plugins: PluginSystem | None = None) -> Estimate:
     if found.tokenizer is None:
         raise EstimateUnavailable(f"base_model: {found.reason}; the estimate needs the tokenizer and configuration "
                                   f"(never the weights)")
-    preview = build_preview(recipe, found, splits=("train",))
+    preview = build_preview(recipe, found)
     task, rows = preview.task, preview.splits["train"].encoded
+    test_rows = preview.splits["test"].encoded[: t.max_eval_examples or None]
     if preview.splits["train"].error:
         raise EstimateUnavailable(preview.splits["train"].error)
     outline = outline_for(recipe.spec.base_model, task, plugins)
@@ -553,6 +564,7 @@ def estimate(recipe: Recipe, plugins: PluginSystem | None = None) -> Estimate:
     regularizers = [b.build() for b in recipe.regularizers]
     label_only = (t.logits_on_labels_only and not task.is_classification
                   and supports_label_positions(model, regularizers))
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
     traced = []
     for batch_rows in candidate_batches(rows, recipe):
         batch = collate_rows(task, batch_rows, pad_id if pad_id is not None else 0)
@@ -570,7 +582,10 @@ def estimate(recipe: Recipe, plugins: PluginSystem | None = None) -> Estimate:
     parts = {"framework": framework, "base weights": params.base, "trainable parameters": params.trainable,
              "gradients": params.gradients, "optimizer state": params.optimizer,
              "method state": 0 if on_cuda else params.method_state,
-             "activations": int(ACTIVATION_FACTOR * worst.activations), "logits": int(ACTIVATION_FACTOR * worst.logits)}
+             "activations": int(ACTIVATION_FACTOR * worst.activations), "logits": int(LOGITS_FACTOR * worst.logits)}
+    resident = framework + params.base + params.trainable + params.optimizer + parts["method state"]
+    eval_peak = resident + evaluation_bytes(test_rows, t.eval_batch_size or 2 * t.batch_size, vocab,
+                                            label_only=label_only, classifier=task.is_classification)
     file_bytes, file_dtypes = checkpoint_file(outline.location)
     converts = hints.linear_bytes_per_param is not None or (
         bool(file_dtypes) and {SAFETENSORS_DTYPES.get(d, d) for d in file_dtypes} != {str(dtype).replace("torch.", "")})
@@ -582,10 +597,29 @@ def estimate(recipe: Recipe, plugins: PluginSystem | None = None) -> Estimate:
     flops = statistics.mean(tr.flops for tr in traced)
     available, source = available_memory(on_cuda)
     return Estimate(recipe=recipe.name, device=device, what="peak device memory" if on_cuda else "peak RSS",
-                    parts=parts, load_peak=load_peak, batch=worst.shape, step_flops=flops * t.grad_accum,
+                    parts=parts, load_peak=load_peak, eval_peak=eval_peak, batch=worst.shape, step_flops=flops * t.grad_accum,
                     seconds_per_step=flops * t.grad_accum / (rate * EFFICIENCY), matmul_rate=rate,
                     available=available, available_source=source, trainable_parameters=params.trainable_count,
-                    total_parameters=params.total_count, notes=notes)
+                    total_parameters=params.total_count, saved=(worst.activations, worst.logits), notes=notes)
+
+
+def evaluation_bytes(rows: list[dict[str, Any]], batch_size: int, vocab: int, *, label_only: bool,
+                     classifier: bool) -> int:
+    """What an evaluation batch adds on top of the resident model and optimizer: no graph is
+    kept, so its logits dominate: fp32 ``(N, V)`` at the label positions (or ``(B, T, V)``
+    without ``logits_on_labels_only``), held with the cross-entropy's log-softmax and the
+    greedy log-softmax at once (core/data/labels.py): three copies. A classifier's are tiny."""
+    from plugtune.training.preview import trained_tokens
+
+    if classifier or not rows or not vocab:
+        return 0
+    worst = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        positions = (sum(trained_tokens(r) for r in chunk) if label_only
+                     else len(chunk) * max(len(r["input_ids"]) for r in chunk))
+        worst = max(worst, positions)
+    return int(LOGITS_FACTOR * worst * vocab * 4)
 
 
 def head_modules(model: Any) -> tuple[str, ...]:
@@ -659,6 +693,7 @@ def render(est: Estimate, console: Any) -> None:
     table.add_row("[bold]training peak[/]", f"[bold]{human_bytes(est.train_peak)}[/]")
     if est.load_peak:
         table.add_row("loading peak (checkpoint pages + converted base)", human_bytes(est.load_peak))
+    table.add_row("evaluation peak (resident + an evaluation batch's logits)", human_bytes(est.eval_peak))
     console.print(table)
     console.print(f"peak {human_bytes(est.peak)}; {est.trainable_parameters:,} of {est.total_parameters:,} parameters "
                   f"trained; largest batch {b.rows} rows x {b.length} tokens ({b.label_tokens} label tokens)")
