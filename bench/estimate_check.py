@@ -4,6 +4,12 @@ BENCHMARKS.md's "Memory estimate" section) and estimate.json (every part of ever
 beside the measurements: what the constants of core/training/estimate.py were fitted on).
 
     flock /tmp/plugtune-heavy.lock .venv/bin/python bench/estimate_check.py [recipes/x.yaml ...]
+    .venv/bin/python bench/estimate_check.py --estimates-only   # re-estimate against the last measurements
+
+``--estimates-only`` runs only the estimates (seconds each) and takes the measured columns from
+the last full run's bench/results/estimate.json: for refitting the constants of
+core/training/estimate.py without training again. A second-stage recipe is then estimated on
+its first stage's base (the merged base has the same shapes and dtypes).
 
 For each recipe: ``plugtune estimate RECIPE <overrides> --json``, then ``plugtune run RECIPE
 <overrides>`` with the same overrides (``training.max_steps=STEPS training.eval_before=false
@@ -74,6 +80,12 @@ def measure(recipe: Path, args: list[str], env: dict[str, str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    estimates_only = "--estimates-only" in argv
+    argv = [a for a in argv if a != "--estimates-only"]
+    previous = {}
+    if estimates_only:
+        previous = {r["recipe"]: r["measured"] for r in json.loads(RESULTS.with_suffix(".json").read_text())
+                    if "measured" in r}
     recipes = [Path(a) for a in argv] or sorted((ROOT / "recipes").glob("*.yaml"))
     raws = {r: yaml.safe_load(r.read_text()) for r in recipes}
     outputs = {str((raw.get("output") or {}).get("dir") or f"adapters/{raw['name']}"): r for r, raw in raws.items()}
@@ -89,7 +101,9 @@ def main(argv: list[str]) -> int:
             reason = skip_reason(raw)
             extra = []
             base = str(raw.get("base_model"))
-            if recipe in stage_two:
+            if recipe in stage_two and estimates_only:
+                extra = [f"base_model={raws[outputs[base]]['base_model']}"]
+            elif recipe in stage_two:
                 parent = done.get(outputs[base])
                 if parent is None:
                     reason = f"its base {base} is the output of a recipe that did not run here"
@@ -108,7 +122,10 @@ def main(argv: list[str]) -> int:
                 print(f"{name}: estimate failed: {est.stderr.strip()[-300:]}", flush=True)
                 continue
             estimate = json.loads(est.stdout)
-            measured = measure(recipe, args, env)
+            if estimates_only and name not in previous:
+                rows.append({"recipe": name, "skipped": "no measurement in the last full run"})
+                continue
+            measured = previous[name] if estimates_only else measure(recipe, args, env)
             row = {"recipe": name, "estimate": estimate, "measured": measured}
             rows.append(row)
             if measured["status"] == 0:
@@ -123,7 +140,8 @@ def main(argv: list[str]) -> int:
     text = table(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)
-    RESULTS.with_suffix(".json").write_text(json.dumps(rows, indent=1))  # every part, for refitting the constants
+    if not estimates_only:  # the measurements stay those of the last full run
+        RESULTS.with_suffix(".json").write_text(json.dumps(rows, indent=1))  # every part, for refitting the constants
     print(text)
     measured = [r for r in rows if "measured" in r and r["measured"]["status"] == 0]
     worst = max((abs(r["estimate"]["peak_bytes"] / r["measured"]["peak"] - 1) for r in measured), default=0.0)
