@@ -3,7 +3,7 @@ a few steps, each in a fresh child process. Writes bench/results/estimate.md (th
 BENCHMARKS.md's "Memory estimate" section) and estimate.json (every part of every estimate
 beside the measurements: what the constants of core/training/estimate.py were fitted on).
 
-    flock /tmp/plugtune-heavy.lock .venv/bin/python bench/estimate_check.py [recipes/x.yaml ...]
+    flock /tmp/plugtune-heavy.lock .venv/bin/python bench/estimate_check.py [recipes/x.yaml ...]  # rows of x replace theirs
     .venv/bin/python bench/estimate_check.py --estimates-only   # re-estimate against the last measurements
 
 ``--estimates-only`` runs only the estimates (seconds each) and takes the measured columns from
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
             if recipe in stage_two and estimates_only:
                 extra = [f"base_model={raws[outputs[base]]['base_model']}"]
             elif recipe in stage_two:
-                parent = done.get(outputs[base])
+                parent = done.get(base)
                 if parent is None:
                     reason = f"its base {base} is the output of a recipe that did not run here"
                 else:
@@ -137,6 +137,10 @@ def main(argv: list[str]) -> int:
             print(line(row), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if argv and RESULTS.with_suffix(".json").exists():  # some recipes: their rows replace theirs, the rest stay
+        mine = {r["recipe"] for r in rows}
+        kept = [r for r in json.loads(RESULTS.with_suffix(".json").read_text()) if r["recipe"] not in mine]
+        rows = sorted(kept + rows, key=lambda r: r["recipe"])
     text = table(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)
