@@ -46,8 +46,56 @@ def cmd_validate(args: argparse.Namespace) -> int:
                   f"{escape(recipe.spec.base_model)}, {recipe.task.type}, {escape(data)}, "
                   f"evaluators {', '.join(b.name for b in recipe.evaluators) or 'none'}, "
                   f"regularizers {', '.join(b.name for b in recipe.regularizers) or 'none'} -> {escape(str(recipe.output_dir))}")
+    print_estimate_line(recipe, console)  # before the data line, which stays last
     console.print(validate_summary(recipe), markup=False, highlight=False, soft_wrap=True)  # one line, piped or not
     return 0
+
+
+# -- estimate (core/training/estimate.py) -------------------------------------------------------
+
+
+def print_estimate_line(recipe: Any, console: Any) -> None:
+    """``validate``'s estimate line (peak and s/step), a warning line when the peak exceeds
+    the available memory, or why it was skipped; never a failure."""
+    from plugtune.training.estimate import EstimateUnavailable, estimate, summary_line, warning_line
+
+    try:
+        est = estimate(recipe)
+    except EstimateUnavailable as exc:
+        console.print(f"estimate skipped: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return
+    except PlugtuneError:
+        raise  # the recipe's own problem (its data): validate reports it as it would without the estimate
+    except Exception as exc:  # noqa: BLE001 - the estimate is advice: a bug in it never fails validation
+        console.print(f"estimate skipped: {internal_error_line('estimate', exc).removeprefix('error: ')}",
+                      markup=False, highlight=False, soft_wrap=True)
+        return
+    console.print(summary_line(est), markup=False, highlight=False, soft_wrap=True)
+    warning = warning_line(est)
+    if warning:
+        console.print(f"[yellow]{warning}[/]", highlight=False, soft_wrap=True)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from plugtune.training.estimate import estimate, render
+    from plugtune.training.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    est = estimate(recipe)
+    if args.json:
+        print(json.dumps(est.to_dict(), indent=2))
+        return 0
+    render(est, _console())
+    return 0
+
+
+def add_estimate_parser(sub: Any) -> None:
+    p = sub.add_parser("estimate", help="peak memory and seconds per step of a recipe, before any weights load",
+                       epilog="Set PLUGTUNE_AVAILABLE_MEMORY (bytes, 512M, 8G) to compare with another machine's memory.")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDES_HELP)
+    p.add_argument("--json", action="store_true", help="the parts and totals as JSON")
+    p.set_defaults(func=cmd_estimate)
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
@@ -586,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_push_parser(sub)
 
     add_serve_parser(sub)
+    add_estimate_parser(sub)
     add_adapter_tool_parsers(sub)
     add_report_parser(sub)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)

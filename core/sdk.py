@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from plugtune.kernel.components import (
     AdapterHandler,
     BaseLoading,
+    MemoryHints,
     BaseModelAlias,
     ChecksModel,
     ComputesLoss,
@@ -178,7 +179,7 @@ __all__ = [
     "ComponentOptions", "NoOptions", "DataPath", "DataFileOrFolder", "not_regular", "open_regular", "plugtune_home",
     "did_you_mean",
     # the kinds
-    "DataLoader", "RowStream", "Task", "Head", "TuningMethod", "PrepareContext", "BaseLoading", "Regularizer", "Evaluator", "BaseModelAlias",
+    "DataLoader", "RowStream", "Task", "Head", "TuningMethod", "PrepareContext", "BaseLoading", "MemoryHints", "Regularizer", "Evaluator", "BaseModelAlias",
     "PackagedModel", "ChecksModel", "ModelOutline",
     # the host side of a tuning method and its capabilities
     "AdapterHandler", "MixesRows", "Folds", "Merges", "StartsDecoding", "ReportsResidentBytes", "Combines",

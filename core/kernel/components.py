@@ -366,6 +366,26 @@ class BaseLoading:
     head_modules: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class MemoryHints:
+    """What :meth:`TuningMethod.memory_hints` tells ``plugtune estimate`` about a method that
+    stores the base or its optimizer state in another form than the loaded dtype; every field
+    None means "as loaded" (the estimate counts the meta model's parameters by dtype).
+
+    ``linear_bytes_per_param``: bytes per weight of the base's ``nn.Linear`` layers outside
+    the head modules (:attr:`BaseLoading.head_modules`), the layers a quantizing load converts,
+    scales included (8-bit with one fp32 scale per row: about 1; 4-bit in blocks of 64 with
+    double-quantized scales: about 0.52). ``optimizer_bytes_per_param``: optimizer state per
+    trainable parameter (torch's AdamW: two moments in the parameter's dtype, 8 for fp32;
+    an 8-bit AdamW: 2). ``host_bytes_per_trainable_param``: host memory the method keeps per
+    trainable parameter besides the optimizer (full fine-tuning's copy of the initial weights,
+    4 for fp32), counted in a CPU run's peak."""
+
+    linear_bytes_per_param: float | None = None
+    optimizer_bytes_per_param: float | None = None
+    host_bytes_per_trainable_param: float | None = None
+
+
 @runtime_checkable
 class TuningMethod(Protocol):
     """The training side of a tuning method: turns a base model into a trainable one and
@@ -413,6 +433,13 @@ class TuningMethod(Protocol):
     * ``base_loaded(self, model) -> None`` -- called right after a base loaded with
       ``base_loading``'s arguments, before anything runs it (the "before" evaluation): to
       set what ``from_pretrained`` cannot (a quantized layer's kernel choice).
+    * ``memory_hints(self, context) -> MemoryHints`` -- called by ``plugtune estimate`` (and
+      ``validate``'s estimate line) with the :class:`BaseLoading` a run would pass
+      ``base_loading``, before any weight loads: how this method stores the base's linear
+      weights and its optimizer state (:class:`MemoryHints`). Absent: as loaded, AdamW. The
+      estimate also calls ``prepare`` on the base built on the ``meta`` device (no storage):
+      a method that checks the loaded layers (a quantized base) accepts a ``meta`` model
+      there, so its trainable parameters are counted as a run's.
     * ``adapter_disabled(self, model) -> ContextManager`` -- the training side's
       activate-none: while the block runs, the model ``prepare`` returned computes exactly
       what the base computed before ``prepare`` (its adapter switched off, nothing copied);

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from plugtune import hookimpl
-from plugtune.sdk import AdapterError, ComponentOptions, RecipeError
+from plugtune.sdk import AdapterError, ComponentOptions, MemoryHints, RecipeError
 
 if TYPE_CHECKING:
     import torch
 
     from plugtune.sdk import Task
-    from plugtune.sdk import PrepareContext
+    from plugtune.sdk import BaseLoading, PrepareContext
 
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)")
@@ -205,11 +205,17 @@ class FullMethod:
             param.requires_grad_(keep)
             if keep:
                 chosen += 1
-                if name not in self._new:
-                    self._initial[name] = param.detach().to("cpu", copy=True).float()
+                if name not in self._new:  # on the meta device (plugtune estimate): the shape, no values
+                    self._initial[name] = (param.detach().float() if param.is_meta
+                                           else param.detach().to("cpu", copy=True).float())
         if not chosen:
             raise RecipeError(["method.options: the selection trains no parameter of this model"])
         return model
+
+    def memory_hints(self, context: BaseLoading) -> MemoryHints:
+        """For ``plugtune estimate``: the fp32 copy of each trained weight's initial value that
+        ``prepare`` keeps in host memory (the adapter is the difference from it)."""
+        return MemoryHints(host_bytes_per_trainable_param=4.0)
 
     def adapter_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         import torch

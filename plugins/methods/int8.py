@@ -35,7 +35,7 @@ from pydantic import Field
 
 from plugtune import hookimpl
 from plugtune.plugins.methods.lora import LoraMethod, LoraOptions
-from plugtune.sdk import ModelError
+from plugtune.sdk import MemoryHints, ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -107,7 +107,11 @@ def own_full_precision_tensors(model: torch.nn.Module) -> int:
 
 
 def has_quantized_layers(model: torch.nn.Module) -> bool:
-    """Whether some layer of ``model`` is a bitsandbytes 8-bit or 4-bit one."""
+    """Whether some layer of ``model`` is a bitsandbytes 8-bit or 4-bit one. A model on the
+    ``meta`` device (``plugtune estimate``: shapes only, no storage to quantize) counts as
+    quantized: LoRA injects over its linear layers as over the quantized ones."""
+    if any(p.is_meta for p in model.parameters()):
+        return True
     import bitsandbytes as bnb
 
     return any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in model.modules())
@@ -160,6 +164,12 @@ class Int8Method(LoraMethod):
         """The base loads already in 8 bits (LLM.int8, ``outlier_threshold``), on the training
         device, the head in full precision."""
         return bnb_loading(context, load_in_8bit=True, llm_int8_threshold=self.options.outlier_threshold)
+
+    def memory_hints(self, context: BaseLoading) -> MemoryHints:
+        """For ``plugtune estimate``: one byte per linear weight (int8) plus its row's fp32
+        scale (a few per mille at these widths, left out), and bitsandbytes' AdamW8bit at two
+        bytes per parameter when ``optimizer_8bit``."""
+        return MemoryHints(linear_bytes_per_param=1.0, optimizer_bytes_per_param=2.0 if self.options.optimizer_8bit else None)
 
     def base_loaded(self, model: torch.nn.Module) -> None:
         """Release the checkpoint's memory map (see :func:`own_full_precision_tensors`)."""

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from plugtune import hookimpl
 from plugtune.plugins.methods.int8 import bnb_loading, has_quantized_layers, own_full_precision_tensors
 from plugtune.plugins.methods.lora import LoraMethod, LoraOptions
-from plugtune.sdk import ModelError
+from plugtune.sdk import MemoryHints, ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -139,6 +139,13 @@ class QloraMethod(LoraMethod):
         return bnb_loading(context, load_in_4bit=True, bnb_4bit_quant_type=self.options.quant_type,
                            bnb_4bit_use_double_quant=self.options.double_quant,
                            bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype(context)))
+
+    def memory_hints(self, context: BaseLoading) -> MemoryHints:
+        """For ``plugtune estimate``: half a byte per linear weight plus the block scales
+        (blocks of 64: one fp32 absmax each, 4/64 byte per weight; with ``double_quant`` an
+        8-bit absmax and an fp32 scale per 256 blocks instead)."""
+        scales = (1 + 4 / 256) / 64 if self.options.double_quant else 4 / 64
+        return MemoryHints(linear_bytes_per_param=0.5 + scales)
 
     def base_loaded(self, model: torch.nn.Module) -> None:
         """Turn off bitsandbytes' AVX-512-bf16 inference path (see :func:`keep_4bit_trainable`)
