@@ -147,26 +147,28 @@ class HubStandIn:
             repo.branches[revision] = oid
             return JSONResponse({"commitUrl": f"{request.base_url}{org}/{name}/commit/{oid}", "commitOid": oid})
 
+        def at_revision(org: str, name: str, revision: str) -> tuple[Any, str | None]:
+            """(repo, commit oid), or (the 404 response, None)."""
+            repo = standin.repos.get(f"{org}/{name}")
+            if repo is None:
+                return missing("Repository"), None
+            oid = standin._commit(repo, revision)
+            return (repo, oid) if oid is not None else (missing("Revision"), None)
+
         @app.get("/api/models/{org}/{name}")
         @app.get("/api/models/{org}/{name}/revision/{revision}")
         async def repo_info(org: str, name: str, revision: str = "main") -> JSONResponse:
-            repo = standin.repos.get(f"{org}/{name}")
-            if repo is None:
-                return missing("Repository")
-            oid = standin._commit(repo, revision)
+            repo, oid = found = at_revision(org, name, revision)
             if oid is None:
-                return missing("Revision")
+                return found[0]
             return JSONResponse({"id": f"{org}/{name}", "sha": oid, "private": repo.private,
                                  "siblings": [{"rfilename": p} for p in sorted(repo.commits[oid])]})
 
         @app.get("/api/models/{org}/{name}/tree/{revision}")
         async def tree(org: str, name: str, revision: str) -> JSONResponse:
-            repo = standin.repos.get(f"{org}/{name}")
-            if repo is None:
-                return missing("Repository")
-            oid = standin._commit(repo, revision)
+            repo, oid = found = at_revision(org, name, revision)
             if oid is None:
-                return missing("Revision")
+                return found[0]
             return JSONResponse([{"type": "file", "path": p, "size": len(standin._blob(d)), "oid": _git_oid(standin._blob(d))}
                                  for p, d in sorted(repo.commits[oid].items())])
 
