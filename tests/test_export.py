@@ -277,6 +277,15 @@ def test_other_methods_refused_with_the_reason(lora, tmp_path, method, reason):
         export_adapter(other, "vllm", tmp_path / "out")
 
 
+def test_adapter_on_an_adapter_refused(lora, tmp_path):
+    a = read_adapter(lora)
+    manifest = a.manifest.model_dump(exclude={"files", "created"})
+    manifest["base_model"] = {**manifest["base_model"], "id": str(lora)}
+    stacked = save_adapter(tmp_path / "stacked", state=a.state, config=a.config, manifest=manifest)
+    with pytest.raises(AdapterError, match=r"was trained on another adapter .* `plugtune merge"):
+        export_adapter(stacked, "vllm", tmp_path / "out")
+
+
 def test_base_changing_init_refused(lora, tmp_path):
     pissa = _rewrite(lora, tmp_path / "pissa", config={"init_lora_weights": "pissa"})
     with pytest.raises(AdapterError, match=r"initialised with pissa .* relative to that changed base"):

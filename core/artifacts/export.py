@@ -112,6 +112,7 @@ def export_adapter(adapter_dir: str | Path, to: str, out: str | Path | None = No
     out = Path(out) if out is not None else default_output(adapter_dir, to)
     inputs = [("the adapter", adapter.path), *base_inputs(adapter.manifest.base_model.id)]
     check_output(out, overwrite=overwrite, inputs=inputs)
+    _refuse_stacked(adapter)
     plain = plain_lora(adapter, plugins, to)
     if to == "vllm":
         state, config, manifest, notes = vllm_adapter(adapter, plain)
@@ -128,6 +129,23 @@ def export_adapter(adapter_dir: str | Path, to: str, out: str | Path | None = No
         if modelfile is not None:
             (staging / "Modelfile").write_text(modelfile, encoding="utf-8")
     return Exported(out, sorted(p.name for p in out.iterdir() if p.is_file()), notes)
+
+
+def _refuse_stacked(adapter: Adapter) -> None:
+    """An adapter trained on another adapter (its ``base_model`` an adapter folder) is
+    relative to that base with the first adapter merged in; a server would put it on the
+    bare base and answer differently, so it is refused."""
+    from plugtune.artifacts.adapters import is_adapter_dir
+
+    base = adapter.manifest.base_model.id
+    try:
+        stacked = is_adapter_dir(Path(base).expanduser())
+    except (OSError, ValueError):
+        stacked = False
+    if stacked:
+        raise ExportError(f"adapter {str(adapter.path)!r} was trained on another adapter ({base}): its update is "
+                          f"relative to that adapter merged into the base, which a server does not have; "
+                          f"`plugtune merge {base} OUT` first and export onto that model, or retrain on the plain base")
 
 
 def plain_lora(adapter: Adapter, plugins: PluginSystem, to: str) -> PlainLora:
