@@ -286,6 +286,18 @@ def test_adapter_on_an_adapter_refused(lora, tmp_path):
         export_adapter(stacked, "vllm", tmp_path / "out")
 
 
+def test_nan_factors_refused(lora, tmp_path):
+    a = read_adapter(lora)
+    state = dict(a.state)
+    key = next(k for k in state if k.endswith("lora_B.weight"))
+    state[key] = state[key].clone()
+    state[key][0, 0] = float("nan")
+    bad = _rewrite(lora, tmp_path / "nan", state=state)
+    with pytest.raises(AdapterError, match="hold nan or inf"):
+        export_adapter(bad, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_base_changing_init_refused(lora, tmp_path):
     pissa = _rewrite(lora, tmp_path / "pissa", config={"init_lora_weights": "pissa"})
     with pytest.raises(AdapterError, match=r"initialised with pissa .* relative to that changed base"):

@@ -157,10 +157,15 @@ def plain_lora(adapter: Adapter, plugins: PluginSystem, to: str) -> PlainLora:
                           f"({spec.cls.__name__}) has no plain-LoRA form (the ExportsLora capability); "
                           f"{SERVERS[to]} applies only LoRA adapters; `plugtune merge` writes the base with the "
                           f"adapter folded in, as a plain model folder to convert or serve instead")
+    import torch
+
     plain = spec.build().plain_lora(adapter)
     for module, (a, b, scaling) in plain.pairs.items():
         if not (a.is_floating_point() and b.is_floating_point()) or not math.isfinite(scaling):
             raise ExportError(f"{subject}: {module}'s factors are not floating point or its scaling {scaling} is not finite")
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise ExportError(f"{subject}: {module}'s factors hold nan or inf; a server would answer garbage, "
+                              f"so nothing was written")
     return plain
 
 
@@ -268,8 +273,7 @@ def _gguf_field(reader: Any, key: str, default: Any = _MISSING) -> Any:
     found = reader.fields.get(key)
     if found is None:
         if default is _MISSING:
-            raise ExportError(f"{reader.data.filename if hasattr(reader.data, 'filename') else 'the base GGUF'}: "
-                              f"no {key} in its header")
+            raise ExportError(f"the base GGUF has no {key} in its header; it is not a model file llama.cpp loads")
         return default
     return found.contents()
 
