@@ -145,7 +145,8 @@ def main() -> int:
     texts = held_out_texts(args.prompts)
     prompts = [host.format_prompt(t, name) for t in texts]
     ours = host.generate(texts, name, max_new_tokens=MAX_TOKENS)
-    report: dict = {"prompts": len(prompts), "adapter": str(adapter), "max_tokens": MAX_TOKENS}
+    report: dict = {"prompts": len(prompts), "adapter": str(adapter), "max_tokens": MAX_TOKENS,
+                    "distinct_answers": sorted(set(ours))}
 
     previous = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
     if previous.get("adapter") != str(adapter) or previous.get("prompts") != len(prompts):
