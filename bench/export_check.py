@@ -167,7 +167,7 @@ def main() -> int:
         theirs = llama_cpp_answers(gguf_dir.folder / gguf_dir.files[0], prompts)
         report["llama_cpp"] = {**compare("llama_cpp", ours, theirs, prompts), "version": _version(LLAMA_CPP_VENV, "llama_cpp_python")}
     else:
-        report["llama_cpp"] = {"skipped": f"no {LLAMA_CPP_VENV} (llama-cpp-python did not install; see BENCHMARKS.md)"}
+        report["llama_cpp"] = {"skipped": f"no {LLAMA_CPP_VENV} (flock /tmp/plugtune-heavy.lock bash bench/setup_llamacpp.sh)"}
     report["seconds"] = round(time.monotonic() - started, 1)
 
     for server in ("vllm", "llama_cpp"):
