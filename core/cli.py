@@ -545,6 +545,36 @@ def add_report_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_report)
 
 
+# -- export (llama.cpp GGUF, Ollama, vLLM: core/artifacts/export.py) ----------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from plugtune.artifacts.export import export_adapter
+    from plugtune.training.signals import terminate_as_interrupt
+
+    with terminate_as_interrupt():  # SIGTERM mid-write: the staging folder is removed, the output untouched
+        done = export_adapter(args.adapter, args.to, args.out, dtype=args.dtype, base_gguf=args.base_gguf,
+                              overwrite=args.overwrite)
+    console = _console()
+    console.print(f"exported {args.adapter} for {args.to}: {done.folder} ({', '.join(done.files)})",
+                  soft_wrap=True, markup=False, highlight=False)
+    for note in done.notes:
+        console.print(f"  note: {note}", soft_wrap=True, markup=False, highlight=False)
+    return 0
+
+
+def add_export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="export an adapter for llama.cpp (GGUF), Ollama (GGUF + Modelfile) or vLLM (peft LoRA folder)")
+    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p.add_argument("--to", required=True, choices=["gguf", "ollama", "vllm"], help="the server to export for")
+    p.add_argument("-o", "--out", metavar="OUT_DIR", help="output folder (default: ADAPTER_DIR-<target> beside the adapter)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="GGUF tensor type (gguf, ollama; default f32)")
+    p.add_argument("--base-gguf", metavar="PATH_OR_NAME",
+                   help="ollama: the Modelfile's FROM (a GGUF of the base, or an Ollama model name); default: the base's GGUF when it is one")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder at OUT_DIR (never the adapter or its base)")
+    p.set_defaults(func=cmd_export)
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -637,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_estimate_parser(sub)
     add_adapter_tool_parsers(sub)
     add_report_parser(sub)
+    add_export_parser(sub)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     for command in sub.choices.values():  # also after the command: plugtune run R --debug
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)

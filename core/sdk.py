@@ -32,6 +32,8 @@ from plugtune.kernel.components import (
     Combined,
     Combines,
     ComponentOptions,
+    ExportsLora,
+    PlainLora,
     DataLoader,
     DataFileOrFolder,
     DataPath,
@@ -183,7 +185,7 @@ __all__ = [
     "PackagedModel", "ChecksModel", "ModelOutline",
     # the host side of a tuning method and its capabilities
     "AdapterHandler", "MixesRows", "Folds", "Merges", "StartsDecoding", "ReportsResidentBytes", "Combines",
-    "Combined", "Adapter", "mixes_rows", "original_module", "replace_module", "remove_wrapper",
+    "Combined", "ExportsLora", "PlainLora", "Adapter", "mixes_rows", "original_module", "replace_module", "remove_wrapper",
     "beneath_wrappers",
     # records the core hands components
     "Example", "EvalBatch", "EvalContext", "EvalMetrics", "Decision", "Direction", "MetricDirections", "RunState",

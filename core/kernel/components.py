@@ -517,8 +517,8 @@ class AdapterHandler(Protocol):
 
     What a handler may add is declared by the capabilities below, each documented once:
     ``attach_reads_base_weights`` (a flag) and the protocols :class:`MixesRows`,
-    :class:`Folds`, :class:`Merges`, :class:`StartsDecoding`, :class:`ReportsResidentBytes`
-    and :class:`Combines`. The core asks ``isinstance(handler, Folds)``, never a name.
+    :class:`Folds`, :class:`Merges`, :class:`StartsDecoding`, :class:`ReportsResidentBytes`,
+    :class:`Combines` and :class:`ExportsLora`. The core asks ``isinstance(handler, Folds)``, never a name.
 
     Layer wrappers must compose with other handlers' wrappers, in any load order: a wrapper
     keeps the module it wraps as ``base_layer`` (peft's convention), finds the layer it
@@ -647,6 +647,38 @@ class Combines(Protocol):
         """``model`` is the bare base (fp32); ``parents`` the adapters as read from disk;
         ``options`` the combination's settings from the caller (``method``, ``density``,
         ...), which the handler validates, raising :class:`AdapterError` with a fix."""
+        ...
+
+
+@dataclass
+class PlainLora:
+    """What :meth:`ExportsLora.plain_lora` returns: the adapter as plain LoRA, the one form
+    llama.cpp, Ollama, vLLM and LoRAX apply (``W x + scaling * B (A x)`` on linear layers).
+
+    ``pairs`` maps each adapted linear module's dotted path in the base (``model.layers.0.
+    self_attn.q_proj``, no peft prefix) to ``(A, B, scaling)``: ``A`` (r, in_features),
+    ``B`` (out_features, r), the float the product is multiplied by (rsLoRA's
+    ``alpha / sqrt(r)`` and per-module ``alpha_pattern`` already worked out). ``whole``
+    holds modules the adapter saves whole (peft's ``modules_to_save``, a classification
+    head): module path -> {parameter name: value}; each target decides whether it can carry
+    them. ``task_type`` is peft's (``CAUSAL_LM``, ``SEQ_CLS``)."""
+
+    pairs: dict[str, tuple[Any, Any, float]]
+    whole: dict[str, dict[str, Any]] = field(default_factory=dict)
+    task_type: str | None = None
+
+
+@runtime_checkable
+class ExportsLora(Protocol):
+    """Capability: give an adapter of this handler as plain LoRA factors (``plugtune
+    export``: llama.cpp GGUF, Ollama, vLLM). Only an exact form counts: an adapter whose
+    update is not ``scaling * B A`` added to linear weights (DoRA renormalises the columns,
+    other tuners multiply or rotate) is refused with that reason, never approximated."""
+
+    def plain_lora(self, adapter: Adapter) -> PlainLora:
+        """``adapter`` as read from disk (tensors, config, manifest); no model is loaded.
+        Raise :class:`~plugtune.kernel.errors.AdapterError` naming why it has no exact
+        plain-LoRA form."""
         ...
 
 

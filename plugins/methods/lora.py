@@ -114,7 +114,7 @@ class LoraHandler:
     dictionary insert per targeted layer, and rows of one batch may name different adapters.
 
     Capabilities: mixes rows, folds/unfolds, merges, reports resident bytes, combines (peft's
-    ``add_weighted_adapter``)."""
+    ``add_weighted_adapter``), exports as plain LoRA."""
 
     Options = LoraOptions
     attach_reads_base_weights = False  # attach stores tensors only, whatever is active
@@ -195,6 +195,13 @@ class LoraHandler:
                 options: Mapping[str, Any]) -> Combined:
         """peft's ``add_weighted_adapter`` over the parents (see :func:`combine_loras`)."""
         return combine_loras(model, parents, weights, **dict(options))
+
+    def plain_lora(self, adapter: Adapter) -> Any:
+        """The adapter's factors and scalings as they are (``plugtune export``); refuses the
+        LoRA variants without an exact plain form (see :func:`~plugtune.plugins.methods.lora_hosting.plain_lora_of`)."""
+        from plugtune.plugins.methods.lora_hosting import plain_lora_of
+
+        return plain_lora_of(f"adapter {str(adapter.path)!r}", adapter.state, adapter.config)
 
 
 def peft_adapter_off(self: Any, model: Any) -> contextlib.AbstractContextManager[None]:

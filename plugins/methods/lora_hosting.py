@@ -425,3 +425,71 @@ class HostedLoras:
         self.merged = None
         for path, wrapper in [*self.layers.items(), *self.heads.items()]:
             self._wrap(path, wrapper)
+
+
+# -- plain LoRA for export (LoraHandler.plain_lora, PeftHandler.plain_lora) ---------------------
+
+# Why each LoRA variant has no exact plain-LoRA form (llama.cpp, Ollama, vLLM and LoRAX apply
+# W x + scaling * B (A x) and nothing else); keys as in adapter_config.json.
+NOT_PLAIN = {
+    "use_dora": "DoRA rescales each output column of W + scaling*BA by a learned magnitude over that column's "
+                "norm, so its update is not a low-rank matrix added to W and no LoRA reproduces it exactly",
+    "lora_bias": "its LoRA biases add a vector the LoRA file formats have no place for",
+    "fan_in_fan_out": "its factors are stored transposed for Conv1D layers (GPT-2 style), which llama.cpp and vLLM do not map",
+    "layer_replication": "it replicates base layers, which a LoRA file cannot express",
+    "trainable_token_indices": "it trains single embedding rows, which a LoRA file cannot express",
+    "target_parameters": "it adapts raw parameters (MoE experts), not linear modules",
+    "use_qalora": "QA-LoRA's factors are relative to a quantization grouping the LoRA formats do not record",
+    "alora_invocation_tokens": "activated LoRA switches on after invocation tokens, which only some servers support",
+    "use_bdlora": "block-diagonal LoRA is not a dense low-rank product",
+}
+# peft initialisations that change the base weights when the adapter is made (the saved
+# factors are then relative to that changed base); vLLM refuses them for the same reason
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
+MERGE_HINT = "`plugtune merge` writes the base with the adapter folded in, as a plain model folder to convert or serve instead"
+
+
+def plain_lora_of(subject: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> Any:
+    """A LoRA adapter's tensors and config as a :class:`~plugtune.sdk.PlainLora`: each adapted
+    module's ``(A, B, scaling)`` with peft's scaling rule applied (``alpha / r``,
+    ``alpha / sqrt(r)`` for rsLoRA, ``alpha_pattern`` per module), and the modules it saves
+    whole. A variant without an exact plain form is an :class:`AdapterError` with the reason."""
+    from plugtune.sdk import PlainLora
+
+    problem = _config_type_problem(config)
+    if problem:
+        raise AdapterError(f"{subject}: adapter_config.json: {problem[:300]}")
+    for key, reason in NOT_PLAIN.items():
+        if config.get(key):
+            raise AdapterError(f"{subject} uses {UNSUPPORTED.get(key, key.removeprefix('use_'))} ({key}: true): {reason}; "
+                               f"it cannot be exported as a LoRA file; {MERGE_HINT}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterError(f"{subject} was initialised with {init} (init_lora_weights), which changes the base weights "
+                           f"when the adapter is made: its factors are relative to that changed base, not the one a "
+                           f"server loads; {MERGE_HINT}")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    whole: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        path = key.removeprefix(PEFT_PREFIX)
+        part = next((p for p in ("A", "B") if path.endswith(f".lora_{p}.weight")), None)
+        if part is not None:
+            pairs.setdefault(path[: -len(f".lora_{part}.weight")], {})[part] = tensor
+        elif ".lora_" in path:
+            raise AdapterError(f"{subject}: tensor {key!r} is LoRA on an embedding or a LoRA variant, not a linear "
+                               f"layer's lora_A/lora_B; it cannot be exported as a LoRA file")
+        else:
+            module, _, param = path.rpartition(".")
+            whole.setdefault(module, {})[param] = tensor
+    factors = {}
+    for module, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{subject}: {module} has lora_{next(iter(pair))} without its partner")
+        a, b = pair["A"], pair["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{subject}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                               f"are not (r, in) and (out, r) of one rank")
+        factors[module] = (a, b, scaling_for(config, module, a.shape[0]))
+    if not factors:
+        raise AdapterError(f"{subject} holds no lora_A/lora_B pairs; there is nothing to export as LoRA")
+    return PlainLora(pairs=factors, whole=whole, task_type=config.get("task_type"))

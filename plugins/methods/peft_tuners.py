@@ -318,6 +318,22 @@ class PeftHandler:
         combined.record["converted_to_lora"] = ranks
         return combined
 
+    def plain_lora(self, adapter: Adapter) -> Any:
+        """A ``LORA``-type adapter's factors (``plugtune export``); DoRA and every other
+        tuner are refused with the reason: their update is not ``scaling * B A`` stored as
+        factors (LoHa and LoKr multiply factor products, IA3 scales, OFT and BOFT rotate,
+        LN tuning replaces), and a server that applies LoRA cannot reproduce it."""
+        from plugtune.plugins.methods.lora_hosting import MERGE_HINT, plain_lora_of
+        from plugtune.sdk import AdapterError
+
+        subject = f"adapter {str(adapter.path)!r}"
+        peft_type = str(adapter.config.get("peft_type", "")).removeprefix("PeftType.")
+        if peft_type != "LORA":
+            raise AdapterError(f"{subject} is a {peft_type or 'non-LoRA'} adapter: its update is not LoRA's "
+                               f"scaling * B A stored as factors, and llama.cpp, Ollama and vLLM apply only LoRA; "
+                               f"{MERGE_HINT}")
+        return plain_lora_of(subject, adapter.state, adapter.config)
+
 
 class PeftTunerMethod:
     """Training through ``peft.get_peft_model`` with the config the options describe."""
