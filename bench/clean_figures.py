@@ -72,7 +72,7 @@ def plugtune_job(recipe: str, budget: str, label: str, extra: list[str]) -> dict
     if "sst2" in recipe:
         scores = OUT / f"{label}-long.json"
         subprocess.run([sys.executable, "-m", "plugtune.cli", "eval", recipe, f"data.options.test_path={long_sst2_dev()}",
-                        "--adapter", str(out), "--json", str(scores)], cwd=ROOT, check=True, capture_output=True,
+                        *[e for e in extra if "max_eval_examples" in e], "--adapter", str(out), "--json", str(scores)], cwd=ROOT, check=True, capture_output=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
         columns = json.loads(scores.read_text())
         result["dev_long"] = next(v["accuracy"] for k, v in _columns(columns).items() if k != "base")

@@ -199,7 +199,7 @@ def test_vllm_rewrite_folds_rslora_exactly(lora, tiny_llama, tmp_path):
     pattern = {"model.layers.1.mlp.down_proj": 2.0}
     rs = _rewrite(lora, tmp_path / "rs", config={"use_rslora": True, "alpha_pattern": pattern})
     done = export_adapter(rs, "vllm", tmp_path / "out")
-    assert done.files == ["adapter_config.json", "adapter_model.safetensors", "plugtune.json"]
+    assert done.files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "plugtune.json"]  # the card too
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["use_rslora"] is False and config["alpha_pattern"] == {} and config["lora_alpha"] == pytest.approx(16.0)
     assert not config.get("modules_to_save") and not config["use_dora"]
@@ -344,7 +344,7 @@ def test_cli_refusals_are_one_line_and_write_nothing(lora, tmp_path, capsys):
         assert err.startswith("error: ") and message in err, (args, err)
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine" and sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["keep.txt"]
     assert not (tmp_path / "c").exists() and not (lora / "inner").exists()
-    assert sorted(p.name for p in lora.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "plugtune.json"]
+    assert sorted(p.name for p in lora.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "plugtune.json"]
     code, err = _cli(capsys, lora, "--to", "gguf", "-o", tmp_path / "busy", "--overwrite")
     assert code == 0 and sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["tiny.gguf"]
 

@@ -401,7 +401,7 @@ def test_streaming_needs_max_steps_and_refuses_augmentation(tmp_path, tiny_llama
     with pytest.raises(RecipeError) as info:
         load_recipe(recipe)
     assert ("training.max_steps: the data loader streams the training split, which has no length to count epochs in; "
-            "set training.max_steps") in info.value.problems
+            "set training.max_steps or training.budget") in info.value.problems
     word_dropout_augments = hasattr(plugtune_regularizer("word_dropout"), "augment_examples")
     assert any(p.startswith("regularizers[0]: word_dropout rewrites") for p in info.value.problems) == word_dropout_augments
 

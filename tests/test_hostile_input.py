@@ -145,8 +145,8 @@ def test_recipe_learning_rate_as_text(tmp_path, tiny_llama, tiny_data, capsys):
     raw["training"]["learning_rate"] = "fast"
     path, code, lines = run_refused(capsys, tmp_path, raw)
     assert code == 2
-    assert lines == [(f"error: {path}: training.learning_rate: Input should be a valid number, "
-                     f"unable to parse string as a number (got 'fast')")]
+    assert lines == [(f"error: {path}: training.learning_rate: Input should be a finite number above 0 such as 1e-3, "
+                     f"or auto (got 'fast')")]
 
 
 def test_recipe_broken_template(tmp_path, tiny_llama, tiny_data, capsys):

@@ -71,7 +71,8 @@ def test_auto_trains_at_the_rule_s_rate_and_records_it(make_recipe, tmp_path: Pa
     assert record["auto"] and record["width"] == config["hidden_size"] and record["rows_per_step"] == 4
     assert record["adapter"] == scaled(2e-3, config["hidden_size"], 4)  # LoRA's reference
     assert record["head"] == scaled(NEW_LAYER_RATE, config["hidden_size"], 4)  # the new classifier head
-    lrs = {json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["lr"] for r in records if r.get("event") == "train"}
     assert lrs == {record["adapter"]}  # the first group's (the adapter's) rate, constant schedule
     assert "learning_rate auto:" in capsys.readouterr().err
 
