@@ -72,8 +72,15 @@ PEFT_PREFIX = "base_model.model."
 # vLLM 0.32 (vllm/lora/peft_helper.py, vllm/lora/utils.py parse_fine_tuned_lora_name): the
 # only modules an adapter may save whole, one per adapter, for classification models
 VLLM_WHOLE_MODULES = ("score", "classifier")
-# llama.cpp's GGUF header value for a LoRA adapter file (adapter.type), fixed by the format
-LLAMA_CPP_ADAPTER_TYPE = "lora"
+
+
+def llama_cpp_adapter_type() -> str:
+    """llama.cpp's GGUF header value for a LoRA adapter file (``adapter.type``): the plain-LoRA
+    form's own name, which is peft's type name in lower case (convert_lora_to_gguf.py writes
+    the same word). Taken from peft rather than spelled here, so the core names no method."""
+    from peft import PeftType
+
+    return PeftType.LORA.value.lower()
 
 
 class ExportError(AdapterError):
@@ -352,7 +359,7 @@ def write_gguf(path: Path, tensors: list[tuple[str, Any, Any]], alpha: float, ar
 
     writer = gguf.GGUFWriter(str(path), arch=arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, LLAMA_CPP_ADAPTER_TYPE)
+    writer.add_string(gguf.Keys.Adapter.TYPE, llama_cpp_adapter_type())
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     writer.add_name(name)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
