@@ -247,14 +247,14 @@ class Sweep:
 
         study = self._study()
         started = time.monotonic()
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        overheads = [t.user_attrs["overhead"] for t in done if "overhead" in t.user_attrs]
+        overheads = [t.user_attrs["overhead"] for t in study.trials
+                     if t.state == optuna.trial.TrialState.COMPLETE and "overhead" in t.user_attrs]
         finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         while sum(t.state in finished_states for t in study.trials) < self.trials:
             left = self.trials - sum(t.state in finished_states for t in study.trials)
             share = None
             if self.budget is not None:
-                remaining = self.budget - (time.monotonic() - started) - self._spent(study)
+                remaining = self.budget - (time.monotonic() - started)  # this session's: a resumed sweep starts afresh
                 overhead = sum(overheads) / len(overheads) if overheads else DEFAULT_OVERHEAD * remaining / left
                 share = (remaining / left) - overhead
                 if share < 5:
@@ -279,9 +279,6 @@ class Sweep:
             if len([t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]) > max(3, self.trials):
                 raise SweepError(f"more trials failed than the sweep has; the last: {result.error}")
         return self.results(study)
-
-    def _spent(self, study: Any) -> float:
-        return 0.0  # time of an earlier session of a resumed sweep is not charged to this one's --budget
 
     def _run_trial(self, number: int, params: dict[str, Any], share: float | None) -> TrialResult:
         out = self.folder / f"trial-{number}"
