@@ -796,16 +796,22 @@ def _spying(cls: Any, calls: dict[str, list[Any]]) -> type:
 
 
 class _Registers:
-    """A plugin registering one regularizer under a name."""
+    """A plugin registering one component, a regularizer or a tracker (``kind``), under a name."""
 
-    def __init__(self, name: str, cls: Any) -> None:
-        self.name, self.cls = name, cls
+    def __init__(self, name: str, cls: Any, kind: str = "regularizer") -> None:
+        self.name, self.cls, self.kind = name, cls, kind
 
     from plugtune.kernel.hookspecs import hookimpl as _hookimpl
 
     @_hookimpl
     def register_regularizers(self, register: Any) -> None:
-        register(self.name, self.cls)
+        if self.kind == "regularizer":
+            register(self.name, self.cls)
+
+    @_hookimpl
+    def register_trackers(self, register: Any) -> None:
+        if self.kind == "tracker":
+            register(self.name, self.cls)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -886,19 +892,6 @@ def _spying_tracker(cls: Any, calls: dict[str, list[dict[str, Any]]]) -> type:
     return type(f"Spying{cls.__name__}", (cls,), {h: wrap(h) for h in TRACKER_HOOKS if hasattr(cls, h)})
 
 
-class _RegistersTracker:
-    """A plugin registering one tracker under a name."""
-
-    def __init__(self, name: str, cls: Any) -> None:
-        self.name, self.cls = name, cls
-
-    from plugtune.kernel.hookspecs import hookimpl as _hookimpl
-
-    @_hookimpl
-    def register_trackers(self, register: Any) -> None:
-        register(self.name, self.cls)
-
-
 def check_tracker(name_or_cls: Any, options: dict[str, Any] | None = None, *, tmp_path: Path,
                   extra_plugins: list[tuple[str, Any]] | None = None) -> dict[str, list[dict[str, Any]]]:
     """A tracker's contract in a short real training run (3 steps, evaluated at steps 0, 2
@@ -919,7 +912,7 @@ def check_tracker(name_or_cls: Any, options: dict[str, Any] | None = None, *, tm
     raw["training"].update(max_steps=3, eval_every=2, checkpoint_every=0)
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
-    plugin = ("plugtune-kit-tracker", _RegistersTracker("kit-tracker", _spying_tracker(cls, calls)))
+    plugin = ("plugtune-kit-tracker", _Registers("kit-tracker", _spying_tracker(cls, calls), kind="tracker"))
     with plugin_system_with([*(extra_plugins or []), plugin]) as system:
         result = plugtune.run(recipe, plugins=system, show_progress=False)
         left = [p for p in system.pm.get_plugins() if isinstance(p, cls)]
