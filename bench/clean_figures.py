@@ -170,7 +170,7 @@ def main() -> None:
     budget = "30s" if args.quick else args.budget
     extra = ["data.options.max_train_rows=2000", "training.max_eval_examples=200"] if args.quick else []
     jobs = args.jobs.split(",")
-    results = []
+    results = Results(OUT / ("results-quick.json" if args.quick else "results.json"))
     if "agnews" in jobs:
         results.append(plugtune_job("bench/recipes/agnews-minilm-lora.yaml", budget, "plugtune-agnews", extra))
     if "sst2" in jobs:
@@ -189,7 +189,19 @@ def main() -> None:
     if not args.quick:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(text)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+
+
+class Results(list):
+    """The jobs' results, written to ``path`` after each one, so a failed job loses only itself."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def append(self, result: dict) -> None:
+        super().append(result)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(list(self), indent=2))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def elapsed_at(step: int) -> float:
 
 
 def test_a_slowdown_shortens_the_plan_at_a_revision_and_a_cap_holds() -> None:
-    planner = BudgetPlanner(Budget(seconds=100), tokens_per_step=100.0, cap=40)
+    planner = BudgetPlanner(Budget(seconds=100), tokens_per_step=100.0, cap=40, cap_source="training.epochs (2)")
     planner.initial_steps()
     assert planner.plan.total_steps == 40  # provisional: the cap
     elapsed = 0.0
@@ -79,6 +79,7 @@ def test_a_slowdown_shortens_the_plan_at_a_revision_and_a_cap_holds() -> None:
         if planner.due(step):
             planner.adopt(planner.replan(step, elapsed))
     assert planner.plan.total_steps == 40  # 200 steps would fit: the cap wins
+    assert "caps it" in planner.plan.reason and "training.epochs (2)" in planner.plan.reason  # and says so
     assert not planner.overrun(100.0) and planner.overrun(116.0)
 
 

@@ -130,8 +130,9 @@ class BudgetPlanner:
     None. ``spent_seconds``: training seconds already spent (a resumed run)."""
 
     def __init__(self, budget: Budget, tokens_per_step: float, *, cap: int | None = None,
-                 spent_seconds: float = 0.0, start_step: int = 0) -> None:
+                 cap_source: str = "training.epochs", spent_seconds: float = 0.0, start_step: int = 0) -> None:
         self.budget, self.tokens_per_step, self.cap = budget, max(tokens_per_step, 1e-9), cap
+        self.cap_source = cap_source
         self.spent, self.start_step = spent_seconds, start_step
         self.timed_tokens, self.timed_seconds, self.timed_steps, self._clock_start = 0, 0.0, 0, 0.0
         self.plan: Plan | None = None
@@ -143,7 +144,7 @@ class BudgetPlanner:
         first plan replaces after the calibration steps."""
         if self.budget.tokens is not None:
             steps = max(MIN_STEPS, math.ceil(self.budget.tokens / self.tokens_per_step))
-            self.plan = Plan(str(self.budget), self._capped(steps), f"{self.tokens_per_step:,.0f} tokens per step",
+            self.plan = Plan(str(self.budget), self._capped(steps), self._why(steps, f"{self.tokens_per_step:,.0f} tokens per step"),
                              tokens_per_step=self.tokens_per_step, final=True)
             return self.plan
         provisional = self.cap or 10**6
@@ -184,9 +185,10 @@ class BudgetPlanner:
         rate = self.timed_seconds / max(self.timed_tokens, 1)
         remaining = self.budget.seconds - self.spent - elapsed
         more = max(0, math.floor(remaining / (rate * self.tokens_per_step))) if rate > 0 else 0
-        return Plan(str(self.budget), self._capped(max(step + more, MIN_STEPS)),
-                    f"{1e3 * rate:.3f} ms per token over {self.timed_steps} timed steps, "
-                    f"{self.tokens_per_step:,.0f} tokens per step",
+        steps = max(step + more, MIN_STEPS)
+        return Plan(str(self.budget), self._capped(steps),
+                    self._why(steps, f"{1e3 * rate:.3f} ms per token over {self.timed_steps} timed steps, "
+                                     f"{self.tokens_per_step:,.0f} tokens per step"),
                     seconds_per_token=rate, tokens_per_step=self.tokens_per_step, final=revised >= set(REVISIONS),
                     revised=sorted(revised))
 
@@ -209,6 +211,13 @@ class BudgetPlanner:
 
     def _capped(self, steps: int) -> int:
         return min(steps, self.cap) if self.cap else steps
+
+    def _why(self, steps: int, reason: str) -> str:
+        """The plan's reason, saying so when the cap, not the budget, set the steps (the budget
+        would allow ``steps``): a recipe whose epochs end first finishes early, by design."""
+        if self.cap and steps > self.cap:
+            return f"{reason}; the budget allows {steps:,}, {self.cap_source} caps it"
+        return reason
 
 
 def rebuild_schedule(prepared: Any, name: str, warmup_steps: int, total_steps: int, step: int) -> None:

@@ -662,10 +662,10 @@ def _budget_planner(t: TrainingBlock, data: _Data, epoch_steps: int, process: _P
     if budget is None:
         return None
     mean_length = sum(len(r["input_ids"]) for r in data.train_rows) / max(len(data.train_rows), 1)
-    caps = [epoch_steps] if "epochs" in t.model_fields_set and data.stream is None else []
-    cap = min(caps + [t.max_steps]) if t.max_steps else (caps[0] if caps else None)
-    planner = BudgetPlanner(budget, mean_length * t.batch_size * t.grad_accum, cap=cap)
-    return planner
+    caps = [(epoch_steps, f"training.epochs ({t.epochs})")] if "epochs" in t.model_fields_set and data.stream is None else []
+    caps += [(t.max_steps, f"training.max_steps ({t.max_steps})")] if t.max_steps else []
+    cap, source = min(caps) if caps else (None, "")
+    return BudgetPlanner(budget, mean_length * t.batch_size * t.grad_accum, cap=cap, cap_source=source)
 
 
 def _apply_plan(plan: Plan, trainee: _Trainee, state: RunState, t: TrainingBlock, process: _Process) -> None:
