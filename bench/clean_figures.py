@@ -158,7 +158,9 @@ def table(results: list[dict], budget: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="10m")
-    parser.add_argument("--jobs", default="agnews,sst2,smollm2,peer")
+    parser.add_argument("--jobs", default="agnews,sst2,smollm2,peer",
+                        help="any of agnews, sst2, smollm2, peer (both), peer-agnews, peer-sst2; the results of jobs "
+                             "not run are kept from bench/out/clean/results.json")
     parser.add_argument("--quick", action="store_true", help="a 30 s budget and 2,000 training rows: checks the script")
     parser.add_argument("--peer", nargs=2, metavar=("DATASET", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,8 +181,8 @@ def main() -> None:
                                      "training.learning_rate=auto", "training.epochs=1000"]))  # the budget decides
     if "smollm2" in jobs:
         results.append(plugtune_job("bench/recipes/sst2-smollm2-lora.yaml", budget, "plugtune-smollm2-sst2", extra))
-    if "peer" in jobs:
-        for dataset in ("agnews", "sst2"):
+    for dataset in ("agnews", "sst2"):
+        if "peer" in jobs or f"peer-{dataset}" in jobs:
             ours = next((r for r in results if r["label"] == f"plugtune-{dataset}"), None)
             seconds = ours["train_seconds"] if ours else float(budget.rstrip("sm")) * (60 if budget.endswith("m") else 1)
             results.append(child([__file__, "--peer", dataset, str(seconds)]))
@@ -195,10 +197,11 @@ class Results(list):
     """The jobs' results, written to ``path`` after each one, so a failed job loses only itself."""
 
     def __init__(self, path: Path):
-        super().__init__()
+        super().__init__(json.loads(path.read_text()) if path.exists() else [])  # jobs run earlier: kept
         self.path = path
 
     def append(self, result: dict) -> None:
+        self[:] = [r for r in self if r["label"] != result["label"]]  # a job run again replaces its row
         super().append(result)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(list(self), indent=2))

@@ -136,12 +136,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import subprocess
 
-    from plugtune.training.sweep import DEFAULT_VALIDATION, Sweep
+    from plugtune.training.sweep import DEFAULT_VALIDATION, Sweep, label_of, versus_baseline
 
     console = _console(stderr=True)
     sweep = Sweep(args.recipe, args.overrides, args.space, trials=args.trials, budget=args.budget, metric=args.metric,
                   validation=args.validation or DEFAULT_VALIDATION, folder=args.dir, overwrite=args.overwrite,
-                  fresh=args.fresh, seed=args.seed, console=console)
+                  fresh=args.fresh, seed=args.seed, console=console, baseline=not args.no_baseline)
     results = sweep.run()
     out = _console()
     out.print(sweep.table(results))
@@ -149,8 +149,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     best = sweep.keep_best(results)
     if best is None:
         raise PlugtuneError(f"no trial finished; their logs are in {sweep.folder / 'logs'}")
-    out.print(f"best: trial {best.number} ({sweep.metric} {best.value:.4f} on the validation rows), copied to "
+    out.print(f"best: {label_of(best)} ({sweep.metric} {best.value:.4f} on the validation rows), copied to "
               f"[bold]{sweep.output}[/]; leaderboard: {board}")
+    comparison = versus_baseline(sweep, results, best)
+    if comparison:
+        out.print(comparison)
     if args.no_test:
         return 0
     console.print("evaluating the best adapter once on the recipe's test split")
@@ -610,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the recipe's output folder with the best trial")
     p.add_argument("--fresh", action="store_true", help="discard an earlier sweep in --dir instead of continuing it")
     p.add_argument("--no-test", action="store_true", help="skip the best trial's evaluation on the test split")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the run of the recipe as written that the trials are compared with")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("validate", help="check a recipe without loading any model")

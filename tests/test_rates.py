@@ -13,7 +13,7 @@ import torch
 
 from plugtune.kernel.registry import get_plugin_system
 from plugtune.training.rates import (
-    FALLBACK_RATE, NEW_LAYER_RATE, REFERENCE_BATCH, REFERENCE_WIDTH, choose_rates, is_new_parameter, model_width, scaled,
+    ENCODER_FACTOR, FALLBACK_RATE, NEW_LAYER_RATE, REFERENCE_BATCH, REFERENCE_WIDTH, choose_rates, is_new_parameter, model_width, scaled,
     with_head_rate,
 )
 from plugtune.training.recipe import load_recipe
@@ -40,6 +40,18 @@ def test_every_built_in_method_declares_its_reference_rate() -> None:
     assert len(built_in) >= 15
     for component in built_in:
         assert callable(getattr(component.obj, "reference_learning_rate", None)), component.name
+
+
+def test_encoders_take_the_encoder_share_and_decoders_the_whole_rule() -> None:
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    lora = SimpleNamespace(reference_learning_rate=lambda: 2e-3)
+    encoder = choose_rates(lora, BertConfig(hidden_size=384), 32, has_new_layer=True)
+    assert encoder.factor == ENCODER_FACTOR < 1 and "an encoder" in encoder.describe()
+    assert encoder.adapter == scaled(2e-3, 384, 32, ENCODER_FACTOR) and encoder.head == scaled(NEW_LAYER_RATE, 384, 32, ENCODER_FACTOR)
+    for config in (LlamaConfig(hidden_size=576), GPT2Config(n_embd=576)):
+        decoder = choose_rates(lora, config, 16, has_new_layer=False)
+        assert decoder.factor == 1.0 and decoder.adapter == scaled(2e-3, 576, 16) and "encoder" not in decoder.describe()
 
 
 def test_a_method_without_a_reference_gets_the_fallback_and_says_so() -> None:
@@ -69,8 +81,9 @@ def test_auto_trains_at_the_rule_s_rate_and_records_it(make_recipe, tmp_path: Pa
     record = json.loads((out / "plugtune.json").read_text())["training"]["learning_rate"]
     config = json.loads((Path(recipe.spec.base_model) / "config.json").read_text())
     assert record["auto"] and record["width"] == config["hidden_size"] and record["rows_per_step"] == 4
-    assert record["adapter"] == scaled(2e-3, config["hidden_size"], 4)  # LoRA's reference
-    assert record["head"] == scaled(NEW_LAYER_RATE, config["hidden_size"], 4)  # the new classifier head
+    assert record["factor"] == ENCODER_FACTOR  # the tiny classifier is a BERT encoder
+    assert record["adapter"] == scaled(2e-3, config["hidden_size"], 4, ENCODER_FACTOR)  # LoRA's reference
+    assert record["head"] == scaled(NEW_LAYER_RATE, config["hidden_size"], 4, ENCODER_FACTOR)  # the new head
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["lr"] for r in records if r.get("event") == "train"}
     assert lrs == {record["adapter"]}  # the first group's (the adapter's) rate, constant schedule

@@ -40,17 +40,21 @@ def test_a_sweep_keeps_the_best_trial_scored_on_validation_rows_and_resumes(swee
     board = json.loads((folder / "leaderboard.json").read_text())
     assert board["metric"] == "accuracy" and board["direction"] == "max"
     trials = [t for t in board["trials"] if t["state"] == "COMPLETE"]
-    assert len(trials) == 2
+    assert len(trials) == 3  # two trials and the recipe as written, ranked together
+    baseline = next(t for t in trials if t["name"] == "recipe")
+    assert baseline["params"] == {"training.learning_rate": 0.02, "method.options.r": 4}  # the recipe's own values
+    assert "against the recipe as written" in done.stdout or "no trial beat the recipe" in done.stdout
     assert [t["value"] for t in trials] == sorted((t["value"] for t in trials), reverse=True)
     for t in trials:
         manifest = read_manifest(t["folder"])
         assert manifest.recipe["data"]["validation"] == 0.1  # scored on rows carved from train, not the test split
         assert manifest.metrics["after"]["accuracy"] == t["value"]
         assert manifest.recipe["method"]["options"]["r"] == t["params"]["method.options.r"]
+        assert manifest.recipe["training"]["learning_rate"] == t["params"]["training.learning_rate"]
     best = tmp_path / "best"
     assert is_adapter_dir(best) and read_manifest(best).metrics["after"]["accuracy"] == trials[0]["value"]
     test = json.loads((folder / "test.json").read_text())  # the test split, read once, for the best
-    assert test and "best" in done.stdout and (folder / "leaderboard.md").read_text().count("| complete") == 2
+    assert test and "best" in done.stdout and (folder / "leaderboard.md").read_text().count("| complete") == 3
 
     # a crash mid-trial: optuna's study holds a RUNNING trial; the next sweep runs its values again
     import optuna
@@ -62,9 +66,10 @@ def test_a_sweep_keeps_the_best_trial_scored_on_validation_rows_and_resumes(swee
                      "--no-test", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert f"trial {crashed.number} was interrupted" in again.stderr
+    assert "the recipe as written (the baseline)" not in again.stderr  # finished once: kept, not run again
     board = json.loads((folder / "leaderboard.json").read_text())
     complete = [t for t in board["trials"] if t["state"] == "COMPLETE"]
-    assert len(complete) == 3  # the two kept, plus the crashed trial's values run again
+    assert len(complete) == 4  # the recipe and two trials kept, plus the crashed trial's values run again
     assert any(t["params"] == crashed.params for t in complete)
 
 

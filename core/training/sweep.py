@@ -10,7 +10,9 @@ split) and its own output folder ``<sweep dir>/trial-N``, a whole adapter with i
 metrics. The metric is the recipe's evaluators' (their declared direction decides better);
 ``--budget`` splits the time among the trials left, each trial training under
 ``training.budget`` (the time it leaves after the model loading and evaluations measured on
-earlier trials). At the end: a leaderboard (printed, and ``leaderboard.json``/``.md`` in the
+earlier trials). Before the first trial the recipe as written runs once the same way (its own
+row, ``recipe``, in the leaderboard, and a candidate for best like any trial), so the
+leaderboard shows what the search bought; ``--no-baseline`` skips it. At the end: a leaderboard (printed, and ``leaderboard.json``/``.md`` in the
 sweep folder), the best trial copied to the recipe's output folder, and that adapter evaluated
 once on the recipe's test split beside the base.
 
@@ -41,6 +43,8 @@ from plugtune.training.budget import format_seconds, parse_budget
 from plugtune.training.recipe import Recipe, load_recipe, read_recipe_file
 
 STUDY_FILE = "study.db"
+BASELINE_FILE = "baseline.json"
+BASELINE_NUMBER = -1  # the recipe as written: shown as "recipe", never an optuna trial
 SETUP_FILE = "sweep.json"
 DEFAULT_VALIDATION = 0.1
 DEFAULT_OVERHEAD = 0.25  # the share of a trial's time guessed for loading and evaluating, until one is measured
@@ -180,14 +184,19 @@ class TrialResult:
     folder: str | None = None
     error: str | None = None
 
+    @property
+    def name(self) -> str:
+        return "recipe" if self.number == BASELINE_NUMBER else str(self.number)
+
 
 class Sweep:
     """One sweep folder: its study, its trials, its leaderboard (see the module docstring)."""
 
     def __init__(self, recipe_path: str, overrides: list[str], space_path: str, *, trials: int, budget: str | None,
                  metric: str | None, validation: float, folder: str | None, overwrite: bool, fresh: bool,
-                 seed: int | None, console: Any) -> None:
+                 seed: int | None, console: Any, baseline: bool = True) -> None:
         self.recipe_path, self.overrides, self.trials, self.console = recipe_path, list(overrides), trials, console
+        self.baseline = baseline
         if not (math.isfinite(validation) and validation > 0):
             raise SweepError(f"--validation {validation}: give a fraction of the training rows (0.1) or a row count")
         self.recipe = load_recipe(recipe_path, overrides)  # the whole recipe checked before anything runs
@@ -250,17 +259,30 @@ class Sweep:
         overheads = [t.user_attrs["overhead"] for t in study.trials
                      if t.state == optuna.trial.TrialState.COMPLETE and "overhead" in t.user_attrs]
         finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+        def share_of(left: int) -> float | None:
+            """A run's training seconds: what is left of --budget over the runs left, less the
+            loading and evaluating time measured so far (guessed before anything is measured)."""
+            if self.budget is None:
+                return None
+            remaining = self.budget - (time.monotonic() - started)  # this session's: a resumed sweep starts afresh
+            overhead = sum(overheads) / len(overheads) if overheads else DEFAULT_OVERHEAD * remaining / left
+            return (remaining / left) - overhead
+
+        if self.baseline and self.baseline_result() is None:
+            left = self.trials - sum(t.state in finished_states for t in study.trials) + 1
+            result = self._run_trial(BASELINE_NUMBER, {}, share_of(left))
+            (self.folder / BASELINE_FILE).write_text(json.dumps(result.__dict__, indent=2, default=str))
+            if result.state == "COMPLETE" and result.train_seconds is not None and result.seconds is not None:
+                overheads.append(max(result.seconds - result.train_seconds, 0.0))
+            self._report(result)
         while sum(t.state in finished_states for t in study.trials) < self.trials:
             left = self.trials - sum(t.state in finished_states for t in study.trials)
-            share = None
-            if self.budget is not None:
-                remaining = self.budget - (time.monotonic() - started)  # this session's: a resumed sweep starts afresh
-                overhead = sum(overheads) / len(overheads) if overheads else DEFAULT_OVERHEAD * remaining / left
-                share = (remaining / left) - overhead
-                if share < 5:
-                    self.console.print(f"[yellow]--budget: {format_seconds(max(remaining, 0))} left, too little for "
-                                       f"another trial; stopping with {self.trials - left} of {self.trials}[/]")
-                    break
+            share = share_of(left)
+            if share is not None and share < 5:
+                self.console.print(f"[yellow]--budget: {format_seconds(max(share, 0))} per trial left, too little for "
+                                   f"another trial; stopping with {self.trials - left} of {self.trials}[/]")
+                break
             trial = study.ask()
             params = {d.path: d.suggest(trial) for d in self.dims}
             result = self._run_trial(trial.number, params, share)
@@ -280,15 +302,24 @@ class Sweep:
                 raise SweepError(f"more trials failed than the sweep has; the last: {result.error}")
         return self.results(study)
 
+    def baseline_result(self) -> TrialResult | None:
+        """The recipe-as-written run this sweep folder holds, finished (None: not run, or failed)."""
+        path = self.folder / BASELINE_FILE
+        if not self.baseline or not path.exists():
+            return None
+        result = TrialResult(**json.loads(path.read_text()))
+        return result if result.state == "COMPLETE" else None
+
     def _run_trial(self, number: int, params: dict[str, Any], share: float | None) -> TrialResult:
-        out = self.folder / f"trial-{number}"
+        out = self.folder / ("recipe" if number == BASELINE_NUMBER else f"trial-{number}")
         overrides = [*self.overrides, *(f"{k}={json.dumps(v)}" for k, v in params.items()),
                      f"data.validation={self.setup.validation}", f"output.dir={out}", f"training.seed={self.setup.seed}"]
         if share is not None:
             overrides += [f"training.budget={max(share, 1.0):.0f}s", "training.max_steps=null"]
         log = self.folder / "logs" / f"trial-{number}.log"
         log.parent.mkdir(exist_ok=True)
-        self.console.print(f"trial {number}: {', '.join(f'{k}={_short(v)}' for k, v in params.items())}"
+        self.console.print((f"trial {number}: {', '.join(f'{k}={_short(v)}' for k, v in params.items())}"
+                            if number != BASELINE_NUMBER else "the recipe as written (the baseline)")
                            + (f" (training budget {format_seconds(share)})" if share is not None else ""))
         started = time.monotonic()
         with open(log, "w", encoding="utf-8") as fh:
@@ -305,14 +336,16 @@ class Sweep:
         if value is None or not math.isfinite(value):
             return TrialResult(number, params, "FAIL", seconds=seconds, folder=str(out),
                                error=f"the run reported no finite {self.metric}")
+        if number == BASELINE_NUMBER:  # the values the recipe has for the searched fields (None: left to its default)
+            params = {d.path: _dotted(self.recipe.raw, d.path) for d in self.dims}
         return TrialResult(number, params, "COMPLETE", float(value), after, seconds,
                            float(manifest.training.get("train_seconds", 0.0)), str(out))
 
     def _report(self, result: TrialResult) -> None:
         if result.state == "COMPLETE":
-            self.console.print(f"trial {result.number}: {self.metric} {result.value:.4f} in {format_seconds(result.seconds or 0)}")
+            self.console.print(f"{label_of(result)}: {self.metric} {result.value:.4f} in {format_seconds(result.seconds or 0)}")
         else:
-            self.console.print(f"[red]trial {result.number} failed[/]: {result.error}")
+            self.console.print(f"[red]{label_of(result)} failed[/]: {result.error}")
 
     # -- the end --------------------------------------------------------------------------
 
@@ -322,7 +355,8 @@ class Sweep:
             out.append(TrialResult(t.number, dict(t.params), t.state.name, t.value if t.values else None,
                                    dict(t.user_attrs.get("metrics") or {}), t.user_attrs.get("seconds"),
                                    None, t.user_attrs.get("folder"), t.user_attrs.get("error")))
-        return out
+        baseline = self.baseline_result()
+        return ([baseline] if baseline else []) + out
 
     def ranked(self, results: list[TrialResult]) -> list[TrialResult]:
         complete = [r for r in results if r.state == "COMPLETE" and r.value is not None]
@@ -333,13 +367,13 @@ class Sweep:
         rows = ranked + [r for r in results if r not in ranked]
         (self.folder / "leaderboard.json").write_text(json.dumps(
             {"metric": self.metric, "direction": self.direction, "validation": self.setup.validation,
-             "trials": [r.__dict__ for r in rows]}, indent=2, default=str))
+             "trials": [{**r.__dict__, "name": r.name} for r in rows]}, indent=2, default=str))
         names = [d.path for d in self.dims]
         lines = [f"| rank | trial | {' | '.join(names)} | {self.metric} (validation) | seconds | state |",
                  "| ---: | ---: | " + " | ".join("---" for _ in names) + " | ---: | ---: | --- |"]
         for i, r in enumerate(rows, 1):
             value = f"{r.value:.4f}" if r.value is not None else ""
-            lines.append(f"| {i if r in ranked else ''} | {r.number} | {' | '.join(_short(r.params.get(n)) for n in names)} | "
+            lines.append(f"| {ranked.index(r) + 1 if r in ranked else ''} | {r.name} | {' | '.join(_short(r.params.get(n)) for n in names)} | "
                          f"{value} | {r.seconds or 0:.0f} | {r.state.lower()}{': ' + r.error if r.error else ''} |")
         path = self.folder / "leaderboard.md"
         path.write_text("\n".join(lines) + "\n")
@@ -354,7 +388,7 @@ class Sweep:
             table.add_column(column)
         ranked = self.ranked(results)
         for r in ranked + [r for r in results if r not in ranked]:
-            table.add_row(str(ranked.index(r) + 1) if r in ranked else "", str(r.number),
+            table.add_row(str(ranked.index(r) + 1) if r in ranked else "", r.name,
                           *(_short(r.params.get(d.path)) for d in self.dims),
                           f"{r.value:.4f}" if r.value is not None else "", format_seconds(r.seconds or 0), r.state.lower())
         return table
@@ -371,6 +405,28 @@ class Sweep:
         shutil.copytree(best.folder, staging, ignore=shutil.ignore_patterns("checkpoints"))
         replace_dir(staging, self.output)
         return best
+
+
+def label_of(result: TrialResult) -> str:
+    return "the recipe as written" if result.number == BASELINE_NUMBER else f"trial {result.number}"
+
+
+def _dotted(tree: Any, path: str) -> Any:
+    """``tree``'s value at a dotted field path (None where the recipe leaves it out)."""
+    for part in path.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def versus_baseline(sweep: Sweep, results: list[TrialResult], best: TrialResult) -> str | None:
+    """One line: the best run against the recipe as written (None without a finished baseline)."""
+    baseline = next((r for r in results if r.number == BASELINE_NUMBER), None)
+    if baseline is None or baseline.value is None or best.value is None:
+        return None
+    if best is baseline:
+        return f"no trial beat the recipe as written ({sweep.metric} {baseline.value:.4f}); it is the one kept"
+    return f"{label_of(best)} against the recipe as written: {sweep.metric} {best.value:.4f} vs {baseline.value:.4f} " \
+           f"({best.value - baseline.value:+.4f})"
 
 
 def _short(value: Any) -> str:
