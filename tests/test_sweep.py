@@ -23,7 +23,7 @@ def plugtune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def sweep_setup(make_recipe, tmp_path: Path) -> tuple[Path, Path]:
-    recipe = make_recipe(classification=True, training={"max_steps": 6, "batch_size": 8, "device": "cpu",
+    recipe = make_recipe(classification=True, training={"max_steps": 6, "batch_size": 8, "device": "cpu", "learning_rate": 0.02,
                                                         "max_length": 48, "eval_before": False},
                          output={"dir": str(tmp_path / "best")})
     space = tmp_path / "space.yaml"
@@ -95,3 +95,13 @@ def test_a_metric_no_evaluator_declares_is_refused(sweep_setup, tmp_path: Path) 
     recipe, space = sweep_setup
     done = plugtune("sweep", str(recipe), "--space", str(space), "--metric", "acc", cwd=tmp_path)
     assert done.returncode != 0 and "--metric acc: no evaluator of the recipe declares it" in done.stderr
+
+
+def test_the_baseline_row_names_the_default_a_recipe_leaves_a_field_to(make_recipe) -> None:
+    from plugtune.training.recipe import load_recipe
+    from plugtune.training.sweep import _dotted
+
+    recipe = load_recipe(make_recipe(training={"max_steps": 6, "device": "cpu"}))
+    assert _dotted(recipe.raw, "training.learning_rate") is None  # left out of the file ...
+    assert _dotted(recipe, "training.learning_rate") == "auto"  # ... so the baseline ran at the default
+    assert _dotted(recipe, "method.options.r") == 4

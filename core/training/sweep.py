@@ -336,10 +336,15 @@ class Sweep:
         if value is None or not math.isfinite(value):
             return TrialResult(number, params, "FAIL", seconds=seconds, folder=str(out),
                                error=f"the run reported no finite {self.metric}")
-        if number == BASELINE_NUMBER:  # the values the recipe has for the searched fields (None: left to its default)
-            params = {d.path: _dotted(self.recipe.raw, d.path) for d in self.dims}
+        if number == BASELINE_NUMBER:  # the values the recipe gives the searched fields, or the defaults it leaves them to
+            params = {d.path: self._recipe_value(d.path) for d in self.dims}
         return TrialResult(number, params, "COMPLETE", float(value), after, seconds,
                            float(manifest.training.get("train_seconds", 0.0)), str(out))
+
+    def _recipe_value(self, path: str) -> Any:
+        """What the recipe as written has at ``path``: its own value, else the checked recipe's default."""
+        value = _dotted(self.recipe.raw, path)
+        return value if value is not None else _dotted(self.recipe, path)
 
     def _report(self, result: TrialResult) -> None:
         if result.state == "COMPLETE":
@@ -412,10 +417,10 @@ def label_of(result: TrialResult) -> str:
 
 
 def _dotted(tree: Any, path: str) -> Any:
-    """``tree``'s value at a dotted field path (None where the recipe leaves it out)."""
+    """``tree``'s value at a dotted field path, through dicts and typed sections (None where absent)."""
     for part in path.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+        tree = tree.get(part) if isinstance(tree, dict) else getattr(tree, part, None)
+    return tree if tree is None or isinstance(tree, (str, int, float, bool, list)) else str(tree)
 
 
 def versus_baseline(sweep: Sweep, results: list[TrialResult], best: TrialResult) -> str | None:
