@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from plugtune.artifacts.adapters import read_manifest
 from plugtune.kernel.errors import RecipeError
 from plugtune.training.budget import (
     CALIBRATION_STEPS, Budget, BudgetPlanner, format_seconds, parse_budget, rebuild_schedule,
@@ -138,6 +139,18 @@ def test_max_steps_caps_a_time_budget(make_recipe, tmp_path: Path) -> None:
                                  "eval_before": False}, output={"dir": str(out)})
     result = run(load_recipe(path), show_progress=False)
     assert result.steps == 5 and result.train_seconds < 600
+
+
+def test_max_steps_overrides_explicit_epochs_under_a_budget(make_recipe, tmp_path: Path) -> None:
+    """As without a budget (and in transformers' Trainer): an override of max_steps on a recipe
+    that also says epochs runs max_steps steps, more than the epoch holds (CI found 30 for 40)."""
+    out = tmp_path / "override"
+    path = make_recipe(training={"budget": "1h", "epochs": 1, "max_steps": 15, "batch_size": 16, "device": "cpu",
+                                 "max_length": 48, "eval_before": False}, output={"dir": str(out)})
+    recipe = load_recipe(path)
+    result = run(recipe, show_progress=False)
+    one_epoch = -(-read_manifest(out).training["train_rows"] // 16)
+    assert one_epoch < 15 and result.steps == 15
 
 
 def test_a_time_budget_chooses_steps_to_fit_and_the_schedule_follows_the_plan(make_recipe, tmp_path: Path,

@@ -19,10 +19,11 @@ its number of optimizer steps, and with it the learning-rate schedule's horizon:
 
 What the budget covers: the training loop's wall time (steps, evaluations during training,
 checkpoints). Loading the model, encoding the data and the evaluations before and after training
-are not part of it; the run prints them separately. ``max_steps``, and ``epochs`` given
-explicitly, cap the plan (never more steps, never more passes over the data, than they say):
+are not part of it; the run prints them separately. ``max_steps``, or else ``epochs`` given
+explicitly, caps the plan (never more steps, never more passes over the data, than it says):
 ``budget: 3m`` with ``epochs: 2`` reads "two epochs, or what fits in three minutes"; an override
-``training.max_steps=20`` shortens a budget recipe as it shortens any other.
+``training.max_steps=20`` sets the steps of a budget recipe as it does any other's, epochs or
+not (max_steps overrides epochs, with or without a budget, as in transformers' Trainer).
 
 The schedule is transformers' own (``get_scheduler``), rebuilt with the new horizon and
 fast-forwarded to the current step whenever the plan changes, so its shape is exactly the

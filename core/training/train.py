@@ -657,14 +657,16 @@ def _learning_rate(t: TrainingBlock, method: Any, data: _Data, process: _Process
 def _budget_planner(t: TrainingBlock, data: _Data, epoch_steps: int, process: _Process) -> BudgetPlanner | None:
     """The planner for ``training.budget`` (None without one). A step's tokens: the rows it
     takes (the global batch times grad_accum) times the training rows' mean length;
-    ``max_steps`` and explicit ``epochs`` cap the steps (a stream has no epochs)."""
+    ``max_steps``, or else explicit ``epochs``, caps the steps (a stream has no epochs)."""
     budget = t.parsed_budget()
     if budget is None:
         return None
     mean_length = sum(len(r["input_ids"]) for r in data.train_rows) / max(len(data.train_rows), 1)
-    caps = [(epoch_steps, f"training.epochs ({t.epochs})")] if "epochs" in t.model_fields_set and data.stream is None else []
-    caps += [(t.max_steps, f"training.max_steps ({t.max_steps})")] if t.max_steps else []
-    cap, source = min(caps) if caps else (None, "")
+    cap, source = None, ""
+    if t.max_steps:  # max_steps overrides epochs, as it does without a budget (and in transformers' Trainer)
+        cap, source = t.max_steps, f"training.max_steps ({t.max_steps})"
+    elif "epochs" in t.model_fields_set and data.stream is None:
+        cap, source = epoch_steps, f"training.epochs ({t.epochs})"
     return BudgetPlanner(budget, mean_length * t.batch_size * t.grad_accum, cap=cap, cap_source=source)
 
 
