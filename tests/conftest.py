@@ -6,6 +6,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = ["plugtune.testing"]
 
+# Under pytest-xdist (`make test` runs `-n auto`) each worker, and every plugtune process it
+# starts, takes its share of the cores instead of all of them: torch threads waiting on each
+# other's cores would make both workers slower than one.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("PLUGTUNE_CORES", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ["PLUGTUNE_CORES"])
+
 # Property tests draw the same examples on every run ("repeatable", the default), so a
 # suite that passed once passes on CI; `HYPOTHESIS_PROFILE=explore make test` draws fresh
 # ones to hunt for new failures (add any found as an explicit @example).

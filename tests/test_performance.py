@@ -329,6 +329,17 @@ def test_hardware_defaults_and_overrides():
     assert choose_attention("eager", on_cuda=True) == "eager"
 
 
+def test_plugtune_cores_shares_a_machine_between_jobs(monkeypatch):
+    from plugtune.kernel.errors import PlugtuneError
+
+    monkeypatch.setenv("PLUGTUNE_CORES", "3")
+    assert choose_threads(None) == 3 and choose_threads(None, local_processes=2) == 1 and choose_threads(5) == 5
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv("PLUGTUNE_CORES", bad)
+        with pytest.raises(PlugtuneError, match="PLUGTUNE_CORES"):
+            choose_threads(None)
+
+
 def test_grouped_query_sdpa_gives_the_same_loss_and_gradients_and_saves_less(tiny_llama, monkeypatch):
     """The tiny Llama has 4 query heads and 2 key/value heads: with the switch on, SDPA gets
     the 2 heads as they are, so the repeated keys and values are not saved for backward."""

@@ -1,7 +1,8 @@
 """Hardware defaults a recipe does not have to spell out, each overridable in ``training``.
 
 * CPU threads: one per physical core (hyper-threads share a core's matrix units and slow
-  GEMMs down when both run), divided among the processes of a data-parallel run on one host.
+  GEMMs down when both run), divided among the processes of a data-parallel run on one host;
+  ``$PLUGTUNE_CORES`` lowers the cores counted, for jobs that share a machine.
 * Precision: fp32 on CPUs; bf16 autocast on GPUs that support it (fp16 otherwise). CPUs are
   not switched to bf16 automatically even with AMX: fp32 keeps the per-example loss equal to
   the reference's, and a CPU run in bf16 autocast spends time casting around the ops that
@@ -42,6 +43,23 @@ def physical_cores() -> int:
     return count or os.cpu_count() or 1
 
 
+CORES_ENV = "PLUGTUNE_CORES"
+
+
+def available_cores() -> int:
+    """The cores this process may use: ``$PLUGTUNE_CORES`` where set (several jobs sharing a
+    machine each take their part: the test suite's parallel workers set it), else the
+    machine's physical cores. A value that is not a positive whole number is an error."""
+    value = os.environ.get(CORES_ENV)
+    if value is None or not value.strip():
+        return physical_cores()
+    if not value.strip().isdigit() or int(value) < 1:
+        from plugtune.kernel.errors import PlugtuneError
+
+        raise PlugtuneError(f"${CORES_ENV}={value!r}: give a whole number of cores, at least 1, or unset it")
+    return int(value)
+
+
 def uses_cuda(device: str) -> bool:
     """Whether a run with ``training.device`` trains on a CUDA GPU (auto: when one is there)."""
     import torch
@@ -50,11 +68,12 @@ def uses_cuda(device: str) -> bool:
 
 
 def choose_threads(requested: int | None, *, physical: int | None = None, local_processes: int = 1) -> int:
-    """torch's intra-op threads: the recipe's ``training.threads``, else the physical cores
-    shared evenly among the processes on this host (at least one each)."""
+    """torch's intra-op threads: the recipe's ``training.threads``, else the cores this process
+    may use (:func:`available_cores`) shared evenly among the processes on this host (at least
+    one each)."""
     if requested:
         return requested
-    cores = physical if physical is not None else physical_cores()
+    cores = physical if physical is not None else available_cores()
     return max(1, cores // max(1, local_processes))
 
 
