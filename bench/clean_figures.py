@@ -16,8 +16,8 @@ rows and time.
   schedule) on the same training rows and tokenization length, stopped when its training time
   reaches plugtune's on the same data (a callback), then scored on the same dev rows.
 
-Each job runs in a fresh process, one after another. The table goes to ``bench/results/clean.md``
-(and BENCHMARKS.md's ``clean`` section).
+Each job runs in a fresh process, one after another. The table goes to ``bench/results/clean.md``;
+BENCHMARKS.md's ``clean`` section quotes it with the machine and the runs' dates.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 * CPU threads: one per physical core (hyper-threads share a core's matrix units and slow
   GEMMs down when both run), divided among the processes of a data-parallel run on one host;
   ``$PLUGTUNE_CORES`` lowers the cores counted, for jobs that share a machine.
-* Precision: fp32 on CPUs; bf16 autocast on GPUs that support it (fp16 otherwise). CPUs are
-  not switched to bf16 automatically even with AMX: fp32 keeps the per-example loss equal to
-  the reference's, and a CPU run in bf16 autocast spends time casting around the ops that
-  have no bf16 kernel. ``precision: bf16`` opts in.
+* Precision (``auto``): bf16 autocast on GPUs that support it (fp16 otherwise). On a CPU, by
+  measurement (:func:`training_precision`): bf16 autocast only where the CPU reports native
+  bf16 instructions and a start-up probe of the model's matrix shapes runs it faster than
+  fp32 by a margin; fp32 elsewhere (an AVX2-only CPU emulates bf16, slower). The choice and
+  its reason are printed and kept in the manifest. ``fp32`` and ``bf16`` force one.
 * Attention: SDPA on GPUs (fused kernels); on CPUs the library's own default (SDPA for the
   models that have it). ``attention: eager`` is there for models whose SDPA path misbehaves.
 * Grouped-query attention (CPU runs, ``attention: auto``): keys and values go to torch's SDPA
@@ -30,6 +31,8 @@ import platform
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 
 def physical_cores() -> int:
@@ -88,6 +91,55 @@ def choose_precision(requested: str, on_cuda: bool, bf16_supported: bool | None 
             bf16_supported = torch.cuda.is_bf16_supported()
         return "bf16" if bf16_supported else "fp16"
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[requested]
+
+
+MIN_BF16_HIDDEN = 256
+"""``precision: auto`` keeps fp32 for models narrower than this: their matrix products are too
+small for bf16 to pay for its casts, and it keeps tiny test models exact on every CPU."""
+PROBE_ROWS = (64, 4096)  # the probe's rows (a batch's tokens) are kept within these
+
+
+@dataclass(frozen=True)
+class TrainingPrecision:
+    """What ``training.precision`` became for this run, and why (printed, and kept in the
+    manifest as ``training.precision``)."""
+
+    requested: str
+    mixed_precision: str  # accelerate's: "no", "bf16", "fp16"
+    reason: str
+    probed: bool = False  # chosen by timing this machine (printed at start-up; the manifest has every choice)
+
+    def record(self) -> dict[str, str]:
+        chosen = {"no": "fp32"}.get(self.mixed_precision, self.mixed_precision)
+        return {"requested": self.requested, "chosen": chosen, "reason": self.reason}
+
+
+def training_precision(requested: str, on_cuda: bool, config: Any | None, batch_tokens: int) -> TrainingPrecision:
+    """``training.precision`` for this run. Explicit values and GPUs follow
+    :func:`choose_precision`. ``auto`` on a CPU: bf16 autocast when the CPU reports native bf16
+    instructions and a probe of the model's own matrix shapes (``config``: its transformers
+    config; ``batch_tokens`` rows, a batch's tokens) runs bf16 faster than fp32 by
+    :data:`~plugtune.kernel.hardware.BF16_MARGIN` (:func:`~plugtune.kernel.hardware.choose_cpu_dtype`,
+    about half a second); fp32 otherwise, with the reason."""
+    mixed = choose_precision(requested, on_cuda)
+    if requested != "auto":
+        return TrainingPrecision(requested, mixed, f"{requested}: as the recipe says")
+    if on_cuda:
+        return TrainingPrecision(requested, mixed, f"{mixed}: autocast on this GPU")
+    from plugtune.kernel.hardware import choose_cpu_dtype, native_bf16
+
+    if not native_bf16():
+        return TrainingPrecision(requested, "no", "fp32: this CPU reports no native bf16 (avx512_bf16 / amx_bf16)")
+    hidden = int(getattr(config, "hidden_size", 0) or 0) if config is not None else 0
+    if hidden < MIN_BF16_HIDDEN:
+        why = "the model's configuration is not on this machine" if config is None else f"hidden size {hidden} < {MIN_BF16_HIDDEN}"
+        return TrainingPrecision(requested, "no", f"fp32: {why}, so bf16 is not probed")
+    intermediate = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * hidden)
+    rows = min(max(batch_tokens, PROBE_ROWS[0]), PROBE_ROWS[1])
+    choice = choose_cpu_dtype(hidden, intermediate, rows=rows)
+    return TrainingPrecision(requested, "bf16" if str(choice.dtype) == "torch.bfloat16" else "no",
+                             choice.reason + (" (autocast; weights, adapter and optimizer state stay fp32)"
+                                              if str(choice.dtype) == "torch.bfloat16" else ""), probed=True)
 
 
 def choose_attention(requested: str, on_cuda: bool) -> str | None:

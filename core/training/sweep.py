@@ -10,7 +10,8 @@ split) and its own output folder ``<sweep dir>/trial-N``, a whole adapter with i
 metrics. The metric is the recipe's evaluators' (their declared direction decides better);
 ``--budget`` splits the time among the trials left, each trial training under
 ``training.budget`` (the time it leaves after the model loading and evaluations measured on
-earlier trials). Before the first trial the recipe as written runs once the same way (its own
+earlier trials). The budget covers the trials, baseline included; the final scoring on the test
+split comes after it. Before the first trial the recipe as written runs once the same way (its own
 row, ``recipe``, in the leaderboard, and a candidate for best like any trial), so the
 leaderboard shows what the search bought; ``--no-baseline`` skips it. At the end: a leaderboard (printed, and ``leaderboard.json``/``.md`` in the
 sweep folder), the best trial copied to the recipe's output folder, and that adapter evaluated

@@ -78,7 +78,8 @@ from plugtune.training.recipe import Recipe, TrainingBlock
 from plugtune.training.tracking import tracked
 from plugtune.training.runtime import (
     choose_attention,
-    choose_precision,
+    TrainingPrecision,
+    training_precision,
     choose_threads,
     grouped_query_sdpa,
     set_mmap_threshold,
@@ -229,7 +230,7 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     inputs = run_inputs(recipe)
     check_output_dir(out, overwrite, resume, inputs)  # nothing is written before the data and model load
     resuming = resume_point(out, recipe.raw, str(recipe.source or "the recipe")) if resume else None
-    process = _start_process(recipe, console or Console(stderr=True), show_progress)
+    process = _start_process(recipe, console or Console(stderr=True), show_progress, plugins)
     data = _data_phase(recipe, plugins, process)
     _open_output(process, out, overwrite, resuming, inputs)
     if not resuming:  # a resumed log keeps the first run's record
@@ -283,6 +284,7 @@ class _Process:
     console: Console
     show_progress: bool
     metrics_log: Path
+    precision: TrainingPrecision | None = None  # training.precision's outcome, kept in the manifest
 
     @property
     def main(self) -> bool:
@@ -430,7 +432,7 @@ class _Scoring:
 # -- the phases ----------------------------------------------------------------------------
 
 
-def _start_process(recipe: Recipe, console: Console, show_progress: bool) -> _Process:
+def _start_process(recipe: Recipe, console: Console, show_progress: bool, plugins: PluginSystem) -> _Process:
     """Threads, allocator and accelerate for this process, before anything is allocated."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -440,16 +442,55 @@ def _start_process(recipe: Recipe, console: Console, show_progress: bool) -> _Pr
     if not on_cuda:
         torch.set_num_threads(choose_threads(t.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     set_mmap_threshold(t.malloc_mmap_threshold)  # opt-in; before the model and activations are allocated
+    precision = _precision(recipe, on_cuda, plugins)
+    _forget_other_precision(precision.mixed_precision)
     accelerator = Accelerator(
         cpu=not on_cuda,
-        mixed_precision=choose_precision(t.precision, on_cuda),
+        mixed_precision=precision.mixed_precision,
         gradient_accumulation_steps=t.grad_accum,
         # batch_size is the global batch, split among the processes: the scheduler steps once per step
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
     if not accelerator.is_main_process:
         console, show_progress = Console(quiet=True), False
-    return _Process(accelerator, console, show_progress, recipe.output_dir / "metrics.jsonl")
+    if precision.probed:
+        console.print(f"precision {precision.reason}")
+    return _Process(accelerator, console, show_progress, recipe.output_dir / "metrics.jsonl", precision)
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one mixed precision per process (``AcceleratorState`` is a singleton that
+    refuses another). A later run in the same process (a notebook, a sweep, a test) may choose
+    another: the accelerator part of the state is cleared for it (``_reset_state``, what
+    accelerate's own tests do), the process group (``PartialState``) is kept."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
+
+
+def _precision(recipe: Recipe, on_cuda: bool, plugins: PluginSystem) -> TrainingPrecision:
+    """``training.precision`` for this run (core/training/runtime.py). ``auto`` on a CPU probes
+    the model's shapes, read from its configuration (never its weights), except where every
+    process of a data-parallel run would have to agree on timings of its own, or where the
+    method loads the base quantized itself (its kernels set their own compute dtype)."""
+    t = recipe.training
+    if t.precision == "auto" and not on_cuda:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return TrainingPrecision("auto", "no", "fp32: a data-parallel CPU run does not probe (its processes must agree)")
+        if hasattr(recipe.method.component.obj, "base_loading"):
+            return TrainingPrecision("auto", "no", f"fp32: {recipe.method.name} loads its base quantized and sets its own compute dtype")
+    config = None
+    if t.precision == "auto" and not on_cuda:
+        from plugtune.artifacts.outline import outline_for
+        from plugtune.kernel.errors import PlugtuneError as _Unreadable
+
+        outline = outline_for(recipe.spec.base_model, recipe.task, plugins)
+        try:
+            config = outline.config if outline is not None else None
+        except _Unreadable:
+            config = None
+    return training_precision(t.precision, on_cuda, config, t.batch_size * max(1, t.max_length // 2))
 
 
 def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Data:
@@ -721,6 +762,7 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
     window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
     window_cpu = time.process_time()  # CPU seconds of all threads: the step's work, whatever else shares the cores
     window_rows_tokens = 0  # the global batch's real tokens this step, as the budget counts them
+    window_computed = 0  # positions the model ran over this step, padding included (FLOP/s in bench/throughput.py)
     planner = trainee.planner
     if planner is not None:
         planner.spent, planner.start_step = earlier_seconds, state.step
@@ -745,6 +787,7 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
                 with accelerator.accumulate(model):
                     outputs, batch_tokens, terms = _micro_step(model, trainee, batch, regularizers, state, accelerator, t)
                 window_tokens += batch_tokens
+                window_computed += batch["input_ids"].numel() * world
                 window_loss += float(outputs.loss.detach())
                 window_micro += 1
                 if not accelerator.sync_gradients:
@@ -760,13 +803,14 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
                 record = {
                     "event": "train", "step": state.step, "loss": window_loss / window_micro,
                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / elapsed if elapsed else 0.0,
-                    "tokens": window_tokens, "step_seconds": elapsed, "step_cpu_seconds": time.process_time() - window_cpu,
+                    "tokens": window_tokens, "computed_tokens": window_computed, "step_seconds": elapsed,
+                    "step_cpu_seconds": time.process_time() - window_cpu,
                     **terms,
                 }
                 for name, reg in regularizers:
                     if hasattr(reg, "report"):
                         record.update({f"{name}/{k}": v for k, v in reg.report(model).items()})
-                window_tokens, window_start, window_loss, window_micro = 0, time.perf_counter(), 0.0, 0
+                window_tokens, window_start, window_loss, window_micro, window_computed = 0, time.perf_counter(), 0.0, 0, 0
                 window_cpu = time.process_time()
                 state.history.append(record)
                 if state.step % t.log_every == 0 or state.step == total_steps:
@@ -905,7 +949,7 @@ def _artifact_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Tr
             adapter_state = trainee.method.adapter_state(trainee.unwrapped)
             train_metrics = (best.train if best else {}) or scoring.train(state, trainee.unwrapped)
         manifest = _manifest(recipe, data, trainee, state, before=before, after=after, train_metrics=train_metrics,
-                             train_seconds=train_seconds)
+                             train_seconds=train_seconds, precision=process.precision)
         if process.main:
             save_adapter(recipe.output_dir, state=adapter_state, config=trainee.method.adapter_config(trainee.unwrapped),
                          manifest=manifest.model_dump(mode="json", exclude_unset=True))
@@ -921,7 +965,8 @@ def _artifact_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Tr
 
 
 def _manifest(recipe: Recipe, data: _Data, trainee: _Trainee, state: RunState, *, before: dict[str, float],
-              after: dict[str, float], train_metrics: dict[str, float], train_seconds: float) -> Manifest:
+              after: dict[str, float], train_metrics: dict[str, float], train_seconds: float,
+              precision: TrainingPrecision | None = None) -> Manifest:
     """The adapter's ``plugtune.json``, typed; ``save_adapter`` adds the format, the time
     and the file hashes."""
     component = recipe.method.component
@@ -940,6 +985,7 @@ def _manifest(recipe: Recipe, data: _Data, trainee: _Trainee, state: RunState, *
             "best_step": state.best.step if state.best else state.step,
             **({"plan": trainee.planner.plan.record()} if trainee.planner and trainee.planner.plan else {}),
             "learning_rate": trainee.rates.record() if trainee.rates else float(data.training.learning_rate),
+            **({"precision": precision.record()} if precision else {}),
             "trainable_parameters": trainee.trainable, "total_parameters": trainee.total,
             "train_rows": data.stream.rows_read if data.stream else len(data.train_rows), "test_rows": len(data.test_rows),
             **({"sources": data.sources.records()} if data.sources is not None else {}),

@@ -1,0 +1,257 @@
+"""fp32 or bf16 on this CPU, measured: the matrix-product limit, the SFT throughput benchmark in
+each precision (beside the peer), the achieved FLOP/s as a fraction of the limit, and the
+per-example loss in bf16 against fp32. Writes the "precision" section of BENCHMARKS.md.
+
+    python bench/precision.py            # about 13 minutes on 2 cores
+    python bench/precision.py --section  # the section again from bench/out/throughput/precision.json
+
+* **The limit:** the sustained rate of ``(tokens, hidden) @ (hidden, intermediate)`` and back at
+  SmolLM2-135M's shapes (576, 1536), for the tokens one of the benchmark's batches computes, in
+  fp32 and in bf16 (:func:`plugtune.training.estimate.matmul_rate`: the best of a few repeats).
+* **The benchmark:** ``bench/throughput.py``'s (SmolLM2-135M, LoRA r 8 on q/v, SST-2 as
+  label words, batch 8, 18 steps of which 3 untimed), run with ``training.precision`` fp32,
+  bf16 (autocast over fp32 weights) and bf16 with ``training.base_dtype=bf16`` (the frozen base
+  held in bf16, the adapter and optimizer in fp32), and ``auto``; the peer (Trainer + peft,
+  its defaults) in the same rounds. Every run is a fresh process, the configurations take turns.
+* **FLOPs:** counted from the model's shapes for the positions the model ran over (padding
+  included, ``computed_tokens`` in metrics.jsonl): per position, the decoder's linear layers
+  forward (2 x their weights) and the gradient of their input backward (2 x; the frozen weights
+  get no gradient; LoRA's own products are under 1% and left out), attention's two products
+  (2 x 2 x length x hidden per layer forward, twice that backward), and the LM head at the label
+  positions only (6 x its weights per label token, real tokens minus prompt tokens being
+  unknown here: 2 per row, the label word and EOS).
+* **Loss parity:** 32 training rows through the base with a seeded non-zero LoRA: per-example
+  loss in fp32, under bf16 autocast, and with bf16 base weights under autocast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import throughput  # noqa: E402  (the benchmark's data, recipe, peer and harness)
+
+ROUNDS = int(os.environ.get("PRECISION_ROUNDS", "2"))
+CONFIGS = [  # label, overrides
+    ("fp32", ["training.precision=fp32"]),
+    ("bf16 autocast", ["training.precision=bf16"]),
+    ("bf16 autocast, bf16 base weights", ["training.precision=bf16", "training.base_dtype=bf16"]),
+    ("auto (the default)", []),
+]
+LABEL_TOKENS_PER_ROW = 2
+
+
+def flops_per_step(config: dict, record: dict, rows: int) -> float:
+    """Forward + backward FLOPs of one LoRA step (see the module docstring)."""
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    kv_width = h // heads * kv
+    linear = layers * (2 * h * h + 2 * h * kv_width + 3 * h * i)
+    positions = record["computed_tokens"]
+    length = positions / max(rows, 1)
+    attention = layers * 2 * 2 * length * h
+    head = 6 * h * config["vocab_size"] * LABEL_TOKENS_PER_ROW * rows
+    return positions * (4 * linear + 3 * attention) + head
+
+
+def smollm2_config() -> dict:
+    """SmolLM2-135M's config.json, from plugtune's cached conversion of the packaged GGUF."""
+    from plugtune.artifacts.models import gguf_to_hf
+    from plugtune.plugins.models.builtin import SMOLLM2
+
+    return json.loads((Path(gguf_to_hf(SMOLLM2.locate())) / "config.json").read_text())
+
+
+def achieved(label: str, out: Path, config: dict) -> dict:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"][throughput.WARMUP:]
+    flops = sum(flops_per_step(config, r, throughput.BATCH) for r in train)
+    return {"flops_per_s": flops / sum(r["step_seconds"] for r in train),
+            "flops_per_cpu_s": flops / sum(r["step_cpu_seconds"] for r in train)}
+
+
+def probe_main() -> None:
+    """The machine's matmul rate in fp32 and bf16 at SmolLM2's shapes, and what it reports."""
+    import torch
+
+    from plugtune.kernel.hardware import cpu_flags, native_bf16
+    from plugtune.training.estimate import matmul_rate
+    from plugtune.training.runtime import choose_threads
+
+    threads = choose_threads(None)
+    rows = 8 * 40  # a batch of 8 at about the benchmark's mean padded length
+    rates = {dtype: matmul_rate(rows, 576, 1536, dtype, "cpu", threads) for dtype in ("float32", "bfloat16")}
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2")))
+    print(json.dumps({"fp32": rates["float32"], "bf16": rates["bfloat16"], "threads": threads, "rows": rows,
+                      "native_bf16": native_bf16(), "flags": flags, "torch": torch.__version__,
+                      "cpu": _cpu_name()}))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def parity_main(train: str) -> None:
+    """Per-example loss of 32 training rows in fp32, under bf16 autocast, and with bf16 base
+    weights under autocast (the same model: the base with a seeded non-zero LoRA)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import plugtune
+    from plugtune.artifacts.models import load_base
+    from plugtune.data.encoding import encode_split
+    from plugtune.data.labels import per_example_loss
+    from plugtune.data.tasks import collate
+    from plugtune.training.loss import label_token_losses
+
+    recipe = plugtune.load_recipe(str(throughput.OUT / "throughput-sst2.yaml"))
+    base = load_base("smollm2-135m", recipe.task)
+    model = get_peft_model(base.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.eval()
+    examples = recipe.loader.build().load(0)["train"][:32]
+    rows, _ = encode_split(examples, recipe.task, base.tokenizer, throughput.CAP, "train")
+    pad = base.tokenizer.pad_token_id
+
+    def losses() -> torch.Tensor:
+        out = torch.zeros(len(rows))
+        for start in range(0, len(rows), throughput.BATCH):
+            batch = collate(rows[start : start + throughput.BATCH], pad, False)
+            token_losses, positions = label_token_losses(model, batch)
+            out[start : start + throughput.BATCH] = per_example_loss(token_losses.float(), positions)
+        return out
+
+    with torch.no_grad():
+        fp32 = losses()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = losses()
+        for name, p in model.named_parameters():
+            if "lora_" not in name:
+                p.data = p.data.to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_base = losses()
+
+    def gap(other: torch.Tensor) -> dict:
+        return {"max_abs_diff": float((other - fp32).abs().max()), "max_rel_diff": float(((other - fp32).abs() / fp32).max()),
+                "mean_abs_diff": float((other - fp32).abs().mean())}
+
+    print(json.dumps({"examples": len(rows), "mean_loss": float(fp32.mean()), "autocast": gap(autocast),
+                      "bf16_base": gap(bf16_base)}))
+
+
+def section(probe: dict, parity: dict, peer: list[dict], runs: dict[str, list[dict]], flops: dict[str, list[dict]],
+            chosen: list[str], quickstart: dict | None = None) -> str:
+    mean = throughput.mean_of
+    peer_tps, peer_cpu = mean(peer, "real_tokens_per_s"), mean(peer, "real_tokens_per_cpu_s")
+    lines = [
+        "## Precision on a CPU: fp32 or bf16, measured (issue 20)", "",
+        f"Command: `python bench/precision.py`. Machine: {probe['cpu']}, {probe['threads']} threads, torch "
+        f"{probe['torch']}; flags: {', '.join(probe['flags']) or 'none of avx2/avx512/amx'} (native bf16: "
+        f"{'yes' if probe['native_bf16'] else 'no'}). {ROUNDS} rounds, the configurations and the peer taking turns, "
+        "each run a fresh process.", "",
+        f"**The limit** (matrix products at SmolLM2-135M's shapes, {probe['rows']} rows, the best of a few repeats): "
+        f"fp32 {probe['fp32'] / 1e9:.1f} GFLOP/s, bf16 {probe['bf16'] / 1e9:.1f} GFLOP/s "
+        f"({probe['bf16'] / probe['fp32']:.2f}x).", "",
+        "The SFT throughput benchmark (`bench/throughput.py`'s task: SmolLM2-135M, LoRA r 8 on q/v, batch 8, 15 timed "
+        "steps); FLOP/s counted from the model's shapes for the positions computed (module docstring):", "",
+        "| run | real tokens/s (wall) | vs peer | real tokens per CPU-second | vs peer | s/step | achieved GFLOP/s | "
+        "of the limit | dev loss after | peak RSS |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| Trainer + peft (its defaults, fp32) | {peer_tps:.1f} | 1.00x | {peer_cpu:.1f} | 1.00x | "
+        f"{mean(peer, 'seconds_per_step'):.3f} | | | {mean(peer, 'dev_loss'):.4f} | {mean(peer, 'peak_rss_mb'):.0f} MB |",
+    ]
+    for label, _ in CONFIGS:
+        r, f = runs[label], flops[label]
+        rate = statistics.mean(x["flops_per_s"] for x in f)
+        limit = probe["bf16"] if "bf16" in label or (label.startswith("auto") and chosen and "bf16" in chosen[0]) else probe["fp32"]
+        lines.append(f"| plugtune, {label} | {mean(r, 'real_tokens_per_s'):.1f} | {mean(r, 'real_tokens_per_s') / peer_tps:.2f}x | "
+                     f"{mean(r, 'real_tokens_per_cpu_s'):.1f} | {mean(r, 'real_tokens_per_cpu_s') / peer_cpu:.2f}x | "
+                     f"{mean(r, 'seconds_per_step'):.3f} | {rate / 1e9:.1f} | {rate / limit:.0%} | "
+                     f"{mean(r, 'dev_loss'):.4f} | {mean(r, 'peak_rss_mb'):.0f} MB |")
+    lines += ["", f"`precision: auto` chose, in its runs: {'; '.join(sorted(set(chosen))) or 'not recorded'}.", "",
+              f"Per-example loss, {parity['examples']} training rows (mean fp32 loss {parity['mean_loss']:.4f}): bf16 autocast "
+              f"max |difference| {parity['autocast']['max_abs_diff']:.2e} (relative {parity['autocast']['max_rel_diff']:.1e}, "
+              f"mean {parity['autocast']['mean_abs_diff']:.1e}); bf16 base weights under autocast max "
+              f"{parity['bf16_base']['max_abs_diff']:.2e} (relative {parity['bf16_base']['max_rel_diff']:.1e}, mean "
+              f"{parity['bf16_base']['mean_abs_diff']:.1e}). The base with a seeded LoRA is untrained for the task "
+              "(loss about 6), where bf16's 8-bit mantissa moves a loss by a few tenths of a percent per layer; after "
+              "training the dev loss is the table's, equal to fp32's in its first three digits for autocast.", ""]
+    auto = mean(runs[CONFIGS[-1][0]], "real_tokens_per_s") / peer_tps
+    target = 2.5 if probe["native_bf16"] else 2.0
+    lines.append(f"Target (issue 20): {target}x the peer's real tokens/s on a CPU {'with' if probe['native_bf16'] else 'without'} "
+                 f"native bf16; the default (`auto`) reached {auto:.2f}x: {'met' if auto >= target else 'not met'}.")
+    if quickstart:
+        before, after = quickstart["fp32"], quickstart["auto"]
+        lines += ["", f"Quickstart (`recipes/quickstart.yaml`, {after['steps']} steps, `bench/run_one.py` with `training.precision` fp32, "
+                  f"then auto): training {before['train_seconds']:.1f} s -> {after['train_seconds']:.1f} s "
+                  f"({before['train_seconds'] / after['train_seconds']:.2f}x), held-out accuracy {before['after']['accuracy']:.4f} -> "
+                  f"{after['after']['accuracy']:.4f}, loss {before['after']['loss']:.4f} -> {after['after']['loss']:.4f}, peak RSS "
+                  f"{before['peak_rss_mb']:.0f} MB -> {after['peak_rss_mb']:.0f} MB (autocast keeps the bf16 copies of the weights "
+                  "it made for the backward pass)."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from methods import write_section
+
+    train, dev = throughput.write_data()
+    recipe = throughput.write_recipe(train, dev)
+    me = str(Path(__file__).resolve())
+    probe = throughput.child([me, "--probe"])
+    parity = throughput.child([me, "--parity", str(train)])
+    peer: list[dict] = []
+    runs: dict[str, list[dict]] = {label: [] for label, _ in CONFIGS}
+    flops: dict[str, list[dict]] = {label: [] for label, _ in CONFIGS}
+    chosen: list[str] = []
+    config = smollm2_config()
+    for round_ in range(ROUNDS):
+        peer.append(throughput.child([str(ROOT / "bench" / "throughput.py"), "--peer", str(train), str(dev)]))
+        for label, overrides in CONFIGS:
+            name = f"precision-{label.split()[0]}-{len(overrides)}-{round_}"
+            result = throughput.plugtune_run(recipe, name, overrides)
+            out = throughput.OUT / name
+            manifest = json.loads((out / "plugtune.json").read_text())
+            runs[label].append(result)
+            flops[label].append(achieved(label, out, config))
+            if not overrides:
+                chosen.append(str(manifest["training"].get("precision", {}).get("reason", "")))
+    quickstart = {p: throughput.child([str(ROOT / "bench" / "run_one.py"), "recipes/quickstart.yaml", f"training.precision={p}",
+                                       f"output.dir={throughput.OUT / f'quickstart-{p}'}"]) for p in ("fp32", "auto")}
+    (throughput.OUT / "precision.json").write_text(json.dumps({"probe": probe, "parity": parity, "peer": peer, "runs": runs,
+                                                               "flops": flops, "chosen": chosen, "quickstart": quickstart}, indent=2))
+    text = section(probe, parity, peer, runs, flops, chosen, quickstart)
+    write_section(text, key="precision")
+    print(text)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--section"]:  # the section again from the last run's precision.json
+        from methods import write_section
+
+        saved = json.loads((throughput.OUT / "precision.json").read_text())
+        write_section(section(saved["probe"], saved["parity"], saved["peer"], saved["runs"], saved["flops"], saved["chosen"],
+                              saved.get("quickstart")),
+                      key="precision")
+    elif sys.argv[1:2] == ["--probe"]:
+        probe_main()
+    elif sys.argv[1:2] == ["--parity"]:
+        parity_main(sys.argv[2])
+    else:
+        main()

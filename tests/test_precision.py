@@ -1,0 +1,106 @@
+"""``training.precision``: what ``auto`` chooses on a CPU and why, the choice in the manifest, and
+the per-example loss in bf16 against fp32 (bench/precision.py measures the real model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import plugtune
+import pytest
+import torch
+from plugtune.artifacts.adapters import read_manifest
+from plugtune.data.labels import per_example_loss
+from plugtune.data.tasks import collate
+from plugtune.kernel import hardware
+from plugtune.training.loss import label_token_losses
+from plugtune.training.runtime import MIN_BF16_HIDDEN, training_precision
+
+SMOLLM2_SHAPES = SimpleNamespace(hidden_size=576, intermediate_size=1536)
+
+# bf16 keeps 8 bits of mantissa (a relative step of 2**-8 = 0.4%); through the tiny model's
+# layers a per-example loss moves by about that, so the tolerance is a few of those steps.
+BF16_RELATIVE_TOLERANCE = 0.03
+
+
+def _probe(monkeypatch, *, native: bool, bf16_faster: bool) -> list[tuple]:
+    calls: list[tuple] = []
+
+    def probe(hidden, intermediate, *, rows, repeats=7):
+        calls.append((hidden, intermediate, rows))
+        dtype = torch.bfloat16 if bf16_faster else torch.float32
+        return hardware.PrecisionChoice(dtype, f"{'bf16' if bf16_faster else 'fp32'}: probe", 2.0, 1.0)
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda: native)
+    monkeypatch.setattr(hardware, "choose_cpu_dtype", probe)
+    return calls
+
+
+def test_auto_on_a_cpu_with_native_bf16_takes_bf16_only_where_the_probe_shows_it_faster(monkeypatch):
+    calls = _probe(monkeypatch, native=True, bf16_faster=True)
+    chosen = training_precision("auto", False, SMOLLM2_SHAPES, 16 * 64)
+    assert (chosen.mixed_precision, chosen.record()["chosen"]) == ("bf16", "bf16")
+    assert "adapter and optimizer state stay fp32" in chosen.reason
+    assert calls == [(576, 1536, 1024)] and chosen.probed  # the model's own shapes, a batch's tokens as rows
+    _probe(monkeypatch, native=True, bf16_faster=False)
+    assert training_precision("auto", False, SMOLLM2_SHAPES, 1024).mixed_precision == "no"
+
+
+def test_auto_keeps_fp32_without_native_bf16_for_small_models_and_without_a_configuration(monkeypatch):
+    calls = _probe(monkeypatch, native=False, bf16_faster=True)
+    chosen = training_precision("auto", False, SMOLLM2_SHAPES, 1024)
+    assert chosen.mixed_precision == "no" and "no native bf16" in chosen.reason and calls == []
+    calls = _probe(monkeypatch, native=True, bf16_faster=True)
+    tiny = training_precision("auto", False, SimpleNamespace(hidden_size=MIN_BF16_HIDDEN - 1, intermediate_size=64), 64)
+    unknown = training_precision("auto", False, None, 64)
+    assert (tiny.mixed_precision, unknown.mixed_precision, calls) == ("no", "no", [])
+    assert not (chosen.probed or tiny.probed or unknown.probed)  # nothing measured: nothing printed
+    assert f"hidden size {MIN_BF16_HIDDEN - 1}" in tiny.reason and "configuration" in unknown.reason
+
+
+def test_explicit_precision_and_gpus_are_not_probed(monkeypatch):
+    calls = _probe(monkeypatch, native=True, bf16_faster=True)
+    assert training_precision("fp32", False, SMOLLM2_SHAPES, 1024).mixed_precision == "no"
+    assert training_precision("bf16", False, SMOLLM2_SHAPES, 1024).record() == {
+        "requested": "bf16", "chosen": "bf16", "reason": "bf16: as the recipe says"}
+    assert training_precision("auto", True, SMOLLM2_SHAPES, 1024).mixed_precision in ("bf16", "fp16")
+    assert calls == []
+
+
+def test_the_choice_is_kept_in_the_manifest(make_recipe, tmp_path: Path):
+    out = tmp_path / "auto"
+    recipe = plugtune.load_recipe(make_recipe(training={"max_steps": 2, "batch_size": 4, "device": "cpu", "eval_before": False},
+                                              output={"dir": str(out)}))
+    plugtune.run(recipe, show_progress=False)
+    precision = read_manifest(out).training["precision"]
+    assert precision["requested"] == "auto" and precision["chosen"] == "fp32"  # the tiny model is never probed
+    assert precision["reason"].startswith("fp32: ")
+
+
+def test_a_bf16_run_trains_and_says_so(make_recipe, tmp_path: Path):
+    out = tmp_path / "bf16"
+    recipe = plugtune.load_recipe(make_recipe(training={"max_steps": 12, "batch_size": 8, "learning_rate": 1e-2,
+                                                        "precision": "bf16", "device": "cpu", "eval_before": True},
+                                              output={"dir": str(out)}))
+    result = plugtune.run(recipe, show_progress=False)
+    assert read_manifest(out).training["precision"]["chosen"] == "bf16"
+    assert result.after["loss"] < result.before["loss"]
+    # accelerate keeps one precision per process; the next run in this one may choose another
+    again = plugtune.load_recipe(make_recipe(training={"max_steps": 1, "batch_size": 8, "precision": "fp32", "device": "cpu",
+                                                       "eval_before": False}, output={"dir": str(tmp_path / "fp32")}))
+    plugtune.run(again, show_progress=False)
+    assert read_manifest(tmp_path / "fp32").training["precision"]["chosen"] == "fp32"
+
+
+def test_per_example_loss_in_bf16_autocast_is_fp32_s_within_the_tolerance(tiny_llama, tiny_data, make_recipe):
+    from test_performance import _rows
+
+    model, rows, pad = _rows(tiny_llama, tiny_data, make_recipe)
+    batch = collate(rows[:12], pad, classification=False)
+    with torch.no_grad():
+        fp32 = per_example_loss(*label_token_losses(model, batch))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            token_losses, positions = label_token_losses(model, batch)
+        bf16 = per_example_loss(token_losses.float(), positions)
+    relative = ((bf16 - fp32).abs() / fp32).max()
+    assert 0 < relative < BF16_RELATIVE_TOLERANCE, relative  # not zero: bf16 did run
