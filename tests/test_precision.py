@@ -40,7 +40,7 @@ def test_auto_on_a_cpu_with_native_bf16_takes_bf16_only_where_the_probe_shows_it
     calls = _probe(monkeypatch, native=True, bf16_faster=True)
     chosen = training_precision("auto", False, SMOLLM2_SHAPES, 16 * 64)
     assert (chosen.mixed_precision, chosen.record()["chosen"]) == ("bf16", "bf16")
-    assert "adapter and optimizer state stay fp32" in chosen.reason
+    assert "the adapter and optimizer state in fp32" in chosen.reason
     assert calls == [(576, 1536, 1024)] and chosen.probed  # the model's own shapes, a batch's tokens as rows
     _probe(monkeypatch, native=True, bf16_faster=False)
     assert training_precision("auto", False, SMOLLM2_SHAPES, 1024).mixed_precision == "no"
@@ -85,6 +85,14 @@ def test_a_bf16_run_trains_and_says_so(make_recipe, tmp_path: Path):
     result = plugtune.run(recipe, show_progress=False)
     assert read_manifest(out).training["precision"]["chosen"] == "bf16"
     assert result.after["loss"] < result.before["loss"]
+    # the frozen base trained in bf16 (as on a GPU); the adapter is fp32 and hosts on the fp32 base
+    from safetensors.torch import load_file
+    from plugtune.artifacts.adapters import WEIGHTS_FILE
+    from plugtune.serving.host import AdapterHost
+
+    assert {t.dtype for t in load_file(out / WEIGHTS_FILE).values()} == {torch.float32}
+    host = AdapterHost.from_adapters(out)
+    assert next(host.model.parameters()).dtype == torch.float32
     # accelerate keeps one precision per process; the next run in this one may choose another
     again = plugtune.load_recipe(make_recipe(training={"max_steps": 1, "batch_size": 8, "precision": "fp32", "device": "cpu",
                                                        "eval_before": False}, output={"dir": str(tmp_path / "fp32")}))
@@ -104,3 +112,44 @@ def test_per_example_loss_in_bf16_autocast_is_fp32_s_within_the_tolerance(tiny_l
         bf16 = per_example_loss(token_losses.float(), positions)
     relative = ((bf16 - fp32).abs() / fp32).max()
     assert 0 < relative < BF16_RELATIVE_TOLERANCE, relative  # not zero: bf16 did run
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_bert"])
+def test_fp32_attention_gives_fp32_runs_the_same_logits_and_bf16_runs_fp32_attention(which, request):
+    """Under bf16 autocast on a CPU the attention runs in fp32 (torch's CPU kernels are slower in
+    bf16); outside autocast the swapped implementation is transformers' SDPA exactly."""
+    from plugtune.data.tasks import build_task
+    from plugtune.artifacts.models import load_base
+    from plugtune.training import runtime
+
+    task = build_task(dict(type="causal-lm", prompt="q : {question} a :", response=" {answer}") if which == "tiny_llama"
+                      else dict(type="sequence-classification", text="{text}", label="label", labels=["neg", "pos"]))
+    model = load_base(str(request.getfixturevalue(which)), task, seed=0).model.eval()
+    ids = torch.randint(5, 40, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    seen = []
+    real = runtime._fp32_sdpa
+
+    def spy(module, query, key, value, *args, **kwargs):
+        out = real(module, query, key, value, *args, **kwargs)
+        seen.append((query.dtype, value.dtype, out[0].dtype))
+        return out
+
+    assert runtime.use_fp32_attention(model) and model.config._attn_implementation == runtime.FP32_SDPA
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(runtime.FP32_SDPA, spy)
+    try:
+        with torch.no_grad():
+            after = model(input_ids=ids, attention_mask=mask).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(input_ids=ids, attention_mask=mask)
+    finally:
+        AttentionInterface.register(runtime.FP32_SDPA, real)
+    assert torch.equal(before, after)
+    assert seen and all(query == out for query, _, out in seen), seen  # the output keeps the query's dtype; fp32 inside
+    if which == "tiny_llama":  # the value projection ran in bf16 under autocast (RoPE's fp32 tables promote q and k)
+        assert seen[-1][1] == torch.bfloat16, seen

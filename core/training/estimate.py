@@ -524,7 +524,7 @@ def estimate(recipe: Recipe, plugins: PluginSystem | None = None) -> Estimate:
     from plugtune.training.loss import output_head, supports_label_positions
     from plugtune.training.preview import build_preview, local_tokenizer
     from plugtune.training.runtime import choose_threads, uses_cuda
-    from plugtune.training.train import base_dtype  # the run's own choices, not copies of them
+    from plugtune.training.train import base_dtype, choose_run_precision  # the run's own choices, not copies of them
 
     plugins = plugins or get_plugin_system()
     t = recipe.training
@@ -544,7 +544,10 @@ def estimate(recipe: Recipe, plugins: PluginSystem | None = None) -> Estimate:
         raise EstimateUnavailable(f"base_model: {recipe.spec.base_model} has no configuration on this machine")
     notes: list[str] = []
     method_class = recipe.method.component.obj
-    dtype = base_dtype(t.base_dtype, on_cuda, getattr(method_class, "trains_base_weights", False))
+    trains_base = getattr(method_class, "trains_base_weights", False)
+    cpu_bf16 = (t.base_dtype == "auto" and not on_cuda and not trains_base
+                and choose_run_precision(recipe, on_cuda, plugins).mixed_precision == "bf16")  # the run's own probe
+    dtype = base_dtype(t.base_dtype, on_cuda, trains_base, cpu_bf16=cpu_bf16)
     pad_id = found.tokenizer.pad_token_id
     try:
         config = outline.config

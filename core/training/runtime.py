@@ -7,7 +7,8 @@
   measurement (:func:`training_precision`): bf16 autocast only where the CPU reports native
   bf16 instructions and a start-up probe of the model's matrix shapes runs it faster than
   fp32 by a margin; fp32 elsewhere (an AVX2-only CPU emulates bf16, slower). The choice and
-  its reason are printed and kept in the manifest. ``fp32`` and ``bf16`` force one.
+  its reason are printed and kept in the manifest. ``fp32`` and ``bf16`` force one. Under bf16
+  autocast on a CPU the attention runs in fp32 (:data:`FP32_SDPA`).
 * Attention: SDPA on GPUs (fused kernels); on CPUs the library's own default (SDPA for the
   models that have it). ``attention: eager`` is there for models whose SDPA path misbehaves.
 * Grouped-query attention (CPU runs, ``attention: auto``): keys and values go to torch's SDPA
@@ -138,7 +139,7 @@ def training_precision(requested: str, on_cuda: bool, config: Any | None, batch_
     rows = min(max(batch_tokens, PROBE_ROWS[0]), PROBE_ROWS[1])
     choice = choose_cpu_dtype(hidden, intermediate, rows=rows)
     return TrainingPrecision(requested, "bf16" if str(choice.dtype) == "torch.bfloat16" else "no",
-                             choice.reason + (" (autocast; weights, adapter and optimizer state stay fp32)"
+                             choice.reason + (" (autocast; the frozen base in bf16, the adapter and optimizer state in fp32)"
                                               if str(choice.dtype) == "torch.bfloat16" else ""), probed=True)
 
 
@@ -147,6 +148,44 @@ def choose_attention(requested: str, on_cuda: bool) -> str | None:
     if requested == "auto":
         return "sdpa" if on_cuda else None
     return requested
+
+
+FP32_SDPA = "plugtune_fp32_sdpa"
+"""The attention implementation of CPU runs in bf16 autocast: transformers' SDPA with the query,
+keys and values in fp32. torch's CPU attention kernels are slower in bf16 than in fp32 (this
+machine: forward + backward 2.3-2.7x slower at the benchmark's shapes, BENCHMARKS.md), while
+the linear layers around them gain from bf16; the attention's output goes back to bf16."""
+
+
+def _fp32_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return output.to(dtype), weights
+
+
+def use_fp32_attention(model: Any) -> bool:
+    """Give ``model`` :data:`FP32_SDPA` where it runs transformers' SDPA through the attention
+    interface (models on other paths keep theirs). Returns whether it changed."""
+    from transformers import AttentionInterface
+
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(FP32_SDPA, _fp32_sdpa)
+    AttentionMaskInterface.register(FP32_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # SDPA's masks, exactly
+    try:
+        model.set_attn_implementation(FP32_SDPA)
+    except (ValueError, ImportError):
+        return False
+    return getattr(model.config, "_attn_implementation", None) == FP32_SDPA
 
 
 FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa_attention_forward at each call
