@@ -109,27 +109,12 @@ def parity_main(train: str) -> None:
     """Per-example loss of 32 training rows in fp32, under bf16 autocast, and with bf16 base
     weights under autocast (the same model: the base with a seeded non-zero LoRA)."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    import plugtune
-    from plugtune.artifacts.models import load_base
-    from plugtune.data.encoding import encode_split
     from plugtune.data.labels import per_example_loss
     from plugtune.data.tasks import collate
     from plugtune.training.loss import label_token_losses
 
-    recipe = plugtune.load_recipe(str(throughput.OUT / "throughput-sst2.yaml"))
-    base = load_base("smollm2-135m", recipe.task)
-    model = get_peft_model(base.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    model.eval()
-    examples = recipe.loader.build().load(0)["train"][:32]
-    rows, _ = encode_split(examples, recipe.task, base.tokenizer, throughput.CAP, "train")
-    pad = base.tokenizer.pad_token_id
+    model, rows, pad = throughput.seeded_lora_rows()
 
     def losses() -> torch.Tensor:
         out = torch.zeros(len(rows))
@@ -172,21 +157,22 @@ def section(probe: dict, parity: dict, peer: list[dict], runs: dict[str, list[di
         f"({probe['bf16'] / probe['fp32']:.2f}x).", "",
         "The SFT throughput benchmark (`bench/throughput.py`'s task: SmolLM2-135M, LoRA r 8 on q/v, batch 8, 15 timed "
         "steps); FLOP/s counted from the model's shapes for the positions computed (module docstring):", "",
-        "| run | real tokens/s (wall) | vs peer | real tokens per CPU-second | vs peer | s/step | achieved GFLOP/s | "
+        "| run | real tokens/s (wall) | each round | vs peer | real tokens per CPU-second | vs peer | s/step | achieved GFLOP/s | "
         "of the limit | dev loss after | peak RSS |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| Trainer + peft (its defaults, fp32) | {peer_tps:.1f} | 1.00x | {peer_cpu:.1f} | 1.00x | "
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| Trainer + peft (its defaults, fp32) | {peer_tps:.1f} | {_rounds(peer)} | 1.00x | {peer_cpu:.1f} | 1.00x | "
         f"{mean(peer, 'seconds_per_step'):.3f} | | | {mean(peer, 'dev_loss'):.4f} | {mean(peer, 'peak_rss_mb'):.0f} MB |",
     ]
     for label, _ in CONFIGS:
         r, f = runs[label], flops[label]
         rate = statistics.mean(x["flops_per_s"] for x in f)
         limit = probe["bf16"] if "bf16" in label or (label.startswith("auto") and chosen and "bf16" in chosen[0]) else probe["fp32"]
-        lines.append(f"| plugtune, {label} | {mean(r, 'real_tokens_per_s'):.1f} | {mean(r, 'real_tokens_per_s') / peer_tps:.2f}x | "
+        lines.append(f"| plugtune, {label} | {mean(r, 'real_tokens_per_s'):.1f} | {_rounds(r)} | {mean(r, 'real_tokens_per_s') / peer_tps:.2f}x | "
                      f"{mean(r, 'real_tokens_per_cpu_s'):.1f} | {mean(r, 'real_tokens_per_cpu_s') / peer_cpu:.2f}x | "
                      f"{mean(r, 'seconds_per_step'):.3f} | {rate / 1e9:.1f} | {rate / limit:.0%} | "
                      f"{mean(r, 'dev_loss'):.4f} | {mean(r, 'peak_rss_mb'):.0f} MB |")
-    lines += ["", f"`precision: auto` chose, in its runs: {'; '.join(sorted(set(chosen))) or 'not recorded'}.", "",
+    lines += ["", "Each round's figure is in the column \"each round\": the machine is shared, and rounds can differ by a fifth.",
+              "", f"`precision: auto` chose, in its runs: {'; '.join(sorted(set(chosen))) or 'not recorded'}.", "",
               f"Per-example loss, {parity['examples']} training rows (mean fp32 loss {parity['mean_loss']:.4f}): bf16 autocast "
               f"max |difference| {parity['autocast']['max_abs_diff']:.2e} (relative {parity['autocast']['max_rel_diff']:.1e}, "
               f"mean {parity['autocast']['mean_abs_diff']:.1e}); bf16 base weights under autocast max "
@@ -204,9 +190,13 @@ def section(probe: dict, parity: dict, peer: list[dict], runs: dict[str, list[di
                   f"then auto): training {before['train_seconds']:.1f} s -> {after['train_seconds']:.1f} s "
                   f"({before['train_seconds'] / after['train_seconds']:.2f}x), held-out accuracy {before['after']['accuracy']:.4f} -> "
                   f"{after['after']['accuracy']:.4f}, loss {before['after']['loss']:.4f} -> {after['after']['loss']:.4f}, peak RSS "
-                  f"{before['peak_rss_mb']:.0f} MB -> {after['peak_rss_mb']:.0f} MB (autocast keeps the bf16 copies of the weights "
-                  "it made for the backward pass)."]
+                  f"{before['peak_rss_mb']:.0f} MB -> {after['peak_rss_mb']:.0f} MB"
+                  + (" (the frozen base held in bf16)." if after["peak_rss_mb"] < before["peak_rss_mb"] else ".")]
     return "\n".join(lines)
+
+
+def _rounds(runs: list[dict]) -> str:
+    return ", ".join(f"{r['real_tokens_per_s']:.0f}" for r in runs)
 
 
 def _spread(runs: dict[str, list[dict]]) -> float:

@@ -204,19 +204,14 @@ def report(step_seconds: list[float], tokens: list[int], cpu_seconds: list[float
 # -- per-example loss parity and load times (own processes) ---------------------------------
 
 
-def parity_main(train: str) -> None:
-    """Per-example loss of 32 training rows: the peer's way (pad-to-longest batches of 8 in file
-    order, full logits) vs plugtune's (length-grouped batches, logits at label positions only),
-    same model (the base with a seeded non-zero LoRA)."""
+def seeded_lora_rows(count: int = 32) -> tuple:
+    """The base with a seeded non-zero LoRA (eval mode), the first ``count`` training rows
+    encoded, and the pad id: what the parity checks compare losses on."""
     import plugtune
     import torch
     from peft import LoraConfig, get_peft_model
-    from plugtune.data.batching import epoch_batches
-    from plugtune.data.encoding import encode_split
-    from plugtune.data.labels import per_example_loss
-    from plugtune.training.loss import full_logits_token_losses, label_token_losses
     from plugtune.artifacts.models import load_base
-    from plugtune.data.tasks import collate
+    from plugtune.data.encoding import encode_split
 
     recipe = plugtune.load_recipe(str(OUT / "throughput-sst2.yaml"))
     base = load_base("smollm2-135m", recipe.task)
@@ -227,9 +222,22 @@ def parity_main(train: str) -> None:
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     model.eval()
-    examples = recipe.loader.build().load(0)["train"][:32]
+    examples = recipe.loader.build().load(0)["train"][:count]
     rows, _ = encode_split(examples, recipe.task, base.tokenizer, CAP, "train")
-    pad = base.tokenizer.pad_token_id
+    return model, rows, base.tokenizer.pad_token_id
+
+
+def parity_main(train: str) -> None:
+    """Per-example loss of 32 training rows: the peer's way (pad-to-longest batches of 8 in file
+    order, full logits) vs plugtune's (length-grouped batches, logits at label positions only),
+    same model (the base with a seeded non-zero LoRA)."""
+    import torch
+    from plugtune.data.batching import epoch_batches
+    from plugtune.data.labels import per_example_loss
+    from plugtune.training.loss import full_logits_token_losses, label_token_losses
+    from plugtune.data.tasks import collate
+
+    model, rows, pad = seeded_lora_rows()
     plain, head_only, grouped = torch.zeros(len(rows)), torch.zeros(len(rows)), torch.zeros(len(rows))
     with torch.no_grad():
         for start in range(0, len(rows), BATCH):
