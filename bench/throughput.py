@@ -41,6 +41,7 @@ PROMPT, RESPONSE = "Review: {sentence}\nSentiment:", " {label}"
 PLAIN = ["training.group_by_length=false", "training.logits_on_labels_only=false", "training.cache_tokenized=false",
          "training.attention=sdpa"]
 LOW_MEMORY = "training.malloc_mmap_threshold=1048576"  # opt-in
+DEVICE = os.environ.get("THROUGHPUT_DEVICE", "cpu")  # cuda: bench/gpu_check.sh's comparison (both sides in bf16)
 
 
 # -- data and recipe -----------------------------------------------------------------------
@@ -71,7 +72,7 @@ def write_recipe(train: Path, dev: Path) -> Path:
         "evaluators": ["loss"],
         "training": {"max_steps": WARMUP + TIMED, "batch_size": BATCH, "learning_rate": LR, "scheduler": "linear",
                      "warmup_steps": 0, "max_grad_norm": 1.0, "seed": 0, "max_length": CAP, "eval_before": False,
-                     "device": "cpu"},
+                     "device": DEVICE},
     }
     path = OUT / "throughput-sst2.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -137,8 +138,8 @@ def peer_main(train: str, dev: str) -> None:
                 losses.append(float(logs["loss"]))
 
     args = TrainingArguments(output_dir=str(OUT / "peer"), per_device_train_batch_size=BATCH, max_steps=WARMUP + TIMED,
-                             learning_rate=LR, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                             seed=0, disable_tqdm=True)
+                             learning_rate=LR, logging_steps=1, save_strategy="no", report_to="none",
+                             use_cpu=DEVICE == "cpu", bf16=DEVICE == "cuda", seed=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=counting_collator,
                       callbacks=[Timer()])
     trainer.train()
@@ -157,7 +158,7 @@ def held_out_loss(model, rows: list[dict], collator) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(rows), 16):
-            batch = collator(rows[start : start + 16])
+            batch = {k: v.to(model.device) for k, v in collator(rows[start : start + 16]).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             total += float(full_logits_token_losses(logits, batch["labels"]).sum())
             count += int((batch["labels"][:, 1:] != -100).sum())
@@ -427,8 +428,26 @@ def main() -> None:
     print(text)
 
 
+def compare_main() -> None:
+    """Only the peer against plugtune's defaults, ROUNDS each, alternating (bench/gpu_check.sh
+    runs it with THROUGHPUT_DEVICE=cuda); prints one JSON line with the means and the ratio."""
+    train, dev = write_data()
+    recipe = write_recipe(train, dev)
+    me = str(Path(__file__).resolve())
+    peer, ours = [], []
+    for _ in range(ROUNDS):
+        peer.append(child([me, "--peer", str(train), str(dev)]))
+        ours.append(plugtune_run(recipe, f"compare-{DEVICE}", []))
+    keys = ("real_tokens_per_s", "seconds_per_step", "dev_loss")
+    result = {"device": DEVICE, "peer": {k: mean_of(peer, k) for k in keys}, "plugtune": {k: mean_of(ours, k) for k in keys}}
+    result["ratio_real_tokens_per_s"] = result["plugtune"]["real_tokens_per_s"] / result["peer"]["real_tokens_per_s"]
+    print(json.dumps(result))
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--peer"]:
+    if sys.argv[1:2] == ["--compare"]:
+        compare_main()
+    elif sys.argv[1:2] == ["--peer"]:
         peer_main(sys.argv[2], sys.argv[3])
     elif sys.argv[1:2] == ["--parity"]:
         parity_main(sys.argv[2])
