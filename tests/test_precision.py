@@ -153,3 +153,19 @@ def test_fp32_attention_gives_fp32_runs_the_same_logits_and_bf16_runs_fp32_atten
     assert seen and all(query == out for query, _, out in seen), seen  # the output keeps the query's dtype; fp32 inside
     if which == "tiny_llama":  # the value projection ran in bf16 under autocast (RoPE's fp32 tables promote q and k)
         assert seen[-1][1] == torch.bfloat16, seen
+
+
+def test_a_bf16_classifier_run_keeps_its_new_head_and_adapter_in_fp32(make_recipe, tmp_path: Path):
+    """The frozen base is bf16 in a bf16 run; the trained weights (LoRA and the new head, which
+    comes from the base's dtype) are fp32 master weights, saved as fp32."""
+    from safetensors.torch import load_file
+    from plugtune.artifacts.adapters import WEIGHTS_FILE
+
+    out = tmp_path / "bf16-classifier"
+    recipe = plugtune.load_recipe(make_recipe(classification=True, training={"max_steps": 6, "batch_size": 8, "precision": "bf16",
+                                                                             "device": "cpu", "eval_before": False},
+                                              output={"dir": str(out)}))
+    plugtune.run(recipe, show_progress=False)
+    saved = load_file(out / WEIGHTS_FILE)
+    assert any("classifier" in name or "score" in name for name in saved)
+    assert {t.dtype for t in saved.values()} == {torch.float32}

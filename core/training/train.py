@@ -657,6 +657,7 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
     context = PrepareContext(new_parameters=data.base.new_parameters, tokenizer=data.tokenizer, seed=t.seed,
                              device=str(process.accelerator.device), total_steps=total_steps)
     model = call_prepare(method, data.base.model, task, context)
+    fp32_master_weights(model)
     trainable, total = count_parameters(model)
     for _, reg in regularizers:
         if hasattr(reg, "setup"):
@@ -689,6 +690,19 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
         live = references.LiveReference(task, reference.copy)
     return _Trainee(method, model, unwrapped, optimizer, scheduler, trainable, total, total_steps,
                     output_head(unwrapped), label_only and own_loss is None, lengths, own_loss, live, planner, rates)
+
+
+def fp32_master_weights(model: torch.nn.Module) -> int:
+    """Every trainable weight in fp32, whatever the frozen base's dtype: a bf16 base (a GPU, or a
+    CPU run in bf16) hands a new classification head, or a module a method trains whole, over
+    in bf16, where AdamW's small updates would round away. Autocast computes with bf16 copies.
+    Returns how many tensors changed."""
+    changed = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+            changed += 1
+    return changed
 
 
 def _learning_rate(t: TrainingBlock, method: Any, data: _Data, process: _Process,
