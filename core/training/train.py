@@ -125,9 +125,9 @@ class RunResult:
 
 def base_dtype(requested: str, on_cuda: bool, trains_base_weights: bool, cpu_bf16: bool = False) -> torch.dtype:
     """The dtype to load the base in. Frozen bases go to bf16 on GPUs, and on CPUs where the run
-    trains in bf16 autocast (``cpu_bf16``: the precision chosen; half the memory, no casts of the
-    frozen weights at every step: on the SFT benchmark 3.1x the peer against 2.5x, BENCHMARKS.md);
-    the adapter weights and optimizer state stay fp32. A method that trains base weights keeps
+    trains in bf16 autocast (``cpu_bf16``: the precision chosen; half the frozen weights' memory,
+    a quarter less peak RSS on the SFT benchmark, and no casts of them at every step,
+    BENCHMARKS.md); the trained weights stay fp32 (:func:`fp32_master_weights`). A method that trains base weights keeps
     fp32 master weights. Elsewhere a CPU keeps fp32."""
     if requested == "auto":
         bf16 = (on_cuda and torch.cuda.is_bf16_supported()) or (cpu_bf16 and not on_cuda)
@@ -479,20 +479,18 @@ def choose_run_precision(recipe: Recipe, on_cuda: bool, plugins: PluginSystem) -
     process of a data-parallel run would have to agree on timings of its own, or where the
     method loads the base quantized itself (its kernels set their own compute dtype)."""
     t = recipe.training
+    config = None
     if t.precision == "auto" and not on_cuda:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return TrainingPrecision("auto", "no", "fp32: a data-parallel CPU run does not probe (its processes must agree)")
         if hasattr(recipe.method.component.obj, "base_loading"):
             return TrainingPrecision("auto", "no", f"fp32: {recipe.method.name} loads its base quantized and sets its own compute dtype")
-    config = None
-    if t.precision == "auto" and not on_cuda:
         from plugtune.artifacts.outline import outline_for
-        from plugtune.kernel.errors import PlugtuneError as _Unreadable
 
         outline = outline_for(recipe.spec.base_model, recipe.task, plugins)
         try:
             config = outline.config if outline is not None else None
-        except _Unreadable:
+        except PlugtuneError:  # an unreadable configuration: the load reports it; the probe is skipped
             config = None
     return training_precision(t.precision, on_cuda, config, t.batch_size * max(1, t.max_length // 2))
 
