@@ -4,6 +4,7 @@ per-example loss in bf16 against fp32. Writes the "precision" section of BENCHMA
 
     python bench/precision.py            # about 13 minutes on 2 cores
     python bench/precision.py --section  # the section again from bench/out/throughput/precision.json
+    python bench/precision.py --attention  # torch's CPU attention, fp32 against bf16 (a few seconds)
 
 * **The limit:** the sustained rate of ``(tokens, hidden) @ (hidden, intermediate)`` and back at
   SmolLM2-135M's shapes (576, 1536), for the tokens one of the benchmark's batches computes, in
@@ -93,6 +94,29 @@ def probe_main() -> None:
     print(json.dumps({"fp32": rates["float32"], "bf16": rates["bfloat16"], "threads": threads, "rows": rows,
                       "native_bf16": native_bf16(), "flags": flags, "torch": torch.__version__,
                       "cpu": _cpu_name()}))
+
+
+def attention_main() -> None:
+    """torch's CPU attention (SDPA with a causal mask and grouped-query keys, forward and
+    backward) at the benchmark's shapes, fp32 against bf16: why bf16 runs keep it in fp32."""
+    import time
+
+    import torch
+
+    def best_ms(dtype: torch.dtype, length: int) -> float:
+        q = torch.randn(8, 9, length, 64, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(8, 3, length, 64, dtype=dtype, requires_grad=True) for _ in range(2))
+        mask = torch.ones(8, 1, length, length, dtype=torch.bool).tril()
+        times = []
+        for _ in range(12):
+            start = time.perf_counter()
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).sum().backward()
+            times.append(time.perf_counter() - start)
+        return min(times[2:]) * 1000
+
+    rows = {length: {"fp32_ms": best_ms(torch.float32, length), "bf16_ms": best_ms(torch.bfloat16, length)}
+            for length in (48, 96)}
+    print(json.dumps({str(n): {**r, "bf16_slower": r["bf16_ms"] / r["fp32_ms"]} for n, r in rows.items()}))
 
 
 def _cpu_name() -> str:
@@ -246,6 +270,8 @@ if __name__ == "__main__":
         write_section(section(saved["probe"], saved["parity"], saved["peer"], saved["runs"], saved["flops"], saved["chosen"],
                               saved.get("quickstart")),
                       key="precision")
+    elif sys.argv[1:2] == ["--attention"]:
+        attention_main()
     elif sys.argv[1:2] == ["--probe"]:
         probe_main()
     elif sys.argv[1:2] == ["--parity"]:

@@ -138,9 +138,10 @@ def training_precision(requested: str, on_cuda: bool, config: Any | None, batch_
     intermediate = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * hidden)
     rows = min(max(batch_tokens, PROBE_ROWS[0]), PROBE_ROWS[1])
     choice = choose_cpu_dtype(hidden, intermediate, rows=rows)
-    return TrainingPrecision(requested, "bf16" if str(choice.dtype) == "torch.bfloat16" else "no",
-                             choice.reason + (" (autocast; the frozen base in bf16, the adapter and optimizer state in fp32)"
-                                              if str(choice.dtype) == "torch.bfloat16" else ""), probed=True)
+    if str(choice.dtype) != "torch.bfloat16":
+        return TrainingPrecision(requested, "no", choice.reason, probed=True)
+    # the base's dtype is training.base_dtype's to say (bf16 for a frozen base under auto)
+    return TrainingPrecision(requested, "bf16", choice.reason + " (autocast; the adapter and optimizer state in fp32)", probed=True)
 
 
 def choose_attention(requested: str, on_cuda: bool) -> str | None:
@@ -153,7 +154,7 @@ def choose_attention(requested: str, on_cuda: bool) -> str | None:
 FP32_SDPA = "plugtune_fp32_sdpa"
 """The attention implementation of CPU runs in bf16 autocast: transformers' SDPA with the query,
 keys and values in fp32. torch's CPU attention kernels are slower in bf16 than in fp32 (this
-machine: forward + backward 2.3-2.7x slower at the benchmark's shapes, BENCHMARKS.md), while
+machine: forward + backward 2-4x (`python bench/precision.py --attention`: 2.0-3.9x over three runs) slower at the benchmark's shapes, BENCHMARKS.md), while
 the linear layers around them gain from bf16; the attention's output goes back to bf16."""
 
 

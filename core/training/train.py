@@ -510,8 +510,9 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
         console.print(note)
     check_empty_fields(splits, task)
     task.setup(splits["train"])
+    cpu_bf16 = not on_cuda and process.precision is not None and process.precision.mixed_precision == "bf16"
     dtype = base_dtype(t.base_dtype, on_cuda, getattr(recipe.method.component.obj, "trains_base_weights", False),
-                       cpu_bf16=bool(process.precision and process.precision.mixed_precision == "bf16"))
+                       cpu_bf16=cpu_bf16)
     # built before the base loads: the method may load it itself (base_loading: quantized)
     method = guarded(recipe.method.build(), recipe.method.component)
     loading = getattr(method, "base_loading", None)
@@ -519,7 +520,7 @@ def _data_phase(recipe: Recipe, plugins: PluginSystem, process: _Process) -> _Da
         base = load_base(recipe.spec.base_model, task, seed=t.seed, plugins=plugins, dtype=dtype,
                          attn_implementation=choose_attention(t.attention, on_cuda),
                          loading=loading, loaded=getattr(method, "base_loaded", None), device=str(process.device))
-    if process.precision and process.precision.mixed_precision == "bf16" and not on_cuda and t.attention == "auto":
+    if cpu_bf16 and t.attention == "auto":
         use_fp32_attention(base.model)  # torch's CPU attention is slower in bf16 (core/training/runtime.py)
     tokenizer = base.tokenizer
     bind_tokenizer(task, tokenizer)
