@@ -726,6 +726,9 @@ def _shard(model: torch.nn.Module, t: TrainingBlock, process: _Process) -> bool:
     ``ddp`` (said once). Returns whether the model is sharded."""
     if t.distributed != sharding.FSDP:
         return False
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate's own FSDP would wrap it again
+        raise RecipeError(["training.distributed: fsdp shards the model itself; launch with an accelerate config of "
+                           "distributed_type MULTI_GPU (or torchrun), not accelerate's distributed_type FSDP"])
     if process.world == 1:
         process.console.print("training.distributed: fsdp with one process: nothing to shard, training unsharded")
         return False
