@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -912,10 +913,15 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
 def _log_state_bytes(process: _Process, trainee: _Trainee, t: TrainingBlock) -> None:
     """After the first step of a data-parallel run: the training state each process holds
     (parameters, gradients, optimizer state; core/training/sharding.py), logged as a
-    ``memory`` record, so that ``ddp`` and ``fsdp`` can be compared (BENCHMARKS.md)."""
-    per_process = process.gather(trainee.state_bytes or {})
+    ``memory`` record, so that ``ddp`` and ``fsdp`` can be compared (BENCHMARKS.md), with each
+    process's peak RSS so far (loading included; the optimizer state exists from this step)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    per_process = process.gather({**(trainee.state_bytes or {}), "peak_rss": peak})
     process.log({"event": "memory", "step": 1, "distributed": t.distributed, "sharded": trainee.sharded,
                  "state_bytes": [p.get("total", 0) for p in per_process],
+                 "peak_rss_bytes": [p.get("peak_rss", 0) for p in per_process],
                  **{f"{k}_bytes": [p.get(k, 0) for p in per_process] for k in ("parameters", "gradients", "optimizer")}})
 
 
