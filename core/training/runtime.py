@@ -151,6 +151,11 @@ def choose_attention(requested: str, on_cuda: bool) -> str | None:
     return requested
 
 
+def choose_packing(on_cuda: bool, grouped: bool) -> bool:
+    """``training.packing: auto``'s choice where packing is possible: provisional, off until measured."""
+    return False
+
+
 FP32_SDPA = "plugtune_fp32_sdpa"
 """The attention implementation of CPU runs in bf16 autocast: transformers' SDPA with the query,
 keys and values in fp32. torch's CPU attention kernels are slower in bf16 than in fp32 (this
