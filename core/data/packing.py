@@ -3,8 +3,9 @@
 Packing changes a batch's *layout*, not its contents. A training step still takes the same
 ``training.batch_size`` rows from :func:`plugtune.data.batching.epoch_batches` (so which
 examples meet, and the loss as the mean over the step's label tokens, are what an unpacked
-run computes); :func:`pack_rows` lays those rows into as few rows of at most ``width``
-positions as first-fit-decreasing finds, instead of right-padding each to the longest.
+run computes); :func:`pack_rows` lays those rows side by side in rows of at most ``width``
+positions (first-fit-decreasing, at the width that leaves the least padding) instead of
+right-padding each to the longest.
 
 Examples stay apart inside a row without a mask of our own: the packed batch carries
 ``position_ids`` that restart at 0 for every example and *no* ``attention_mask``, which is
@@ -53,6 +54,27 @@ def first_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
     return bins
 
 
+def least_padding_layout(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """The bins that leave the least padding: first-fit-decreasing at every width from the
+    longest row up to ``width``, keeping the layout with the fewest positions (rows times its
+    fullest row), the narrowest of those on a tie. Why not simply ``width``: the batch is
+    as wide as its fullest row, so filling rows up to ``width`` and leaving the last one half
+    empty pads more than length grouping does; and attention over a row costs its width
+    squared, so of two layouts with as many positions the narrower is cheaper. Pure in the
+    lengths, so a resumed run lays its batches out the same."""
+    best: tuple[int, int] | None = None
+    chosen: list[list[int]] = []
+    for limit in range(max(lengths), width + 1):
+        bins = first_fit_decreasing(lengths, limit)
+        fullest = max(sum(lengths[i] for i in b) for b in bins)
+        key = (len(bins) * fullest, fullest)
+        if best is None or key < best:
+            best, chosen = key, bins
+        if len(bins) == 1:
+            break  # wider limits lay out the same single row
+    return chosen
+
+
 @dataclass
 class Packed:
     """A packed training batch and what the loop needs beside it.
@@ -78,13 +100,13 @@ def packed_width(rows: Sequence[dict[str, Any]], max_length: int) -> int:
 
 def pack_rows(rows: Sequence[dict[str, Any]], pad_id: int, width: int) -> Packed:
     """Lay encoded causal-LM rows (``input_ids``, ``labels`` with ``-100`` where no loss is
-    taken) into as few rows of at most ``width`` as first-fit-decreasing finds; the batch is
-    as wide as its fullest row. See :class:`Packed`."""
+    taken) into rows of at most ``width`` positions, as :func:`least_padding_layout` chooses;
+    the batch is as wide as its fullest row. See :class:`Packed`."""
     import torch
     from transformers import DataCollatorWithFlattening
 
     flatten = DataCollatorWithFlattening(return_tensors="pt", separator_id=IGNORE_INDEX)
-    bins = first_fit_decreasing([len(r["input_ids"]) for r in rows], width)
+    bins = least_padding_layout([len(r["input_ids"]) for r in rows], width)
     laid = [flatten([{"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]} for i in b]) for b in bins]
     wide = max(int(part["input_ids"].size(1)) for part in laid)
     input_ids = torch.full((len(bins), wide), pad_id, dtype=torch.long)

@@ -180,7 +180,7 @@ class TrainingBlock(_Strict):
                             "max(max_length, the longest example) positions as fit, each example with its own positions and "
                             "attention (core/data/packing.py); the examples and the loss stay those of the unpacked step. "
                             "true: pack (refused where a task, method or attention cannot); false: one example per row; "
-                            "auto: off (see choose_packing in core/training/runtime.py)")
+                            "auto: pack on a CPU wherever true would not be refused (measured faster than length grouping, or equal: BENCHMARKS.md, Packing), not on a GPU (not measured there)")
     cache_tokenized: bool = Field(True, description="reuse tokenized splits across runs (under $PLUGTUNE_HOME/tokenized)")
     threads: int | None = Field(None, gt=0, le=4096, description="CPU threads per process; default: physical cores / processes on this host")
     attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="attention implementation; auto: sdpa on GPUs, the library default on CPUs (with grouped-query SDPA); sdpa/eager: transformers' own, unchanged")

@@ -690,22 +690,23 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
         live = references.LiveReference(task, unwrapped, method.adapter_disabled)
     elif reference is not None and reference.mode == "copy":
         live = references.LiveReference(task, reference.copy)
-    packing = _decide_packing(t, task, data, unwrapped, process)
+    packing = _decide_packing(t, task, data, unwrapped, process, recipe.method.name)
     return _Trainee(method, model, unwrapped, optimizer, scheduler, trainable, total, total_steps,
                     output_head(unwrapped), label_only and own_loss is None, lengths, own_loss, live, planner, rates,
                     packing)
 
 
-def _decide_packing(t: TrainingBlock, task: Any, data: _Data, model: torch.nn.Module, process: _Process) -> bool:
+def _decide_packing(t: TrainingBlock, task: Any, data: _Data, model: torch.nn.Module, process: _Process,
+                    method_name: str) -> bool:
     """Whether this run packs its batches (``training.packing``): ``true`` checks the loaded
     model's attention too (a one-line error naming the field); ``auto`` follows
     :func:`~plugtune.training.runtime.choose_packing` where packing is possible. Printed once
     when it packs."""
-    problem = packing_problem(task, data.method, type(data.method).__name__) or attention_problem(model)
+    problem = packing_problem(task, data.method, method_name) or attention_problem(model)
     if t.packing is True and problem:
         raise RecipeError([f"training.packing: {problem}; set training.packing: false (or auto)"])
     packing = t.packing is True or (t.packing == "auto" and problem is None
-                                    and choose_packing(process.device.type == "cuda", t.group_by_length))
+                                    and choose_packing(process.device.type == "cuda"))
     if packing:
         process.console.print("packing: several examples per row, each with its own positions and attention")
     return packing
@@ -913,9 +914,12 @@ def _follow_budget(planner: BudgetPlanner, state: RunState, trainee: _Trainee, t
 def _layout(rows: list[Row], data: _Data, trainee: _Trainee, pad_id: int) -> tuple[dict[str, Any], int]:
     """This process's rows as the batch the model sees, and their real tokens: the task's
     collate, or with packing the same rows laid several to a row (core/data/packing.py),
-    whose batch has no attention mask to count tokens with."""
+    whose batch has no attention mask to count tokens with (a task's own collate: its mask's
+    ones, as before packing existed)."""
     if not trainee.packing:
-        return collate_rows(data.task, rows, pad_id), sum(len(r["input_ids"]) for r in rows)
+        batch = collate_rows(data.task, rows, pad_id)
+        mask = batch.get("attention_mask")
+        return batch, int(mask.sum()) if mask is not None else sum(len(r["input_ids"]) for r in rows)
     packed = pack_rows(rows, pad_id, packed_width(rows, data.training.max_length))
     return packed.batch, packed.real_tokens
 
