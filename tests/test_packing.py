@@ -167,9 +167,10 @@ def _training(**extra):
 @pytest.mark.parametrize("label_only", [True, False], ids=["label-positions", "plain"])
 def test_a_packed_run_trains_the_same_adapter_as_an_unpacked_one(make_recipe, tmp_path, monkeypatch, label_only):
     """Same batches (epoch_batches), same loss over the same label tokens: the gradients differ
-    only by fp32 rounding in a different summation order. 6 AdamW steps at 2e-2 on weights of
-    about 0.1-1: 1e-4 absolute bounds that rounding through Adam's normalisation (the updates
-    are ~1e-2 each, a wrong gradient moves them by that much), 5e-6 would be luck."""
+    only by fp32 rounding in another summation order (fp32, dropout 0: dropout masks are drawn
+    over the batch's shape). Measured: 2.4e-7 at most after 6 AdamW steps at 2e-2; 1e-5 leaves
+    room for other BLAS builds, while a packer that let examples attend to each other moves the
+    weights by ~1e-2 (each Adam update is about the learning rate)."""
     import plugtune.training.train as train
 
     packs = []
@@ -190,14 +191,17 @@ def test_a_packed_run_trains_the_same_adapter_as_an_unpacked_one(make_recipe, tm
         result = plugtune.run(recipe, show_progress=False)
         adapters[packing] = load_file(Path(result.adapter_dir) / WEIGHTS_FILE)
         logs[packing] = [json.loads(line) for line in (Path(result.adapter_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert len(packs) == 6 and all(rows < 8 for rows in packs)  # it packed, every step
+    # every step went through the packer, and most batches really share rows (a batch whose
+    # rows no pairing saves positions on keeps one example per row)
+    assert len(packs) == 6 and sum(rows < 8 for rows in packs) >= 3, packs
     train_logs = {k: [r for r in v if r["event"] == "train"] for k, v in logs.items()}
     for unpacked, packed in zip(train_logs[False], train_logs[True]):
         assert packed["tokens"] == unpacked["tokens"]  # real tokens, not positions: counted from the rows
-        assert packed["computed_tokens"] < unpacked["computed_tokens"] or packed["computed_tokens"] <= 8 * 48
-        assert abs(packed["loss"] - unpacked["loss"]) < 1e-4
+        assert packed["computed_tokens"] <= unpacked["computed_tokens"]  # never more positions than padding
+        assert abs(packed["loss"] - unpacked["loss"]) < 1e-5
+    assert sum(p["computed_tokens"] for p in train_logs[True]) < sum(u["computed_tokens"] for u in train_logs[False])
     for name, tensor in adapters[True].items():
-        assert torch.allclose(tensor, adapters[False][name], atol=1e-4), (name, (tensor - adapters[False][name]).abs().max())
+        assert torch.allclose(tensor, adapters[False][name], atol=1e-5), (name, (tensor - adapters[False][name]).abs().max())
     moved = max(float(t.abs().max()) for n, t in adapters[True].items() if "lora_B" in n)
     assert moved > 1e-2  # it trained: lora_B started at zero
 

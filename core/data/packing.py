@@ -83,9 +83,9 @@ class Packed:
     ``attention_mask`` (see the module docs), and ``use_cache: False``: transformers looks for
     packed sequences only when the forward has no cache, and a model in eval mode (or one
     whose config says ``use_cache``) makes one otherwise, silently attending across examples;
-    ``example_of`` ``(R, W)``: the index (into the
-    rows given to :func:`pack_rows`) of the example at each position, ``-1`` on padding;
-    ``real_tokens``: the examples' tokens, padding excluded."""
+    ``example_of`` ``(R, W)``: the index (into the rows given to :func:`pack_rows`) of the
+    example at each position, ``-1`` on padding; ``real_tokens``: the examples' tokens,
+    padding excluded."""
 
     batch: dict[str, torch.Tensor]
     example_of: torch.Tensor
