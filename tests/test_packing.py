@@ -243,3 +243,21 @@ def test_a_dpo_task_refuses_packing():
             raise AssertionError
 
     assert "computes its own loss" in packing_problem(Pairs())
+
+
+def test_auto_packs_on_a_cpu_where_it_can_and_not_where_it_cannot(make_recipe, monkeypatch):
+    import plugtune.training.train as train
+
+    calls = []
+    real = train.pack_rows
+    monkeypatch.setattr(train, "pack_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plugtune.run(plugtune.load_recipe(make_recipe(name="auto-lora", training=_training(max_steps=2))), show_progress=False)
+    assert len(calls) == 2  # the default (auto) packed a causal-LM run on the CPU
+    calls.clear()
+    prefix = {"name": "prefix", "options": {"num_virtual_tokens": 4}}
+    plugtune.run(plugtune.load_recipe(make_recipe(name="auto-prefix", method=prefix, training=_training(max_steps=2))),
+                 show_progress=False)
+    assert calls == []  # auto leaves a method that cannot pack unpacked, without an error
+    from plugtune.training.runtime import choose_packing
+
+    assert choose_packing(on_cuda=False) and not choose_packing(on_cuda=True)
