@@ -1,9 +1,12 @@
 """fp32 or bf16 on this CPU, measured: the matrix-product limit, the SFT throughput benchmark in
 each precision (beside the peer), the achieved FLOP/s as a fraction of the limit, and the
-per-example loss in bf16 against fp32. Writes the "precision" section of BENCHMARKS.md.
+per-example loss in bf16 against fp32. Writes the "precision" section of BENCHMARKS.md on a CPU
+with native bf16, the "precision-no-bf16" section on one without (AVX2-only: there bf16 is
+emulated, about 75x slower than fp32 here, so auto is fp32 and only the default and the peer are
+run).
 
-    python bench/precision.py            # about 13 minutes on 2 cores
-    python bench/precision.py --section  # the section again from bench/out/throughput/precision.json
+    python bench/precision.py            # about 13 minutes on 2 cores (7 without native bf16)
+    python bench/precision.py --section  # the sections again from bench/out/throughput/precision*.json
     python bench/precision.py --attention  # torch's CPU attention, fp32 against bf16 (a few seconds)
 
 * **The limit:** the sustained rate of ``(tokens, hidden) @ (hidden, intermediate)`` and back at
@@ -47,7 +50,29 @@ CONFIGS = [  # label, overrides
     ("bf16 autocast, bf16 base weights", ["training.precision=bf16", "training.base_dtype=bf16"]),
     ("auto (the default)", []),
 ]
+NO_BF16_CONFIGS = [  # a CPU without native bf16 emulates it (about 75x slower here): auto is fp32 there
+    ("auto (the default: fp32 on this CPU)", []),
+]
 LABEL_TOKENS_PER_ROW = 2
+
+
+def configs_for(native_bf16: bool) -> list[tuple[str, list[str]]]:
+    """The configurations measured on this CPU: the bf16 ones only where it has bf16 instructions."""
+    return CONFIGS if native_bf16 else NO_BF16_CONFIGS
+
+
+def quickstart_configs(native_bf16: bool) -> dict[str, list[str]]:
+    """The quickstart before and after: fp32 against auto (where auto is fp32 too, nothing to compare)."""
+    return {"fp32": ["training.precision=fp32"], "auto": []} if native_bf16 else {}
+
+
+def saved_results(native_bf16: bool) -> Path:
+    return throughput.OUT / ("precision.json" if native_bf16 else "precision-no-bf16.json")
+
+
+def section_key(native_bf16: bool) -> str:
+    """BENCHMARKS.md keeps one section per kind of CPU: one run does not overwrite the other's."""
+    return "precision" if native_bf16 else "precision-no-bf16"
 
 
 def flops_per_step(config: dict, record: dict, rows: int) -> float:
@@ -88,7 +113,7 @@ def probe_main() -> None:
     from plugtune.training.runtime import choose_threads
 
     threads = choose_threads(None)
-    rows = 8 * 40  # a batch of 8 at about the benchmark's mean padded length
+    rows = 8 * 22  # a batch of 8 at about the benchmark's mean padded length (computed_tokens: 3056 in 18 steps)
     rates = {dtype: matmul_rate(rows, 576, 1536, dtype, "cpu", threads) for dtype in ("float32", "bfloat16")}
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2")))
     print(json.dumps({"fp32": rates["float32"], "bf16": rates["bfloat16"], "threads": threads, "rows": rows,
@@ -169,9 +194,11 @@ def parity_main(train: str) -> None:
 def section(probe: dict, parity: dict, peer: list[dict], runs: dict[str, list[dict]], flops: dict[str, list[dict]],
             chosen: list[str], quickstart: dict | None = None) -> str:
     mean = throughput.mean_of
+    configs = configs_for(probe["native_bf16"])
     peer_tps, peer_cpu = mean(peer, "real_tokens_per_s"), mean(peer, "real_tokens_per_cpu_s")
     lines = [
-        "## Precision on a CPU: fp32 or bf16, measured (issue 20)", "",
+        "## Precision on a CPU: fp32 or bf16, measured (issue 20)" if probe["native_bf16"]
+        else "## A CPU without native bf16 (AVX2): fp32, measured (issue 20)", "",
         f"Command: `python bench/precision.py`. Machine: {probe['cpu']}, {probe['threads']} threads, torch "
         f"{probe['torch']}; flags: {', '.join(probe['flags']) or 'none of avx2/avx512/amx'} (native bf16: "
         f"{'yes' if probe['native_bf16'] else 'no'}). {ROUNDS} rounds, the configurations and the peer taking turns, "
@@ -187,31 +214,35 @@ def section(probe: dict, parity: dict, peer: list[dict], runs: dict[str, list[di
         f"| Trainer + peft (its defaults, fp32) | {peer_tps:.1f} | {_rounds(peer)} | 1.00x | {peer_cpu:.1f} | 1.00x | "
         f"{mean(peer, 'seconds_per_step'):.3f} | | | {mean(peer, 'dev_loss'):.4f} | {mean(peer, 'peak_rss_mb'):.0f} MB |",
     ]
-    for label, _ in CONFIGS:
+    for label, _ in configs:
         r, f = runs[label], flops[label]
         rate = statistics.mean(x["flops_per_s"] for x in f)
-        limit = probe["bf16"] if "bf16" in label or (label.startswith("auto") and chosen and "bf16" in chosen[0]) else probe["fp32"]
+        in_bf16 = "bf16" in label or (label.startswith("auto") and chosen and chosen[0].startswith("bf16"))
+        limit = probe["bf16"] if probe["native_bf16"] and in_bf16 else probe["fp32"]
         lines.append(f"| plugtune, {label} | {mean(r, 'real_tokens_per_s'):.1f} | {_rounds(r)} | {mean(r, 'real_tokens_per_s') / peer_tps:.2f}x | "
                      f"{mean(r, 'real_tokens_per_cpu_s'):.1f} | {mean(r, 'real_tokens_per_cpu_s') / peer_cpu:.2f}x | "
                      f"{mean(r, 'seconds_per_step'):.3f} | {rate / 1e9:.1f} | {rate / limit:.0%} | "
                      f"{mean(r, 'dev_loss'):.4f} | {mean(r, 'peak_rss_mb'):.0f} MB |")
     lines += ["", "Each round's figure is in the column \"each round\": the machine is shared, and rounds can differ by a fifth.",
-              "", f"`precision: auto` chose, in its runs: {'; '.join(sorted(set(chosen))) or 'not recorded'}.", "",
+              "", f"`precision: auto` chose, in its runs: {'; '.join(sorted(set(chosen))) or 'not recorded'}.", ""]
+    if parity:
+        lines += [
               f"Per-example loss, {parity['examples']} training rows (mean fp32 loss {parity['mean_loss']:.4f}): bf16 autocast "
               f"max |difference| {parity['autocast']['max_abs_diff']:.2e} (relative {parity['autocast']['max_rel_diff']:.1e}, "
               f"mean {parity['autocast']['mean_abs_diff']:.1e}); bf16 base weights under autocast max "
               f"{parity['bf16_base']['max_abs_diff']:.2e} (relative {parity['bf16_base']['max_rel_diff']:.1e}, mean "
               f"{parity['bf16_base']['mean_abs_diff']:.1e}). The base with a seeded LoRA is untrained for the task "
               "(loss about 6), where bf16's 8-bit mantissa moves a loss by a few tenths of a percent per layer; after "
-              f"training the dev losses are the table's: within {_spread(runs):.1%} of fp32's.", ""]
-    auto = mean(runs[CONFIGS[-1][0]], "real_tokens_per_s") / peer_tps
+              f"training the dev losses are the table's: within {_spread(runs, configs):.1%} of fp32's.", ""]
+    auto = mean(runs[configs[-1][0]], "real_tokens_per_s") / peer_tps
     target = 2.5 if probe["native_bf16"] else 2.0
     lines.append(f"Target (issue 20): {target}x the peer's real tokens/s on a CPU {'with' if probe['native_bf16'] else 'without'} "
                  f"native bf16; the default (`auto`) reached {auto:.2f}x: {'met' if auto >= target else 'not met'}.")
     if quickstart:
         before, after = quickstart["fp32"], quickstart["auto"]
-        lines += ["", f"Quickstart (`recipes/quickstart.yaml`, {after['steps']} steps, `bench/run_one.py` with `training.precision` fp32, "
-                  f"then auto): training {before['train_seconds']:.1f} s -> {after['train_seconds']:.1f} s "
+        first = " ".join(f"`{o}`" for o in quickstart_configs(probe["native_bf16"])["fp32"])
+        lines += ["", f"Quickstart (`recipes/quickstart.yaml`, {after['steps']} steps, `bench/run_one.py` with {first}, "
+                  f"then the defaults): training {before['train_seconds']:.1f} s -> {after['train_seconds']:.1f} s "
                   f"({before['train_seconds'] / after['train_seconds']:.2f}x), held-out accuracy {before['after']['accuracy']:.4f} -> "
                   f"{after['after']['accuracy']:.4f}, loss {before['after']['loss']:.4f} -> {after['after']['loss']:.4f}, peak RSS "
                   f"{before['peak_rss_mb']:.0f} MB -> {after['peak_rss_mb']:.0f} MB"
@@ -223,9 +254,9 @@ def _rounds(runs: list[dict]) -> str:
     return ", ".join(f"{r['real_tokens_per_s']:.0f}" for r in runs)
 
 
-def _spread(runs: dict[str, list[dict]]) -> float:
+def _spread(runs: dict[str, list[dict]], configs: list[tuple[str, list[str]]]) -> float:
     """The largest relative gap between a configuration's mean dev loss and fp32's."""
-    fp32 = throughput.mean_of(runs[CONFIGS[0][0]], "dev_loss")
+    fp32 = throughput.mean_of(runs[configs[0][0]], "dev_loss")
     return max(abs(throughput.mean_of(r, "dev_loss") - fp32) / fp32 for r in runs.values())
 
 
@@ -236,16 +267,19 @@ def main() -> None:
     recipe = throughput.write_recipe(train, dev)
     me = str(Path(__file__).resolve())
     probe = throughput.child([me, "--probe"])
-    parity = throughput.child([me, "--parity", str(train)])
+    native = bool(probe["native_bf16"])
+    configs = configs_for(native)
+    # bf16 against fp32 per example; where bf16 is emulated (minutes per pass) it is never chosen
+    parity = throughput.child([me, "--parity", str(train)]) if native else None
     peer: list[dict] = []
-    runs: dict[str, list[dict]] = {label: [] for label, _ in CONFIGS}
-    flops: dict[str, list[dict]] = {label: [] for label, _ in CONFIGS}
+    runs: dict[str, list[dict]] = {label: [] for label, _ in configs}
+    flops: dict[str, list[dict]] = {label: [] for label, _ in configs}
     chosen: list[str] = []
     config = smollm2_config()
     for round_ in range(ROUNDS):
         peer.append(throughput.child([str(ROOT / "bench" / "throughput.py"), "--peer", str(train), str(dev)]))
-        for number, (label, overrides) in enumerate(CONFIGS):
-            name = f"precision-{number}-{label.split()[0]}-{round_}"
+        for number, (label, overrides) in enumerate(configs):
+            name = f"precision-{number}-{label.split()[0].strip(',')}-{round_}"
             result = throughput.plugtune_run(recipe, name, overrides)
             out = throughput.OUT / name
             manifest = json.loads((out / "plugtune.json").read_text())
@@ -253,23 +287,26 @@ def main() -> None:
             flops[label].append(achieved(label, out, config))
             if not overrides:
                 chosen.append(str(manifest["training"].get("precision", {}).get("reason", "")))
-    quickstart = {p: throughput.child([str(ROOT / "bench" / "run_one.py"), "recipes/quickstart.yaml", f"training.precision={p}",
-                                       f"output.dir={throughput.OUT / f'quickstart-{p}'}"]) for p in ("fp32", "auto")}
-    (throughput.OUT / "precision.json").write_text(json.dumps({"probe": probe, "parity": parity, "peer": peer, "runs": runs,
-                                                               "flops": flops, "chosen": chosen, "quickstart": quickstart}, indent=2))
+    quickstart = {key: throughput.child([str(ROOT / "bench" / "run_one.py"), "recipes/quickstart.yaml", *overrides,
+                                         f"output.dir={throughput.OUT / f'quickstart-{key}'}"])
+                  for key, overrides in quickstart_configs(native).items()}
+    saved_results(native).write_text(json.dumps({"probe": probe, "parity": parity, "peer": peer, "runs": runs, "flops": flops,
+                                                 "chosen": chosen, "quickstart": quickstart}, indent=2))
     text = section(probe, parity, peer, runs, flops, chosen, quickstart)
-    write_section(text, key="precision")
+    write_section(text, key=section_key(native))
     print(text)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--section"]:  # the section again from the last run's precision.json
+    if sys.argv[1:2] == ["--section"]:  # the sections again from the last runs' saved results, for each kind of CPU
         from methods import write_section
 
-        saved = json.loads((throughput.OUT / "precision.json").read_text())
-        write_section(section(saved["probe"], saved["parity"], saved["peer"], saved["runs"], saved["flops"], saved["chosen"],
-                              saved.get("quickstart")),
-                      key="precision")
+        for native in (True, False):
+            if saved_results(native).exists():
+                saved = json.loads(saved_results(native).read_text())
+                write_section(section(saved["probe"], saved["parity"], saved["peer"], saved["runs"], saved["flops"],
+                                      saved["chosen"], saved.get("quickstart")),
+                              key=section_key(native))
     elif sys.argv[1:2] == ["--attention"]:
         attention_main()
     elif sys.argv[1:2] == ["--probe"]:

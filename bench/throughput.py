@@ -31,7 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "throughput"
-SST2 = ROOT.parent / "shared" / "data" / "sst2"
+# ../shared/data/sst2 (CI and the dev machines); THROUGHPUT_SST2 where it lies elsewhere (a GPU
+# machine gets a copy carried in bench/out/sst2, see bench/gpu_check.sh)
+SST2 = Path(os.environ.get("THROUGHPUT_SST2", ROOT.parent / "shared" / "data" / "sst2"))
 WARMUP = 3
 TIMED = int(os.environ.get("THROUGHPUT_TIMED_STEPS", "15"))  # smaller for a smoke test of the harness
 ROUNDS = int(os.environ.get("THROUGHPUT_ROUNDS", "2"))
@@ -50,6 +52,8 @@ DEVICE = os.environ.get("THROUGHPUT_DEVICE", "cpu")  # cuda: bench/gpu_check.sh'
 def write_data() -> tuple[Path, Path]:
     """A seeded 2,000-row subset of SST-2 train and 64 dev rows, as TSV files both sides read."""
     OUT.mkdir(parents=True, exist_ok=True)
+    if not (SST2 / "train.tsv").is_file() or not (SST2 / "dev.tsv").is_file():
+        raise SystemExit(f"SST-2 not found in {SST2} (train.tsv, dev.tsv); set THROUGHPUT_SST2 to its folder")
 
     def rows(path: Path) -> list[str]:
         return [line for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]

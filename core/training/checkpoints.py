@@ -4,7 +4,8 @@ A checkpoint is a folder ``<output>/checkpoints/step-N/``::
 
     trainable.safetensors   every trainable parameter of the prepared model, by name
     best.safetensors        the weights a regularizer (early stopping) marked best, if any
-    training_state.pt       optimizer and scheduler state, torch/python/numpy(/CUDA) RNG
+    training_state.pt       optimizer and scheduler state (under training.distributed: fsdp
+                            gathered whole, keyed by parameter name), torch/python/numpy(/CUDA) RNG
                             states, each regularizer's state (read back with weights_only);
                             in a data-parallel run these last two for every process
                             (``processes``, by rank), since each draws its own random numbers
@@ -380,7 +381,7 @@ class Checkpointer:
 
     def __init__(self, output_dir: Path, recipe_raw: dict[str, Any], *, every: int, keep: int, model: Any,
                  optimizer: Any, scheduler: Any, regularizers: list[tuple[str, Any]], unwrap: Any,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, sharded: bool = False) -> None:
         self.output_dir = Path(output_dir)
         self.recipe_raw = recipe_raw
         self.every, self.keep = every, keep
@@ -389,6 +390,7 @@ class Checkpointer:
         self.unwrap = unwrap
         self.rank, self.world = rank, world
         self.is_main = rank == 0
+        self.sharded = sharded  # FSDP: weights and optimizer state are gathered whole to write (see save)
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -422,10 +424,11 @@ class Checkpointer:
         ``finished``: training is over (saving the adapter failed); a resume only evaluates and
         saves."""
         processes = self._gather(self._process_state())
+        trainable, optimizer = self._whole_state()
         if not self.is_main:
             return checkpoints_dir(self.output_dir) / f"step-{state.step}"
         training_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             **processes[0],  # "rng" and "regularizers": the main process's, as single-process checkpoints hold them
         }
@@ -439,9 +442,20 @@ class Checkpointer:
             "best": state.best.summary() if state.best else {},
             **({"finished": True} if finished else {}),
         }
-        return write_checkpoint(self.output_dir, state.step, trainable=self._trainable(),
+        return write_checkpoint(self.output_dir, state.step, trainable=trainable,
                                 best=state.best.state if state.best else None, training_state=training_state,
                                 meta=meta, keep=self.keep)
+
+    def _whole_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The trainable weights and the optimizer state, whole. A sharded model's are gathered
+        to the main process (collectives, every process calls this): the weights by name, the
+        optimizer state keyed by parameter name (torch's full optimizer state dict), so a
+        checkpoint is the same set of files, written atomically by the main process alone."""
+        if not self.sharded:
+            return self._trainable(), (self.optimizer.state_dict() if self.is_main else {})
+        from plugtune.training.sharding import full_optimizer_state, full_tensors
+
+        return full_tensors(self._trainable()), full_optimizer_state(self.model, self.optimizer)
 
     def own_state(self, checkpoint: Checkpoint) -> tuple[dict[str, Any], str | None]:
         """This process's RNG and regularizer states in ``checkpoint``, and a note when they
@@ -470,10 +484,16 @@ class Checkpointer:
         if set(params) != set(checkpoint.trainable):
             raise TrainingError(f"--resume: {checkpoint.path} holds other trainable weights than the prepared model; "
                                 f"start over with --overwrite")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(checkpoint.trainable[name])
-        self.optimizer.load_state_dict(checkpoint.training_state["optimizer"])
+        if self.sharded:  # every process read the whole checkpoint; each keeps its shards
+            from plugtune.training.sharding import load_full_optimizer_state, load_full_parameters
+
+            load_full_parameters(params, checkpoint.trainable)
+            load_full_optimizer_state(self.model, self.optimizer, checkpoint.training_state["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(checkpoint.trainable[name])
+            self.optimizer.load_state_dict(checkpoint.training_state["optimizer"])
         self.scheduler.load_state_dict(checkpoint.training_state["scheduler"])
         own, note = self.own_state(checkpoint)
         for i, (name, reg) in enumerate(self.regularizers):

@@ -5,7 +5,13 @@ The launcher is torch's own (``python -m torch.distributed.run --standalone``), 
 training loop's :class:`accelerate.Accelerator` reads the rank and world size from the
 environment, wraps the model in DDP (gloo on CPUs, NCCL on GPUs) and averages gradients.
 ``accelerate launch -m plugtune.cli run RECIPE`` and ``torchrun -m plugtune.cli run RECIPE``
-do the same with their own options (GPUs, several nodes, FSDP: see README "Performance").
+do the same with their own options (GPUs, several nodes: see README "Several processes").
+
+``training.distributed`` chooses how the processes hold the model: ``ddp`` (the default)
+as above; ``fsdp`` shards its parameters, gradients and optimizer state over them with
+torch's FSDP2 (core/training/sharding.py; the accelerator is then not handed the model), so
+each holds about 1/N of them. The same launchers start either; tests/test_fsdp.py runs it
+with two gloo processes through this one.
 
 How the processes split the work (core/train.py, core/batching.py): ``training.batch_size``
 is the global batch; every process computes the same batch order from ``(seed, epoch)`` and

@@ -34,6 +34,14 @@ core/training/budget.py)::
     {"event": "plan", "step": 4, "budget": "10m", "total_steps": 1150, "reason": str,
      "seconds_per_token": float | None, "tokens_per_step": float | None}
 
+``memory`` (a run of several processes, once, after step 1: the training state each process
+holds, in rank order, core/training/sharding.py ``resident_state_bytes``; and each process's
+peak RSS so far, loading included)::
+
+    {"event": "memory", "step": 1, "distributed": "ddp" | "fsdp", "sharded": bool,
+     "state_bytes": [int, ...], "parameters_bytes": [int, ...], "gradients_bytes": [int, ...],
+     "optimizer_bytes": [int, ...], "peak_rss_bytes": [int, ...]}
+
 ``best`` (when a regularizer kept earlier weights than the last)::
 
     {"event": "best", "step": 12, "<metric>": float, ...}

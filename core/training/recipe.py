@@ -164,6 +164,11 @@ class TrainingBlock(_Strict):
     max_length: int = Field(256, gt=0, le=MAX_COUNT)
     max_grad_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="a run of several processes (--nproc, torchrun, accelerate launch): ddp keeps the whole model "
+                           "in every process; fsdp shards its parameters, gradients and optimizer state over them "
+                           "(torch FSDP2, one unit per decoder layer; core/training/sharding.py). One process trains "
+                           "unsharded either way")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="dtype the frozen base is loaded in; auto: fp32 on CPU, bf16 on a GPU unless the method trains base weights")
@@ -559,6 +564,7 @@ def validate(
         if spec is not None:
             problems.extend(_check_packing(spec.training, task, method))
     problems.extend(_check_streaming(loader, sources, spec, regularizers))
+    problems.extend(_check_distributed(spec, method, regularizers))
     if task is not None and method is not None:
         problems.extend(_check_reference(task, method, loader, regularizers))
     problems.extend(_check_metric_directions(regularizers, evaluators))
@@ -589,6 +595,29 @@ def default_evaluators(plugins: PluginSystem) -> list[str]:
     declares ``default = True`` (the built-in ``loss`` does). The core names none itself, so a
     plugin may add to the defaults or a distribution without the built-ins provide its own."""
     return [name for name in plugins.names("evaluator") if getattr(plugins.get("evaluator", name).obj, "default", False) is True]
+
+
+# Hooks of a regularizer that read or rewrite parameters or gradients: under fsdp those are
+# each process's shards (DTensors), which code written for whole tensors cannot use.
+PARAMETER_HOOKS = ("loss_term", "after_backward")
+
+
+def _check_distributed(spec: RecipeSpec | None, method: Bound | None, regularizers: list[Bound | None]) -> list[str]:
+    """Why ``training.distributed: fsdp`` cannot train this recipe, before any weight loads: a
+    method that loads its base quantized (int8/4-bit weights cannot be split into DTensor
+    shards), a regularizer with a hook over parameters or gradients (:data:`PARAMETER_HOOKS`)."""
+    if spec is None or spec.training.distributed != "fsdp":
+        return []
+    problems = []
+    if method is not None and hasattr(method.component.obj, "base_loading"):
+        problems.append(f"training.distributed: fsdp cannot shard the quantized base that {method.name} loads; "
+                        f"use training.distributed: ddp, or a method on an unquantized base")
+    for i, bound in enumerate(regularizers):
+        hooks = [h for h in PARAMETER_HOOKS if bound is not None and hasattr(bound.component.obj, h)]
+        if hooks:
+            problems.append(f"regularizers[{i}]: {bound.name}'s {hooks[0]} reads parameters or gradients, which under "
+                            f"training.distributed: fsdp are per-process shards; drop it or use training.distributed: ddp")
+    return problems
 
 
 def _check_metric_directions(regularizers: list[Bound | None], evaluators: list[Bound | None]) -> list[str]:

@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ from plugtune.data.encoding import REFERENCE, Row, collate_rows
 from plugtune.data.packing import attention_problem, pack_rows, packed_width, packing_problem
 from plugtune.data.streaming import StreamedTraining
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
+from plugtune.training import sharding
 from plugtune.training.budget import CALIBRATION_STEPS, OVERRUN, BudgetPlanner, Plan, rebuild_schedule
 from plugtune.training.rates import ChosenRates, choose_rates, is_new_parameter, with_head_rate
 from plugtune.training.recipe import Recipe, TrainingBlock
@@ -250,7 +252,7 @@ def _run(recipe: Recipe, *, plugins: PluginSystem | None, console: Console | Non
     checkpointer = Checkpointer(out, recipe.raw, every=data.training.checkpoint_every, keep=data.training.checkpoint_keep,
                                 model=trainee.model, optimizer=trainee.optimizer, scheduler=trainee.scheduler,
                                 regularizers=data.regularizers, unwrap=process.accelerator.unwrap_model,
-                                rank=process.rank, world=process.world)
+                                rank=process.rank, world=process.world, sharded=trainee.sharded)
     if resuming:
         note = checkpointer.restore(resuming, state, data.train_count)
         _resume_plan(trainee, state, data.training, process, resuming)
@@ -291,6 +293,7 @@ class _Process:
     show_progress: bool
     metrics_log: Path
     precision: TrainingPrecision | None = None  # training.precision's outcome, kept in the manifest
+    sharded: bool = False  # training.distributed: fsdp over several processes (core/training/sharding.py)
 
     @property
     def main(self) -> bool:
@@ -323,13 +326,26 @@ class _Process:
     def log_size(self) -> int:
         return self.metrics_log.stat().st_size if self.main and self.metrics_log.exists() else 0
 
-    def on_main(self, compute: Any) -> Any:
-        """``compute()`` on the main process, its result shared with the others."""
+    def on_main(self, compute: Any, everywhere: bool = False) -> Any:
+        """``compute()`` on the main process, its result shared with the others. ``everywhere``:
+        every process computes (a sharded model's forward passes are collectives) and the main
+        process's result is the one kept, so that all agree on what follows from it."""
         if self.world == 1:
             return compute()
         from accelerate.utils import broadcast_object_list
 
-        return broadcast_object_list([compute() if self.main else None], from_process=0)[0]
+        result = compute() if self.main or everywhere else None
+        return broadcast_object_list([result if self.main else None], from_process=0)[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's ``value``, in rank order, on every process (a collective)."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
 
 
 @dataclass
@@ -379,6 +395,14 @@ class _Trainee:
     planner: BudgetPlanner | None = None  # training.budget: chooses total_steps (core/training/budget.py)
     rates: ChosenRates | None = None  # learning_rate: auto's choice (core/training/rates.py)
     packing: bool = False  # training.packing as decided for this run (core/data/packing.py)
+    sharded: bool = False  # the model is sharded with FSDP (training.distributed: fsdp, several processes)
+    state_bytes: dict[str, int] | None = None  # this process's training state after the first step (sharding.py)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The method's adapter tensors, whole: of a sharded model each process gathers its
+        shards with the others' (so every process calls it at the same point)."""
+        state = self.method.adapter_state(self.unwrapped)
+        return sharding.full_tensors(state) if self.sharded else state
 
 
 @dataclass
@@ -412,7 +436,8 @@ class _Scoring:
     def score_lazily(self, model: Any, rows: list[Row]) -> EvalMetrics:
         """:meth:`score` of the module ``model()`` returns, called on the main process only."""
         with self.process.accelerator.autocast():
-            metrics = self.process.on_main(lambda: evaluate(model(), rows, self.task, self.evaluators, **self.kwargs))
+            metrics = self.process.on_main(lambda: evaluate(model(), rows, self.task, self.evaluators, **self.kwargs),
+                                           everywhere=self.process.sharded)
         return EvalMetrics(metrics, self.directions, details=metrics.details)
 
     def log_test(self, state: RunState, tag: str, metrics: dict[str, float]) -> EvalMetrics:
@@ -661,6 +686,7 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
     model = call_prepare(method, data.base.model, task, context)
     fp32_master_weights(model)
     trainable, total = count_parameters(model)
+    process.sharded = _shard(model, t, process)  # before the optimizer: it must hold the sharded parameters
     for _, reg in regularizers:
         if hasattr(reg, "setup"):
             reg.setup(model, task, data.tokenizer)
@@ -678,7 +704,10 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
     make_optimizer = getattr(method, "optimizer", None)
     optimizer = make_optimizer(groups, rate) if make_optimizer else torch.optim.AdamW(groups, lr=rate)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
-    model, optimizer, scheduler = process.accelerator.prepare(model, optimizer, scheduler)
+    if process.sharded:  # FSDP2 already wraps the model; accelerate would wrap it in DDP too
+        optimizer, scheduler = process.accelerator.prepare(optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = process.accelerator.prepare(model, optimizer, scheduler)
     unwrapped = process.accelerator.unwrap_model(model)  # evaluation runs on the main process, outside DDP
     # a stream is shuffled through a buffer instead of grouped by length (its lengths are never all known)
     lengths = [len(r["input_ids"]) for r in data.train_rows] if t.group_by_length and data.stream is None else None
@@ -693,7 +722,7 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
     packing = _decide_packing(t, task, data, unwrapped, process, recipe.method.name)
     return _Trainee(method, model, unwrapped, optimizer, scheduler, trainable, total, total_steps,
                     output_head(unwrapped), label_only and own_loss is None, lengths, own_loss, live, planner, rates,
-                    packing)
+                    packing, sharded=process.sharded)
 
 
 def _decide_packing(t: TrainingBlock, task: Any, data: _Data, model: torch.nn.Module, process: _Process,
@@ -710,6 +739,24 @@ def _decide_packing(t: TrainingBlock, task: Any, data: _Data, model: torch.nn.Mo
     if packing:
         process.console.print("packing: several examples per row, each with its own positions and attention")
     return packing
+
+
+def _shard(model: torch.nn.Module, t: TrainingBlock, process: _Process) -> bool:
+    """``training.distributed: fsdp``: shard the prepared model over the processes (FSDP2,
+    core/training/sharding.py); a single process has nothing to shard and trains as under
+    ``ddp`` (said once). Returns whether the model is sharded."""
+    if t.distributed != sharding.FSDP:
+        return False
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate's own FSDP would wrap it again
+        raise RecipeError(["training.distributed: fsdp shards the model itself; launch with an accelerate config of "
+                           "distributed_type MULTI_GPU (or torchrun), not accelerate's distributed_type FSDP"])
+    if process.world == 1:
+        process.console.print("training.distributed: fsdp with one process: nothing to shard, training unsharded")
+        return False
+    units = sharding.shard_model(model)
+    process.console.print(f"fsdp: parameters, gradients and optimizer state sharded over {process.world} processes "
+                          f"({units} decoder layers + the root)")
+    return True
 
 
 def fp32_master_weights(model: torch.nn.Module) -> int:
@@ -773,7 +820,7 @@ def _evaluate_and_decide(tag: str, state: RunState, scoring: _Scoring, trainee: 
             continue
         if decision.best:  # a copy: on the CPU adapter_state's tensors share the live weights' storage
             state.best = BestWeights(step=state.step, metrics=dict(metrics),
-                                     state={k: v.clone() for k, v in trainee.method.adapter_state(trainee.unwrapped).items()},
+                                     state={k: v.clone() for k, v in trainee.adapter_state().items()},
                                      train=scoring.train(state, trainee.unwrapped, "best"))  # scored now: these weights may not be the last
         if decision.stop:
             stop = True
@@ -857,6 +904,8 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
                 state.history.append(record)
                 if state.step % t.log_every == 0 or state.step == total_steps:
                     process.log(record)
+                if state.step == 1 and world > 1:
+                    _log_state_bytes(process, trainee, t)
                 progress.update(bar, advance=1, loss=record["loss"], lr=record["lr"], tps=record["tokens_per_s"])
                 scoring.plugins.call_lifecycle("on_step_end", run=state, step=state.step, metrics=record)
                 if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
@@ -880,6 +929,21 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
             if stop:
                 break
     return earlier_seconds + time.perf_counter() - started
+
+
+def _log_state_bytes(process: _Process, trainee: _Trainee, t: TrainingBlock) -> None:
+    """After the first step of a data-parallel run: the training state each process holds
+    (parameters, gradients, optimizer state; core/training/sharding.py), logged as a
+    ``memory`` record, so that ``ddp`` and ``fsdp`` can be compared (BENCHMARKS.md), with each
+    process's peak RSS so far (loading included; the optimizer state exists from this step)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    per_process = process.gather({**(trainee.state_bytes or {}), "peak_rss": peak})
+    process.log({"event": "memory", "step": 1, "distributed": t.distributed, "sharded": trainee.sharded,
+                 "state_bytes": [p.get("total", 0) for p in per_process],
+                 "peak_rss_bytes": [p.get("peak_rss", 0) for p in per_process],
+                 **{f"{k}_bytes": [p.get(k, 0) for p in per_process] for k in ("parameters", "gradients", "optimizer")}})
 
 
 def _resume_plan(trainee: _Trainee, state: RunState, t: TrainingBlock, process: _Process, resuming: Checkpoint) -> None:
@@ -965,12 +1029,15 @@ def _micro_step(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torc
         raise TrainingError(f"loss became {float(loss.detach())} at step {state.step + 1}; lower training.learning_rate or check the data")
     accelerator.backward(loss)
     if accelerator.sync_gradients:
-        terms["grad_norm"] = _grad_norm(model, accelerator, t.max_grad_norm)
+        terms["grad_norm"] = (sharding.grad_norm(model, t.max_grad_norm) if trainee.sharded
+                              else _grad_norm(model, accelerator, t.max_grad_norm))
         for name, reg in regularizers:
             if hasattr(reg, "after_backward"):
                 terms.update({f"{name}/{k}": v for k, v in (reg.after_backward(model, state.step) or {}).items()})
     trainee.optimizer.step()
     trainee.scheduler.step()
+    if accelerator.sync_gradients and trainee.state_bytes is None:  # the state in full: gradients and moments exist
+        trainee.state_bytes = sharding.resident_state_bytes(model, trainee.optimizer)
     if accelerator.sync_gradients and hasattr(trainee.method, "on_step"):  # before zero_grad: it may read gradients
         trainee.method.on_step(trainee.unwrapped, state.step + 1)  # the step this optimizer update completes
     trainee.optimizer.zero_grad()
@@ -1002,7 +1069,7 @@ def _artifact_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Tr
             adapter_state, after, train_metrics = best.state, best.metrics, best.train
             process.log({"event": "best", "step": best.step, **after})
         else:
-            adapter_state = trainee.method.adapter_state(trainee.unwrapped)
+            adapter_state = trainee.adapter_state()
             train_metrics = (best.train if best else {}) or scoring.train(state, trainee.unwrapped)
         manifest = _manifest(recipe, data, trainee, state, before=before, after=after, train_metrics=train_metrics,
                              train_seconds=train_seconds, precision=process.precision)

@@ -225,7 +225,7 @@ class FullMethod:
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            current = param.detach().to("cpu").float()
+            current = _whole(param).detach().to("cpu").float()
             if name in self._new:
                 state[f"value.{name}"] = current.clone()
                 continue
@@ -249,6 +249,14 @@ class FullMethod:
             config["lowrank_relative_error"] = self._errors
             config["lowrank_relative_error_max"] = max(self._errors.values())
         return config
+
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """The whole parameter: under training.distributed: fsdp a parameter is a DTensor of
+    which each process holds a shard, gathered here (a collective, so every process calls
+    ``adapter_state``); any other tensor as it is."""
+    gather = getattr(param, "full_tensor", None)
+    return gather() if callable(gather) else param
+
 
 def _check_listed(name: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
     """The weights file holds exactly the tensors the adapter's config lists (adapters saved
