@@ -132,7 +132,7 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def train_records(folder: Path) -> list[dict]:
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    timings = {"tokens_per_s", "step_seconds", "step_cpu_seconds"}  # wall and CPU clocks differ run to run
+    timings = {"tokens_per_s", "step_seconds", "step_cpu_seconds", "peak_rss_bytes"}  # clocks and RSS differ run to run
     return [{k: v for k, v in r.items() if k not in timings} for r in records]
 
 

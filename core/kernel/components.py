@@ -416,6 +416,11 @@ class TuningMethod(Protocol):
       1e-3, and the run says it assumed it.
     * ``check_task(task) -> str | None`` (classmethod) -- called at validation: a reason the
       method cannot train this task (e.g. language-model heads only), or None.
+    * ``cannot_pack: ClassVar[str]`` -- why rows of several examples (``training.packing``,
+      :mod:`plugtune.data.packing`) would mix examples under this method, e.g. it prepends
+      virtual tokens or key/values every position attends to; ``training.packing: true`` is
+      refused with it at validation, and ``auto`` leaves packing off. Absent: packing works
+      (the method changes weights only, and the base keeps each example's attention apart).
     * ``on_step(self, model, step) -> None`` -- called by the training loop after every
       optimizer step and before the gradients are zeroed (``step`` counts from 1), with the
       model ``prepare`` returned (unwrapped from any distributed wrapper): for methods that

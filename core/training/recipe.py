@@ -180,6 +180,12 @@ class TrainingBlock(_Strict):
     # compute savers and hardware defaults (core/batching.py, core/loss.py, core/tokenized_cache.py, core/runtime.py)
     group_by_length: bool = Field(True, description="batch rows of similar length together (less padding); the order stays a function of seed and epoch")
     logits_on_labels_only: bool = Field(True, description="causal LM: apply the LM head and loss only where labels are")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="causal LM and chat tasks: lay each step's batch_size examples into as few rows of at most "
+                            "max(max_length, the longest example) positions as fit, each example with its own positions and "
+                            "attention (core/data/packing.py); the examples and the loss stay those of the unpacked step. "
+                            "true: pack (refused where a task, method or attention cannot); false: one example per row; "
+                            "auto: pack on a CPU wherever true would not be refused (measured faster than length grouping, or equal: BENCHMARKS.md, Packing), not on a GPU (not measured there)")
     cache_tokenized: bool = Field(True, description="reuse tokenized splits across runs (under $PLUGTUNE_HOME/tokenized)")
     threads: int | None = Field(None, gt=0, le=4096, description="CPU threads per process; default: physical cores / processes on this host")
     attention: Literal["auto", "sdpa", "eager"] = Field("auto", description="attention implementation; auto: sdpa on GPUs, the library default on CPUs (with grouped-query SDPA); sdpa/eager: transformers' own, unchanged")
@@ -555,6 +561,8 @@ def validate(
                 if source.loader is not None and source.where not in unbound:  # its task is not known
                     problems.extend(_check_columns(source.loader, source.task or task, spec, source))
         problems.extend(_check_task(task, method, regularizers, evaluators))
+        if spec is not None:
+            problems.extend(_check_packing(spec.training, task, method))
     problems.extend(_check_streaming(loader, sources, spec, regularizers))
     problems.extend(_check_distributed(spec, method, regularizers))
     if task is not None and method is not None:
@@ -968,6 +976,18 @@ def _bind_source_tasks(plugins: PluginSystem, block: Any, task: Task, sources: l
         source.task = make_task(component, options)
         unbound.discard(source.where)
     return unbound
+
+
+def _check_packing(training: TrainingBlock, task: Task, method: Bound | None) -> list[str]:
+    """``training.packing: true`` where rows of several examples cannot keep them apart: a
+    classifier task (one label per row), a task computing its own loss over whole rows, a
+    method that declares ``cannot_pack``. ``auto`` is never refused (it packs only where it can)."""
+    if training.packing is not True:
+        return []
+    from plugtune.data.packing import packing_problem
+
+    reason = packing_problem(task, method.component.obj if method is not None else None, method.name if method else "")
+    return [f"training.packing: {reason}; set training.packing: false (or auto)"] if reason else []
 
 
 def _check_streaming(loader: Bound | None, sources: list[Source], spec: RecipeSpec | None,

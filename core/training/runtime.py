@@ -151,6 +151,18 @@ def choose_attention(requested: str, on_cuda: bool) -> str | None:
     return requested
 
 
+def choose_packing(on_cuda: bool) -> bool:
+    """``training.packing: auto``'s choice where packing is possible (a causal-LM or chat task,
+    a method and an attention that keep packed examples apart): on a CPU, pack; on a GPU,
+    don't. Measured on this project's 2-core CPU (BENCHMARKS.md, "Packing"): packed batches
+    beat length-grouped ones on the SST-2 SFT benchmark (fewer padded positions; the layout
+    never computes more positions than one example per row, and attention over rows a few
+    hundred wide costs little beside the linear layers) and tie on the support chats, whose
+    grouped batches are already 99% full; random or streamed batches gain most. Not measured
+    on a GPU, where SDPA with a packed mask leaves its fused causal kernel: off there until it is."""
+    return not on_cuda
+
+
 FP32_SDPA = "plugtune_fp32_sdpa"
 """The attention implementation of CPU runs in bf16 autocast: transformers' SDPA with the query,
 keys and values in fp32. torch's CPU attention kernels are slower in bf16 than in fp32 (this

@@ -71,6 +71,7 @@ from plugtune.training.loss import label_token_losses, output_head, supports_lab
 from plugtune.training import reference as references
 from plugtune.artifacts.models import BaseInfo, LoadedBase, load_base
 from plugtune.data.encoding import REFERENCE, Row, collate_rows
+from plugtune.data.packing import attention_problem, pack_rows, packed_width, packing_problem
 from plugtune.data.streaming import StreamedTraining
 from plugtune.kernel.registry import PluginSystem, get_plugin_system
 from plugtune.training import sharding
@@ -80,6 +81,7 @@ from plugtune.training.recipe import Recipe, TrainingBlock
 from plugtune.training.tracking import tracked
 from plugtune.training.runtime import (
     choose_attention,
+    choose_packing,
     TrainingPrecision,
     training_precision,
     use_fp32_attention,
@@ -392,6 +394,7 @@ class _Trainee:
     reference: references.LiveReference | None = None  # reference scores computed in every step
     planner: BudgetPlanner | None = None  # training.budget: chooses total_steps (core/training/budget.py)
     rates: ChosenRates | None = None  # learning_rate: auto's choice (core/training/rates.py)
+    packing: bool = False  # training.packing as decided for this run (core/data/packing.py)
     sharded: bool = False  # the model is sharded with FSDP (training.distributed: fsdp, several processes)
     state_bytes: dict[str, int] | None = None  # this process's training state after the first step (sharding.py)
 
@@ -716,9 +719,26 @@ def _model_phase(recipe: Recipe, data: _Data, process: _Process, reference: _Ref
         live = references.LiveReference(task, unwrapped, method.adapter_disabled)
     elif reference is not None and reference.mode == "copy":
         live = references.LiveReference(task, reference.copy)
+    packing = _decide_packing(t, task, data, unwrapped, process, recipe.method.name)
     return _Trainee(method, model, unwrapped, optimizer, scheduler, trainable, total, total_steps,
                     output_head(unwrapped), label_only and own_loss is None, lengths, own_loss, live, planner, rates,
-                    sharded=process.sharded)
+                    packing, sharded=process.sharded)
+
+
+def _decide_packing(t: TrainingBlock, task: Any, data: _Data, model: torch.nn.Module, process: _Process,
+                    method_name: str) -> bool:
+    """Whether this run packs its batches (``training.packing``): ``true`` checks the loaded
+    model's attention too (a one-line error naming the field); ``auto`` follows
+    :func:`~plugtune.training.runtime.choose_packing` where packing is possible. Printed once
+    when it packs."""
+    problem = packing_problem(task, data.method, method_name) or attention_problem(model)
+    if t.packing is True and problem:
+        raise RecipeError([f"training.packing: {problem}; set training.packing: false (or auto)"])
+    packing = t.packing is True or (t.packing == "auto" and problem is None
+                                    and choose_packing(process.device.type == "cuda"))
+    if packing:
+        process.console.print("packing: several examples per row, each with its own positions and attention")
+    return packing
 
 
 def _shard(model: torch.nn.Module, t: TrainingBlock, process: _Process) -> bool:
@@ -847,13 +867,14 @@ def _loop_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Traine
                     rows = shard(rows, process.rank, world)
                 else:
                     window_rows_tokens += sum(len(r["input_ids"]) for r in rows)
-                batch = collate_rows(data.task, rows, pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch, real_tokens = _layout(rows, data, trainee, pad_id)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 for _, reg in regularizers:
                     if hasattr(reg, "transform_batch"):
                         batch = reg.transform_batch(batch, state.step)
                 with accelerator.accumulate(model):
-                    outputs, batch_tokens, terms = _micro_step(model, trainee, batch, regularizers, state, accelerator, t)
+                    outputs, batch_tokens, terms = _micro_step(model, trainee, batch, regularizers, state, accelerator, t,
+                                                               real_tokens)
                 window_tokens += batch_tokens
                 window_computed += batch["input_ids"].numel() * world
                 window_loss += float(outputs.loss.detach())
@@ -954,6 +975,19 @@ def _follow_budget(planner: BudgetPlanner, state: RunState, trainee: _Trainee, t
     return trainee.total_steps, stop
 
 
+def _layout(rows: list[Row], data: _Data, trainee: _Trainee, pad_id: int) -> tuple[dict[str, Any], int]:
+    """This process's rows as the batch the model sees, and their real tokens: the task's
+    collate, or with packing the same rows laid several to a row (core/data/packing.py),
+    whose batch has no attention mask to count tokens with (a task's own collate: its mask's
+    ones, as before packing existed)."""
+    if not trainee.packing:
+        batch = collate_rows(data.task, rows, pad_id)
+        mask = batch.get("attention_mask")
+        return batch, int(mask.sum()) if mask is not None else sum(len(r["input_ids"]) for r in rows)
+    packed = pack_rows(rows, pad_id, packed_width(rows, data.training.max_length))
+    return packed.batch, packed.real_tokens
+
+
 def _epoch(data: _Data, trainee: _Trainee, state: RunState) -> Iterator[tuple[int, list[Row]]]:
     """``(batch index, encoded rows)`` of ``state.epoch`` from ``state.batch`` on (the batches
     before were consumed before the checkpoint this run resumed from): the seeded order of
@@ -971,20 +1005,21 @@ def _epoch(data: _Data, trainee: _Trainee, state: RunState) -> Iterator[tuple[in
 
 def _micro_step(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torch.Tensor],
                 regularizers: list[tuple[str, Any]], state: RunState, accelerator: Any,
-                t: TrainingBlock) -> tuple[Any, int, dict[str, float]]:
+                t: TrainingBlock, real_tokens: int) -> tuple[Any, int, dict[str, float]]:
     """One micro-batch inside ``accelerator.accumulate``: forward, loss terms, backward, and
-    (on a sync step) clipping, ``after_backward`` and the optimizer/scheduler step. Returns
-    the outputs, the global batch's real tokens and the logged terms: the regularizers' and,
-    on a sync step, ``grad_norm``."""
+    (on a sync step) clipping, ``after_backward`` and the optimizer/scheduler step.
+    ``real_tokens``: this process's rows' tokens, padding excluded (counted from the rows: a
+    packed batch has no attention mask). Returns the outputs, the global batch's real tokens
+    and the logged terms: the regularizers' and, on a sync step, ``grad_norm``."""
     world = accelerator.num_processes
     terms: dict[str, float] = {}
     if trainee.own_loss is not None:
         loss, outputs, batch_tokens, terms = _task_loss(model, trainee, batch, world)
     elif trainee.label_only:
-        loss, outputs, batch_tokens = _label_position_loss(model, trainee.head, batch, accelerator)
+        loss, outputs, batch_tokens = _label_position_loss(model, trainee.head, batch, accelerator, real_tokens)
     else:
         outputs = model(**batch)
-        loss, batch_tokens = outputs.loss, int(batch["attention_mask"].sum()) * world
+        loss, batch_tokens = outputs.loss, real_tokens * world
     for name, reg in regularizers:
         term = reg.loss_term(model, batch, outputs, state.step) if hasattr(reg, "loss_term") else None
         if term is not None:
@@ -1115,7 +1150,7 @@ def _task_loss(model: torch.nn.Module, trainee: _Trainee, batch: dict[str, torch
 
 
 def _label_position_loss(model: torch.nn.Module, head: torch.nn.Module | None, batch: dict[str, torch.Tensor],
-                         accelerator: Any) -> tuple[torch.Tensor, Any, int]:
+                         accelerator: Any, real_tokens: int) -> tuple[torch.Tensor, Any, int]:
     """The training loss with logits at the label positions only (core/loss.py): the mean
     over the global batch's label tokens. In a data-parallel run each process divides its
     sum by the global count (times the process count, since DDP averages gradients), so the
@@ -1127,7 +1162,7 @@ def _label_position_loss(model: torch.nn.Module, head: torch.nn.Module | None, b
     world = accelerator.num_processes
     # built on the device: one sync (tolist) per micro-batch rather than one per count
     counts = torch.stack([local_sum.new_tensor(float(token_losses.numel()), dtype=torch.float32),
-                          local_sum.detach().float(), batch["attention_mask"].sum().float()])
+                          local_sum.detach().float(), local_sum.new_tensor(float(real_tokens), dtype=torch.float32)])
     if world > 1:
         counts = accelerator.reduce(counts, reduction="sum")
     label_tokens, global_sum, real_tokens = counts.tolist()

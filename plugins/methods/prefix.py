@@ -52,6 +52,7 @@ class PrefixMethod:
 
     Options = PrefixOptions
     handler = PromptLearningHandler
+    cannot_pack = "prefix tuning gives every row one set of prefix key/values (a cache), under which transformers keeps no packed examples apart"
     adapter_disabled = peft_adapter_off
 
     def reference_learning_rate(self) -> float:

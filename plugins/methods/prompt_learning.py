@@ -354,6 +354,8 @@ class _VirtualTokensMethod:
     handler = PromptLearningHandler
     adapter_disabled = peft_adapter_off
     method_name: ClassVar[str]  # the name errors use
+    cannot_pack: ClassVar[str] = ("its virtual tokens are prepended to each row, so in a row of several examples only "
+                                  "the first would follow them and the others would attend to them")
     options: Any
 
     @classmethod
