@@ -31,6 +31,10 @@ from plugtune.training.recipe import load_recipe
 
 from test_checkpoints import _proc_state, adapter_tensors, finish, gate_path, start, train_records, wait_for  # noqa: F401
 
+# One pytest-xdist worker runs this module (`make test` uses --dist loadgroup), so the module
+# fixtures' two-process runs are made once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("fsdp")
+
 STEPS = 6
 CHECKPOINT_EVERY = 2
 LEARNING_RATE = 1e-3

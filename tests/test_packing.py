@@ -213,6 +213,8 @@ def test_packing_true_is_refused_where_it_cannot_work(make_recipe):
                      training=_training(packing=True)), "method prefix"),
         (make_recipe(name="prompt", method={"name": "prompt_tuning", "options": {"num_virtual_tokens": 4}},
                      training=_training(packing=True)), "virtual tokens"),
+        (make_recipe(name="neftune", regularizers=[{"name": "neftune", "options": {"alpha": 5.0}}],
+                     training=_training(packing=True)), "regularizer neftune: its noise scale"),
     ]
     for path, reason in cases:
         with pytest.raises(RecipeError) as caught:
@@ -258,6 +260,10 @@ def test_auto_packs_on_a_cpu_where_it_can_and_not_where_it_cannot(make_recipe, m
     plugtune.run(plugtune.load_recipe(make_recipe(name="auto-prefix", method=prefix, training=_training(max_steps=2))),
                  show_progress=False)
     assert calls == []  # auto leaves a method that cannot pack unpacked, without an error
+    noisy = [{"name": "neftune", "options": {"alpha": 5.0}}]
+    plugtune.run(plugtune.load_recipe(make_recipe(name="auto-neftune", regularizers=noisy, training=_training(max_steps=2))),
+                 show_progress=False)
+    assert calls == []  # nor a regularizer that cannot (NEFTune's noise follows the row's width)
     from plugtune.training.runtime import choose_packing
 
     assert choose_packing(on_cuda=False) and not choose_packing(on_cuda=True)

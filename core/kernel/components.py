@@ -987,6 +987,9 @@ class Regularizer(Protocol):
       metric improves, as its evaluator declares.
     * ``check_task(task) -> str | None`` (classmethod): at validation, a reason the
       regularizer cannot serve this task, or None.
+    * ``cannot_pack: ClassVar[str]``: why it would act differently on rows holding several
+      examples (``training.packing``), e.g. a scale computed from the row's width;
+      ``packing: true`` is refused with it and ``auto`` leaves packing off.
     * ``check_metrics(options, directions) -> list[str]`` (classmethod): at validation, with
       the :class:`MetricDirections` of the recipe's evaluators; problems such as a metric no
       evaluator declares, each starting with its field path inside the block

@@ -562,7 +562,7 @@ def validate(
                     problems.extend(_check_columns(source.loader, source.task or task, spec, source))
         problems.extend(_check_task(task, method, regularizers, evaluators))
         if spec is not None:
-            problems.extend(_check_packing(spec.training, task, method))
+            problems.extend(_check_packing(spec.training, task, method, regularizers))
     problems.extend(_check_streaming(loader, sources, spec, regularizers))
     problems.extend(_check_distributed(spec, method, regularizers))
     if task is not None and method is not None:
@@ -978,15 +978,18 @@ def _bind_source_tasks(plugins: PluginSystem, block: Any, task: Task, sources: l
     return unbound
 
 
-def _check_packing(training: TrainingBlock, task: Task, method: Bound | None) -> list[str]:
+def _check_packing(training: TrainingBlock, task: Task, method: Bound | None,
+                   regularizers: list[Bound | None]) -> list[str]:
     """``training.packing: true`` where rows of several examples cannot keep them apart: a
     classifier task (one label per row), a task computing its own loss over whole rows, a
-    method that declares ``cannot_pack``. ``auto`` is never refused (it packs only where it can)."""
+    method or regularizer that declares ``cannot_pack``. ``auto`` is never refused (it packs
+    only where it can)."""
     if training.packing is not True:
         return []
     from plugtune.data.packing import packing_problem
 
-    reason = packing_problem(task, method.component.obj if method is not None else None, method.name if method else "")
+    named = [(r.name, r.component.obj) for r in regularizers if r is not None]
+    reason = packing_problem(task, method.component.obj if method is not None else None, method.name if method else "", named)
     return [f"training.packing: {reason}; set training.packing: false (or auto)"] if reason else []
 
 

@@ -731,7 +731,7 @@ def _decide_packing(t: TrainingBlock, task: Any, data: _Data, model: torch.nn.Mo
     model's attention too (a one-line error naming the field); ``auto`` follows
     :func:`~plugtune.training.runtime.choose_packing` where packing is possible. Printed once
     when it packs."""
-    problem = packing_problem(task, data.method, method_name) or attention_problem(model)
+    problem = packing_problem(task, data.method, method_name, data.regularizers) or attention_problem(model)
     if t.packing is True and problem:
         raise RecipeError([f"training.packing: {problem}; set training.packing: false (or auto)"])
     packing = t.packing is True or (t.packing == "auto" and problem is None

@@ -41,7 +41,7 @@ All of them log what they did every step as ``<name>/<key>`` in ``metrics.jsonl`
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -283,6 +283,8 @@ class NEFTune:
     """Noisy input embeddings in training mode only (a forward hook on the input embeddings)."""
 
     Options = NEFTuneOptions
+    cannot_pack: ClassVar[str] = ("its noise scale is alpha / sqrt(L * d) with L the row's width, and a packed row is "
+                                  "several examples wide, so the noise would shrink")
 
     def __init__(self, options: NEFTuneOptions) -> None:
         self.options = options
