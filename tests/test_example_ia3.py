@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+# These modules pip-install into the shared environment and uninstall after: under pytest-xdist
+# they run on one worker, one after the other (`make test` uses --dist loadgroup), or one
+# worker's uninstall would pull a distribution from under another worker's test.
+pytestmark = pytest.mark.xdist_group("installs-into-the-venv")
+
 from plugtune.testing import recipe_dict
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugtune-ia3"

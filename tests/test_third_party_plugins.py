@@ -27,6 +27,11 @@ from typing import Any
 import pytest
 import yaml
 
+# These modules pip-install into the shared environment and uninstall after: under pytest-xdist
+# they run on one worker, one after the other (`make test` uses --dist loadgroup), or one
+# worker's uninstall would pull a distribution from under another worker's test.
+INSTALLS = pytest.mark.xdist_group("installs-into-the-venv")
+
 from plugtune.testing import recipe_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +109,7 @@ def write_recipe(tmp_path: Path, base: Path, data: Path, **sections: Any) -> Pat
     return path
 
 
-pytestmark = pytest.mark.usefixtures("installed_plugins")
+pytestmark = [pytest.mark.usefixtures("installed_plugins"), INSTALLS]
 
 
 # -- the example plugin -----------------------------------------------------------------------
