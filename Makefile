@@ -38,10 +38,10 @@ demo: setup
 TEST_WORKERS ?= auto
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/methods.py

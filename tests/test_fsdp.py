@@ -31,7 +31,7 @@ from plugtune.training.recipe import load_recipe
 
 from test_checkpoints import _proc_state, adapter_tensors, finish, gate_path, start, train_records, wait_for  # noqa: F401
 
-# One pytest-xdist worker runs this module (`make test` uses --dist loadgroup), so the module
+# Under `pytest -n N --dist loadgroup` one worker runs this module, so the module
 # fixtures' two-process runs are made once rather than once per worker.
 pytestmark = pytest.mark.xdist_group("fsdp")
 

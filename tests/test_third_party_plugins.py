@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 # These modules pip-install into the shared environment and uninstall after: under pytest-xdist
-# they run on one worker, one after the other (`make test` uses --dist loadgroup), or one
+# they run on one worker, one after the other (under `pytest -n N --dist loadgroup`), or one
 # worker's uninstall would pull a distribution from under another worker's test.
 INSTALLS = pytest.mark.xdist_group("installs-into-the-venv")
 
