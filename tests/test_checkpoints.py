@@ -214,14 +214,27 @@ def test_sigkilled_two_process_run_resumes_to_the_uninterrupted_two_process_adap
 
     run = tmp_path / "run"
     recipe = recipe_in(run)
-    # Hold both processes at step 13 (past the checkpoint of step 10 and the epoch boundary at
-    # 12), then SIGKILL the launcher's session and the two workers (torchrun starts each worker
-    # in a session of its own). The launcher goes first, so nothing reacts to the workers dying.
-    launcher = start(recipe, gate_path, "--nproc", "2", gate_step=13, gate_dir=run, start_new_session=True)
+    # Held at step 13: past the checkpoint of step 10 and the epoch boundary at 12.
+    sigkill_two_process_run(recipe, gate_path, run, gate_step=13, checkpoint="step-10")
+    assert [r["step"] for r in train_records(run / "adapter") if r["event"] == "train"][-1] == 13
+
+    code, _, err = finish(start(recipe, gate_path, "--nproc", "2", "--resume"))
+    assert code == 0, err[-3000:]
+    assert f"resuming from {run / 'adapter' / 'checkpoints' / 'step-10'} (step 10 of {TOTAL_STEPS})" in err
+    assert "random state" not in err  # each process had its own state to restore
+    assert_same_adapter(run / "adapter", reference / "adapter")
+
+
+def sigkill_two_process_run(recipe: Path, gate_path: Path, run: Path, gate_step: int, checkpoint: str) -> None:
+    """Start ``recipe`` with ``--nproc 2``, hold both processes at ``gate_step`` (the gate
+    plugin), check that ``checkpoint`` is the run's last, then SIGKILL the launcher's session and
+    the two workers (torchrun starts each worker in a session of its own) and wait until they are
+    gone. The launcher goes first, so nothing reacts to the workers dying."""
+    launcher = start(recipe, gate_path, "--nproc", "2", gate_step=gate_step, gate_dir=run, start_new_session=True)
     for rank in (0, 1):
         wait_for(run / f"reached-rank{rank}", launcher)
     workers = [int((run / f"reached-rank{rank}").read_text()) for rank in (0, 1)]
-    assert latest_checkpoint(run / "adapter").name == "step-10"
+    assert latest_checkpoint(run / "adapter").name == checkpoint
     os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait(timeout=60)
     for pid in workers:
@@ -231,13 +244,6 @@ def test_sigkilled_two_process_run_resumes_to_the_uninterrupted_two_process_adap
         while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
             assert time.monotonic() < deadline, f"worker {pid} survived SIGKILL"
             time.sleep(0.05)
-    assert [r["step"] for r in train_records(run / "adapter") if r["event"] == "train"][-1] == 13
-
-    code, _, err = finish(start(recipe, gate_path, "--nproc", "2", "--resume"))
-    assert code == 0, err[-3000:]
-    assert f"resuming from {run / 'adapter' / 'checkpoints' / 'step-10'} (step 10 of {TOTAL_STEPS})" in err
-    assert "random state" not in err  # each process had its own state to restore
-    assert_same_adapter(run / "adapter", reference / "adapter")
 
 
 def _proc_state(pid: int) -> str:

@@ -8,28 +8,26 @@
 * a SIGKILLed sharded run resumed with ``--resume`` gives the uninterrupted run's adapter;
 * what cannot be sharded is refused at validation, before any weight loads.
 
-Five two-process launches and two single-process runs in all (the full fine-tuning runs
-shared by a module fixture): about 135 s on a 2-core machine, most of it the processes'
-start-up (imports), not training.
+Six two-process launches and two single-process runs in all (the full fine-tuning runs made
+once per session, whichever xdist workers its tests land on): most of the time is the
+processes' start-up (imports), not training.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 from plugtune.kernel.errors import RecipeError
 from plugtune.testing import recipe_dict
-from plugtune.training.checkpoints import latest_checkpoint
 from plugtune.training.recipe import load_recipe
 
-from test_checkpoints import _proc_state, adapter_tensors, finish, gate_path, start, train_records, wait_for  # noqa: F401
+from test_checkpoints import adapter_tensors, finish, gate_path, sigkill_two_process_run, start, train_records  # noqa: F401
 
 # Under `pytest -n N --dist loadgroup` one worker runs this module, so the module
 # fixtures' two-process runs are made once rather than once per worker.
@@ -105,15 +103,30 @@ def assert_same_adapter_within_rounding(got: dict[str, torch.Tensor], want: dict
     return worst
 
 
-@pytest.fixture(scope="module")
-def full_runs(tmp_path_factory, tiny_llama, tiny_data, gate_path) -> dict[str, Path]:
+def make_full_runs(root: Path, tiny_llama: Path, tiny_data: Path, gate_path: Path) -> dict[str, Path]:
     """Full fine-tuning: sharded over two processes, in one process, and under ddp."""
-    root = tmp_path_factory.mktemp("fsdp-full")
     recipe = write_recipe(root / "fsdp", tiny_llama, tiny_data, "full")
     single, note = one_process(write_recipe(root / "single", tiny_llama, tiny_data, "full"), gate_path)
     assert "training.distributed: fsdp with one process: nothing to shard" in note
     return {"fsdp": two_processes(recipe, gate_path), "single": single, "recipe": recipe,
             "ddp": two_processes(write_recipe(root / "ddp", tiny_llama, tiny_data, "full", distributed="ddp"), gate_path)}
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory, tiny_llama, tiny_data, gate_path) -> dict[str, Path]:
+    """:func:`make_full_runs`, made once per test session: under pytest-xdist the tests using
+    it may land on several workers, and each would otherwise launch the same three runs
+    (pytest-xdist's recipe: a file lock in the folder the workers' temporary folders share;
+    the first worker makes the runs, the others wait for it and read where they are)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # no xdist: one process, a module fixture runs once anyway
+        return make_full_runs(tmp_path_factory.mktemp("fsdp-full"), tiny_llama, tiny_data, gate_path)
+    shared = tmp_path_factory.getbasetemp().parent
+    made = shared / "fsdp-full-runs.json"
+    with FileLock(str(made) + ".lock"):
+        if not made.exists():
+            runs = make_full_runs(shared / "fsdp-full", tiny_llama, tiny_data, gate_path)
+            made.write_text(json.dumps({name: str(path) for name, path in runs.items()}))
+        return {name: Path(path) for name, path in json.loads(made.read_text()).items()}
 
 
 def test_fsdp_full_fine_tuning_matches_one_process(full_runs):
@@ -171,20 +184,7 @@ def test_fsdp_sigkilled_run_resumes_to_the_uninterrupted_adapter(tmp_path, full_
     raw = yaml.safe_load(full_runs["recipe"].read_text())
     raw["output"] = {"dir": str(run / "adapter")}
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
-    launcher = start(recipe, gate_path, "--nproc", "2", gate_step=5, gate_dir=run, start_new_session=True)
-    for rank in (0, 1):
-        wait_for(run / f"reached-rank{rank}", launcher)
-    workers = [int((run / f"reached-rank{rank}").read_text()) for rank in (0, 1)]
-    assert latest_checkpoint(run / "adapter").name == "step-4"
-    os.killpg(launcher.pid, signal.SIGKILL)
-    launcher.wait(timeout=60)
-    for pid in workers:
-        os.kill(pid, signal.SIGKILL)
-    for pid in workers:
-        deadline = time.monotonic() + 60
-        while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
-            assert time.monotonic() < deadline, f"worker {pid} survived SIGKILL"
-            time.sleep(0.05)
+    sigkill_two_process_run(recipe, gate_path, run, gate_step=5, checkpoint="step-4")
 
     code, _, err = finish(start(recipe, gate_path, "--nproc", "2", "--resume"))
     assert code == 0, err[-3000:]
