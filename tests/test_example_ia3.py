@@ -9,16 +9,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-
-# These modules pip-install into the shared environment and uninstall after: under pytest-xdist
-# they run on one worker, one after the other (under `pytest -n N --dist loadgroup`), or one
-# worker's uninstall would pull a distribution from under another worker's test.
-pytestmark = pytest.mark.xdist_group("installs-into-the-venv")
 
 from plugtune.testing import recipe_dict
 
@@ -32,33 +26,36 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """``pip install`` the example from a copy (no build files in the tree); uninstall after,
-    whatever the tests did."""
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``pip install`` the example, built from a copy (no build files in the tree), into a
+    folder of its own (``--target``), not the shared environment: the processes of these tests
+    find it on their ``PYTHONPATH``, and no other test, on any xdist worker, ever sees it (an
+    install into the venv, and its uninstall, would reach every test running meanwhile).
+    Returns the folder."""
     pytest.importorskip("setuptools", reason="building the example offline needs setuptools in the venv")
     try:
         md.distribution(DIST)
-        pytest.skip(f"{DIST} is already installed here; not touching an install this test did not make")
+        pytest.skip(f"{DIST} is already installed here; a second copy would register its plugin twice")
     except md.PackageNotFoundError:
         pass
-    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("ia3-source") / "plugtune-ia3",
+    root = tmp_path_factory.mktemp("ia3")
+    source = shutil.copytree(EXAMPLE, root / "source" / "plugtune-ia3",
                              ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    try:
-        result = _pip("install", "--no-deps", "--no-build-isolation", "-q", str(source))
-        assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
-        yield
-    finally:
-        _pip("uninstall", "-y", "-q", DIST)
+    site = root / "site"
+    result = _pip("install", "--no-deps", "--no-build-isolation", "-q", "--target", str(site), str(source))
+    assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
+    return site
 
 
-def _env() -> dict[str, str]:
+def _env(site: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"PLUGTUNE_DISABLE_PLUGINS", "PLUGTUNE_STRICT_PLUGINS", "PYTHONPATH"}}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", NO_COLOR="1", PLUGTUNE_STRICT_PLUGINS="1")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", NO_COLOR="1", PLUGTUNE_STRICT_PLUGINS="1",
+               PYTHONPATH=str(site))
     return env
 
 
-def test_installed_ia3_is_listed_and_trains_from_a_recipe(installed: None, tmp_path: Path, tiny_llama: Path, tiny_data: Path) -> None:
-    listed = subprocess.run([sys.executable, "-m", "plugtune.cli", "plugins", "--json"], cwd=tmp_path, env=_env(),
+def test_installed_ia3_is_listed_and_trains_from_a_recipe(installed: Path, tmp_path: Path, tiny_llama: Path, tiny_data: Path) -> None:
+    listed = subprocess.run([sys.executable, "-m", "plugtune.cli", "plugins", "--json"], cwd=tmp_path, env=_env(installed),
                             capture_output=True, text=True, timeout=300)
     assert listed.returncode == 0, listed.stderr
     rows = {row["name"]: row for row in json.loads(listed.stdout)["plugins"]}
@@ -69,7 +66,7 @@ def test_installed_ia3_is_listed_and_trains_from_a_recipe(installed: None, tmp_p
     recipe["training"].update(max_steps=4, learning_rate=5e-2)
     path = tmp_path / "ia3.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    run = subprocess.run([sys.executable, "-m", "plugtune.cli", "run", str(path), "--quiet"], cwd=tmp_path, env=_env(),
+    run = subprocess.run([sys.executable, "-m", "plugtune.cli", "run", str(path), "--quiet"], cwd=tmp_path, env=_env(installed),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     manifest = json.loads((tmp_path / "adapter" / "plugtune.json").read_text())
@@ -78,13 +75,13 @@ def test_installed_ia3_is_listed_and_trains_from_a_recipe(installed: None, tmp_p
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "IA3"
 
 
-def test_the_installed_example_passes_its_own_kit_tests(installed: None, tmp_path: Path) -> None:
+def test_the_installed_example_passes_its_own_kit_tests(installed: Path, tmp_path: Path) -> None:
     """The example's own tests, as its author runs them, against the pip-installed
     distribution (a copy of the tests folder, so nothing imports the source tree): the
     plugin comes in through its entry point, every contract passes (mixed batches with LoRA
     rows, LoRA in both load orders included), nothing is xfailed."""
     tests = shutil.copytree(EXAMPLE / "tests", tmp_path / "tests")
-    env = {k: v for k, v in _env().items() if k != "PLUGTUNE_STRICT_PLUGINS"}
+    env = {k: v for k, v in _env(installed).items() if k != "PLUGTUNE_STRICT_PLUGINS"}
     where = subprocess.run([sys.executable, "-c", "import plugtune_ia3; print(plugtune_ia3.__file__)"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0 and str(EXAMPLE) not in where.stdout, where.stdout + where.stderr
@@ -101,8 +98,8 @@ def _train(system: object, recipe: dict, path: Path) -> Path:
     return Path(plugtune.run(path, plugins=system, show_progress=False).adapter_dir)
 
 
-def test_installed_ia3_serves_one_batch_with_lora_rows(installed: None, tmp_path: Path, tiny_llama: Path,
-                                                        tiny_data: Path) -> None:
+def test_installed_ia3_serves_one_batch_with_lora_rows(installed: Path, tmp_path: Path, tiny_llama: Path,
+                                                        tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``plugtune serve`` (the app, in-process on a free port) with an installed-IA3 adapter
     and a LoRA adapter on one AdapterHost, loaded in either order: completions for IA3,
     LoRA and base rows queued into one batch each give what their adapter gives alone."""
@@ -115,7 +112,8 @@ def test_installed_ia3_serves_one_batch_with_lora_rows(installed: None, tmp_path
     from plugtune.serving.server import Service, create_app, running
     from test_server import alone, run_as_one_batch
 
-    importlib.invalidate_caches()  # the distribution was installed after this process started
+    monkeypatch.syspath_prepend(str(installed))  # this process finds the example where its subprocesses do
+    importlib.invalidate_caches()
     system = build_plugin_system()
     set_plugin_system(system)
     try:

@@ -29,10 +29,6 @@ from plugtune.training.recipe import load_recipe
 
 from test_checkpoints import adapter_tensors, finish, gate_path, sigkill_two_process_run, start, train_records  # noqa: F401
 
-# Under `pytest -n N --dist loadgroup` one worker runs this module, so the module
-# fixtures' two-process runs are made once rather than once per worker.
-pytestmark = pytest.mark.xdist_group("fsdp")
-
 STEPS = 6
 CHECKPOINT_EVERY = 2
 LEARNING_RATE = 1e-3

@@ -1,13 +1,15 @@
 """Third-party plugins installed as real distributions, driven through the real CLI.
 
-A module-scoped fixture pip-installs three distributions into the running environment (no
-dependencies, no build isolation, so no network) and uninstalls them afterwards:
+A module-scoped fixture pip-installs three distributions (no dependencies, no build isolation,
+so no network) into a folder of its own (``--target``) that the CLI processes of these tests
+find on their ``PYTHONPATH``; the shared environment is never touched, so no other test, on
+any xdist worker, sees them come or go:
 
 * ``examples/plugtune-example-plugin``: the ``mean_length`` evaluator and a step logger;
 * ``tests/fixtures/broken_plugin``: raises at import time;
 * ``tests/fixtures/dup_plugin``: registers ``accuracy`` again, plus ``dup_only``.
 
-All three are installed at once (entry points are global to the environment), and each test
+All three are installed at once (entry points are global to a process's path), and each test
 picks the set it needs with ``PLUGTUNE_DISABLE_PLUGINS``. Every CLI call is a subprocess, so
 each sees a freshly built registry.
 """
@@ -26,11 +28,6 @@ from typing import Any
 
 import pytest
 import yaml
-
-# These modules pip-install into the shared environment and uninstall after: under pytest-xdist
-# they run on one worker, one after the other (under `pytest -n N --dist loadgroup`), or one
-# worker's uninstall would pull a distribution from under another worker's test.
-INSTALLS = pytest.mark.xdist_group("installs-into-the-venv")
 
 from plugtune.testing import recipe_dict
 
@@ -57,24 +54,27 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
+SITE = Path()  # where installed_plugins put the distributions, for the length of this module
+
+
+@pytest.fixture(scope="module", autouse=True)
 def installed_plugins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Install the three plugin distributions for this module; uninstall them after."""
+    """Install the three plugin distributions for this module into a folder of their own,
+    :data:`SITE` (:func:`cli` gives it to every process as ``PYTHONPATH``)."""
+    global SITE
     pytest.importorskip("setuptools", reason="building the plugin distributions offline needs setuptools in the venv")
     # Build from copies, so that build/ and *.egg-info never land in the source tree.
-    staging = tmp_path_factory.mktemp("plugin-sources")
+    root = tmp_path_factory.mktemp("plugins")
     ignore = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-    ours = [dist for dist in SOURCES if not _installed(dist)]  # never remove an install we did not make
-    paths = [str(shutil.copytree(SOURCES[dist], staging / SOURCES[dist].name, ignore=ignore)) for dist in ours]
-    try:
-        if paths:
-            result = _pip("install", "--no-deps", "--no-build-isolation", "-q", *paths)
-            assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
-        yield
-    finally:
-        if ours:
-            result = _pip("uninstall", "-y", "-q", *ours)
-            assert result.returncode == 0, f"pip uninstall failed:\n{result.stdout}\n{result.stderr}"
+    ours = [dist for dist in SOURCES if not _installed(dist)]  # one installed in the venv already: not a second copy
+    paths = [str(shutil.copytree(SOURCES[dist], root / "sources" / SOURCES[dist].name, ignore=ignore)) for dist in ours]
+    site = root / "site"
+    if paths:
+        result = _pip("install", "--no-deps", "--no-build-isolation", "-q", "--target", str(site), *paths)
+        assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
+    SITE = site
+    yield
+    SITE = Path()
 
 
 def cli(*args: str, cwd: Path, enable: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -85,6 +85,7 @@ def cli(*args: str, cwd: Path, enable: tuple[str, ...] = (), env: dict[str, str]
     disabled = [ENTRY_POINTS[d] for d in SOURCES if d not in enable]
     if disabled:
         full["PLUGTUNE_DISABLE_PLUGINS"] = ",".join(disabled)
+    full["PYTHONPATH"] = str(SITE)
     full.update(env or {})
     # cwd is a scratch folder: `python -m` puts it first on sys.path, and the repository root
     # holds a plugtune.egg-info that would otherwise be read as a second copy of plugtune.
@@ -109,7 +110,7 @@ def write_recipe(tmp_path: Path, base: Path, data: Path, **sections: Any) -> Pat
     return path
 
 
-pytestmark = [pytest.mark.usefixtures("installed_plugins"), INSTALLS]
+
 
 
 # -- the example plugin -----------------------------------------------------------------------
