@@ -214,23 +214,29 @@ def test_parse_bytes() -> None:
             parse_bytes(bad)
 
 
-def test_bad_input_is_one_line(tiny_llama, tiny_data, tmp_path) -> None:
-    from test_cli import error_lines, plugtune
+def test_bad_input_is_one_line(tiny_llama, tiny_data, tmp_path, capsys, monkeypatch) -> None:
+    """In this process (``main`` is what the ``plugtune`` script calls; the real-process exit
+    paths are tests/test_cli.py's): the exit code and stderr's one error line."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    result = plugtune("estimate", tmp_path / "missing.yaml")
-    assert result.returncode == 2 and len(error_lines(result)) == 1 and "missing.yaml" in result.stderr
+    def estimate(*args: object) -> tuple[int, list[str]]:
+        code = main(["estimate", *map(str, args)])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        return code, [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
+
+    code, lines = estimate(tmp_path / "missing.yaml")
+    assert code == 2 and len(lines) == 1 and "missing.yaml" in lines[0]
     path = write(tmp_path, recipe_dict(tiny_llama, tiny_data))
-    result = plugtune("estimate", path, "training.batch_size=0")
-    assert result.returncode == 2 and ": training.batch_size: Input should be greater than 0" in error_lines(result)[0]
+    code, lines = estimate(path, "training.batch_size=0")
+    assert code == 2 and ": training.batch_size: Input should be greater than 0" in lines[0]
     absent = write(tmp_path, recipe_dict("nobody/no-such-model", tiny_data), "absent.yaml")
-    result = plugtune("estimate", absent)
-    assert result.returncode == 4 and error_lines(result) == [
+    assert estimate(absent) == (4, [
         "error: base_model: nobody/no-such-model is neither a folder here nor in the local Hugging Face cache; "
-        "the estimate needs the tokenizer and configuration (never the weights)"]
-    env_bad = subprocess.run([sys.executable, "-m", "plugtune.cli", "estimate", str(path)], cwd=REPO, capture_output=True,
-                             text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", PLUGTUNE_AVAILABLE_MEMORY="lots"))
-    assert env_bad.returncode == 2 and error_lines(env_bad) == [
-        "error: $PLUGTUNE_AVAILABLE_MEMORY: 'lots' is not a size; give bytes or e.g. 512M, 8G"]
+        "the estimate needs the tokenizer and configuration (never the weights)"])
+    monkeypatch.setenv("PLUGTUNE_AVAILABLE_MEMORY", "lots")
+    assert estimate(path) == (2, ["error: $PLUGTUNE_AVAILABLE_MEMORY: 'lots' is not a size; give bytes or e.g. 512M, 8G"])
 
 
 def test_validate_says_why_the_estimate_skipped(tiny_data, tmp_path, capsys) -> None:

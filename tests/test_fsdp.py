@@ -1,8 +1,8 @@
 """``training.distributed: fsdp``: two CPU processes over gloo, through the real ``plugtune run
 --nproc 2`` launcher (core/training/launch.py), on the tiny Llama.
 
-* the adapter of a sharded run (full fine-tuning and LoRA) equals a single process's on the
-  same global batch, within float summation order;
+* the adapter of a sharded run (full fine-tuning and LoRA), and of a ``ddp`` run, equals a
+  single process's on the same global batch, within float summation order;
 * each process holds about half the training state (parameters, gradients, AdamW moments)
   of a ``ddp`` process, read from the run's ``memory`` record;
 * a SIGKILLed sharded run resumed with ``--resume`` gives the uninterrupted run's adapter;
@@ -51,8 +51,10 @@ def write_recipe(folder: Path, tiny_llama: Path, tiny_data: Path, method: str, *
 
 
 def two_processes(recipe: Path, gate: Path, *overrides: str) -> Path:
-    code, _, err = finish(start(recipe, gate, "--nproc", "2", *overrides))
+    """Run ``recipe`` with ``--nproc 2``; returns its adapter folder (its stdout beside, in stdout.txt)."""
+    code, out, err = finish(start(recipe, gate, "--nproc", "2", *overrides))
     assert code == 0, err[-3000:]
+    (recipe.parent / "stdout.txt").write_text(out)
     return recipe.parent / "adapter"
 
 
@@ -138,6 +140,21 @@ def test_fsdp_full_fine_tuning_matches_one_process(full_runs):
     assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in single.iterdir())
     assert json.loads((fsdp / "adapter_config.json").read_text()) == json.loads((single / "adapter_config.json").read_text())
     assert json.loads((fsdp / "plugtune.json").read_text())["training"]["steps"] == STEPS
+
+
+def test_ddp_matches_one_process_with_the_same_global_batch(full_runs):
+    """``--nproc 2`` under ``ddp``: each process takes half of every global batch and DDP
+    averages the gradients, the loss normalised by the global label-token count, so the
+    update is the single-process one, within float summation order (the bound above). Only
+    the main process logs, evaluates and saves."""
+    ddp, single = full_runs["ddp"], full_runs["single"]
+    assert_same_adapter_within_rounding(adapter_tensors(ddp), adapter_tensors(single))
+    assert grad_norms(ddp) == pytest.approx(grad_norms(single), rel=1e-5)
+    records = train_records(ddp)
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, STEPS + 1))
+    assert sum(1 for r in records if r["event"] == "eval") == 1
+    assert (ddp.parent / "stdout.txt").read_text().count("adapter saved to") == 1
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
 
 
 def test_fsdp_lora_matches_one_process(tmp_path, tiny_llama, tiny_data, gate_path):
