@@ -34,7 +34,7 @@ demo: setup
 
 # One pytest worker per CPU (pytest-xdist); each takes its share of the cores for torch
 # (tests/conftest.py sets PLUGTUNE_CORES). On 2 shared cores: 727-913 s (2026-12-03; the same
-# matmul ran 30% slower in the slow runs), about half the one-process time.
+# matmul ran 30% slower in the slow runs).
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= auto
 
