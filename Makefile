@@ -33,8 +33,7 @@ demo: setup
 	$(PY) examples/swap_adapters.py adapters/quickstart adapters/reviews-smollm2-lora
 
 # One pytest worker per CPU (pytest-xdist); each takes its share of the cores for torch
-# (tests/conftest.py sets PLUGTUNE_CORES). On 2 shared cores: 727-913 s (2026-12-03; the same
-# matmul ran 30% slower in the slow runs).
+# (tests/conftest.py sets PLUGTUNE_CORES). On 2 shared cores: 801-913 s (`make test`, 2026-12-03).
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= auto
 
