@@ -87,7 +87,8 @@ def section(results: dict[str, list[dict]], steps: int, rounds: int, command: st
         "out of the map and the map's pages leave the process. So the peak of a short run on a small model falls by "
         "less than the weights do (last column: the parameters and buffers the loaded base holds). bitsandbytes' "
         "CPU kernels dequantize each layer's weight for its matmul: those temporaries are freed, but glibc keeps "
-        "freed heap memory unless `training.malloc_mmap_threshold` is set. On a CPU the quantized layers are slower "
+        "freed heap memory for the next step (the default, `training.malloc_mmap_threshold: auto`) unless a byte "
+        "count is set there. On a CPU the quantized layers are slower "
         "than fp32 matmuls: the point there is memory. GPU figures (peak GPU memory against bf16 LoRA) come from "
         "`bench/gpu_check.sh`.",
         "",

@@ -87,7 +87,7 @@ from plugtune.training.runtime import (
     use_fp32_attention,
     choose_threads,
     grouped_query_sdpa,
-    set_mmap_threshold,
+    configure_host_allocator,
     uses_cuda,
 )
 from plugtune.training.signals import Interrupted, StopRequest, resume_command, terminate_as_interrupt
@@ -293,6 +293,7 @@ class _Process:
     show_progress: bool
     metrics_log: Path
     precision: TrainingPrecision | None = None  # training.precision's outcome, kept in the manifest
+    host_memory: str = ""  # what training.malloc_mmap_threshold did (runtime.configure_host_allocator), in the manifest
     sharded: bool = False  # training.distributed: fsdp over several processes (core/training/sharding.py)
 
     @property
@@ -473,7 +474,7 @@ def _start_process(recipe: Recipe, console: Console, show_progress: bool, plugin
     on_cuda = uses_cuda(t.device)
     if not on_cuda:
         torch.set_num_threads(choose_threads(t.threads, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    set_mmap_threshold(t.malloc_mmap_threshold)  # opt-in; before the model and activations are allocated
+    allocator = configure_host_allocator(t.malloc_mmap_threshold, on_cuda)  # before the model and activations are allocated
     precision = choose_run_precision(recipe, on_cuda, plugins)
     _forget_other_precision(precision.mixed_precision)
     accelerator = Accelerator(
@@ -487,7 +488,7 @@ def _start_process(recipe: Recipe, console: Console, show_progress: bool, plugin
         console, show_progress = Console(quiet=True), False
     if precision.probed:
         console.print(f"precision {precision.reason}")
-    return _Process(accelerator, console, show_progress, recipe.output_dir / "metrics.jsonl", precision)
+    return _Process(accelerator, console, show_progress, recipe.output_dir / "metrics.jsonl", precision, host_memory=allocator)
 
 
 def _forget_other_precision(mixed_precision: str) -> None:
@@ -1072,7 +1073,8 @@ def _artifact_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Tr
             adapter_state = trainee.adapter_state()
             train_metrics = (best.train if best else {}) or scoring.train(state, trainee.unwrapped)
         manifest = _manifest(recipe, data, trainee, state, before=before, after=after, train_metrics=train_metrics,
-                             train_seconds=train_seconds, precision=process.precision)
+                             train_seconds=train_seconds, precision=process.precision,
+                             host_memory=process.host_memory)
         if process.main:
             save_adapter(recipe.output_dir, state=adapter_state, config=trainee.method.adapter_config(trainee.unwrapped),
                          manifest=manifest.model_dump(mode="json", exclude_unset=True))
@@ -1089,7 +1091,7 @@ def _artifact_phase(recipe: Recipe, data: _Data, process: _Process, trainee: _Tr
 
 def _manifest(recipe: Recipe, data: _Data, trainee: _Trainee, state: RunState, *, before: dict[str, float],
               after: dict[str, float], train_metrics: dict[str, float], train_seconds: float,
-              precision: TrainingPrecision | None = None) -> Manifest:
+              precision: TrainingPrecision | None = None, host_memory: str = "") -> Manifest:
     """The adapter's ``plugtune.json``, typed; ``save_adapter`` adds the format, the time
     and the file hashes."""
     component = recipe.method.component
@@ -1109,6 +1111,7 @@ def _manifest(recipe: Recipe, data: _Data, trainee: _Trainee, state: RunState, *
             **({"plan": trainee.planner.plan.record()} if trainee.planner and trainee.planner.plan else {}),
             "learning_rate": trainee.rates.record() if trainee.rates else float(data.training.learning_rate),
             **({"precision": precision.record()} if precision else {}),
+            **({"host_memory": host_memory} if host_memory else {}),
             "trainable_parameters": trainee.trainable, "total_parameters": trainee.total,
             "train_rows": data.stream.rows_read if data.stream else len(data.train_rows), "test_rows": len(data.test_rows),
             **({"sources": data.sources.records()} if data.sources is not None else {}),
