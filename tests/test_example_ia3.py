@@ -3,9 +3,7 @@ installed with pip (not editable) as a real distribution, trained from a recipe 
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,44 +12,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+from installs import install_into, installed_here, process_env
 from plugtune.testing import recipe_dict
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugtune-ia3"
 DIST = "plugtune-ia3"
 
 
-def _pip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pip", *args, "--disable-pip-version-check"],
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``pip install`` the example, built from a copy (no build files in the tree), into a
-    folder of its own (``--target``), not the shared environment: the processes of these tests
-    find it on their ``PYTHONPATH``, and no other test, on any xdist worker, ever sees it (an
-    install into the venv, and its uninstall, would reach every test running meanwhile).
-    Returns the folder."""
-    pytest.importorskip("setuptools", reason="building the example offline needs setuptools in the venv")
-    try:
-        md.distribution(DIST)
+    """``pip install`` the example into a folder of its own (tests/installs.py), not the shared
+    environment: the processes of these tests find it on their ``PYTHONPATH``. Returns the folder."""
+    if installed_here(DIST):
         pytest.skip(f"{DIST} is already installed here; a second copy would register its plugin twice")
-    except md.PackageNotFoundError:
-        pass
-    root = tmp_path_factory.mktemp("ia3")
-    source = shutil.copytree(EXAMPLE, root / "source" / "plugtune-ia3",
-                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = root / "site"
-    result = _pip("install", "--no-deps", "--no-build-isolation", "-q", "--target", str(site), str(source))
-    assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
-    return site
+    return install_into(tmp_path_factory.mktemp("ia3"), EXAMPLE)
 
 
 def _env(site: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"PLUGTUNE_DISABLE_PLUGINS", "PLUGTUNE_STRICT_PLUGINS", "PYTHONPATH"}}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", NO_COLOR="1", PLUGTUNE_STRICT_PLUGINS="1",
-               PYTHONPATH=str(site))
-    return env
+    return process_env(site, PLUGTUNE_STRICT_PLUGINS="1")
 
 
 def test_installed_ia3_is_listed_and_trains_from_a_recipe(installed: Path, tmp_path: Path, tiny_llama: Path, tiny_data: Path) -> None:

@@ -16,10 +16,7 @@ each sees a freshly built registry.
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from installs import install_into, installed_here, process_env
 from plugtune.testing import recipe_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,51 +39,26 @@ ENTRY_POINTS = {"plugtune-example-plugin": "example", "plugtune-broken-plugin": 
 BROKEN_WARNING = "plugin 'broken' (distribution plugtune-broken-plugin 0.1.0) failed to import: RuntimeError: boom at import"
 
 
-def _installed(dist: str) -> bool:
-    try:
-        md.distribution(dist)
-    except md.PackageNotFoundError:
-        return False
-    return True
-
-
-def _pip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pip", *args, "--disable-pip-version-check"],
-                          capture_output=True, text=True, timeout=300)
-
-
 SITE = Path()  # where installed_plugins put the distributions, for the length of this module
 
 
 @pytest.fixture(scope="module", autouse=True)
 def installed_plugins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Install the three plugin distributions for this module into a folder of their own,
-    :data:`SITE` (:func:`cli` gives it to every process as ``PYTHONPATH``)."""
+    :data:`SITE` (tests/installs.py; :func:`cli` gives it to every process as ``PYTHONPATH``).
+    One installed in the venv already gets no second copy."""
     global SITE
-    pytest.importorskip("setuptools", reason="building the plugin distributions offline needs setuptools in the venv")
-    # Build from copies, so that build/ and *.egg-info never land in the source tree.
-    root = tmp_path_factory.mktemp("plugins")
-    ignore = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-    ours = [dist for dist in SOURCES if not _installed(dist)]  # one installed in the venv already: not a second copy
-    paths = [str(shutil.copytree(SOURCES[dist], root / "sources" / SOURCES[dist].name, ignore=ignore)) for dist in ours]
-    site = root / "site"
-    if paths:
-        result = _pip("install", "--no-deps", "--no-build-isolation", "-q", "--target", str(site), *paths)
-        assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
-    SITE = site
+    SITE = install_into(tmp_path_factory.mktemp("plugins"), *(SOURCES[dist] for dist in SOURCES if not installed_here(dist)))
     yield
     SITE = Path()
 
 
 def cli(*args: str, cwd: Path, enable: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``plugtune ARGS`` with only the test distributions in ``enable`` active."""
-    full = {k: v for k, v in os.environ.items()
-            if k not in {"PLUGTUNE_STRICT_PLUGINS", "PLUGTUNE_DISABLE_PLUGINS", "PLUGTUNE_EXAMPLE_LOG"}}
-    full.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", NO_COLOR="1", COLUMNS="200")
+    full = process_env(SITE, drop=("PLUGTUNE_EXAMPLE_LOG",), COLUMNS="200")
     disabled = [ENTRY_POINTS[d] for d in SOURCES if d not in enable]
     if disabled:
         full["PLUGTUNE_DISABLE_PLUGINS"] = ",".join(disabled)
-    full["PYTHONPATH"] = str(SITE)
     full.update(env or {})
     # cwd is a scratch folder: `python -m` puts it first on sys.path, and the repository root
     # holds a plugtune.egg-info that would otherwise be read as a second copy of plugtune.
