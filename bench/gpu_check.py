@@ -161,9 +161,20 @@ def dry_run(out: Path) -> int:
     return 1 if bad else 0
 
 
+def weights_note() -> str:
+    """What the base's weights are: the real ones, or bench/gpu_standin.py's random stand-in."""
+    from gpu_standin import is_standin
+
+    if is_standin():
+        return ("SmolLM2-135M's architecture and tokenizer with random weights (bench/gpu_standin.py: the lent machine "
+                "reaches no registry, and the weights do not fit its upload; step times and memory depend on the shapes, "
+                "held-out losses are a random model's)")
+    return "SmolLM2-135M (`smollm2-135m`)"
+
+
 def section(device: str, torch_version: str, rows: list[dict[str, Any]], ratios: list[str]) -> str:
-    lines = ["## GPU check (issues 3, 15)", "",
-             f"Command: `bash bench/gpu_check.sh` on {device}, torch {torch_version}. SmolLM2-135M (`smollm2-135m`), "
+    lines = ["## GPU check (issues 3, 15, 20)", "",
+             f"Command: `bash bench/gpu_check.sh` on {device}, torch {torch_version}. {weights_note()}, "
              f"the quickstart data, {STEPS} steps of batch {BATCH} per method; frozen bases in bf16; s/step is the median "
              f"after {WARMUP} steps; peak GPU memory is `torch.cuda.max_memory_allocated` over loading, training and the "
              "final evaluation.", "",
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {r["method"]: r["peak_gpu_mib"] for r in rows if "peak_gpu_mib" in r}
     ratios = []
     for name, target in TARGETS.items():
-        if name in peaks and "lora" in peaks:
+        if name in peaks and peaks.get("lora"):  # 0 on a CPU (--cpu): no GPU memory to compare
             ratio = peaks[name] / peaks["lora"]
             ratios.append(f"{LABELS[name]} / bf16 LoRA peak GPU memory: {ratio:.2f} (target <= {target}: "
                           f"{'met' if ratio <= target else 'MISSED'})")
@@ -232,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in ratios:
         print(line)
     out.mkdir(parents=True, exist_ok=True)
-    (out.parent / "gpu_check.json").write_text(json.dumps({"device": device_name, "rows": rows, "ratios": ratios,
+    (out.parent / "gpu_check.json").write_text(json.dumps({"device": device_name, "weights": weights_note(), "rows": rows, "ratios": ratios,
                                                            "failures": failures}, indent=2))
     if not args.methods and not args.cpu:
         write_section(section(device_name, torch.__version__, rows, ratios), key="gpu")
