@@ -2,7 +2,9 @@
 peak RSS, loss; full fine-tuning's memory; base-model load time; the quickstart before and
 after the compute savers. Writes the "throughput" section of BENCHMARKS.md.
 
-    python bench/throughput.py          # or: make bench
+    python bench/throughput.py              # or: make bench
+    python bench/throughput.py --allocator  # the kept heap against glibc's defaults, alone (about 8 minutes)
+    python bench/throughput.py --section    # both sections again from bench/out/throughput/*.json
 
 The task: SmolLM2-135M-Instruct, LoRA r=8 (alpha 16, dropout 0.05) on q_proj/v_proj, 2,000
 seeded SST-2 training sentences as ``Review: {sentence}\\nSentiment: {negative|positive}``
@@ -22,6 +24,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import statistics
 import subprocess
@@ -42,6 +45,7 @@ WORDS = {"0": "negative", "1": "positive"}
 PROMPT, RESPONSE = "Review: {sentence}\nSentiment:", " {label}"
 PLAIN = ["training.group_by_length=false", "training.logits_on_labels_only=false", "training.cache_tokenized=false",
          "training.attention=sdpa"]
+BEFORE_20 = ["training.packing=false", "training.malloc_mmap_threshold=0"]  # issue 20's CPU savers, off
 LOW_MEMORY = "training.malloc_mmap_threshold=1048576"  # opt-in
 DEVICE = os.environ.get("THROUGHPUT_DEVICE", "cpu")  # cuda: bench/gpu_check.sh's comparison (both sides in bf16)
 
@@ -134,6 +138,8 @@ def peer_main(train: str, dev: str) -> None:
             cpu_ends.append(time.process_time())
 
         def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():  # the step's kernels done, as plugtune's step record waits for its loss
+                torch.cuda.synchronize()
             step_ends.append(time.perf_counter())
             cpu_ends.append(time.process_time())
 
@@ -297,6 +303,7 @@ def child(args: list[str]) -> dict:
 def plugtune_run(recipe: Path, label: str, overrides: list[str]) -> dict:
     out = OUT / label
     result = child([str(ROOT / "bench" / "run_one.py"), str(recipe), *overrides, f"output.dir={out}"])
+    result["precision"] = json.loads((out / "plugtune.json").read_text())["training"].get("precision", {})
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["event"] == "train"]
     if not train or "step_seconds" not in train[0]:
@@ -306,26 +313,52 @@ def plugtune_run(recipe: Path, label: str, overrides: list[str]) -> dict:
             "step_list": [r["step_seconds"] for r in train]}
 
 
+def machine() -> str:
+    """This machine for a section's header: cores, the CPU's name and whether it has native bf16."""
+    from plugtune.kernel.hardware import native_bf16
+
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} CPU cores, {name} (native bf16: {'yes' if native_bf16() else 'no'})"
+
+
+def chosen_precision(runs: list[dict]) -> str:
+    """What ``precision: auto`` chose in plugtune's runs (their manifests), with the range of
+    its start-up probe's bf16 speed-ups where it probed."""
+    records = [r.get("precision", {}) for r in runs]
+    chosen = sorted({p.get("chosen", "") for p in records} - {""})
+    if not chosen:
+        return "not recorded"
+    speeds = sorted(float(m.group(1)) for p in records if (m := re.search(r"([0-9.]+)x fp32's speed", p.get("reason", ""))))
+    text = " or ".join(chosen) + (" in every run" if len(chosen) == 1 else "")
+    if speeds:
+        return text + f": its start-up probe measured bf16 at {speeds[0]:.2f}-{speeds[-1]:.2f}x fp32's speed"
+    return text + f": {records[0].get('reason', '')}"
+
+
 def mean_of(runs: list[dict], key: str) -> float:
     return statistics.mean(r[key] for r in runs)
 
 
 def section(peer: list[dict], ours: list[dict], ablation: list[tuple[str, dict]], full: dict, parity: dict,
-            loads: dict, quick: dict) -> str:
+            loads: dict, quick: dict, host: str = "") -> str:
     ratio_tps = mean_of(ours, "real_tokens_per_s") / mean_of(peer, "real_tokens_per_s")
     ratio_step = mean_of(peer, "seconds_per_step") / mean_of(ours, "seconds_per_step")
     lines = [
         "## Throughput: plugtune vs Trainer + PEFT (issue 7)",
         "",
-        f"Command: `python bench/throughput.py` (part of `make bench`). Machine: {os.cpu_count()} CPU cores, "
-        f"{platform.processor() or platform.machine()}, fp32, shared with other jobs while it ran (absolute figures are "
+        f"Command: `python bench/throughput.py` (part of `make bench`). Machine: {host or machine()}, `precision: auto` ({chosen_precision(ours)}; the precision sections below), shared with other jobs while it ran (absolute figures are "
         "noisy, often with 3-7 runnable jobs on the 2 cores; peer and plugtune runs alternate so both see the same load, and "
         "process CPU time, which counts the work done rather than the waiting, is reported beside wall-clock time).",
         "",
         f"SmolLM2-135M-Instruct, LoRA r=8 on q_proj/v_proj, {TRAIN_ROWS:,} seeded SST-2 training sentences as "
         "`Review: {sentence}\\nSentiment: {negative|positive}` (loss on the label word + EOS), batch "
         f"{BATCH}, sequence cap {CAP}, lr {LR}, {WARMUP + TIMED} steps per run of which the first {WARMUP} are not timed, "
-        f"{ROUNDS} runs each, alternating, each in a fresh process. Peer: `transformers.Trainer` + peft LoRA, "
+        f"{len(peer)} runs each, alternating, each in a fresh process. Peer: `transformers.Trainer` + peft LoRA, "
         "pad-to-longest `DataCollatorForSeq2Seq`, default settings otherwise. Real tokens = the examples' own tokens "
         "(attention_mask == 1). Dev loss = mean cross-entropy over the response tokens of 64 SST-2 dev rows after training.",
         "",
@@ -356,7 +389,7 @@ def section(peer: list[dict], ours: list[dict], ablation: list[tuple[str, dict]]
         "rounding differences (other matrix shapes, other summation order through 30 layers), not a different loss; "
         "on the tiny test model the same comparisons agree within 1e-5 (tests/test_performance.py).",
         "",
-        f"Which change bought how much (same settings; each row the mean of {ROUNDS} runs, the configurations taking turns):",
+        f"Which change bought how much (same settings; each row the mean of {len(peer)} runs, the configurations taking turns):",
         "",
         "| plugtune configuration | real tokens per CPU-second | vs peer | real tokens/s (wall) | vs peer | peak RSS |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -374,13 +407,13 @@ def section(peer: list[dict], ours: list[dict], ablation: list[tuple[str, dict]]
         f"`{LOW_MEMORY}` on both sides: full {full['low_memory']['peak_rss_mb']:.0f} MB, LoRA "
         f"{ablation[-1][1]['peak_rss_mb']:.0f} MB, {ablation[-1][1]['peak_rss_mb'] / full['low_memory']['peak_rss_mb']:.3f}x. "
         "It gives freed activations back to the OS instead of keeping them in a heap that batches of other lengths "
-        "fragment (core/runtime.py); the last two rows of the table above show what it costs in speed.",
+        "fragment (core/training/runtime.py); the last row of the table above, against the one before it, shows what it costs in speed.",
         "",
         f"Base-model load (SmolLM2-135M): from the GGUF file {loads['gguf_seconds']:.2f} s, from plugtune's cached "
         f"safetensors conversion {loads['cached_seconds']:.2f} s.",
         "",
         f"Quickstart (`recipes/quickstart.yaml`, {quick['after']['steps']} steps): training time before (main's behaviour: "
-        f"`{' '.join(PLAIN)}`) {quick['before']['train_seconds']:.1f} s, after (defaults) {quick['after']['train_seconds']:.1f} s "
+        f"`{' '.join([*PLAIN, *BEFORE_20])}`) {quick['before']['train_seconds']:.1f} s, after (defaults) {quick['after']['train_seconds']:.1f} s "
         f"({quick['before']['train_seconds'] / quick['after']['train_seconds']:.2f}x); whole command "
         f"{quick['before']['wall_seconds']:.1f} s -> {quick['after']['wall_seconds']:.1f} s; held-out accuracy "
         f"{quick['before']['after'].get('accuracy', float('nan')):.4f} -> {quick['after']['after'].get('accuracy', float('nan')):.4f}.",
@@ -405,11 +438,13 @@ def main() -> None:
         ours.append(plugtune_run(recipe, "plugtune", []))
     steps = [  # each adds one compute saver; the configurations take turns, ROUNDS times, and the table shows means
         ("plain (before issue 7: padded random batches, full logits, transformers' SDPA with repeated keys/values)",
-         "plain", PLAIN),
-        ("+ length-grouped batches", "grouped", PLAIN[1:]),
-        ("+ LM head and loss at label positions", "label-head", PLAIN[3:]),
-        ("+ grouped-query SDPA, keys/values not repeated (plugtune default)", "default", []),
-        (f"opt-in: + `{LOW_MEMORY}`", "low-memory", [LOW_MEMORY]),
+         "plain", [*PLAIN, *BEFORE_20]),
+        ("+ length-grouped batches", "grouped", [*PLAIN[1:], *BEFORE_20]),
+        ("+ LM head and loss at label positions", "label-head", [*PLAIN[3:], *BEFORE_20]),
+        ("+ grouped-query SDPA, keys/values not repeated", "gqa", BEFORE_20),
+        ("+ packing (issue 20)", "packed", BEFORE_20[1:]),
+        ("+ freed memory kept for the next step (issue 20; plugtune default)", "default", []),
+        (f"opt-in instead: `{LOW_MEMORY}`", "low-memory", [LOW_MEMORY]),
     ]
     runs: dict[str, list[dict]] = {name: [] for _, name, _ in steps}
     for _ in range(ROUNDS):
@@ -422,14 +457,72 @@ def main() -> None:
     full["low_memory"] = plugtune_run(recipe, "full-low-memory", [*full_run, LOW_MEMORY])
     loads = child([me, "--load-times"])
     quick = {
-        "before": child([str(ROOT / "bench" / "run_one.py"), "recipes/quickstart.yaml", *PLAIN, f"output.dir={OUT / 'qs-before'}"]),
+        "before": child([str(ROOT / "bench" / "run_one.py"), "recipes/quickstart.yaml", *PLAIN, *BEFORE_20, f"output.dir={OUT / 'qs-before'}"]),
         "after": child([str(ROOT / "bench" / "run_one.py"), "recipes/quickstart.yaml", f"output.dir={OUT / 'qs-after'}"]),
     }
     (OUT / "throughput.json").write_text(json.dumps({"peer": peer, "plugtune": ours, "ablation": ablation, "full": full,
-                                                     "parity": parity, "loads": loads, "quickstart": quick}, indent=2))
+                                                     "parity": parity, "loads": loads, "quickstart": quick,
+                                                     "machine": machine()}, indent=2))
     text = section(peer, ours, ablation, full, parity, loads, quick)
     write_section(text, key="throughput")
     print(text)
+
+
+ALLOCATOR_ROUNDS = int(os.environ.get("THROUGHPUT_ALLOCATOR_ROUNDS", "4"))
+ALLOCATOR_CONFIGS = [  # label, overrides; each kept-heap row is followed by its glibc-defaults twin
+    ("`precision: auto`, freed memory kept (the defaults)", []),
+    ("`precision: auto`, glibc's allocator defaults", ["training.malloc_mmap_threshold=0"]),
+    ("`precision: fp32`, freed memory kept", ["training.precision=fp32"]),
+    ("`precision: fp32`, glibc's allocator defaults", ["training.precision=fp32", "training.malloc_mmap_threshold=0"]),
+]
+
+
+def allocator_main() -> None:
+    """The kept heap (``malloc_mmap_threshold: auto``, the default) against glibc's defaults
+    (``0``), under the default precision and under fp32: ALLOCATOR_ROUNDS rounds, the order
+    reversed every other round, each run a fresh process. Beside tokens/s and tokens per
+    CPU-second, the run's minor page faults (the process's ``ru_minflt``: loading and the
+    final evaluation included), which do not depend on what else runs on the machine.
+    Writes the "allocator" section of BENCHMARKS.md."""
+    from methods import write_section
+
+    train, dev = write_data()
+    recipe = write_recipe(train, dev)
+    runs: dict[str, list[dict]] = {label: [] for label, _ in ALLOCATOR_CONFIGS}
+    numbered = list(enumerate(ALLOCATOR_CONFIGS))
+    for round_ in range(ALLOCATOR_ROUNDS):
+        for number, (label, overrides) in numbered if round_ % 2 == 0 else numbered[::-1]:
+            faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
+            result = plugtune_run(recipe, f"allocator-{number}", overrides)
+            result["minor_faults"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
+            runs[label].append(result)
+    (OUT / "allocator.json").write_text(json.dumps({"machine": machine(), "runs": runs}, indent=2))
+    text = allocator_section(runs)
+    write_section(text, key="allocator")
+    print(text)
+
+
+def allocator_section(runs: dict[str, list[dict]], host: str = "") -> str:
+    lines = ["## The kept heap against glibc's allocator defaults (issue 20)", "",
+             f"Command: `python bench/throughput.py --allocator`. Machine: {host or machine()}; `precision: auto` chose {chosen_precision(runs[ALLOCATOR_CONFIGS[0][0]])}. "
+             f"The throughput benchmark's LoRA run (above), {len(runs[ALLOCATOR_CONFIGS[0][0]])} rounds, the configurations taking turns (the order "
+             "reversed every other round), each run a fresh process. Minor page faults: the whole process's (`ru_minflt`: "
+             "loading and the final evaluation included).", "",
+             "| configuration | real tokens/s (wall) | each round | real tokens per CPU-second | minor page faults | peak RSS |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for label, _ in ALLOCATOR_CONFIGS:
+        rs = runs[label]
+        rounds = ", ".join(f"{r['real_tokens_per_s']:.0f}" for r in rs)
+        lines.append(f"| {label} | {mean_of(rs, 'real_tokens_per_s'):.1f} | {rounds} "
+                     f"| {mean_of(rs, 'real_tokens_per_cpu_s'):.1f} | {mean_of(rs, 'minor_faults') / 1e3:,.0f}K "
+                     f"| {mean_of(rs, 'peak_rss_mb'):.0f} MB |")
+    lines.append("")
+    for (kept, _), (glibc, _) in zip(ALLOCATOR_CONFIGS[::2], ALLOCATOR_CONFIGS[1::2]):
+        a, b = runs[kept], runs[glibc]
+        lines.append(f"* {kept.split(',')[0]}: kept / glibc's defaults {mean_of(a, 'real_tokens_per_s') / mean_of(b, 'real_tokens_per_s'):.2f}x "
+                     f"real tokens/s, {mean_of(a, 'real_tokens_per_cpu_s') / mean_of(b, 'real_tokens_per_cpu_s'):.2f}x per CPU-second, "
+                     f"{mean_of(a, 'minor_faults') / mean_of(b, 'minor_faults'):.2f}x the page faults.")
+    return "\n".join(lines) + "\n"
 
 
 def compare_main() -> None:
@@ -451,11 +544,27 @@ def compare_main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--compare"]:
         compare_main()
+    elif sys.argv[1:2] == ["--allocator"]:
+        allocator_main()
+    elif sys.argv[1:2] == ["--section"]:  # the sections again from the last runs' saved results
+        from methods import write_section
+
+        if (OUT / "throughput.json").exists():
+            saved = json.loads((OUT / "throughput.json").read_text())
+            write_section(section(saved["peer"], saved["plugtune"], saved["ablation"], saved["full"], saved["parity"],
+                                  saved["loads"], saved["quickstart"], saved.get("machine", "")), key="throughput")
+        if (OUT / "allocator.json").exists():
+            saved = json.loads((OUT / "allocator.json").read_text())
+            saved = saved if "runs" in saved else {"runs": saved}  # saved before the machine was kept
+            write_section(allocator_section(saved["runs"], saved.get("machine", "")), key="allocator")
     elif sys.argv[1:2] == ["--peer"]:
         peer_main(sys.argv[2], sys.argv[3])
     elif sys.argv[1:2] == ["--parity"]:
         parity_main(sys.argv[2])
     elif sys.argv[1:2] == ["--load-times"]:
         load_times_main()
+    elif sys.argv[1:]:  # --help, a typo: say so rather than start the whole benchmark
+        print((__doc__ or "").strip(), file=sys.stderr)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     else:
         main()
