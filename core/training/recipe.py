@@ -192,7 +192,7 @@ class TrainingBlock(_Strict):
     malloc_mmap_threshold: Literal["auto"] | int | None = Field(
         "auto",
         description="CPU runs on Linux/glibc: where freed tensor memory goes. auto: kept in the process for the next step "
-                    "(mmap threshold 32 MiB, no trim: 1.12-1.20x faster steps on the benchmark, same peak RSS); "
+                    "(mmap threshold 32 MiB, no trim: half the page faults of glibc's defaults in fp32, same peak RSS: BENCHMARKS.md); "
                     "N bytes: tensors of at least N get their own mapping, given back to the OS when freed (1048576: "
                     "the memory saver, about 7-12% lower peak RSS, slower steps); 0 or null: glibc's defaults")
 

@@ -21,8 +21,11 @@
   their own, unmapped when freed, and trims the heap's free top back to the OS; every step
   then faults its activations' pages in afresh (the kernel zeroes each one). ``auto`` (the
   default, CPU runs): a fixed 32 MiB threshold (glibc's largest) and no trimming, so a step
-  reuses the pages the one before freed: on the SST-2 LoRA benchmark 40% fewer page faults
-  and 1.12-1.20x faster steps at the same peak RSS (BENCHMARKS.md). The memory stays in the
+  reuses the pages the one before freed. On the SST-2 LoRA benchmark in fp32 that halves the
+  run's page faults (0.53x) for 1.07x the tokens/s in alternating runs (0.94-1.17x in the
+  other runs BENCHMARKS.md holds); in bf16 the faults are the same either way (0.98x) and so
+  is the speed, within the noise; peak RSS is the same (BENCHMARKS.md, "The kept heap against
+  glibc's allocator defaults"). The memory stays in the
   process until it ends. A small fixed threshold (1 MiB, say) is the memory saver: large
   tensors in their own mappings, returned when freed; about 7-12% lower peak RSS for slower
   steps. 0: glibc's defaults, untouched.
