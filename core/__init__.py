@@ -26,10 +26,14 @@ from plugtune.kernel.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-# Two known, harmless messages from dependencies that would otherwise greet every run:
-# bitsandbytes' CPU backend looking for optional kernels when peft imports it, and a
+# Known, harmless messages from dependencies that would otherwise greet every run:
+# bitsandbytes' CPU backend looking for optional kernels when peft imports it (on a CPU with
+# avx512_bf16 it asks the `kernels` package, a transformers dependency, for a Hub kernel, which
+# offline says it skips a trust check; bitsandbytes then keeps its own kernel), and a
 # transformers deprecation triggered inside peft.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: not record.getMessage().startswith("Skipping publisher trust check"))
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # Modules that lived at the top of the package before the core was laid out by layer
