@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,9 @@ import pytest
 from plugtune import load_recipe
 from plugtune.data.batching import epoch_batches
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-try:
-    import dpo_vs_trl as bench  # noqa: E402 - a bench/ script, imported as the scripts import each other
-finally:
-    sys.path.remove(str(ROOT / "bench"))
+from bench_scripts import bench_modules
+
+(bench,) = bench_modules("dpo_vs_trl")
 
 
 @pytest.fixture()

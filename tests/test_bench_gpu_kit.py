@@ -6,7 +6,6 @@ results), and never replaces real weights. A tiny Llama config stands in for Smo
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from plugtune.artifacts.models import converted_folder, gguf_to_hf
 from plugtune.plugins.models.builtin import SMOLLM2
 
+from bench_scripts import bench_modules
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-try:
-    import gpu_check  # noqa: E402 - bench/ scripts, imported as the scripts import each other
-    import gpu_standin  # noqa: E402
-finally:
-    sys.path.remove(str(ROOT / "bench"))
+gpu_check, gpu_standin = bench_modules("gpu_check", "gpu_standin")
 
 
 @pytest.fixture()

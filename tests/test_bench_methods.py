@@ -5,7 +5,6 @@ records as the run writes them. Fast: nothing trains here."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,13 @@ from plugtune import load_recipe
 from plugtune.kernel.errors import PlugtuneError
 from plugtune.kernel.registry import get_plugin_system
 
+from bench_scripts import bench_modules
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-sys.path.insert(0, str(ROOT / "bench"))
-try:
-    import gpu_check  # noqa: E402 - bench/ scripts, imported as the scripts import each other
-    import methods  # noqa: E402
-finally:
-    sys.path.remove(str(ROOT / "bench"))
+gpu_check, methods = bench_modules("gpu_check", "methods")
 
 
 def test_every_registered_method_is_in_the_table_or_excluded_with_a_reason() -> None:
