@@ -60,10 +60,9 @@ pin() {  # NAME -> NAME==the version in this venv
 
 slim_bitsandbytes() {
   # bitsandbytes' wheel holds a library per CUDA version; keep CUDA 13's and the CPU one.
-  local version wheel tmp
-  version=$("$PY" -c "import importlib.metadata as m; print(m.version('bitsandbytes'))")
+  local wheel tmp
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$KIT_PYTHON" \
-    --platform manylinux_2_24_x86_64 -d "$KIT/full" "bitsandbytes==$version"
+    --platform manylinux_2_24_x86_64 -d "$KIT/full" "$(pin bitsandbytes)"
   wheel=$(ls "$KIT"/full/bitsandbytes-*.whl)
   tmp=$(mktemp -d)
   (cd "$tmp" && unzip -q "$OLDPWD/$wheel" && find bitsandbytes -name 'libbitsandbytes_*.so' \
@@ -80,7 +79,6 @@ run() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
   python3 bench/gpu_standin.py "$KIT/model" || return 1
   timeout "${KIT_CHECK_S:-280}" python3 bench/gpu_check.py 2>&1 | tee "$out/gpu_check.log" || status=1
-  mkdir -p bench/out/throughput
   THROUGHPUT_DEVICE=cuda THROUGHPUT_ROUNDS=${KIT_ROUNDS:-1} timeout "${KIT_THROUGHPUT_S:-130}" python3 bench/throughput.py --compare \
     2>&1 | tee "$out/throughput.log" || status=1
   tail -1 "$out/throughput.log" > "$out/compare-cuda.json"

@@ -30,33 +30,32 @@ def is_standin() -> bool:
 
 
 def main(folder: Path) -> int:
+    import shutil
+
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from plugtune.artifacts.models import converted_folder
+    from plugtune.artifacts.models import converted_folder, write_model_folder
     from plugtune.plugins.models.builtin import SMOLLM2
 
     if SMOLLM2.local() is not None and not is_standin():
         print("gpu_standin: the real smollm2-135m is on this machine; nothing to stand in for", file=sys.stderr)
         return 1
-    placeholder = SMOLLM2._root() / SMOLLM2.member
+    placeholder = SMOLLM2.cached_member()
     placeholder.parent.mkdir(parents=True, exist_ok=True)
     placeholder.write_text("not a GGUF file: bench/gpu_standin.py's placeholder for smollm2-135m (random weights)\n")
-    target = converted_folder(placeholder)
-    target.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.from_pretrained(folder)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = model.state_dict()
-    if getattr(config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    for source in folder.iterdir():
-        (target / source.name).write_bytes(source.read_bytes())
-    save_file({k: v.contiguous() for k, v in state.items()}, target / "model.safetensors", metadata={"format": "pt"})
-    parameters = sum(v.numel() for v in state.values())
-    (target / MARKER).write_text(json.dumps({"weights": "random (seed 0)", "config": config.to_dict()["architectures"],
-                                             "parameters": parameters}))
+    parameters = sum(p.numel() for p in model.parameters())
+
+    def side_files(staging: Path) -> None:
+        for source in folder.iterdir():
+            shutil.copy(source, staging / source.name)
+        (staging / MARKER).write_text(json.dumps({"weights": "random (seed 0)", "architectures": config.architectures,
+                                                  "parameters": parameters}))
+
+    target = write_model_folder(model, converted_folder(placeholder), side_files)
     print(f"gpu_standin: smollm2-135m -> {target} ({parameters:,} random parameters, SmolLM2-135M's config)")
     return 0
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -52,9 +51,8 @@ CONFIGS = [  # label, overrides
     ("bf16 autocast, bf16 base weights", ["training.precision=bf16", "training.base_dtype=bf16"]),
     ("auto (the default)", []),
 ]
-BEFORE_ALLOCATOR = "training.malloc_mmap_threshold=0"  # glibc's defaults: what ran before the kept heap
 NO_BF16_CONFIGS = [  # a CPU without native bf16 emulates it (about 75x slower here): auto is fp32 there
-    ("auto, glibc's allocator defaults (before the kept heap)", [BEFORE_ALLOCATOR]),
+    ("auto, glibc's allocator defaults (before the kept heap)", [throughput.GLIBC_DEFAULTS]),
     ("auto (the default: fp32 on this CPU)", []),  # last: the default the target is read from
 ]
 LABEL_TOKENS_PER_ROW = 2
@@ -68,7 +66,7 @@ def configs_for(native_bf16: bool) -> list[tuple[str, list[str]]]:
 def quickstart_configs(native_bf16: bool) -> dict[str, list[str]]:
     """The quickstart before and after issue 20's defaults: fp32 with glibc's allocator defaults
     (where auto is fp32 anyway, only the allocator) against auto."""
-    before = ["training.precision=fp32", BEFORE_ALLOCATOR] if native_bf16 else [BEFORE_ALLOCATOR]
+    before = ["training.precision=fp32", throughput.GLIBC_DEFAULTS] if native_bf16 else [throughput.GLIBC_DEFAULTS]
     return {"before": before, "auto": []}
 
 
@@ -114,7 +112,7 @@ def probe_main() -> None:
     """The machine's matmul rate in fp32 and bf16 at SmolLM2's shapes, and what it reports."""
     import torch
 
-    from plugtune.kernel.hardware import cpu_flags, native_bf16
+    from plugtune.kernel.hardware import cpu_flags, cpu_name, native_bf16
     from plugtune.training.estimate import matmul_rate
     from plugtune.training.runtime import choose_threads
 
@@ -124,7 +122,7 @@ def probe_main() -> None:
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2")))
     print(json.dumps({"fp32": rates["float32"], "bf16": rates["bfloat16"], "threads": threads, "rows": rows,
                       "native_bf16": native_bf16(), "flags": flags, "torch": torch.__version__,
-                      "cpu": _cpu_name()}))
+                      "cpu": cpu_name()}))
 
 
 def attention_main() -> None:
@@ -148,16 +146,6 @@ def attention_main() -> None:
     rows = {length: {"fp32_ms": best_ms(torch.float32, length), "bf16_ms": best_ms(torch.bfloat16, length)}
             for length in (48, 96)}
     print(json.dumps({str(n): {**r, "bf16_slower": r["bf16_ms"] / r["fp32_ms"]} for n, r in rows.items()}))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def parity_main(train: str) -> None:
@@ -319,8 +307,7 @@ if __name__ == "__main__":
         probe_main()
     elif sys.argv[1:2] == ["--parity"]:
         parity_main(sys.argv[2])
-    elif sys.argv[1:]:  # --help, a typo: say so rather than start a quarter-hour benchmark
-        print((__doc__ or "").strip(), file=sys.stderr)
-        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    elif sys.argv[1:]:
+        throughput.usage_exit(__doc__)
     else:
         main()

@@ -9,7 +9,7 @@ after the compute savers. Writes the "throughput" section of BENCHMARKS.md.
 The task: SmolLM2-135M-Instruct, LoRA r=8 (alpha 16, dropout 0.05) on q_proj/v_proj, 2,000
 seeded SST-2 training sentences as ``Review: {sentence}\\nSentiment: {negative|positive}``
 with the loss on the response (label word + EOS) only, batch 8, sequence cap 128, AdamW at
-1e-3 with a linear schedule, gradient clipping at 1.0 (Trainer's default), fp32 on the CPU,
+1e-3 with a linear schedule, gradient clipping at 1.0 (Trainer's default), `precision: auto` on the CPU,
 WARMUP + TIMED steps of which the first WARMUP are left out of the timings. The peer is what
 a user would write: ``Trainer`` with a pad-to-longest ``DataCollatorForSeq2Seq`` and default
 settings otherwise, no evaluation. Peer and plugtune runs alternate, each in a fresh process
@@ -22,9 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import platform
 import random
-import re
 import resource
 import statistics
 import subprocess
@@ -45,7 +43,8 @@ WORDS = {"0": "negative", "1": "positive"}
 PROMPT, RESPONSE = "Review: {sentence}\nSentiment:", " {label}"
 PLAIN = ["training.group_by_length=false", "training.logits_on_labels_only=false", "training.cache_tokenized=false",
          "training.attention=sdpa"]
-BEFORE_20 = ["training.packing=false", "training.malloc_mmap_threshold=0"]  # issue 20's CPU savers, off
+GLIBC_DEFAULTS = "training.malloc_mmap_threshold=0"  # glibc's allocator left alone: what ran before the kept heap
+BEFORE_20 = ["training.packing=false", GLIBC_DEFAULTS]  # issue 20's CPU savers, off
 LOW_MEMORY = "training.malloc_mmap_threshold=1048576"  # opt-in
 DEVICE = os.environ.get("THROUGHPUT_DEVICE", "cpu")  # cuda: bench/gpu_check.sh's comparison (both sides in bf16)
 
@@ -314,30 +313,33 @@ def plugtune_run(recipe: Path, label: str, overrides: list[str]) -> dict:
 
 
 def machine() -> str:
-    """This machine for a section's header: cores, the CPU's name and whether it has native bf16."""
-    from plugtune.kernel.hardware import native_bf16
+    """This machine for a section's header, taken when a run starts: cores, the CPU's name,
+    whether it has native bf16, and the 1-minute load average (other jobs on shared cores)."""
+    from plugtune.kernel.hardware import cpu_name, native_bf16
 
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} CPU cores, {name} (native bf16: {'yes' if native_bf16() else 'no'})"
+    return (f"{os.cpu_count()} CPU cores, {cpu_name()} (native bf16: {'yes' if native_bf16() else 'no'}), "
+            f"1-minute load average {os.getloadavg()[0]:.1f} at the start")
 
 
 def chosen_precision(runs: list[dict]) -> str:
-    """What ``precision: auto`` chose in plugtune's runs (their manifests), with the range of
-    its start-up probe's bf16 speed-ups where it probed."""
+    """What ``precision: auto`` chose in plugtune's runs, with the range of its start-up
+    probe's bf16 speed-ups where it probed (their manifests' ``training.precision``)."""
     records = [r.get("precision", {}) for r in runs]
     chosen = sorted({p.get("chosen", "") for p in records} - {""})
     if not chosen:
         return "not recorded"
-    speeds = sorted(float(m.group(1)) for p in records if (m := re.search(r"([0-9.]+)x fp32's speed", p.get("reason", ""))))
+    speeds = sorted(p["bf16_speedup"] for p in records if "bf16_speedup" in p)
     text = " or ".join(chosen) + (" in every run" if len(chosen) == 1 else "")
     if speeds:
         return text + f": its start-up probe measured bf16 at {speeds[0]:.2f}-{speeds[-1]:.2f}x fp32's speed"
     return text + f": {records[0].get('reason', '')}"
+
+
+def usage_exit(doc: str | None) -> None:
+    """A benchmark script's answer to arguments it does not take (``--help``, a typo): its
+    docstring and exit 0 for help, 2 otherwise, rather than starting a long run."""
+    print((doc or "").strip(), file=sys.stderr)
+    sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
 
 
 def mean_of(runs: list[dict], key: str) -> float:
@@ -351,9 +353,9 @@ def section(peer: list[dict], ours: list[dict], ablation: list[tuple[str, dict]]
     lines = [
         "## Throughput: plugtune vs Trainer + PEFT (issue 7)",
         "",
-        f"Command: `python bench/throughput.py` (part of `make bench`). Machine: {host or machine()}, `precision: auto` ({chosen_precision(ours)}; the precision sections below), shared with other jobs while it ran (absolute figures are "
-        "noisy, often with 3-7 runnable jobs on the 2 cores; peer and plugtune runs alternate so both see the same load, and "
-        "process CPU time, which counts the work done rather than the waiting, is reported beside wall-clock time).",
+        f"Command: `python bench/throughput.py` (part of `make bench`). Machine: {host or machine()}, `precision: auto` ({chosen_precision(ours)}; the precision sections below). The "
+        "cores are shared with other jobs (absolute figures are noisy when the load is high; peer and plugtune runs "
+        "alternate so both see the same load, and process CPU time, which counts the work done rather than the waiting, is reported beside wall-clock time).",
         "",
         f"SmolLM2-135M-Instruct, LoRA r=8 on q_proj/v_proj, {TRAIN_ROWS:,} seeded SST-2 training sentences as "
         "`Review: {sentence}\\nSentiment: {negative|positive}` (loss on the label word + EOS), batch "
@@ -428,6 +430,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from methods import write_section
 
+    host = machine()
     train, dev = write_data()
     recipe = write_recipe(train, dev)
     me = str(Path(__file__).resolve())
@@ -462,8 +465,8 @@ def main() -> None:
     }
     (OUT / "throughput.json").write_text(json.dumps({"peer": peer, "plugtune": ours, "ablation": ablation, "full": full,
                                                      "parity": parity, "loads": loads, "quickstart": quick,
-                                                     "machine": machine()}, indent=2))
-    text = section(peer, ours, ablation, full, parity, loads, quick)
+                                                     "machine": host}, indent=2))
+    text = section(peer, ours, ablation, full, parity, loads, quick, host)
     write_section(text, key="throughput")
     print(text)
 
@@ -471,9 +474,9 @@ def main() -> None:
 ALLOCATOR_ROUNDS = int(os.environ.get("THROUGHPUT_ALLOCATOR_ROUNDS", "4"))
 ALLOCATOR_CONFIGS = [  # label, overrides; each kept-heap row is followed by its glibc-defaults twin
     ("`precision: auto`, freed memory kept (the defaults)", []),
-    ("`precision: auto`, glibc's allocator defaults", ["training.malloc_mmap_threshold=0"]),
+    ("`precision: auto`, glibc's allocator defaults", [GLIBC_DEFAULTS]),
     ("`precision: fp32`, freed memory kept", ["training.precision=fp32"]),
-    ("`precision: fp32`, glibc's allocator defaults", ["training.precision=fp32", "training.malloc_mmap_threshold=0"]),
+    ("`precision: fp32`, glibc's allocator defaults", ["training.precision=fp32", GLIBC_DEFAULTS]),
 ]
 
 
@@ -486,6 +489,7 @@ def allocator_main() -> None:
     Writes the "allocator" section of BENCHMARKS.md."""
     from methods import write_section
 
+    host = machine()
     train, dev = write_data()
     recipe = write_recipe(train, dev)
     runs: dict[str, list[dict]] = {label: [] for label, _ in ALLOCATOR_CONFIGS}
@@ -496,8 +500,8 @@ def allocator_main() -> None:
             result = plugtune_run(recipe, f"allocator-{number}", overrides)
             result["minor_faults"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
             runs[label].append(result)
-    (OUT / "allocator.json").write_text(json.dumps({"machine": machine(), "runs": runs}, indent=2))
-    text = allocator_section(runs)
+    (OUT / "allocator.json").write_text(json.dumps({"machine": host, "runs": runs}, indent=2))
+    text = allocator_section(runs, host)
     write_section(text, key="allocator")
     print(text)
 
@@ -555,7 +559,6 @@ if __name__ == "__main__":
                                   saved["loads"], saved["quickstart"], saved.get("machine", "")), key="throughput")
         if (OUT / "allocator.json").exists():
             saved = json.loads((OUT / "allocator.json").read_text())
-            saved = saved if "runs" in saved else {"runs": saved}  # saved before the machine was kept
             write_section(allocator_section(saved["runs"], saved.get("machine", "")), key="allocator")
     elif sys.argv[1:2] == ["--peer"]:
         peer_main(sys.argv[2], sys.argv[3])
@@ -563,8 +566,7 @@ if __name__ == "__main__":
         parity_main(sys.argv[2])
     elif sys.argv[1:2] == ["--load-times"]:
         load_times_main()
-    elif sys.argv[1:]:  # --help, a typo: say so rather than start the whole benchmark
-        print((__doc__ or "").strip(), file=sys.stderr)
-        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    elif sys.argv[1:]:
+        usage_exit(__doc__)
     else:
         main()

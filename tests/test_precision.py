@@ -42,8 +42,10 @@ def test_auto_on_a_cpu_with_native_bf16_takes_bf16_only_where_the_probe_shows_it
     assert (chosen.mixed_precision, chosen.record()["chosen"]) == ("bf16", "bf16")
     assert "the adapter and optimizer state in fp32" in chosen.reason
     assert calls == [(576, 1536, 1024)] and chosen.probed  # the model's own shapes, a batch's tokens as rows
+    assert chosen.record()["bf16_speedup"] == 2.0  # the probe's fp32 ms / bf16 ms, a number in the manifest
     _probe(monkeypatch, native=True, bf16_faster=False)
-    assert training_precision("auto", False, SMOLLM2_SHAPES, 1024).mixed_precision == "no"
+    kept_fp32 = training_precision("auto", False, SMOLLM2_SHAPES, 1024)
+    assert kept_fp32.mixed_precision == "no" and kept_fp32.record()["bf16_speedup"] == 2.0
 
 
 def test_auto_keeps_fp32_without_native_bf16_for_small_models_and_without_a_configuration(monkeypatch):

@@ -71,18 +71,22 @@ class PackagedModel:
         installed = _installed_member(self.module, self.member)
         if installed is not None:
             return installed
-        target = self._root() / self.member.rstrip("/")
+        target = self.cached_member()
         return target if target.exists() else None
 
     def _root(self) -> Path:
         return plugtune_home() / "packages" / f"{self.package}-{self.version}"
+
+    def cached_member(self) -> Path:
+        """Where ``locate()`` extracts ``member`` into the cache (it may not exist yet)."""
+        return self._root() / self.member.rstrip("/")
 
     def locate(self) -> Path:
         found = self.local()
         if found is not None:
             return found
         root = self._root()
-        target = root / self.member.rstrip("/")
+        target = self.cached_member()
         if os.environ.get("PLUGTUNE_OFFLINE", "").strip() in {"1", "true", "yes"}:
             raise ModelError(
                 f"{self.package}=={self.version} is not cached and PLUGTUNE_OFFLINE is set; "
@@ -215,9 +219,8 @@ def converted_folder(gguf: Path) -> Path:
 def gguf_to_hf(gguf: Path) -> Path:
     """Dequantize a GGUF checkpoint once and cache it as a plain Hugging Face folder
     (config, tokenizer, ``model.safetensors``). GGUF-loaded models refuse
-    ``save_pretrained``, so the state dict is written directly."""
+    ``save_pretrained``, so the state dict is written directly (:func:`write_model_folder`)."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     target = converted_folder(gguf)
@@ -231,14 +234,28 @@ def gguf_to_hf(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     except Exception as exc:  # noqa: BLE001 - surface as one line
         raise ModelError(f"could not read GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
+
+    def side_files(folder: Path) -> None:
+        config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_model_folder(model, target, side_files)
+
+
+def write_model_folder(model: Any, target: Path, side_files: Callable[[Path], None]) -> Path:
+    """Write ``model``'s weights as ``target/model.safetensors`` (a tied LM head left out, as
+    ``from_pretrained`` expects) beside what ``side_files(folder)`` writes (config, tokenizer),
+    all at once: everything goes to a staging folder renamed to ``target`` when complete, so
+    an interrupted write never leaves a folder :func:`gguf_to_hf` would take as cached."""
+    from safetensors.torch import save_file
+
     state = model.state_dict()
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        side_files(staging)
         save_file({k: v.contiguous() for k, v in state.items()}, staging / "model.safetensors", metadata={"format": "pt"})
         if target.exists():
             shutil.rmtree(target)

@@ -24,16 +24,28 @@ BF16_MARGIN = 1.15
 """bf16 is kept only when the probe runs at least this much faster than fp32."""
 
 
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line of /proc/cpuinfo, its value; "" where Linux does not report it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 @lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux reports them (empty where it does not)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name as Linux reports it (for benchmark records), else the platform's."""
+    import platform
+
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def native_bf16() -> bool:

@@ -22,10 +22,10 @@
   then faults its activations' pages in afresh (the kernel zeroes each one). ``auto`` (the
   default, CPU runs): a fixed 32 MiB threshold (glibc's largest) and no trimming, so a step
   reuses the pages the one before freed. On the SST-2 LoRA benchmark in fp32 that halves the
-  run's page faults (0.53x) for 1.07x the tokens/s in alternating runs (0.94-1.17x in the
-  other runs BENCHMARKS.md holds); in bf16 the faults are the same either way (0.98x) and so
-  is the speed, within the noise; peak RSS is the same (BENCHMARKS.md, "The kept heap against
-  glibc's allocator defaults"). The memory stays in the
+  run's page faults (0.53x) for 1.07x the tokens/s in alternating runs (0.94x in the noisier
+  AVX2-only run BENCHMARKS.md also holds: a few percent either way); in bf16 the faults are
+  the same either way (0.98x) and so is the speed, within the noise; peak RSS is the same
+  (BENCHMARKS.md, "The kept heap against glibc's allocator defaults"). The memory stays in the
   process until it ends. A small fixed threshold (1 MiB, say) is the memory saver: large
   tensors in their own mappings, returned when freed; about 7-12% lower peak RSS for slower
   steps. 0: glibc's defaults, untouched.
@@ -116,10 +116,14 @@ class TrainingPrecision:
     mixed_precision: str  # accelerate's: "no", "bf16", "fp16"
     reason: str
     probed: bool = False  # chosen by timing this machine (printed at start-up; the manifest has every choice)
+    bf16_speedup: float | None = None  # the probe's fp32 time / bf16 time, where it ran
 
-    def record(self) -> dict[str, str]:
+    def record(self) -> dict[str, Any]:
         chosen = {"no": "fp32"}.get(self.mixed_precision, self.mixed_precision)
-        return {"requested": self.requested, "chosen": chosen, "reason": self.reason}
+        record: dict[str, Any] = {"requested": self.requested, "chosen": chosen, "reason": self.reason}
+        if self.bf16_speedup is not None:
+            record["bf16_speedup"] = round(self.bf16_speedup, 3)
+        return record
 
 
 def training_precision(requested: str, on_cuda: bool, config: Any | None, batch_tokens: int) -> TrainingPrecision:
@@ -145,10 +149,12 @@ def training_precision(requested: str, on_cuda: bool, config: Any | None, batch_
     intermediate = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * hidden)
     rows = min(max(batch_tokens, PROBE_ROWS[0]), PROBE_ROWS[1])
     choice = choose_cpu_dtype(hidden, intermediate, rows=rows)
+    speedup = choice.fp32_ms / choice.bf16_ms if choice.fp32_ms and choice.bf16_ms else None
     if str(choice.dtype) != "torch.bfloat16":
-        return TrainingPrecision(requested, "no", choice.reason, probed=True)
+        return TrainingPrecision(requested, "no", choice.reason, probed=True, bf16_speedup=speedup)
     # the base's dtype is training.base_dtype's to say (bf16 for a frozen base under auto)
-    return TrainingPrecision(requested, "bf16", choice.reason + " (autocast; the adapter and optimizer state in fp32)", probed=True)
+    return TrainingPrecision(requested, "bf16", choice.reason + " (autocast; the adapter and optimizer state in fp32)",
+                             probed=True, bf16_speedup=speedup)
 
 
 def choose_attention(requested: str, on_cuda: bool) -> str | None:
